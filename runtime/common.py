@@ -82,6 +82,10 @@ class Linear(nn.Module):
             x = fake_quant_fp8_act(x, pow2_scale=self.fake_quant is FakeQuant.FP8_BLOCK_UE8M0)
         return F.linear(x, self.weight, self.bias)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense float ``[out, in]`` tensor (absorbed MLA reads ``kv_b_proj`` this way)."""
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
@@ -330,7 +334,8 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
     if dynamic is None:
         idx = select_experts(scores, spec, bias)
         return gather_weights(scores, idx, spec), idx
-    k_max = min(dynamic.k_max, spec.n_experts)
+    reachable = spec.n_experts if spec.n_group <= 1 else spec.topk_group * (spec.n_experts // spec.n_group)
+    k_max = min(dynamic.k_max, reachable)      # never pick experts of masked groups
     cand = select_experts(scores, spec, bias, k=k_max)
     p = scores.gather(1, cand)
     p = p / (p.sum(-1, keepdim=True) + 1e-20)
@@ -346,6 +351,14 @@ def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = No
 # ----------------------------------------------------------------------------------------------
 # Loading helpers (shared by every family's ``build``)
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadOptions:
+    """Options every family builder accepts: ``build(ck, device, dtype, max_seq_len, opts) -> nn.Module``."""
+    max_batch_size: int = 1
+    fake_quant: FakeQuant = FakeQuant.NONE      # opt-in DeepSeek activation simulation on quantized linears
+    dynamic_routing: DynamicRouting | None = None
+
+
 def materialize(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None,
                 device: torch.device | str) -> None:
     """Replace parameter or buffer ``name`` (dotted path) of ``module`` by ``value`` (cast to ``dtype`` if given),
@@ -373,12 +386,14 @@ def meta_leftovers(module: nn.Module) -> list[str]:
 
 
 def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | None], dtype: torch.dtype,
-                         device: torch.device | str, keep_dtype: Iterable[str] = ()) -> None:
+                         device: torch.device | str, keep_dtype: Iterable[str] = (),
+                         fake_quant: FakeQuant = FakeQuant.NONE) -> None:
     """Assign every logical tensor of ``ck`` (``v4convert.checkpoint.Checkpoint``) to ``model``.
 
     ``rename(ckpt_name) -> model name`` (``None`` is not allowed to drop silently: it raises). Tensors are
     dequantized one at a time (float32 from the reader) and cast to ``dtype``, except parameters whose
     model name ends with a suffix in ``keep_dtype`` (e.g. int64 hash tables), kept as stored.
+    ``fake_quant`` is set on every ``Linear`` whose checkpoint weight is stored quantized (FP8/FP4).
     Raises ``RuntimeLoadError`` on an unknown tensor or on model parameters left unfilled.
     """
     keep = tuple(keep_dtype)
@@ -388,6 +403,10 @@ def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | Non
             raise RuntimeLoadError(f"{name}: no place for this tensor in the runtime model")
         t = ck.dequantize(name)
         materialize(model, target, t, None if target.endswith(keep) else dtype, device)
+        if fake_quant is not FakeQuant.NONE and target.endswith(".weight") and ck.tensor_info(name).storage.is_quantized:
+            owner = model.get_submodule(target[: -len(".weight")])
+            if isinstance(owner, Linear):
+                owner.fake_quant = fake_quant
     left = meta_leftovers(model)
     if left:
         raise RuntimeLoadError(f"checkpoint lacks {len(left)} tensors the model needs, e.g. {left[:3]}")
