@@ -195,9 +195,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def write_streaming(path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
                     on_bytes: Callable[[int], None] | None = None) -> None:
-    """Write a safetensors file producing one tensor at a time (peak memory: the largest tensor).
+    """Write a safetensors file producing one tensor at a time.
 
-    Writes ``path.tmp`` and renames it onto ``path`` only when complete.
+    ``produce()`` returns the tensor, or an iterable of row chunks (concatenated along dim 0) so
+    that even one huge tensor is never whole in memory. Writes ``path.tmp`` and renames it onto
+    ``path`` only when complete; on any error the temporary file is removed.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -205,15 +207,21 @@ def write_streaming(path: Path, tensors: list[PlannedTensor], metadata: dict[str
         with open(tmp, "wb") as f:
             f.write(header_bytes(((t.name, t.dtype, t.shape) for t in tensors), metadata))
             for t in tensors:
-                data = t.produce()
-                want = TORCH_TO_ST.get(data.dtype)
-                if tuple(data.shape) != tuple(t.shape) or ST_DTYPES[t.dtype][1] != data.element_size():
-                    raise FormatError(f"{path}: tensor {t.name}: produced {data.dtype} {list(data.shape)}, "
-                                      f"planned {t.dtype} {list(t.shape)} ({want})")
-                f.write(tensor_bytes(data))
-                if on_bytes:
-                    on_bytes(t.nbytes)
-                del data
+                out = t.produce()
+                chunks = [out] if isinstance(out, torch.Tensor) else out
+                written = 0
+                for data in chunks:
+                    if ST_DTYPES[t.dtype][1] != data.element_size() or tuple(data.shape[1:]) != tuple(t.shape[1:]):
+                        raise FormatError(f"{path}: tensor {t.name}: produced {data.dtype} {list(data.shape)}, "
+                                          f"planned {t.dtype} {list(t.shape)}")
+                    buf = tensor_bytes(data)
+                    f.write(buf)
+                    written += buf.nbytes
+                    if on_bytes:
+                        on_bytes(buf.nbytes)
+                    del data, buf
+                if written != t.nbytes:
+                    raise FormatError(f"{path}: tensor {t.name}: produced {written} bytes, planned {t.nbytes}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from .roles import Family, Role, Storage
 
 FP8_BLOCK = 128      # DeepSeek FP8 weight block (rows and columns)
 MXFP4_BLOCK = 32     # V4 FP4 expert scale block along K
+NVFP4_BLOCK = 16     # NVFP4 E4M3 scale block along K
 
 
 class LayoutError(ValueError):
@@ -447,7 +448,7 @@ def scale_name(a: Arch, weight_name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 def stored_tensors(a: Arch, slot: Slot, storage: Storage | None = None,
                    scale_dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
-    """The safetensors entries that hold ``slot`` in ``storage`` (default: published)."""
+    """The safetensors entries that hold ``slot`` in ``storage`` (default: published), in write order."""
     st = storage or slot.storage
     sd = scale_dtype or a.scale_dtype
     if st is Storage.BF16:
@@ -464,6 +465,15 @@ def stored_tensors(a: Arch, slot: Slot, storage: Storage | None = None,
     if st is Storage.MXFP4:
         return [(slot.name, "I8", (out_f, in_f // 2)),
                 (scale_name(a, slot.name), "F8_E8M0", (out_f, in_f // MXFP4_BLOCK))]
+    stem = slot.name[: -len(".weight")]
+    if st is Storage.NVFP4_CT:
+        return [(stem + ".weight_packed", "U8", (out_f, in_f // 2)),
+                (stem + ".weight_scale", "F8_E4M3", (out_f, in_f // NVFP4_BLOCK)),
+                (stem + ".weight_global_scale", "F32", (1,))]
+    if st is Storage.NVFP4_MODELOPT:
+        return [(slot.name, "U8", (out_f, in_f // 2)),
+                (stem + ".weight_scale", "F8_E4M3", (out_f, in_f // NVFP4_BLOCK)),
+                (stem + ".weight_scale_2", "F32", ())]
     raise LayoutError(f"tensor {slot.name}: {st.value} is not a published storage")
 
 

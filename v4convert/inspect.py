@@ -1,0 +1,189 @@
+"""``v4convert inspect``: what a checkpoint (or a bare config.json) holds, and what our outputs would weigh.
+
+Works from headers only (a 700 GB download is inspected in seconds). Given a bare ``config.json``
+the inventory is computed from the family table, so the published release can be checked to the
+byte without downloading it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from v4convert.formats.safetensors_io import ST_DTYPES
+
+from .checkpoint import Checkpoint
+from .layout import Arch, Slot, inventory, stored_tensors
+from .roles import Group, Role, Storage
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF block types: (weights per block, bytes per block) — ggml's type traits (ggml.c).
+# --------------------------------------------------------------------------------------------
+GGUF_BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
+              "Q4_K": (256, 144), "Q6_K": (256, 210), "MXFP4": (32, 17), "I32": (1, 4)}
+
+
+def gguf_bytes(numel: int, ggml_type: str) -> int:
+    per, nbytes = GGUF_BLOCK[ggml_type]
+    return math.ceil(numel / per) * nbytes
+
+
+@dataclass
+class Entry:
+    """One logical tensor as inspect sees it: slot facts + the stored parts (dtype, bytes)."""
+    slot: Slot
+    parts: list[tuple[str, int]]       # (safetensors dtype, bytes) of every stored tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b for _, b in self.parts)
+
+
+def _entries_from_config(a: Arch) -> list[Entry]:
+    out = []
+    for s in inventory(a):
+        parts = [(dt, ST_DTYPES[dt][1] * math.prod(shape)) for _, dt, shape in stored_tensors(a, s)]
+        out.append(Entry(s, parts))
+    return out
+
+
+def _entries_from_checkpoint(ck: Checkpoint) -> list[Entry]:
+    out = []
+    for i in ck.infos():
+        s = Slot(i.name, i.role, i.layer, i.expert, i.shape, i.storage, i.mtp)
+        out.append(Entry(s, [(e.dtype, e.nbytes) for e in i.parts.values()]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Output projections. Each maps a tensor to its bytes in that output (None = keep as stored).
+# --------------------------------------------------------------------------------------------
+_FFN_GROUPS = (Group.EXPERT, Group.SHARED_EXPERT, Group.DENSE_MLP)
+_NEVER_QUANT = (Group.ROUTER, Group.EMBED, Group.HEAD, Group.NORM, Group.HYPER, Group.COMPRESSOR, Group.INDEXER,
+                Group.ATTENTION_OTHER)
+
+
+def _nvfp4(s: Slot) -> int:
+    n, k = s.shape
+    return n * k // 2 + n * k // 16 + 4
+
+
+def _mxfp4(s: Slot) -> int:
+    n, k = s.shape
+    return n * k // 2 + n * k // 32
+
+
+def _proj_nvfp4_experts(s: Slot) -> int | None:
+    return _nvfp4(s) if s.role.group in _FFN_GROUPS else None
+
+
+def _proj_nvfp4_all(s: Slot) -> int | None:
+    return _nvfp4(s) if s.role.is_linear and s.role.group not in _NEVER_QUANT else None
+
+
+def _proj_mxfp4_experts(s: Slot) -> int | None:
+    return _mxfp4(s) if s.role.group in _FFN_GROUPS else None
+
+
+def _gguf(expert_type: str, other_type: str, head_type: str) -> Callable[[Slot], int]:
+    def f(s: Slot) -> int:
+        n = s.numel
+        if s.role is Role.HASH_TABLE:
+            return gguf_bytes(n, "I32")
+        if len(s.shape) < 2 or s.role in (Role.ROUTER, Role.ROUTER_BIAS) or s.role.group is Group.HYPER \
+                or s.role in (Role.COMPRESSOR_APE, Role.INDEXER_COMPRESSOR_APE):
+            return gguf_bytes(n, "F32")
+        if s.role.group is Group.EXPERT:
+            return gguf_bytes(n, expert_type)
+        if s.role in (Role.HEAD, Role.MTP_HEAD):
+            return gguf_bytes(n, head_type)
+        return gguf_bytes(n, other_type)
+    return f
+
+
+PROJECTIONS: dict[str, tuple[str, Callable[[Slot], int | None]]] = {
+    "nvfp4-experts": ("NVFP4 experts + dense/shared MLP, attention kept as stored (FP8)", _proj_nvfp4_experts),
+    "nvfp4-all-linear": ("NVFP4 on every attention and MLP linear (router/embed/head kept)", _proj_nvfp4_all),
+    "mxfp4-experts": ("MXFP4 experts + dense/shared MLP, attention kept as stored", _proj_mxfp4_experts),
+    "gguf-q8_0": ("GGUF Q8_0 everywhere (norms/router F32)", _gguf("Q8_0", "Q8_0", "Q8_0")),
+    "gguf-q4_k": ("GGUF Q4_K-class (Q4_K linears, Q6_K head)", _gguf("Q4_K", "Q4_K", "Q6_K")),
+    "gguf-mxfp4-moe": ("GGUF MXFP4 routed experts, Q8_0 elsewhere", _gguf("MXFP4", "Q8_0", "Q8_0")),
+}
+
+
+# --------------------------------------------------------------------------------------------
+def build_report(path: Path) -> dict:
+    """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
+    path = Path(path)
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        a = Arch.from_config(cfg, str(path))
+        entries = _entries_from_config(a)
+        source, shards, missing = "config", None, []
+    else:
+        ck = Checkpoint.open(path)
+        cfg, a = ck.config, ck.arch
+        entries = _entries_from_checkpoint(ck)
+        source, shards, missing = "checkpoint", len(ck.shards()), [s.name for s in ck.missing()]
+    by_role: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    params = {"main": 0, "mtp": 0}
+    n_stored = 0
+    for e in entries:
+        params["mtp" if e.slot.mtp else "main"] += e.slot.numel
+        n_stored += len(e.parts)
+        for dt, b in e.parts:
+            by_role[e.slot.role.name.lower()][dt] += b
+    total = sum(e.nbytes for e in entries)
+    projections = {}
+    for key, (desc, fn) in PROJECTIONS.items():
+        b = 0
+        for e in entries:
+            p = fn(e.slot)
+            b += e.nbytes if p is None else p
+        projections[key] = {"bytes": b, "description": desc}
+    storages = defaultdict(int)
+    for e in entries:
+        storages[e.slot.storage.value] += 1
+    return {
+        "source": source, "path": str(path), "family": a.family.value,
+        "architecture": (cfg.get("architectures") or [None])[0],
+        "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
+        "routed_experts": a.n_experts, "experts_per_token": a.top_k, "shared_experts": a.n_shared,
+        "parameters": {**params, "total": params["main"] + params["mtp"]},
+        "logical_tensors": len(entries), "stored_tensors": n_stored, "total_bytes": total,
+        "shards": shards, "missing_tensors": missing, "storage_counts": dict(storages),
+        "bytes_by_role_dtype": {r: dict(d) for r, d in sorted(by_role.items())},
+        "projections": projections,
+    }
+
+
+def _gb(b: int) -> str:
+    return f"{b / 1e9:,.2f} GB" if b >= 1e8 else f"{b / 1e6:,.2f} MB"
+
+
+def format_report(r: dict) -> str:
+    p = r["parameters"]
+    lines = [
+        f"{r['path']}  ({r['source']})",
+        f"  family        {r['family']} ({r['architecture']})",
+        f"  layers        {r['layers']} + {r['mtp_layers']} MTP   hidden {r['hidden_size']}   vocab {r['vocab_size']}",
+        f"  experts       {r['routed_experts']} routed, top-{r['experts_per_token']}, {r['shared_experts']} shared",
+        f"  parameters    {p['main']:,} main + {p['mtp']:,} MTP = {p['total']:,}",
+        f"  tensors       {r['stored_tensors']:,} stored ({r['logical_tensors']:,} logical)"
+        + (f" in {r['shards']} shard(s)" if r["shards"] is not None else ""),
+        f"  bytes         {r['total_bytes']:,} ({_gb(r['total_bytes'])})",
+    ]
+    if r["missing_tensors"]:
+        lines.append(f"  missing       {len(r['missing_tensors'])} tensors the config implies, e.g. "
+                     f"{r['missing_tensors'][0]}")
+    lines.append("  bytes by role and dtype:")
+    for role, d in r["bytes_by_role_dtype"].items():
+        lines.append(f"    {role:<26} " + "  ".join(f"{dt} {_gb(b)}" for dt, b in sorted(d.items())))
+    lines.append("  projected outputs:")
+    for key, v in r["projections"].items():
+        lines.append(f"    {key:<16} {_gb(v['bytes']):>12}   {v['description']}")
+    return "\n".join(lines)
