@@ -1,0 +1,16 @@
+"""Shared fixtures: tiny synthetic checkpoints written once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_PRESETS = ("v3-tiny", "v32-tiny", "v4-flash-tiny", "v4-flash-base-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Each tiny preset written by `synth` (default seed) into a session temp dir."""
+    from v4convert.synth import synth
+    root = tmp_path_factory.mktemp("tiny")
+    return {p: synth(p, root / p).out for p in TINY_PRESETS}
