@@ -1,0 +1,53 @@
+"""``load(path, ...)``: any checkpoint ``v4convert.checkpoint.Checkpoint`` opens -> a runnable model.
+
+Dispatch is one table ``Family -> builder module``; each builder exposes
+``build(ck, device, dtype, max_seq_len, opts: LoadOptions) -> nn.Module`` and fills a meta-device model
+tensor by tensor (dequantized float, cast to ``dtype``), so peak memory is the model plus one tensor.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from torch import nn
+
+from v4convert.checkpoint import Checkpoint
+from v4convert.roles import Family
+
+from .common import DynamicRouting, FakeQuant, LoadOptions, RuntimeLoadError
+
+# Family -> module (inside v4convert.runtime) whose ``build`` makes the model. Imported lazily so a family's
+# code is only loaded when used.
+BUILDERS: dict[Family, str] = {
+    Family.V3: "deepseek_v3",
+    Family.V32: "deepseek_v3",
+    Family.V4: "deepseek_v4",
+}
+
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         max_seq_len: int = DEFAULT_MAX_SEQ_LEN, *, max_batch_size: int = 1, simulate_quant: bool = False,
+         dynamic_routing: DynamicRouting | None = None) -> nn.Module:
+    """Build the model of the checkpoint at ``path``.
+
+    ``simulate_quant``: opt-in DeepSeek FP8 activation fake-quant on linears stored quantized (scale rounded to
+    powers of two when the config says ``scale_fmt: ue8m0``). ``dynamic_routing``: opt-in variable experts per
+    token. Returns a module with ``model(input_ids [B,T], start_pos=0) -> float32 logits [B,T,V]``,
+    ``.max_seq_len``, ``.family``.
+    """
+    if max_seq_len < 1 or max_batch_size < 1:
+        raise RuntimeLoadError(f"max_seq_len and max_batch_size must be >= 1 (got {max_seq_len}, {max_batch_size})")
+    ck = Checkpoint.open(path)
+    try:
+        fq = FakeQuant.NONE
+        if simulate_quant:
+            qc = ck.config.get("quantization_config") or {}
+            fq = FakeQuant.FP8_BLOCK_UE8M0 if qc.get("scale_fmt") == "ue8m0" else FakeQuant.FP8_BLOCK
+        opts = LoadOptions(max_batch_size=max_batch_size, fake_quant=fq, dynamic_routing=dynamic_routing)
+        module = importlib.import_module(f".{BUILDERS[ck.family]}", __package__)
+        return module.build(ck, torch.device(device), dtype, max_seq_len, opts)
+    finally:
+        ck.close()
