@@ -373,6 +373,8 @@ def materialize(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.
     if old is not None and tuple(old.shape) != tuple(value.shape):
         raise RuntimeLoadError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
     t = value.to(device=device, dtype=dtype if dtype is not None else value.dtype)
+    if t.data_ptr() == value.data_ptr():      # no cast happened: own the memory (value may view an mmapped shard)
+        t = t.clone()
     if leaf in mod._parameters:
         mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
     else:
