@@ -39,21 +39,22 @@ class FakeQuant(enum.Enum):
 
 
 def fake_quant_fp8_act(x: torch.Tensor, pow2_scale: bool = False, block: int = ACT_BLOCK) -> torch.Tensor:
-    """Quantize-dequantize ``x [..., K]`` to FP8 e4m3 per ``block`` along K (K % block == 0 required).
+    """Quantize-dequantize ``x [..., K]`` to FP8 e4m3 per ``block`` along K.
 
     Mirrors DeepSeek ``kernel.act_quant``: ``s = amax(|x_blk|) / 448`` (``pow2_scale``: ``2**ceil(log2 s)``),
-    ``q = e4m3(x / s)``, result ``q * s`` in ``x.dtype``.
+    ``q = e4m3(x / s)``, result ``q * s`` in ``x.dtype``. DeepSeek requires ``K % 128 == 0``; a partial last
+    block (tiny test models) is quantized on its own (zero padding does not change its amax).
     """
     K = x.shape[-1]
-    if K % block:
-        raise ValueError(f"fake_quant_fp8_act: last dim {K} is not a multiple of {block}")
-    xb = x.float().unflatten(-1, (K // block, block))
+    pad = (-K) % block
+    xf = F.pad(x.float(), (0, pad)) if pad else x.float()
+    xb = xf.unflatten(-1, ((K + pad) // block, block))
     amax = xb.abs().amax(-1, keepdim=True).clamp_min(1e-4)
     s = amax / FP8_E4M3_MAX
     if pow2_scale:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (xb / s).to(torch.float8_e4m3fn).float()
-    return (q * s).flatten(-2).to(x.dtype)
+    return (q * s).flatten(-2)[..., :K].to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ class Linear(nn.Module):
         self.fake_quant = FakeQuant.NONE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fake_quant is not FakeQuant.NONE and self.in_features % ACT_BLOCK == 0:
+        if self.fake_quant is not FakeQuant.NONE:
             x = fake_quant_fp8_act(x, pow2_scale=self.fake_quant is FakeQuant.FP8_BLOCK_UE8M0)
         return F.linear(x, self.weight, self.bias)
 

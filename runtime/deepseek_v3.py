@@ -71,7 +71,9 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * self.n_heads ** -0.5                # [B,T,Hi]
         index = torch.einsum("bsh,bsht->bst", w, F.relu(scores)) + mask
         k_sel = min(self.topk, end)
-        top = index.topk(k_sel, dim=-1).indices
+        # Stable sort instead of topk: exact ties (relu zeroes every head) then resolve to the lowest position,
+        # identically in prefill and decode (topk's tie order is unspecified; see DEVIATIONS.md).
+        top = index.sort(dim=-1, descending=True, stable=True).indices[..., :k_sel]
         return torch.zeros_like(index, dtype=torch.bool).scatter_(-1, top, True)
 
 
