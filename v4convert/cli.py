@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .cli_run import run_command
 from .layout import LayoutError
 from v4convert.formats.safetensors_io import FormatError
 
@@ -93,6 +94,9 @@ def demo_cmd(out: Path) -> None:
     click.echo(f"[1/2] synth: wrote {r.n_tensors} tensors ({r.n_bytes:,} bytes) to {ck}")
     click.echo("[2/2] inspect:")
     click.echo(format_report(build_report(ck)))
+
+
+main.add_command(run_command)
 
 
 if __name__ == "__main__":
