@@ -1,0 +1,189 @@
+"""DeepSeek-V4 runtime parity against transformers 5.x ``DeepseekV4ForCausalLM`` (float32, tiny random model).
+
+The tiny config covers every V4 path: sliding-only, CSA (ratio 4, overlapping windows, indexer top-k smaller than
+the causal entries available) and HCA (rate 8 so entries appear within the 44-token sequence) layers, a hash-routed
+and top-k routed MoE layers, hyper-connections (hc_mult 3), YaRN on the compressed rope, a SwiGLU clamp small
+enough to bite, odd sizes (head_dim 40 with 10 rotated channels, 5 experts, vocab 101). All parameters and buffers
+that transformers initialises to constants (sinks, hc bases/scales, position biases, router bias, tid2eid) are
+randomised so that they matter.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache  # noqa: E402
+
+from v4convert.runtime import load  # noqa: E402
+from v4convert.runtime.args import ConfigError  # noqa: E402
+from v4convert.runtime.v4_args import AttnKind, V4Args  # noqa: E402
+
+B, T, MAX_SEQ = 2, 44, 64
+TOL = 1e-4
+LAYER_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+               "compressed_sparse_attention"]
+
+
+def _config() -> DeepseekV4Config:
+    return DeepseekV4Config(
+        vocab_size=101, hidden_size=56, moe_intermediate_size=20, num_hidden_layers=4, num_attention_heads=4,
+        head_dim=40, qk_rope_head_dim=10, q_lora_rank=36, num_experts_per_tok=2, n_routed_experts=5,
+        n_shared_experts=1, layer_types=LAYER_TYPES, mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        hc_mult=3, hc_sinkhorn_iters=7, sliding_window=9, o_groups=2, o_lora_rank=12, index_n_heads=8,
+        index_head_dim=24, index_topk=3, swiglu_limit=1.5, routed_scaling_factor=1.5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                      "beta_slow": 1},
+        max_position_embeddings=128, num_nextn_predict_layers=1, rms_norm_eps=1e-6)
+
+
+def _randomize(model: DeepseekV4ForCausalLM, n_experts: int, top_k: int) -> None:
+    g = torch.Generator().manual_seed(1234)
+
+    def rnd(t: torch.Tensor, std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(t.shape, generator=g) * std + mean
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("scale", "hc_scale"):
+                p.copy_(rnd(p, 0.3, 1.0))
+            elif leaf in ("fn", "hc_fn"):
+                p.copy_(rnd(p, 0.1))
+            elif p.dim() == 1:            # norm weights ~1, sinks / biases / hc bases ~0
+                p.copy_(rnd(p, 0.2, 1.0 if "norm" in name else 0.0))
+            else:
+                p.copy_(rnd(p, 0.2))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(b.shape[0])]))
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(rnd(b, 0.3))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """This machine's cores are shared: one intra-op thread is ~10x faster for these tiny matmuls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, single_thread):
+    cfg = _config()
+    torch.manual_seed(0)
+    hf = DeepseekV4ForCausalLM(cfg).float().eval()
+    _randomize(hf, cfg.n_routed_experts, cfg.num_experts_per_tok)
+    path = tmp_path_factory.mktemp("v4tiny")
+    hf.save_pretrained(path)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        prefill = hf(ids).logits
+        cache = DynamicCache(config=hf.config)
+        steps = []
+        for t in range(T):
+            out = hf(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    return path, ids, prefill, torch.cat(steps, dim=1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_tiny_config_exercises_every_path(tiny):
+    path, ids, ref, _ = tiny
+    a = V4Args.from_config(json.loads((path / "config.json").read_text()))
+    assert set(a.kinds[: a.arch.n_layers]) == set(AttnKind)
+    assert a.ratios[:4] == (0, 4, 8, 4)
+    assert a.hash_layers == (True, False, False, False)
+    # the indexer must actually choose: late queries see more causal CSA entries than index_topk
+    assert (T // 4) > a.index_topk
+    # HCA emits several entries; the sliding window is shorter than the sequence
+    assert T // 8 >= 3 and a.window < T
+    assert a.yarn is not None and a.yarn.attention_factor == 1.0
+
+
+def test_prefill_matches_transformers(tiny):
+    path, ids, ref, _ = tiny
+    model = load(path, max_seq_len=MAX_SEQ, max_batch_size=B)
+    out = model(ids, 0)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    err = _rel(out, ref)
+    print(f"V4 prefill rel max err {err:.3e}")
+    assert err <= TOL
+
+
+def test_decode_matches_transformers_and_prefill(tiny):
+    path, ids, ref, ref_steps = tiny
+    model = load(path, max_seq_len=MAX_SEQ, max_batch_size=B)
+    steps = torch.cat([model(ids[:, t:t + 1], t) for t in range(T)], dim=1)
+    err = _rel(steps, ref_steps)
+    print(f"V4 decode rel max err {err:.3e}; vs own prefill {_rel(steps, model(ids, 0)):.3e}")
+    assert err <= TOL
+    assert _rel(steps, ref) <= TOL
+
+
+def test_chunked_prefill_matches_one_prefill(tiny):
+    """Prefill in uneven chunks (windows split across calls, ring wrap-around) equals one prefill."""
+    path, ids, ref, _ = tiny
+    model = load(path, max_seq_len=MAX_SEQ, max_batch_size=B)
+    outs, s = [], 0
+    for n in (5, 1, 11, 2, 13, 12):
+        outs.append(model(ids[:, s:s + n], s))
+        s += n
+    assert s == T
+    assert _rel(torch.cat(outs, dim=1), ref) <= TOL
+
+
+def test_bounds_are_checked(tiny):
+    path, ids, _, _ = tiny
+    model = load(path, max_seq_len=MAX_SEQ, max_batch_size=1)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        model(ids, 0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids[:1, :8], MAX_SEQ - 4)
+
+
+# Published DeepSeek-V4-Flash config.json (shared/ref/deepseek-v4-flash.config.json), fields the runtime reads.
+FLASH = {
+    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "hc_eps": 1e-06, "hc_mult": 4,
+    "hc_sinkhorn_iters": 20, "head_dim": 512, "hidden_size": 4096, "index_head_dim": 128, "index_n_heads": 64,
+    "index_topk": 512, "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 6, "num_hidden_layers": 43,
+    "num_hash_layers": 3, "num_key_value_heads": 1, "num_nextn_predict_layers": 1, "o_groups": 8,
+    "o_lora_rank": 1024, "q_lora_rank": 1024, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 16, "original_max_position_embeddings": 65536,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.5, "scoring_func": "sqrtsoftplus", "sliding_window": 128,
+    "swiglu_limit": 10.0, "vocab_size": 129280, "compress_rope_theta": 160000,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0], "expert_dtype": "fp4",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+}
+
+
+def test_published_config_parses():
+    a = V4Args.from_config(FLASH)
+    assert len(a.kinds) == 44 and a.kinds[:4] == (AttnKind.SLIDING, AttnKind.SLIDING, AttnKind.CSA, AttnKind.HCA)
+    assert a.ratios[2:4] == (4, 128) and a.kinds[-1] is AttnKind.SLIDING        # MTP block
+    assert a.hash_layers[:4] == (True, True, True, False) and a.rope_dim == 64
+    assert a.yarn.factor == 16 and a.yarn.attention_factor == 1.0 and a.compress_rope_theta == 160000
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"sliding_window": None}, "sliding_window"),
+    ({"layer_types": ["full_attention"] * 43}, "full_attention"),
+    ({"compress_ratios": [0, 4]}, "compress_ratios"),
+    ({"num_hash_layers": None}, "num_hash_layers"),
+    ({"compress_rope_theta": None}, "compress_rope_theta"),
+])
+def test_bad_config_is_a_clear_error(edit, match):
+    cfg = {k: v for k, v in {**FLASH, **edit}.items() if v is not None}
+    with pytest.raises(ConfigError, match=match):
+        V4Args.from_config(cfg)
