@@ -52,7 +52,7 @@ def test_truncated_shard(tiny_ckpts, tmp_path):
     shard = _first_shard(root)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: tensor .*truncated"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-000002\.safetensors: tensor .*truncated"):
         Checkpoint.open(root)
     assert "truncated" in _cli_error(root)
 
@@ -63,7 +63,7 @@ def test_header_length_past_end(tiny_ckpts, tmp_path):
     data = bytearray(shard.read_bytes())
     data[:8] = struct.pack("<Q", len(data) + 10)
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: header length .* past the end"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-000002\.safetensors: header length .* past the end"):
         Checkpoint.open(root)
     _cli_error(root)
 
@@ -156,7 +156,7 @@ def test_unknown_tensor_name(tiny_ckpts, tmp_path):
 def test_missing_config_and_shard(tiny_ckpts, tmp_path):
     root = _copy(tiny_ckpts["v3-tiny"], tmp_path / "c")
     _first_shard(root).unlink()
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: shard file is missing"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-000002\.safetensors: shard file is missing"):
         Checkpoint.open(root)
     (root / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):

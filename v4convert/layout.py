@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from v4convert.formats.safetensors_io import ST_DTYPES
 
-from .roles import Family, Role, Storage
+from .roles import Family, Group, Role, Storage
 
 FP8_BLOCK = 128      # DeepSeek FP8 weight block (rows and columns)
 MXFP4_BLOCK = 32     # V4 FP4 expert scale block along K
@@ -446,11 +446,19 @@ def scale_name(a: Arch, weight_name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Stored tensors of a slot as published (name, safetensors dtype, shape)
 # ----------------------------------------------------------------------------------------------
+def published_scale_dtype(a: Arch, slot: Slot) -> str:
+    """FP8 block-scale dtype as published. V4 "-Base" releases keep FP8 experts with F32 128x128
+    scales while their other FP8 linears follow ``scale_fmt`` (E8M0 for ``ue8m0``)."""
+    if a.family is Family.V4 and slot.role.group is Group.EXPERT:
+        return "F32"
+    return a.scale_dtype
+
+
 def stored_tensors(a: Arch, slot: Slot, storage: Storage | None = None,
                    scale_dtype: str | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
     """The safetensors entries that hold ``slot`` in ``storage`` (default: published), in write order."""
     st = storage or slot.storage
-    sd = scale_dtype or a.scale_dtype
+    sd = scale_dtype or published_scale_dtype(a, slot)
     if st is Storage.BF16:
         return [(slot.name, "BF16", slot.shape)]
     if st is Storage.F16:

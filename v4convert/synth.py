@@ -194,12 +194,10 @@ def planned_tensors(a: Arch, layers: set[int] | None, with_globals: bool, seed: 
     """Every stored tensor of the selection, in published order (each weight followed by its scale)."""
     planned: list[PlannedTensor] = []
     for slot in inventory(a, layers, with_globals):
-        # V4 "-Base": FP8 experts carry F32 128x128 scales; other FP8 linears keep the config's format.
-        scale_dtype = "F32" if (a.family is Family.V4 and slot.role.group.value == "expert") else a.scale_dtype
-        entries = stored_tensors(a, slot, scale_dtype=scale_dtype)
+        entries = stored_tensors(a, slot)
         if slot.storage is Storage.FP8_BLOCK:
-            payload, scale = _fp8_block(slot, scale_dtype, seed)
             (wn, wd, ws), (sn, sd, ss) = entries
+            payload, scale = _fp8_block(slot, sd, seed)
             planned += [PlannedTensor(wn, wd, ws, lambda p=payload: p),
                         PlannedTensor(sn, sd, ss, scale)]
         elif slot.storage is Storage.MXFP4:
@@ -269,8 +267,10 @@ def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shar
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}")
     weight_map: dict[str, str] = {}
     n = len(shards)
+    # The V3/R1/V3.1/V3.2 releases name shards "model-00001-of-000163.safetensors" (6-digit total).
+    of_digits = 6 if a.family.is_v3_like else 5
     for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        fname = f"model-{i:05d}-of-{n:0{of_digits}d}.safetensors"
         write_streaming(tmp / fname, shard, {"format": "pt"}, bar.update if bar else None)
         weight_map.update({t.name: fname for t in shard})
     if bar:
