@@ -187,3 +187,68 @@ def test_bad_config_is_a_clear_error(edit, match):
     cfg = {k: v for k, v in {**FLASH, **edit}.items() if v is not None}
     with pytest.raises(ConfigError, match=match):
         V4Args.from_config(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Published layout (FP8 block linears, MXFP4 experts, MTP block): synth preset vs transformers on the
+# same dequantized weights.
+# ----------------------------------------------------------------------------------------------
+T_PUB = 40
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, single_thread):
+    from safetensors.torch import load_file, save_file
+
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.layout import canonical_name
+    from v4convert.synth import synth
+
+    root = tmp_path_factory.mktemp("v4pub")
+    synth("v4-flash-tiny", root / "ck")
+    ck = Checkpoint.open(root / "ck")
+    a = V4Args.from_config(ck.config)
+    n = a.arch.n_layers
+    # the same model in transformers' config style (its legacy ``compress_ratios`` knows only 0/4/128)
+    hcfg = {k: v for k, v in ck.config.items()
+            if k not in ("compress_ratios", "num_hash_layers", "quantization_config", "expert_dtype")}
+    hcfg.update(layer_types=[k.value for k in a.kinds[:n]],
+                compress_rates={k.value: r for k, r in zip(a.kinds[:n], a.ratios[:n]) if r},
+                mlp_layer_types=["hash_moe" if h else "moe" for h in a.hash_layers])
+    DeepseekV4ForCausalLM(DeepseekV4Config(**hcfg)).save_pretrained(root / "hf")
+    st = root / "hf" / "model.safetensors"
+    names = load_file(st)
+    save_file({k: ck.dequantize(canonical_name(ck.arch, k)).to(v.dtype) for k, v in names.items()}, st,
+              metadata={"format": "pt"})
+    hf = DeepseekV4ForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, a.arch.vocab, (1, T_PUB), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        prefill = hf(ids).logits
+        cache = DynamicCache(config=hf.config)
+        steps = torch.cat([hf(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(T_PUB)], dim=1)
+    ck.close()
+    return root / "ck", ids, prefill, steps
+
+
+def test_published_layout_matches_transformers(published):
+    path, ids, ref, ref_steps = published
+    model = load(path, max_seq_len=T_PUB)
+    assert {k for k in model.args.kinds} == set(AttnKind)
+    err_p = _rel(model(ids, 0), ref)
+    err_d = _rel(torch.cat([model(ids[:, t:t + 1], t) for t in range(T_PUB)], dim=1), ref_steps)
+    print(f"V4 published layout (FP8 + MXFP4 experts): prefill rel {err_p:.3e}, decode rel {err_d:.3e}")
+    assert err_p <= TOL and err_d <= TOL
+
+
+def test_mtp_block_is_loaded(published):
+    from v4convert.checkpoint import Checkpoint
+
+    path = published[0]
+    model = load(path, max_seq_len=8)
+    with Checkpoint.open(path) as ck:
+        mtp = [n for n in ck.names() if n.startswith("mtp.")]
+        assert len(mtp) > 20 and len(model.mtp) == 1
+        sd = model.state_dict()
+        from v4convert.runtime.deepseek_v4 import model_name
+        for name in mtp:
+            assert torch.equal(sd[model_name(name)].float(), ck.dequantize(name)), name
