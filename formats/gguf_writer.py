@@ -1,0 +1,251 @@
+"""Streaming GGUF v3 writer: metadata and every tensor info first, then tensor data one at a time.
+
+gguf-py's ``GGUFWriter.add_tensor`` keeps every array in RAM until the end; here each tensor is a
+``TensorSpec`` whose ``produce()`` is called only when its bytes are written, so peak memory is one
+tensor (plus whatever its producer needs). Splits follow llama.cpp (``llama_split_path``):
+``NAME-00001-of-00003.gguf``; every split carries ``split.no`` (u16), ``split.count`` (u16) and
+``split.tensors.count`` (i32); only the first carries the model metadata. Files are written under a
+temporary name (``.partial``) and renamed once complete.
+
+File layout (ggml ``docs/gguf.md``): magic ``GGUF``, version u32 = 3, tensor count u64, KV count u64,
+KV pairs (string key, u32 value type, value), tensor infos (name, n_dims u32, ``ne`` u64 x n_dims with
+``ne[0]`` the innermost axis, ggml type u32, data offset u64), padding to ``ALIGNMENT``, data (each
+tensor padded to ``ALIGNMENT``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSION = 3
+ALIGNMENT = 32          # general.alignment default
+
+
+Buffer = torch.Tensor | np.ndarray | bytes
+
+
+class GGUFWriteError(ValueError):
+    """A tensor or metadata entry that cannot be written as declared (message names the file and tensor)."""
+
+
+# --------------------------------------------------------------------------------------- metadata
+@dataclass(frozen=True)
+class KV:
+    """One metadata entry; ``elem`` is the element type of an ARRAY."""
+    key: str
+    vtype: GGUFValueType
+    value: Any
+    elem: GGUFValueType | None = None
+
+
+class Metadata:
+    """Ordered GGUF metadata with typed adders; duplicate keys raise."""
+
+    def __init__(self) -> None:
+        self._kv: dict[str, KV] = {}
+
+    def _add(self, kv: KV) -> None:
+        if kv.key in self._kv:
+            raise GGUFWriteError(f"metadata key {kv.key!r} set twice")
+        self._kv[kv.key] = kv
+
+    def u16(self, key: str, v: int) -> None:
+        self._add(KV(key, GGUFValueType.UINT16, int(v)))
+
+    def u32(self, key: str, v: int) -> None:
+        self._add(KV(key, GGUFValueType.UINT32, int(v)))
+
+    def i32(self, key: str, v: int) -> None:
+        self._add(KV(key, GGUFValueType.INT32, int(v)))
+
+    def f32(self, key: str, v: float) -> None:
+        self._add(KV(key, GGUFValueType.FLOAT32, float(v)))
+
+    def bool(self, key: str, v: bool) -> None:
+        self._add(KV(key, GGUFValueType.BOOL, bool(v)))
+
+    def str(self, key: str, v: str) -> None:
+        self._add(KV(key, GGUFValueType.STRING, str(v)))
+
+    def arr(self, key: str, values: Sequence[Any], elem: GGUFValueType) -> None:
+        self._add(KV(key, GGUFValueType.ARRAY, list(values), elem))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kv
+
+    def __getitem__(self, key: str) -> Any:
+        return self._kv[key].value
+
+    def entries(self) -> list[KV]:
+        return list(self._kv.values())
+
+
+_SCALAR_FMT: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+_NP_DTYPE: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1",
+    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+}
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _encode_kv(kv: KV) -> bytes:
+    out = [_string(kv.key), struct.pack("<I", int(kv.vtype))]
+    if kv.vtype == GGUFValueType.STRING:
+        out.append(_string(kv.value))
+    elif kv.vtype == GGUFValueType.ARRAY:
+        if kv.elem is None or kv.elem == GGUFValueType.ARRAY:
+            raise GGUFWriteError(f"metadata key {kv.key!r}: array needs a scalar or string element type")
+        out.append(struct.pack("<IQ", int(kv.elem), len(kv.value)))
+        if kv.elem == GGUFValueType.STRING:
+            out.extend(_string(v) for v in kv.value)
+        else:
+            out.append(np.asarray(kv.value, dtype=_NP_DTYPE[kv.elem]).tobytes())
+    else:
+        out.append(struct.pack(_SCALAR_FMT[kv.vtype], kv.value))
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def tensor_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
+    """Bytes of a tensor of element ``shape`` (outermost first) stored as ``qtype``."""
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if shape and shape[-1] % bs != 0:
+        raise GGUFWriteError(f"row length {shape[-1]} is not a multiple of the {qtype.name} block ({bs})")
+    return math.prod(shape) // bs * ts
+
+
+@dataclass
+class TensorSpec:
+    """A tensor to write: element ``shape`` in torch order (outermost first; ggml ``ne`` is the reverse),
+    its ggml type, and a producer of its bytes: one buffer (uint8-viewable tensor / numpy array / bytes)
+    or an iterator of consecutive buffers (e.g. one expert of a stacked ``[E, out, in]`` tensor at a time)."""
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    produce: Callable[[], Buffer | Iterable[Buffer]]
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.name.encode()) >= 64:            # GGML_MAX_NAME
+            raise GGUFWriteError(f"tensor {self.name}: name longer than 63 bytes")
+        try:
+            self.nbytes = tensor_nbytes(self.shape, self.qtype)
+        except GGUFWriteError as e:
+            raise GGUFWriteError(f"tensor {self.name}: {e}") from None
+
+
+def _pad(n: int) -> int:
+    return (-n) % ALIGNMENT
+
+
+def _as_bytes(data: Buffer) -> memoryview:
+    if isinstance(data, torch.Tensor):
+        data = data.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+    return memoryview(data)
+
+
+def split_names(path: Path, n: int) -> list[Path]:
+    """``X.gguf`` -> ``[X.gguf]`` for one file, else ``X-00001-of-0000n.gguf`` ... (llama.cpp's pattern)."""
+    if n == 1:
+        return [path]
+    stem = path.name[:-5] if path.name.endswith(".gguf") else path.name
+    return [path.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
+def plan_splits(tensors: Sequence[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
+    """Greedy in-order grouping into files of at most ``max_bytes`` tensor data (a tensor never splits)."""
+    if not max_bytes:
+        return [list(tensors)]
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
+
+
+def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
+               split_max_size: int | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
+    """Write ``metadata`` and ``tensors`` to ``path`` (or its splits); returns the final file paths.
+
+    Tensor infos of a file are all written before its first data byte; each tensor's ``produce`` is
+    called once, in order, and its result is dropped after writing. ``progress(n)`` gets byte counts.
+    """
+    path = Path(path)
+    tensors = list(tensors)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})[0]
+        raise GGUFWriteError(f"{path}: tensor {dup} declared twice")
+    groups = plan_splits(tensors, split_max_size)
+    finals = split_names(path, len(groups))
+    temps = [p.with_name(p.name + ".partial") for p in finals]
+    try:
+        for i, (group, tmp) in enumerate(zip(groups, temps)):
+            kvs = metadata.entries() if i == 0 else []
+            if len(groups) > 1:
+                kvs = kvs + [KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, len(groups)),
+                             KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
+            _write_one(tmp, kvs, group, progress)
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    return finals
+
+
+def _write_one(path: Path, kvs: list[KV], tensors: list[TensorSpec], progress: Callable[[int], None] | None) -> None:
+    head = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
+    head.extend(_encode_kv(kv) for kv in kvs)
+    offset = 0
+    for t in tensors:
+        ne = tuple(reversed(t.shape)) or (1,)
+        head.append(_string(t.name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+                    + struct.pack("<IQ", int(t.qtype), offset))
+        offset += t.nbytes + _pad(t.nbytes)
+    header = b"".join(head)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(b"\0" * _pad(len(header)))
+        for t in tensors:
+            out = t.produce()
+            chunks = [out] if isinstance(out, (torch.Tensor, np.ndarray, bytes, bytearray, memoryview)) else out
+            written = 0
+            for chunk in chunks:
+                data = _as_bytes(chunk)
+                written += data.nbytes
+                if written > t.nbytes:
+                    break
+                f.write(data)
+                if progress is not None:
+                    progress(data.nbytes)
+                del data, chunk
+            if written != t.nbytes:
+                raise GGUFWriteError(f"{path}: tensor {t.name}: producer gave {'over ' if written > t.nbytes else ''}"
+                                     f"{written} bytes, declared {t.nbytes} ({t.qtype.name} {list(t.shape)})")
+            f.write(b"\0" * _pad(t.nbytes))
