@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .cli_export import export_command
 from .cli_run import run_command
 from .layout import LayoutError
 from v4convert.formats.safetensors_io import FormatError
@@ -97,6 +98,7 @@ def demo_cmd(out: Path) -> None:
 
 
 main.add_command(run_command)
+main.add_command(export_command)
 
 
 if __name__ == "__main__":
