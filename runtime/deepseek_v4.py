@@ -233,6 +233,7 @@ def build(ck, device: torch.device, dtype: torch.dtype, max_seq_len: int,
           opts: LoadOptions = LoadOptions()) -> Transformer:
     """Build on the meta device, assign every checkpoint tensor (dequantized), allocate caches on ``device``.
 
+    ``opts.fake_quant`` (opt-in) also simulates DeepSeek's FP8 KV cache (non-rope channels, blocks of 64).
     MTP blocks are built when the checkpoint holds ``mtp.*`` tensors (transformers' ``save_pretrained`` drops
     them); a partial MTP block fails loudly (``RuntimeLoadError``).
     """
@@ -257,5 +258,7 @@ def build(ck, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                 raise RuntimeLoadError(f"{src}: tid2eid expert ids outside [0, {a.arch.n_experts})")
             mod.tid2eid = tab.to(device)
     model.allocate(opts.max_batch_size, max_seq_len, dtype, device)
+    for layer in model.layers:
+        layer.attn.set_kv_quant(opts.fake_quant)
     model.set_dynamic_routing(opts.dynamic_routing)
     return model.eval()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Linear, RMSNorm, RopeStyle, apply_rope
+from .common import FakeQuant, Linear, RMSNorm, RopeStyle, apply_rope, fake_quant_fp8_act
 from .v4_args import AttnKind, V4Args
 
 
@@ -34,6 +34,18 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     rd = 2 * cos.shape[-1]
     rot = apply_rope(x[..., -rd:].float(), cos, sin, RopeStyle.INTERLEAVED).to(x.dtype)
     return torch.cat([x[..., :-rd], rot], dim=-1)
+
+
+KV_QUANT_BLOCK = 64   # DeepSeek V4 ``act_quant(kv[..., :-rd], 64, ...)`` on cached KV entries
+
+
+def kv_fake_quant(kv: torch.Tensor, rd: int, mode: FakeQuant) -> torch.Tensor:
+    """Opt-in DeepSeek KV-cache simulation: FP8 e4m3 quantize-dequantize of the non-rope channels of
+    ``kv [..., Dh]`` per 64-block (rope channels stay exact); ``FakeQuant.NONE`` returns ``kv`` unchanged."""
+    if mode is FakeQuant.NONE:
+        return kv
+    nope = fake_quant_fp8_act(kv[..., :-rd], pow2_scale=mode is FakeQuant.FP8_BLOCK_UE8M0, block=KV_QUANT_BLOCK)
+    return torch.cat([nope, kv[..., -rd:]], dim=-1)
 
 
 class RopeTables:
@@ -63,6 +75,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(dim, c * head_dim)
         self.wgate = Linear(dim, c * head_dim)
         self.norm = RMSNorm(head_dim, eps)
+        self.kv_quant = FakeQuant.NONE        # opt-in FP8 simulation of the entries (main compressor only)
 
     def allocate(self, batch: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         d, r, c = self.head_dim, self.ratio, (2 if self.overlap else 1)
@@ -110,7 +123,8 @@ class Compressor(nn.Module):
             pos = first + torch.arange(n, device=x.device) * r
             cos, sin = rope.get(True, pos)
             e0 = first // r
-            self.entries[:B, e0:e0 + n] = rope_tail(comp, cos, sin).to(self.entries.dtype)
+            comp = kv_fake_quant(rope_tail(comp, cos, sin), 2 * cos.shape[-1], self.kv_quant)
+            self.entries[:B, e0:e0 + n] = comp.to(self.entries.dtype)
         rest = kv.shape[1] - used
         if rest:
             self.buf_kv[:B, :rest] = kv[:, used:]
@@ -173,6 +187,14 @@ class Attention(nn.Module):
         self.compressor = (Compressor(arch.hidden, arch.head_dim, self.ratio, self.kind is AttnKind.CSA,
                                       a.rms_norm_eps) if self.kind is not AttnKind.SLIDING else None)
         self.indexer = Indexer(a, self.ratio) if self.kind is AttnKind.CSA else None
+        self.rope_dim = a.rope_dim
+        self.kv_quant = FakeQuant.NONE        # opt-in FP8 simulation of the window KV (DeepSeek QAT)
+
+    def set_kv_quant(self, mode: FakeQuant) -> None:
+        """Opt-in DeepSeek KV simulation on the window KV and the compressed entries (not the indexer's)."""
+        self.kv_quant = mode
+        if self.compressor is not None:
+            self.compressor.kv_quant = mode
 
     def allocate(self, batch: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         self.register_buffer("win_kv", torch.zeros(batch, self.window, self.head_dim, dtype=dtype, device=device),
@@ -190,6 +212,7 @@ class Attention(nn.Module):
         qr = self.q_norm(self.wq_a(x))                                               # [B, T, q_lora]
         q = rope_tail(unit_rms(self.wq_b(qr).view(B, T, H, Dh), self.eps), cos, sin)  # [B, T, H, Dh]
         kv = rope_tail(self.norm(self.wkv(x)), cos, sin)                             # [B, T, Dh]
+        kv = kv_fake_quant(kv, self.rope_dim, self.kv_quant)
 
         # sliding window: earlier positions still in the ring, then this call's tokens
         n_old = min(start_pos, W - 1)
