@@ -158,3 +158,10 @@ class TextStreamer:
         if len(text) > self.printed:
             self.write(text[self.printed:])
             self.printed = len(text)
+
+    def flush(self) -> None:
+        """Write what was held back (a trailing incomplete UTF-8 sequence decodes to U+FFFD)."""
+        text = self.tok.decode(self.ids)
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
+            self.printed = len(text)

@@ -50,7 +50,9 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
         sys.stdout.write(s)
         sys.stdout.flush()
 
-    res = generate(model, ids, max_new_tokens, temperature, tok.eos_ids, seed, on_token=TextStreamer(tok, write))
+    streamer = TextStreamer(tok, write)
+    res = generate(model, ids, max_new_tokens, temperature, tok.eos_ids, seed, on_token=streamer)
+    streamer.flush()
     click.echo("")
     click.echo(f"prefill: {len(res.prompt_ids)} tokens in {res.prefill_s:.3f} s = {res.prefill_tok_s:.1f} tok/s; "
                f"decode: {len(res.new_ids) - 1} tokens in {res.decode_s:.3f} s = {res.decode_tok_s:.1f} tok/s "
