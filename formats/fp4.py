@@ -38,3 +38,52 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
 def decode_fp4(packed: torch.Tensor) -> torch.Tensor:
     """Packed bytes -> float32 E2M1 values (unscaled), ``[..., K]``."""
     return e2m1_lut()[unpack_fp4(packed).long()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode side (quantizers). Errors shared by the NVFP4 / MXFP4 / FP8-block codecs live here too.
+# ---------------------------------------------------------------------------------------------
+
+
+class CodecInputError(ValueError):
+    """A tensor handed to a quantizer cannot be encoded (shape, dtype, or values)."""
+
+
+class NonFiniteInputError(CodecInputError):
+    """A tensor handed to a quantizer holds NaN or Inf values."""
+
+
+class BlockShapeError(CodecInputError):
+    """A tensor's shape does not fit the codec's block size."""
+
+
+def _e2m1_rounding_bounds() -> tuple[tuple[float, bool], ...]:
+    """Decision bounds between consecutive E2M1 magnitudes, derived from ``E2M1_VALUES``.
+
+    Returns ``(midpoint, inclusive)`` pairs: a magnitude ``a`` moves past bound ``i`` when
+    ``a > midpoint`` or, if ``inclusive``, ``a >= midpoint``. Ties go to the even code
+    (round to nearest, ties to even mantissa): midpoint between codes ``i`` and ``i+1`` is
+    inclusive exactly when ``i+1`` is even. Gives .25 .75 1.25 1.75 2.5 3.5 5 (DESIGN §4).
+    """
+    mags = E2M1_VALUES[:8]
+    return tuple(((mags[i] + mags[i + 1]) / 2.0, (i + 1) % 2 == 0) for i in range(7))
+
+
+def e2m1_encode(x: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+    """Round float values (already divided by their scale) to E2M1 codes, ``uint8`` same shape.
+
+    Round to nearest, ties to even; magnitudes above 6 saturate to 6 (code 7 / 15); the sign bit
+    is kept for negative values that round to zero and for ``-0.0`` (code 8), as ml_dtypes'
+    ``float4_e2m1fn`` does. Works on any device and any floating dtype (comparisons are exact).
+    NaN input raises :class:`NonFiniteInputError` naming ``name``; ``±inf`` saturates.
+    """
+    if not x.is_floating_point():
+        raise CodecInputError(f"{name}: E2M1 encode needs a floating tensor, got {x.dtype}")
+    if bool(torch.isnan(x).any()):
+        raise NonFiniteInputError(f"{name}: NaN values cannot be encoded as E2M1")
+    a = x.abs()
+    idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for bound, inclusive in _e2m1_rounding_bounds():
+        idx += (a >= bound) if inclusive else (a > bound)
+    idx |= torch.signbit(x).to(torch.uint8) << 3
+    return idx
