@@ -106,6 +106,7 @@ class ModelArgs:
                             routed_scaling_factor=float(need(cfg, "routed_scaling_factor", source)))
         return ModelArgs(
             arch=arch, rms_norm_eps=float(need(cfg, "rms_norm_eps", source)), rope_theta=theta, yarn=yarn,
-            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            # V3.2 main attention is always interleaved (transformers ignores ``rope_interleave`` there)
+            rope_interleave=True if arch.family is Family.V32 else bool(cfg.get("rope_interleave", True)),
             max_position_embeddings=int(need(cfg, "max_position_embeddings", source)), router=router,
             index_topk=int(need(cfg, "index_topk", source)) if arch.family is Family.V32 else 0)
