@@ -108,11 +108,15 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(arch.hidden, arch.moe_inter, a.swiglu_limit)
                                      for _ in range(arch.n_experts))
         self.shared_experts = SwiGLU(arch.hidden, arch.moe_inter * arch.n_shared, a.swiglu_limit)
+        self.tokens_seen = 0           # experts-per-token counters (``Transformer.routing_stats``)
+        self.experts_used = 0
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         w, idx = self.gate(flat, ids.reshape(-1))
+        self.tokens_seen += flat.shape[0]
+        self.experts_used += int((idx >= 0).sum())
         return (moe_dispatch(flat, idx, w, self.experts) + self.shared_experts(flat)).view(B, T, D)
 
 
@@ -195,6 +199,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if not layer.ffn.gate.hashed:
                 layer.ffn.gate.dynamic = dynamic
+
+    def routing_stats(self) -> dict[str, float]:
+        """Mean routed experts per token over MoE layer calls (hash layers included) since the last reset."""
+        moes = [layer.ffn for layer in self.layers]
+        toks = sum(m.tokens_seen for m in moes)
+        used = sum(m.experts_used for m in moes)
+        return {"experts_per_token": used / toks if toks else 0.0, "token_layer_calls": float(toks)}
+
+    def reset_routing_stats(self) -> None:
+        for layer in self.layers:
+            layer.ffn.tokens_seen = layer.ffn.experts_used = 0
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:

@@ -273,3 +273,25 @@ def test_simulate_quant_fp8_kv_cache(published):
             assert torch.equal(fake_quant_fp8_act(ent, pow2_scale=True, block=64), ent)
     # a random tiny model is chaotic (router and indexer choices flip), so only "it changed" is checked here
     assert torch.isfinite(out).all() and _rel(out, ref) > 0
+
+
+def test_dynamic_routing(published):
+    """Opt-in dynamic routing on the top-k layers: top_p=1 with k_min=k_max=top_k is the exact model; top_p
+    small with k_min=1 uses fewer experts per token; hash layers keep their table's experts."""
+    from v4convert.runtime import DynamicRouting
+
+    path, ids, ref, _ = published
+    base = load(path, max_seq_len=T_PUB)
+    k = base.args.router.top_k
+    exact = load(path, max_seq_len=T_PUB, dynamic_routing=DynamicRouting(top_p=1.0, k_min=k, k_max=k))
+    assert torch.equal(exact(ids, 0), base(ids, 0))
+    assert exact.routing_stats()["experts_per_token"] == k
+    sparse = load(path, max_seq_len=T_PUB, dynamic_routing=DynamicRouting(top_p=0.05, k_min=1, k_max=k))
+    out = sparse(ids, 0)
+    n_hash = sum(sparse.args.hash_layers)
+    stats = sparse.routing_stats()
+    n_layers = len(sparse.layers)
+    # hash layers use k experts per token, the others exactly one (top_p below any single weight share)
+    assert stats["experts_per_token"] == pytest.approx((n_hash * k + (n_layers - n_hash)) / n_layers)
+    assert stats["token_layer_calls"] == T_PUB * n_layers
+    assert _rel(out, ref) > 0
