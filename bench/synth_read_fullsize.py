@@ -45,7 +45,7 @@ def main() -> None:
     t2 = time.time()
     for info in ck.infos():
         w = ck.dequantize(info.name)      # one float32 tensor at a time (<= 59 MB for an expert)
-        checksum += float(w.double().abs().sum())
+        checksum += float(w.abs().sum(dtype=torch.float64))
         n += info.nbytes
         del w
     t3 = time.time()

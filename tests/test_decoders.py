@@ -14,6 +14,10 @@ def test_e4m3_all_256_bytes_match_ml_dtypes_and_torch():
     np.testing.assert_array_equal(ours[~np.isnan(ref)], ref[~np.isnan(ref)])
     t = torch.from_numpy(b).view(torch.float8_e4m3fn).float().numpy()
     np.testing.assert_array_equal(ours[~np.isnan(t)], t[~np.isnan(t)])
+    # the bit-layout table (independent of torch's cast) agrees too
+    tab = fp8.e4m3_table().numpy()
+    np.testing.assert_array_equal(np.isnan(tab), np.isnan(ref))
+    np.testing.assert_array_equal(tab[~np.isnan(ref)], ref[~np.isnan(ref)])
     # sign of zero preserved
     assert np.signbit(ours[0x80]) and not np.signbit(ours[0])
 
