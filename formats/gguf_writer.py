@@ -232,6 +232,7 @@ def _write_one(path: Path, kvs: list[KV], tensors: list[TensorSpec], progress: C
     with open(path, "wb") as f:
         f.write(header)
         f.write(b"\0" * _pad(len(header)))
+        f.flush()
         for t in tensors:
             out = t.produce()
             chunks = [out] if isinstance(out, (torch.Tensor, np.ndarray, bytes, bytearray, memoryview)) else out
@@ -249,3 +250,4 @@ def _write_one(path: Path, kvs: list[KV], tensors: list[TensorSpec], progress: C
                 raise GGUFWriteError(f"{path}: tensor {t.name}: producer gave {'over ' if written > t.nbytes else ''}"
                                      f"{written} bytes, declared {t.nbytes} ({t.qtype.name} {list(t.shape)})")
             f.write(b"\0" * _pad(t.nbytes))
+            f.flush()

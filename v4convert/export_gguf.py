@@ -422,7 +422,7 @@ def gguf_values(data: np.ndarray, q: Q, shape: tuple[int, ...]) -> torch.Tensor:
     if q == Q.I32:
         return torch.from_numpy(np.asarray(data).astype(np.int64)).reshape(shape)
     vals = gguf_quants.dequantize(np.ascontiguousarray(data), q)
-    return torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32)).reshape(shape)
+    return torch.from_numpy(np.array(vals, dtype=np.float32, copy=True)).reshape(shape)
 
 
 def gguf_as_checkpoint(gguf_paths: list[Path], ckpt: str | Path, out_dir: str | Path, keep_mtp: bool = True) -> Path:
