@@ -1,0 +1,80 @@
+"""``v4convert quantize CKPT --fp4 [--scheme nvfp4|mxfp4] --out DIR``: the click command.
+
+Builds the plan from the index (headers only), prints its summary, then runs the streaming engine.
+Errors from bad input surface as one line through the main group's error handler.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from v4convert.formats.containers import Container
+
+from .recipes import RecipeName
+
+
+def _parse_size(text: str) -> int:
+    t = text.strip().upper().replace(" ", "")
+    for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
+        if t.endswith(suf):
+            return int(float(t[: -len(suf)]) * mult)
+    return int(t)
+
+
+@click.command("quantize")
+@click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--fp4", "fp4", is_flag=True, required=True, help="Quantize to FP4 (the only mode so far; required).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--scheme", type=click.Choice(["nvfp4", "mxfp4"]), default="nvfp4", show_default=True,
+              help="FP4 flavour; picks the default recipe (nvfp4-experts / mxfp4-experts).")
+@click.option("--recipe", type=click.Choice([r.value for r in RecipeName]), default=None,
+              help="Recipe preset (overrides --scheme's default).")
+@click.option("--format", "fmt", type=click.Choice([c.value for c in Container]), default=None,
+              help="Output container (default: compressed-tensors; deepseek is MXFP4 only).")
+@click.option("--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors as stored (fnmatch on names; repeatable).")
+@click.option("--override", multiple=True, metavar="PATTERN=CODEC", help="Force a codec (nvfp4, mxfp4, keep) on matching tensors.")
+@click.option("--scale-method", type=click.Choice(["rtn", "mse", "four-over-six"]), default="rtn", show_default=True,
+              help="NVFP4 block-scale choice.")
+@click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
+              help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
+@click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
+@click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
+@click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
+def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
+                     keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
+                     keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
+                     plan_only: bool, sync_every: str) -> None:
+    """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
+
+    Reads the release as published (FP8 blocks, V4 MXFP4 experts), writes OUT.partial/ and renames it
+    to OUT when complete. A killed run restarted with the same command resumes where it stopped and
+    produces byte-identical output.
+    """
+    from .checkpoint import Checkpoint
+    from .engine import OutputExistsError, execute
+    from .quantize import MXRule, Options, ScaleChoice, make_plan
+    from .recipes import RuleSet, preset
+
+    if out.exists() and not overwrite:   # fail before reading any header
+        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
+    container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
+    opts = Options(container=container, scale_method=ScaleChoice(scale_method), mx_rule=MXRule(mx_rule),
+                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size))
+    rules = RuleSet(preset(rname), keep=keep, overrides=override)
+    with Checkpoint.open(ckpt) as ck:
+        plan = make_plan(ck, rules, opts)
+    click.echo(plan.summary(), err=True)
+    if plan_only:
+        return
+    r = execute(plan, out, workers=workers or os.cpu_count() or 1, overwrite=overwrite,
+                progress=sys.stderr.isatty(), sync_bytes=_parse_size(sync_every))
+    extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
+    click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
+               f" ({r.resumed_units} of {r.units} units resumed{extra})")

@@ -1,0 +1,307 @@
+"""What a worker does with one work unit: read source bytes, encode, write at planned offsets.
+
+Each function reads its source tensors with ``os.preadv`` (a short read names the shard and tensor:
+a shard truncated under us is an error, not a SIGBUS from a memory map) and writes its output with
+``os.pwrite`` at the byte offsets the plan fixed, so units can finish in any order and a redone unit
+rewrites exactly the same bytes. Large tensors are processed in row chunks (``CHUNK_ELEMS``
+elements, a multiple of 128 rows) so a worker holds a few chunks, never a whole 132 MB FP8 matrix
+in float32. NVFP4 global amax is computed first (cheap: from FP8 magnitude bytes and block scales),
+shared by fused partners, then every chunk is encoded with it: bytes equal a whole-tensor encode.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from v4convert.formats import fp8
+from v4convert.formats.containers import Container, Part
+from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
+from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
+
+from .quantize import Action, MXRule, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
+
+CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
+E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
+COPY_BYTES = 64 << 20          # verbatim copies stream in 64 MB pieces
+FP8_BLOCK = 128
+
+
+class DiskFullError(QuantizeError):
+    """ENOSPC while writing the output; the partial directory is left for a resume after freeing space."""
+
+
+class SourceReadError(QuantizeError):
+    """A source shard shorter than its header says (truncated or replaced during the run)."""
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    index: int
+    bytes_in: int
+    repack_blocks: int = 0
+    repack_inexact: int = 0
+
+
+# ------------------------------------------------------------------------------------ raw I/O
+def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a stored tensor as a fresh torch tensor of its stored dtype."""
+    rows = e.shape[0] if e.shape else 1
+    r1 = rows if r1 is None else r1
+    row_b = e.nbytes // rows if rows else 0
+    n = (r1 - r0) * row_b
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    with open(e.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        while got < n:
+            k = os.preadv(fd, [mv[got:]], e.start + r0 * row_b + got)
+            if k == 0:
+                raise SourceReadError(f"{e.path}: tensor {e.name}: short read at byte {e.start + r0 * row_b + got} "
+                                      f"of {e.end} (shard truncated during the run?)")
+            got += k
+    tdtype = ST_DTYPES[e.dtype][0]
+    t = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    shape = ((r1 - r0),) + tuple(e.shape[1:]) if e.shape else ()
+    return t.view(tdtype).reshape(shape)
+
+
+class Writer:
+    """``pwrite`` into one output shard; ENOSPC becomes :class:`DiskFullError` naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, offset: int, data: torch.Tensor | bytes | memoryview, what: str) -> int:
+        buf = memoryview(data) if isinstance(data, (bytes, memoryview)) else tensor_bytes(data)
+        buf = buf.cast("B") if buf.format != "B" else buf
+        done = 0
+        while done < buf.nbytes:
+            try:
+                done += os.pwrite(self.fd, buf[done:], offset + done)
+            except OSError as ex:
+                if ex.errno == errno.ENOSPC:
+                    raise DiskFullError(f"{self.path}: disk full while writing {what} "
+                                        f"({buf.nbytes - done:,} bytes left); free space and rerun the same "
+                                        f"command to resume") from None
+                raise
+        return done
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# ------------------------------------------------------------------------------------ decoding
+def _rows_per_chunk(k: int) -> int:
+    return max(FP8_BLOCK, (CHUNK_ELEMS // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
+
+
+def _chunks(n: int, k: int):
+    step = _rows_per_chunk(k)
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _scale_f32(t: TensorPlan, s: torch.Tensor) -> torch.Tensor:
+    if t.src["scale"].dtype == "F8_E8M0":
+        return fp8.e8m0_to_float32(s.view(torch.uint8))
+    return s.to(torch.float32)
+
+
+def _decode_chunk(t: TensorPlan, r0: int, r1: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """Exact float32 rows ``[r0, r1)`` of an FP8-block or plain-float tensor."""
+    w = read_rows(t.src["weight"], r0, r1)
+    if scale is None:
+        if not w.is_floating_point():
+            raise QuantizeError(f"tensor {t.name}: cannot quantize a {t.src['weight'].dtype} tensor")
+        return w.to(torch.float32)
+    b0, b1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
+    s = scale[b0:b1].repeat_interleave(FP8_BLOCK, 0)[: r1 - r0].repeat_interleave(FP8_BLOCK, 1)[:, : w.shape[1]]
+    return E4M3_TABLE[w.view(torch.uint8).long()] * s
+
+
+def fp8_amax(t: TensorPlan, scale: torch.Tensor) -> torch.Tensor:
+    """``max|fp8 * scale|`` (float32 0-dim, exact) from magnitude bytes: E4M3 magnitude is monotonic in
+    ``byte & 0x7F`` and the scales are positive. NaN bytes (``0x7F``) raise naming the tensor."""
+    n, k = t.shape
+    best = torch.zeros((), dtype=torch.float32)
+    bk = -(-k // FP8_BLOCK)
+    for r0, r1 in _chunks(n, k):
+        mag = read_rows(t.src["weight"], r0, r1).view(torch.uint8) & 0x7F
+        if bool((mag == 0x7F).any()):
+            raise NonFiniteInputError(f"tensor {t.name}: {int((mag == 0x7F).sum())} NaN FP8 values "
+                                      f"(rows {r0}..{r1}); refusing to quantize")
+        r = r1 - r0
+        mag = torch.nn.functional.pad(mag, (0, bk * FP8_BLOCK - k, 0, -(-r // FP8_BLOCK) * FP8_BLOCK - r))
+        blk = mag.view(-1, FP8_BLOCK, bk, FP8_BLOCK).amax(dim=(1, 3))
+        vals = E4M3_TABLE[blk.long()] * scale[r0 // FP8_BLOCK: r0 // FP8_BLOCK + blk.shape[0]]
+        best = torch.maximum(best, vals.amax())
+    if not bool(torch.isfinite(best)):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
+    return best
+
+
+def float_amax(t: TensorPlan) -> torch.Tensor:
+    n, k = t.shape
+    best = torch.zeros((), dtype=torch.float32)
+    for r0, r1 in _chunks(n, k):
+        a = _decode_chunk(t, r0, r1, None).abs().amax()
+        if not bool(torch.isfinite(a)):
+            raise NonFiniteInputError(f"tensor {t.name}: NaN/Inf values (rows {r0}..{r1}); refusing to quantize")
+        best = torch.maximum(best, a)
+    return best
+
+
+# ------------------------------------------------------------------------------------ actions
+def _out(unit: Unit, t: TensorPlan, part: Part) -> tuple[int, int]:
+    """(offset, bytes per row) of ``t``'s output entry ``part``."""
+    e = next(e for e in t.out if e.part is part)
+    nb = ST_DTYPES[e.dtype][1] * math.prod(e.shape)
+    rows = e.shape[0] if len(e.shape) >= 2 else 1
+    return unit.offsets[e.name], nb // rows
+
+
+_PART_SRC = {Part.WEIGHT: "weight", Part.SCALE: "scale"}
+
+
+def _copy(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    """Stored bytes verbatim (only names and the dtype label may change, e.g. I8 -> U8, E8M0 -> U8)."""
+    for e in t.out:
+        src = t.src[_PART_SRC[e.part]]
+        off = unit.offsets[e.name]
+        rows = src.shape[0] if src.shape else 1
+        row_b = src.nbytes // rows if rows else 0
+        step = max(1, COPY_BYTES // max(row_b, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            data = read_rows(src, r0, r1) if src.shape else read_rows(src)
+            w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
+
+
+def _fp8_rewrap(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    # weight bytes verbatim; the block scale re-encoded as F32 (E8M0 / BF16 -> F32 is exact)
+    wt = TensorPlan(t.name, t.role, t.action, t.codec, t.src_storage, t.src, t.shape,
+                    tuple(e for e in t.out if e.part is Part.WEIGHT))
+    _copy(unit, wt, w)
+    off, _ = _out(unit, t, Part.SCALE)
+    w.write(off, _scale_f32(t, read_rows(t.src["scale"])).contiguous(), t.name)
+
+
+def _fp8_to_bf16(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    n, k = t.shape
+    scale = _scale_f32(t, read_rows(t.src["scale"]))
+    off, row_b = _out(unit, t, Part.WEIGHT)
+    for r0, r1 in _chunks(n, k):
+        w.write(off + r0 * row_b, _decode_chunk(t, r0, r1, scale).to(torch.bfloat16), t.name)
+
+
+def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> None:
+    from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_quantize
+    conv = NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+    scales = {t.name: (_scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None) for t in ts}
+    amaxes = [fp8_amax(t, scales[t.name]) if scales[t.name] is not None else float_amax(t) for t in ts]
+    shared = torch.stack(amaxes).amax()      # fused partners share one global scale
+    method = ScaleMethod(opts.scale_method.value)
+    for t in ts:
+        n, k = t.shape
+        s = scales[t.name]
+        woff, wrow = _out(unit, t, Part.WEIGHT)
+        soff, srow = _out(unit, t, Part.SCALE)
+        goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+        gscale = None
+        for r0, r1 in _chunks(n, k):
+            if s is not None and method is ScaleMethod.RTN:
+                from v4convert.formats.fp8_block import fp8_block_from_stored, fp8_block_to_nvfp4
+                raw = read_rows(t.src["weight"], r0, r1)
+                srows = read_rows(t.src["scale"])[r0 // FP8_BLOCK: -(-r1 // FP8_BLOCK)]
+                q = fp8_block_to_nvfp4(fp8_block_from_stored(raw, srows, t.name), convention=conv,
+                                       global_amax=shared, name=t.name)
+            else:
+                q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
+                                   global_amax=shared, name=t.name)
+            w.write(woff + r0 * wrow, q.packed, t.name)
+            w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
+            g = q.global_scale.to(torch.float32).reshape(1)
+            if gscale is not None and not torch.equal(g, gscale):
+                raise QuantizeError(f"tensor {t.name}: global scale differs between row chunks (codec bug)")
+            gscale = g
+        w.write(goff, gscale, t.name)
+
+
+def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> tuple[int, int]:
+    """Re-pack native MXFP4 to NVFP4. Partners are concatenated along rows so the codec picks one
+    power-of-two global scale for all of them (rows are independent otherwise)."""
+    from v4convert.formats.mxfp4 import mxfp4_from_deepseek_native, mxfp4_to_nvfp4
+    from v4convert.formats.nvfp4 import NVFP4Convention
+    conv = NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+    ks = {t.shape[1] for t in ts}
+    if len(ks) != 1:
+        raise QuantizeError(f"tensors {[t.name for t in ts]}: fused partners with different in-features")
+    packed = torch.cat([read_rows(t.src["weight"]).view(torch.uint8) for t in ts])
+    scale = torch.cat([read_rows(t.src["scale"]).view(torch.uint8) for t in ts])
+    name = " + ".join(t.name for t in ts)
+    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), conv, name)
+    r0 = 0
+    for t in ts:
+        n = t.shape[0]
+        woff, _ = _out(unit, t, Part.WEIGHT)
+        soff, _ = _out(unit, t, Part.SCALE)
+        goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+        w.write(woff, q.packed[r0:r0 + n].contiguous(), t.name)
+        w.write(soff, q.block_scale[r0:r0 + n].contiguous().view(torch.uint8), t.name)
+        w.write(goff, q.global_scale.to(torch.float32).reshape(1), t.name)
+        r0 += n
+    return rep.blocks, rep.inexact_blocks
+
+
+def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
+    from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
+    rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+    n, k = t.shape
+    s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
+    woff, wrow = _out(unit, t, Part.WEIGHT)
+    soff, srow = _out(unit, t, Part.SCALE)
+    for r0, r1 in _chunks(n, k):
+        q = mxfp4_quantize(_decode_chunk(t, r0, r1, s), rule=rule, name=t.name)
+        w.write(woff + r0 * wrow, q.packed, t.name)
+        w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
+
+
+def run_unit(unit: Unit, out_dir: Path, opts: Options) -> UnitResult:
+    """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor."""
+    w = Writer(out_dir / unit.shard)
+    blocks = inexact = 0
+    try:
+        a = unit.tensors[0].action
+        if a is Action.TO_NVFP4:
+            _to_nvfp4(unit, unit.tensors, w, opts)
+        elif a is Action.MXFP4_TO_NVFP4:
+            blocks, inexact = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts)
+        else:
+            for t in unit.tensors:
+                if t.action in (Action.COPY, Action.MXFP4_REWRAP):
+                    _copy(unit, t, w)
+                elif t.action is Action.FP8_REWRAP:
+                    _fp8_rewrap(unit, t, w)
+                elif t.action is Action.FP8_TO_BF16:
+                    _fp8_to_bf16(unit, t, w)
+                elif t.action is Action.TO_MXFP4:
+                    _to_mxfp4(unit, t, w, opts)
+                else:
+                    raise QuantizeError(f"tensor {t.name}: action {t.action.value} outside its unit kind")
+    except CodecInputError as e:
+        raise QuantizeError(str(e)) from None
+    finally:
+        w.close()
+    return UnitResult(unit.index, unit.bytes_in, blocks, inexact)
+
+
+def init_worker(threads: int) -> None:
+    """Pool initializer: one intra-op thread per worker process (workers = cores)."""
+    torch.set_num_threads(max(1, threads))
