@@ -14,6 +14,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .cli_export import export_command
 from .cli_run import run_command
+from .cli_quantize import quantize_command
 from .layout import LayoutError
 from v4convert.formats.safetensors_io import FormatError
 
@@ -99,6 +100,7 @@ def demo_cmd(out: Path) -> None:
 
 main.add_command(run_command)
 main.add_command(export_command)
+main.add_command(quantize_command)
 
 
 if __name__ == "__main__":
