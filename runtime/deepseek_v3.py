@@ -68,7 +68,7 @@ class Indexer(nn.Module):
         self.caches.k[:B, start_pos:end] = k
         keys = self.caches.k[:B, :end]
         scores = torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5                # [B,T,Hi]
+        w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads ** -0.5   # [B,T,Hi]
         index = torch.einsum("bsh,bsht->bst", w, F.relu(scores)) + mask
         k_sel = min(self.topk, end)
         # Stable sort instead of topk: exact ties (relu zeroes every head) then resolve to the lowest position,
@@ -274,6 +274,10 @@ class DeepseekV3(nn.Module):
         return self.lm_head(self.model.norm(h)).float()
 
 
+# Parameters kept in float32 whatever the model dtype (transformers: ``_keep_in_fp32_modules(_strict)``).
+FLOAT32_PARAMS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias", "indexer.weights_proj.weight")
+
+
 def _mtp_blocks_present(ck, n_layers: int) -> int:
     """Number of MTP blocks whose tensors the checkpoint holds (transformers' save_pretrained drops them)."""
     layers = {info.layer for info in ck.infos() if info.mtp}
@@ -286,11 +290,7 @@ def build(ck, device, dtype: torch.dtype, max_seq_len: int, opts: LoadOptions = 
     n_mtp = _mtp_blocks_present(ck, a.arch.n_layers)
     with torch.device("meta"):
         model = DeepseekV3(a, n_mtp)
-    fill_from_checkpoint(model, ck, lambda n: n, dtype, device, fake_quant=opts.fake_quant)
-    # The router's bias stays float32 like the published F32 tensor (transformers keeps it in fp32 too).
-    for m in model.modules():
-        if isinstance(m, Gate):
-            m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+    fill_from_checkpoint(model, ck, lambda n: n, dtype, device, keep_dtype=FLOAT32_PARAMS, fake_quant=opts.fake_quant)
     if max_seq_len < 1:
         raise RuntimeLoadError(f"max_seq_len must be >= 1, got {max_seq_len}")
     model.allocate(opts.max_batch_size, max_seq_len, device, dtype)

@@ -316,3 +316,14 @@ def test_missing_tensor_is_an_error(v3, tmp_path):
     save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="experts.5.up_proj"):
         load(dst, max_seq_len=8)
+
+
+def test_bfloat16_load_keeps_router_and_index_weights_in_float32(tiny_ckpts):
+    m = load(tiny_ckpts["v32-tiny"], max_seq_len=16, dtype=torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16
+    assert m.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.bfloat16
+    assert m.model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
+    gate = m.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
+    out = m(torch.arange(3, 12)[None], 0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
