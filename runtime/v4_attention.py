@@ -32,6 +32,8 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     """Interleaved RoPE on the trailing ``2 * cos.shape[-1]`` channels of ``x [..., T, (H,) D]``; the leading
     (nope) channels pass through. ``cos, sin [T, rd/2]``. Rotation in float32, result in ``x.dtype``."""
     rd = 2 * cos.shape[-1]
+    # cos/sin rounded to x's dtype first, then the rotation in float32 (transformers' order)
+    cos, sin = cos.to(x.dtype).float(), sin.to(x.dtype).float()
     rot = apply_rope(x[..., -rd:].float(), cos, sin, RopeStyle.INTERLEAVED).to(x.dtype)
     return torch.cat([x[..., :-rd], rot], dim=-1)
 
@@ -82,10 +84,12 @@ class Compressor(nn.Module):
         z = dict(dtype=dtype, device=device)
         self.register_buffer("entries", torch.zeros(batch, max_seq_len // r, d, **z), persistent=False)
         self.register_buffer("buf_kv", torch.zeros(batch, r, c * d, **z), persistent=False)
-        self.register_buffer("buf_gate", torch.zeros(batch, r, c * d, **z), persistent=False)
+        # gate logits are kept in float32 (``ape`` is float32, as in transformers' promoted sum)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("buf_gate", torch.zeros(batch, r, c * d, **f32), persistent=False)
         if self.overlap:
             self.register_buffer("prev_kv", torch.zeros(batch, r, d, **z), persistent=False)
-            self.register_buffer("prev_gate", torch.zeros(batch, r, d, **z), persistent=False)
+            self.register_buffer("prev_gate", torch.zeros(batch, r, d, **f32), persistent=False)
 
     def forward(self, x: torch.Tensor, start_pos: int, rope: RopeTables) -> int:
         """Consume tokens ``start_pos .. start_pos+T-1`` of ``x [B, T, dim]``; write every window they complete
@@ -96,8 +100,8 @@ class Compressor(nn.Module):
         off = start_pos % r
         first = start_pos - off                                      # position of the first buffered token
         if off:
-            kv = torch.cat([self.buf_kv[:B, :off], kv], dim=1)
-            gate = torch.cat([self.buf_gate[:B, :off], gate], dim=1)
+            kv = torch.cat([self.buf_kv[:B, :off].to(kv.dtype), kv], dim=1)
+            gate = torch.cat([self.buf_gate[:B, :off].to(gate.dtype), gate], dim=1)
         n = kv.shape[1] // r                                         # windows completed by this call
         used = n * r
         if n:
@@ -236,8 +240,9 @@ class Attention(nn.Module):
 
         scores = torch.matmul(q.transpose(1, 2), keys.unsqueeze(1).transpose(-1, -2)) * Dh ** -0.5  # [B,H,T,L]
         scores = scores.masked_fill(~allow.unsqueeze(1), float("-inf"))
-        sink = self.attn_sink.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
-        logits = torch.cat([scores, sink], dim=-1)
+        # float32 softmax over [scores, sink] (transformers: the float32 sink promotes the concatenation)
+        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, T, 1)
+        logits = torch.cat([scores.float(), sink], dim=-1)
         logits = logits - logits.amax(dim=-1, keepdim=True)
         probs = F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
         out = torch.matmul(probs.to(keys.dtype), keys.unsqueeze(1)).transpose(1, 2)      # [B, T, H, Dh]
