@@ -13,17 +13,20 @@ Block layouts (ggml ``ggml-common.h``; gguf-py ``gguf.quants``), all blocks of 3
 
 Why not gguf-py: its numpy quantizers are the reference but slow (MXFP4 builds a 16x error tensor).
 Here each block's scale is computed exactly as gguf-py does (the same numpy float32 expression, on the
-per-block maxima only, so ``log2`` rounding is identical) and the per-element work is done with torch
-(threaded), with the same float32 operations. ``tests/test_gguf_quants.py`` checks byte identity.
+per-block maxima only, so ``log2`` rounding is identical); MXFP4 codes come from one table lookup
+instead of a 16-way argmin, rounding from three exact passes, and chunks run on a thread pool. ``tests/test_gguf_quants.py`` checks byte identity.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK = 32                      # elements per block for Q8_0 / Q4_0 / MXFP4
-CHUNK_BLOCKS = 1 << 16       # blocks per torch chunk (2M elements): bounds temporaries to ~50 MB
+CHUNK_BLOCKS = 1 << 13       # blocks per chunk (256K elements, 1 MB float32): temporaries stay in cache
 
 # MXFP4 code from k = ceil(2|x|/d) (d = the halved E8M0 scale, so 2|x|/d is exact): every decision
 # bound of the nearest-value rule (|x|/d = .5 1.5 2.5 3.5 5 7 10) is an integer in 2|x|/d, and a value
@@ -33,7 +36,7 @@ _MXFP4_MAG = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 
 _MXFP4_LUT = np.concatenate([_MXFP4_MAG, np.where(_MXFP4_MAG > 0, _MXFP4_MAG | 8, 0).astype(np.uint8)])
 _MXFP4_NEG = len(_MXFP4_MAG)      # 33
 # kvalues of ggml's MXFP4 (the E2M1 table doubled); used by the exact fallback path.
-_MXFP4_KVALUES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
+_MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 
 
 class QuantError(ValueError):
@@ -52,45 +55,50 @@ def _blocks(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.to(torch.float32).contiguous().reshape(-1, QK)
 
 
-def _check_finite(b: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(b).all()):
-        raise QuantError(f"tensor {name}: non-finite values cannot be block-quantized")
-
-
 def _out_shape(x: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[int, ...]:
     bs, ts = GGML_QUANT_SIZES[qtype]
     return (*x.shape[:-1], x.shape[-1] // bs * ts)
 
 
-# ---------------------------------------------------------------------------------------------- Q8_0
-def _q8_0_chunk(b: torch.Tensor) -> torch.Tensor:
-    d = b.abs().amax(dim=1, keepdim=True) / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+# Chunk kernels: numpy on [n_blocks, 32] float32 views, writing into a preallocated uint8 output. numpy
+# releases the GIL, so chunks run on a thread pool (no OpenMP barriers, which stall badly when the
+# machine is oversubscribed). Every float operation is the one gguf-py performs, in float32.
+def _q8_0_chunk(b: np.ndarray, out: np.ndarray) -> bool:
+    amax = np.abs(b).max(axis=1, keepdims=True)          # NaN/inf anywhere in a block shows here
+    if not np.isfinite(amax).all():
+        return False
+    d = amax / np.float32(127)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
     v = b * inv
     # gguf-py np_roundf (round half away from zero) as trunc(v) + trunc(2 * (v - trunc(v))): every step
     # is exact in float32, so the result equals floor|v| + floor(2 frac|v|) with v's sign.
-    tv = torch.trunc(v)
-    q = v.sub_(tv).mul_(2).trunc_().add_(tv).to(torch.int8)
-    out = torch.empty((b.shape[0], 34), dtype=torch.uint8)
-    out[:, :2] = d.to(torch.float16).view(torch.uint8)
-    out[:, 2:] = q.view(torch.uint8)
-    return out
+    tv = np.trunc(v)
+    v -= tv
+    v *= 2
+    np.trunc(v, out=v)
+    v += tv
+    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = v.astype(np.int8).view(np.uint8)
+    return True
 
 
-# ---------------------------------------------------------------------------------------------- Q4_0
-def _q4_0_chunk(b: torch.Tensor) -> torch.Tensor:
-    imax = b.abs().argmax(dim=1, keepdim=True)          # first index of the largest magnitude
-    mx = torch.gather(b, 1, imax)
-    d = mx / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(b * inv + 8.5).clamp_(0, 15).to(torch.uint8)   # trunc then clip, as gguf-py
-    out = torch.empty((b.shape[0], 18), dtype=torch.uint8)
-    out[:, :2] = d.to(torch.float16).view(torch.uint8)
-    out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)
-    return out
+def _q4_0_chunk(b: np.ndarray, out: np.ndarray) -> bool:
+    imax = np.abs(b).argmax(axis=1)[:, None]             # first index of the largest magnitude (or a NaN)
+    mx = np.take_along_axis(b, imax, axis=1)
+    if not np.isfinite(mx).all():
+        return False
+    d = mx / np.float32(-8)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
+    v = b * inv
+    v += np.float32(8.5)
+    q = np.trunc(v, out=v).astype(np.uint8).clip(0, 15)   # trunc, cast, then clip, as gguf-py
+    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return True
 
 
-# --------------------------------------------------------------------------------------------- MXFP4
 def _e8m0_half(e: np.ndarray) -> np.ndarray:
     """ggml ``ggml_e8m0_to_fp32_half``: 2^(e-128) as float32 (subnormal below e = 2)."""
     e = e.astype(np.uint32)
@@ -98,33 +106,38 @@ def _e8m0_half(e: np.ndarray) -> np.ndarray:
     return bits.view(np.float32)
 
 
-def _mxfp4_exponents(amax: torch.Tensor) -> np.ndarray:
-    """Per-block E8M0 byte, computed with gguf-py's exact numpy float32 expression (uint8 [n])."""
-    d = amax.numpy()
+def _mxfp4_exponents(amax: np.ndarray) -> np.ndarray:
+    """Per-block E8M0 byte, with gguf-py's exact numpy float32 expression (so log2 rounds identically)."""
     with np.errstate(divide="ignore"):
-        return np.where(d > 0, np.floor(np.log2(d)) - 2 + 127, 0).astype(np.uint8)
+        return np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0).astype(np.uint8)
 
 
-def _mxfp4_codes_exact(b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def _mxfp4_codes_exact(b: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Reference rule (argmin of |d*kvalue - x|, first index on ties) for blocks with subnormal scales."""
-    errs = (d[:, :, None] * _MXFP4_KVALUES - b[:, :, None]).abs()
-    return errs.argmin(dim=-1).to(torch.uint8)
+    errs = np.abs(d.reshape(-1, 1, 1) * _MXFP4_KVALUES - b[:, :, None])
+    return errs.argmin(axis=-1).astype(np.uint8)
 
 
-def _mxfp4_chunk(b: torch.Tensor) -> torch.Tensor:
-    a = b.abs()
-    e = _mxfp4_exponents(a.amax(dim=1))
-    d = torch.from_numpy(_e8m0_half(e)).reshape(-1, 1)
-    k = a.mul_(2 / d).ceil_().clamp_(max=_MXFP4_NEG - 1).to(torch.uint8)
-    k.add_(torch.signbit(b).to(torch.uint8).mul_(_MXFP4_NEG))
-    codes = torch.from_numpy(_MXFP4_LUT[k.numpy()])
-    low = torch.from_numpy(e < 2)
-    if bool(low.any()):                      # subnormal scale: 2|x|/d is not exact, use the reference rule
+def _mxfp4_chunk(b: np.ndarray, out: np.ndarray) -> bool:
+    a = np.abs(b)
+    amax = a.max(axis=1)
+    if not np.isfinite(amax).all():
+        return False
+    e = _mxfp4_exponents(amax)
+    d = _e8m0_half(e)
+    with np.errstate(over="ignore", invalid="ignore"):   # e < 2 rows are redone below
+        a *= (np.float32(2) / d)[:, None]                 # exact: d is a power of two (normal for e >= 2)
+        np.ceil(a, out=a)
+        np.minimum(a, _MXFP4_NEG - 1, out=a)
+        k = a.astype(np.uint8)
+    k += np.signbit(b).view(np.uint8) * np.uint8(_MXFP4_NEG)
+    codes = _MXFP4_LUT[k]
+    low = e < 2
+    if low.any():                            # subnormal scale: 2|x|/d is not exact, use the reference rule
         codes[low] = _mxfp4_codes_exact(b[low], d[low])
-    out = torch.empty((b.shape[0], 17), dtype=torch.uint8)
-    out[:, 0] = torch.from_numpy(e)
-    out[:, 1:] = codes[:, :16] | (codes[:, 16:] << 4)
-    return out
+    out[:, 0] = e
+    out[:, 1:] = codes[:, :16] | (codes[:, 16:] << np.uint8(4))
+    return True
 
 
 _CHUNK_FN = {
@@ -134,11 +147,12 @@ _CHUNK_FN = {
 }
 
 
-def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, name: str = "?") -> torch.Tensor:
+def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, name: str = "?", threads: int | None = None) -> torch.Tensor:
     """Quantize float ``x [..., K]`` to GGUF ``qtype`` blocks: uint8 ``[..., K/32*bytes_per_block]``.
 
     Supports F32, F16, BF16 (plain casts; BF16 rounds to nearest even like ggml) and Q8_0, Q4_0, MXFP4.
-    Byte-identical to ``gguf.quants.quantize`` (and so to ggml's reference quantizers).
+    Byte-identical to ``gguf.quants.quantize`` (and so to ggml's reference quantizers). ``threads``:
+    worker threads over chunks (default: the CPU count).
     """
     if qtype == GGMLQuantizationType.F32:
         return x.to(torch.float32).contiguous().view(torch.uint8)
@@ -149,11 +163,18 @@ def quantize(x: torch.Tensor, qtype: GGMLQuantizationType, name: str = "?") -> t
     fn = _CHUNK_FN.get(qtype)
     if fn is None:
         raise QuantError(f"tensor {name}: no built-in quantizer for {qtype.name} (use llama.cpp's quantizer)")
-    b = _blocks(x, name)
-    _check_finite(b, name)
-    parts = [fn(b[i:i + CHUNK_BLOCKS]) for i in range(0, b.shape[0], CHUNK_BLOCKS)]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out.reshape(_out_shape(x, qtype))
+    bn = _blocks(x, name).numpy()
+    out = np.empty((bn.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    starts = range(0, bn.shape[0], CHUNK_BLOCKS)
+    n = min(threads or os.cpu_count() or 1, len(starts))
+    if n <= 1:
+        ok = all([fn(bn[i:i + CHUNK_BLOCKS], out[i:i + CHUNK_BLOCKS]) for i in starts])
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            ok = all(list(pool.map(lambda i: fn(bn[i:i + CHUNK_BLOCKS], out[i:i + CHUNK_BLOCKS]), starts)))
+    if not ok:
+        raise QuantError(f"tensor {name}: non-finite values cannot be block-quantized")
+    return torch.from_numpy(out).reshape(_out_shape(x, qtype))
 
 
 def repack_mxfp4(packed: torch.Tensor, scale: torch.Tensor, name: str = "?") -> torch.Tensor:
