@@ -10,6 +10,8 @@ the 671B model, not per head), plus the V3.2 indexer keys ``[index_head_dim]``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -286,7 +288,7 @@ def _mtp_blocks_present(ck, n_layers: int) -> int:
 
 def build(ck, device, dtype: torch.dtype, max_seq_len: int, opts: LoadOptions = LoadOptions()) -> DeepseekV3:
     """Family builder for ``deepseek_v3`` / ``deepseek_v32``: meta-device model, tensors assigned one by one."""
-    a = ModelArgs.from_config(ck.config, str(getattr(ck, "root", "config.json")))
+    a = ModelArgs.from_config(ck.config, str(Path(ck.root) / "config.json"))
     n_mtp = _mtp_blocks_present(ck, a.arch.n_layers)
     with torch.device("meta"):
         model = DeepseekV3(a, n_mtp)
