@@ -10,6 +10,7 @@ randomised so that they matter.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -295,3 +296,30 @@ def test_dynamic_routing(published):
     assert stats["experts_per_token"] == pytest.approx((n_hash * k + (n_layers - n_hash)) / n_layers)
     assert stats["token_layer_calls"] == T_PUB * n_layers
     assert _rel(out, ref) > 0
+
+
+class _Hiding:
+    """A checkpoint view without some tensors (what a truncated download looks like to ``build``)."""
+
+    def __init__(self, ck, hidden: set[str]):
+        self._ck, self._hidden = ck, hidden
+        self.config, self.root = ck.config, ck.root
+
+    def names(self) -> list[str]:
+        return [n for n in self._ck.names() if n not in self._hidden]
+
+    def __getattr__(self, item):
+        return getattr(self._ck, item)
+
+
+@pytest.mark.parametrize("missing", ["layers.1.attn.compressor.ape", "mtp.0.e_proj.weight",
+                                     "layers.0.ffn.gate.tid2eid"])
+def test_missing_tensor_is_a_clear_error(published, missing):
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.runtime.common import RuntimeLoadError
+    from v4convert.runtime.deepseek_v4 import build, model_name
+
+    with Checkpoint.open(published[0]) as ck:
+        assert missing in ck.names()
+        with pytest.raises(RuntimeLoadError, match=re.escape(model_name(missing))):
+            build(_Hiding(ck, {missing}), torch.device("cpu"), torch.float32, 16)
