@@ -1,0 +1,104 @@
+"""``v4convert demo``: the whole pipeline on the bundled trained tiny V3 model, offline, in minutes.
+
+quantize to NVFP4 (compressed-tensors) and MXFP4 -> verify each against the bundled FP8 release on the
+bundled held-out text (one reference pass, cached and reused) -> comparison table and where the files are.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
+
+DATA = Path(__file__).parent / "data"
+
+
+class DemoError(ValueError):
+    pass
+
+
+def bundled_model(family: str) -> Path:
+    """Directory of a bundled trained tiny model (``v3`` or ``v4``), in its published layout."""
+    p = DATA / f"tiny-{family}"
+    if not (p / "config.json").is_file():
+        raise DemoError(f"{p}: bundled trained model missing (reinstall v4convert, or run "
+                        f"python -m v4convert.train_tiny train --family {family})")
+    return p
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    dirname: str
+    quantize_args: tuple[str, ...]
+
+
+# What the demo makes: the two default FP4 recipes of ``v4convert quantize``.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("NVFP4 experts (RTN)", "nvfp4", ("--scheme", "nvfp4")),
+    Variant("MXFP4 experts (OCP floor)", "mxfp4", ("--scheme", "mxfp4")),
+)
+
+
+def artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
+    """Run ``v4convert quantize`` through its command (the stable CLI contract)."""
+    from .cli_quantize import quantize_command
+
+    argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", *args]
+    if out.exists():
+        argv.append("--overwrite")
+    quantize_command.main(argv, standalone_mode=False)
+
+
+def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print,
+             variants: tuple[Variant, ...] = VARIANTS) -> list[tuple[str, float | None, dict]]:
+    ref = bundled_model("v3")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 2 * len(variants)
+    step = 0
+    for v in variants:
+        step += 1
+        echo(f"[{step}/{n}] quantize {ref.name} -> {v.label}: {out / v.dirname}")
+        quantize_cli(ref, out / v.dirname, v.quantize_args)
+    ref_logits = out / "ref-logits.safetensors"
+    if ref_logits.exists():
+        ref_logits.unlink()
+    rows: list[tuple[str, float | None, dict]] = [("reference (FP8 release)", artifact_bytes(ref), None)]
+    for i, v in enumerate(variants):
+        step += 1
+        echo(f"[{step}/{n}] verify {v.label} against the FP8 release"
+             + (" (reference pass cached)" if i == 0 else " (cached reference logits)"))
+        r = verify(ref, out / v.dirname, opts=opts if i == 0 else None, data=DEFAULT_DATA,
+                   save_ref=ref_logits if i == 0 else None, ref_cache=ref_logits if i > 0 else None)
+        (out / f"verify-{v.dirname}.json").write_text(json.dumps(json_report(r), indent=2))
+        rows.append((v.label, artifact_bytes(out / v.dirname), r))
+    return rows
+
+
+def format_demo(out: Path, rows: list[tuple[str, float | None, dict]]) -> str:
+    ref_label, ref_size, _ = rows[0]
+    first = rows[1][2]
+    s = first["settings"]
+    lines = [
+        "",
+        f"bundled model {bundled_model('v3')} ({ref_size / 1e6:.2f} MB FP8 release, trained on Python stdlib text)",
+        f"scored {s['scored_tokens']} held-out tokens in {s['windows']} windows of {s['ctx']}; "
+        f"reference perplexity {first['ppl']['ref']:.3f}, {first['reference']['decode_tok_s']:.1f} decode tok/s",
+        "",
+        format_comparison([(label, size, r) for label, size, r in rows[1:]]),
+        "",
+        "files:",
+    ]
+    for label, _, r in rows[1:]:
+        p = Path(r["artifact"]["path"])
+        lines.append(f"  {label:28s} {p}  (report {out / ('verify-' + p.name + '.json')})")
+    lines.append(f"  {'reference logits':28s} {out / 'ref-logits.safetensors'}")
+    lines.append("next: v4convert verify REF ARTIFACT --plot plot.png ; v4convert run ARTIFACT --prompt 'def '")
+    return "\n".join(lines)
