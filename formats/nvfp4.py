@@ -83,8 +83,8 @@ class NVFP4Tensor:
         """float32 ``[..., K/16]``: the factor each block's E2M1 values are multiplied by."""
         return _effective_scale(self.block_scale.float(), self.global_scale, self.convention)
 
-    def dequantize(self) -> torch.Tensor:
-        return nvfp4_dequantize(self)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return nvfp4_dequantize(self, dtype)
 
 
 def _effective_scale(ws: torch.Tensor, gscale: torch.Tensor, convention: NVFP4Convention) -> torch.Tensor:
