@@ -327,3 +327,19 @@ def test_bfloat16_load_keeps_router_and_index_weights_in_float32(tiny_ckpts):
     assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
     out = m(torch.arange(3, 12)[None], 0)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_moe_dispatch_matches_naive_sum_with_empty_slots():
+    from v4convert.runtime.common import SwiGLU, moe_dispatch
+    torch.manual_seed(4)
+    experts = torch.nn.ModuleList(SwiGLU(12, 7) for _ in range(6))
+    for p in experts.parameters():
+        p.data = torch.randn(p.shape)
+    x = torch.randn(5, 12)
+    idx = torch.tensor([[3, 1, -1], [0, 5, 2], [4, -1, -1], [2, 0, 1], [-1, -1, 5]])
+    w = torch.rand(5, 3)
+    ref = torch.stack([sum((experts[e](x[n:n + 1])[0] * w[n, k] for k, e in enumerate(idx[n].tolist()) if e >= 0),
+                           torch.zeros(12)) for n in range(5)])
+    for out in (moe_dispatch(x, idx, w, experts),                                     # sorted-by-expert path
+                torch.cat([moe_dispatch(x[n:n + 1], idx[n:n + 1], w[n:n + 1], experts) for n in range(5)])):  # N == 1
+        assert rel_err(out, ref) <= 1e-6
