@@ -15,12 +15,11 @@ import re
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache  # noqa: E402
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, DynamicCache
 
-from v4convert.runtime import load  # noqa: E402
-from v4convert.runtime.args import ConfigError  # noqa: E402
-from v4convert.runtime.v4_args import AttnKind, V4Args  # noqa: E402
+from v4convert.runtime import load
+from v4convert.runtime.args import ConfigError
+from v4convert.runtime.v4_args import AttnKind, V4Args
 
 B, T, MAX_SEQ = 2, 44, 64
 TOL = 1e-4
