@@ -10,7 +10,8 @@ Scale rules (:class:`MXScaleRule`), for a block with ``amax = max|x|``:
 * ``ROUND_UP``: ``e = ceil(log2(amax / 6))``, the smallest power of two that clips nothing.
 
 Exponents are computed exactly from the float32 bit pattern (``frexp``), never with ``log2``.
-An all-zero block gets byte 127 (scale 1); exponents are clamped to the E8M0 range [-127, 127].
+An all-zero block gets byte 127 (scale 1); exponents are clamped to [-127, 125] (below: E8M0's
+range; above: 6 * 2**126 would decode to inf in float32, so ROUND_UP clips blocks past 2e38).
 
 :func:`mxfp4_to_nvfp4` re-packs MXFP4 into NVFP4 without re-rounding where it can, and counts
 the 16-blocks whose values it could not keep exactly (checked, not assumed).
@@ -38,6 +39,7 @@ from .nvfp4 import (
 MXFP4_BLOCK = 32
 E8M0_MIN_EXP = -127  # byte 0
 E8M0_MAX_EXP = 127  # byte 254 (255 is NaN)
+MX_MAX_FINITE_EXP = 125  # 6 * 2**125 is the largest block maximum that decodes finite in float32
 E4M3_POW2_MIN_EXP = -9  # smallest E4M3 power of two (subnormal 2**-9)
 E4M3_POW2_MAX_EXP = 8  # largest E4M3 power of two (256; 448 is not a power of two)
 
@@ -82,7 +84,9 @@ def mxfp4_block_exponents(block_amax: torch.Tensor, rule: MXScaleRule) -> torch.
     if rule is MXScaleRule.ROUND_UP:
         e = e + (safe > torch.ldexp(torch.full_like(safe, E2M1_MAX), e)).to(torch.int32)
     e = torch.where(pos, e, torch.zeros_like(e))
-    return e.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+    # ROUND_UP of amax > 6 * 2**125 would give 2**126, whose 6 * 2**126 overflows float32 on
+    # decode; cap there (such a block then clips, as OCP_FLOOR does for every block).
+    return e.clamp(E8M0_MIN_EXP, MX_MAX_FINITE_EXP)
 
 
 def mxfp4_quantize(
