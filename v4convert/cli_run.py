@@ -18,13 +18,14 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--simulate-quant", is_flag=True, help="DeepSeek's FP8 activation fake-quant on quantized linears.")
 @click.option("--dynamic-top-p", type=float, default=None,
               help="Opt-in dynamic expert routing: keep experts until their normalised weights reach this mass.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
 @click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int, seed: int,
-                device: str, dtype: str, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
+                device: str, dtype: str, threads: int | None, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None) -> None:
     """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s."""
     import torch
@@ -33,6 +34,10 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
     from v4convert.runtime import DynamicRouting, load
     from v4convert.runtime.generate import GenerationError, TextStreamer, Tokenizer, generate
 
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
+        torch.set_num_threads(threads)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights
     ids = tok.encode(prompt)
     if len(ids) > max_seq_len:
