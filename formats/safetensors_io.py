@@ -143,6 +143,18 @@ class MappedFile:
         t = torch.frombuffer(self._mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
         return t.view(tdtype).reshape(entry.shape)
 
+    def release(self, entry: TensorEntry) -> None:
+        """Drop the resident pages of ``entry``'s byte range (they are re-read from disk if touched).
+
+        Pages of a file mapping count toward the process RSS while mapped; a streaming pass calls
+        this after each tensor so RSS stays at a few tensors instead of growing to the file size.
+        Safe because we never write through the mapping.
+        """
+        if self._mm is None or entry.nbytes == 0:
+            return
+        start = (entry.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._mm.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
+
     def close(self) -> None:
         if self._mm is not None:
             try:

@@ -153,10 +153,24 @@ class Checkpoint:
         return {k: self._map(e.path).tensor(e) for k, e in info.parts.items()}
 
     def dequantize(self, name: str) -> torch.Tensor:
-        """Exact float32 values of ``name`` in its logical shape."""
+        """Exact float32 values of ``name`` in its logical shape (a new tensor, not a view).
+
+        The shard pages it read are released afterwards, so a pass over every tensor keeps RSS
+        bounded by the largest tensor rather than growing with the checkpoint.
+        """
         info = self.tensor_info(name)
         parts = self.raw(name)
-        return decode(info, parts)
+        out = decode(info, parts)
+        if out.numel() and out.data_ptr() == parts["weight"].data_ptr():   # decode returned the stored view
+            out = out.clone()
+        del parts
+        self.release(name)
+        return out
+
+    def release(self, name: str) -> None:
+        """Drop the resident shard pages of ``name`` (call after using ``raw(name)`` views in a stream)."""
+        for e in self.tensor_info(name).parts.values():
+            self._map(e.path).release(e)
 
     def close(self) -> None:
         for m in self._maps.values():
@@ -177,6 +191,20 @@ def _expand_blocks(scale: torch.Tensor, shape: tuple[int, int], br: int, bc: int
     return scale.repeat_interleave(br, 0)[:n].repeat_interleave(bc, 1)[:, :k]
 
 
+def _decode_fp8_block(w: torch.Tensor, s32: torch.Tensor, shape: tuple[int, int],
+                      rows_per_chunk: int = 8 * FP8_BLOCK) -> torch.Tensor:
+    """E4M3 ``[N, K]`` x block scale ``[B(N), B(K)]`` -> float32, in row chunks so that temporaries
+    stay at a few MB even for a 7168 x 16384 weight (peak = the output + one chunk)."""
+    n, k = shape
+    out = torch.empty((n, k), dtype=torch.float32)
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        sc = s32[r0 // FP8_BLOCK: -(-r1 // FP8_BLOCK)]
+        torch.mul(fp8.e4m3_to_float32(w[r0:r1]), _expand_blocks(sc, (r1 - r0, k), FP8_BLOCK, FP8_BLOCK),
+                  out=out[r0:r1])
+    return out
+
+
 def decode(info: TensorInfo, parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Decode stored parts to float32 (exact: every product below is exact in float32)."""
     st = info.storage
@@ -187,8 +215,9 @@ def decode(info: TensorInfo, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return w.clone()
     if st is Storage.FP8_BLOCK:
         s = parts["scale"]
-        s32 = fp8.e8m0_to_float32(s) if info.parts["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
-        return fp8.e4m3_to_float32(w.view(torch.uint8)) * _expand_blocks(s32, info.shape, FP8_BLOCK, FP8_BLOCK)
+        s32 = fp8.e8m0_to_float32(s.view(torch.uint8)) if info.parts["scale"].dtype == "F8_E8M0" \
+            else s.to(torch.float32)
+        return _decode_fp8_block(w.view(torch.uint8), s32, info.shape)
     if st is Storage.MXFP4:
         s32 = fp8.e8m0_to_float32(parts["scale"].view(torch.uint8))
         return fp4.decode_fp4(w) * s32.repeat_interleave(MXFP4_BLOCK, 1)

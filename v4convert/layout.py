@@ -109,10 +109,17 @@ class Arch:
         if cfg.get("compress_ratios") is not None:
             ratios = tuple(int(r) for r in cfg["compress_ratios"])
         elif cfg.get("layer_types") is not None:
+            # transformers style: per-layer type names + a rate per type (``compress_rates``).
+            rates = {**V4_LAYER_TYPE_RATIO, **(cfg.get("compress_rates") or {}), "sliding_attention": 0}
             try:
-                ratios = tuple(V4_LAYER_TYPE_RATIO[t] for t in cfg["layer_types"])
+                ratios = tuple(int(rates[t]) for t in cfg["layer_types"])
             except KeyError as e:
                 raise LayoutError(f"{source}: unknown V4 layer type {e.args[0]!r}") from None
+            # Published configs only carry ratios, and DeepSeek's layout keys CSA (indexer,
+            # overlapping windows) on ratio 4; other rates are HCA. Refuse what that cannot express.
+            if rates["compressed_sparse_attention"] != 4 or rates["heavily_compressed_attention"] == 4:
+                raise LayoutError(f"{source}: compress_rates {cfg.get('compress_rates')} cannot be expressed as "
+                                  "published compress_ratios (CSA must be 4, HCA must not be 4)")
         else:
             raise LayoutError(f"{source}: deepseek_v4 config needs 'compress_ratios' or 'layer_types'")
         if len(ratios) == n_layers:          # transformers style: no MTP entry; MTP uses sliding only
