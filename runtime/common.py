@@ -63,11 +63,12 @@ def fake_quant_fp8_act(x: torch.Tensor, pow2_scale: bool = False, block: int = A
 class Linear(nn.Module):
     """``y = x @ W.T (+ b)``; ``W [out, in]``.
 
-    Today ``weight`` is a dense float tensor (dequantized at load). The packed-weight kernels of a later
-    issue replace ``weight`` with packed storage (FP8-block, NVFP4, MXFP4) and override ``forward``; every
-    model calls linears only through this class, so that swap touches nothing else.
+    Two storages: ``weight`` (dense float, dequantized at load; the default) or ``packed`` (a
+    ``v4convert.kernels.packed.PackedWeight`` kept as stored: FP8-block, NVFP4, MXFP4; ``load(packed=True)``),
+    in which case ``weight`` is ``None`` and ``forward`` runs ``kernels.packed.packed_linear`` (Triton on CUDA,
+    tiled dequantize-and-matmul on CPU). Models call linears only through this class.
     ``fake_quant``: opt-in activation simulation (set by the loader only for linears whose published
-    weight was FP8, as DeepSeek's ``linear`` only quantizes activations for FP8 weights).
+    weight was quantized, as DeepSeek's ``linear`` only quantizes activations for FP8 weights).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -77,14 +78,30 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.fake_quant = FakeQuant.NONE
+        self.packed = None                       # PackedWeight when packed; then weight is None
+        self.packed_dtype: torch.dtype | None = None   # model dtype for dense_weight() of a packed weight
+
+    def set_packed(self, pw, dtype: torch.dtype) -> None:
+        """Hold ``pw`` (``PackedWeight`` of logical shape ``[out, in]``) instead of a dense weight."""
+        if tuple(pw.shape) != (self.out_features, self.in_features):
+            raise RuntimeLoadError(f"{pw.name}: packed shape {tuple(pw.shape)} != linear "
+                                   f"{(self.out_features, self.in_features)}")
+        self.packed, self.packed_dtype = pw, dtype
+        self._parameters["weight"] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fake_quant is not FakeQuant.NONE:
             x = fake_quant_fp8_act(x, pow2_scale=self.fake_quant is FakeQuant.FP8_BLOCK_UE8M0)
+        if self.packed is not None:
+            from v4convert.kernels.packed import packed_linear
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense float ``[out, in]`` tensor (absorbed MLA reads ``kv_b_proj`` this way)."""
+        """The weight as a dense float ``[out, in]`` tensor (absorbed MLA reads ``kv_b_proj`` this way; a packed
+        weight is dequantized on each call, as DeepSeek's ``weight_dequant`` does)."""
+        if self.packed is not None:
+            return self.packed.dequantize().to(self.packed_dtype)
         return self.weight
 
     def extra_repr(self) -> str:
@@ -363,6 +380,7 @@ class LoadOptions:
     max_batch_size: int = 1
     fake_quant: FakeQuant = FakeQuant.NONE      # opt-in DeepSeek activation simulation on quantized linears
     dynamic_routing: DynamicRouting | None = None
+    packed: bool = False                        # keep quantized linear weights packed (pass to fill_from_checkpoint)
 
 
 def materialize(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None,
@@ -395,13 +413,14 @@ def meta_leftovers(module: nn.Module) -> list[str]:
 
 def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | None], dtype: torch.dtype,
                          device: torch.device | str, keep_dtype: Iterable[str] = (),
-                         fake_quant: FakeQuant = FakeQuant.NONE) -> None:
+                         fake_quant: FakeQuant = FakeQuant.NONE, packed: bool = False) -> None:
     """Assign every logical tensor of ``ck`` (``v4convert.checkpoint.Checkpoint``) to ``model``.
 
     ``rename(ckpt_name) -> model name`` (``None`` is not allowed to drop silently: it raises). Tensors are
     dequantized one at a time (float32 from the reader) and cast to ``dtype``, except parameters whose
     model name ends with a suffix in ``keep_dtype`` (e.g. int64 hash tables), kept as stored.
     ``fake_quant`` is set on every ``Linear`` whose checkpoint weight is stored quantized (FP8/FP4).
+    ``packed``: such ``Linear`` weights are kept packed (``kernels.packed.from_checkpoint``), never dequantized.
     Raises ``RuntimeLoadError`` on an unknown tensor or on model parameters left unfilled.
     """
     keep = tuple(keep_dtype)
@@ -409,12 +428,29 @@ def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | Non
         target = rename(name)
         if target is None:
             raise RuntimeLoadError(f"{name}: no place for this tensor in the runtime model")
-        t = ck.dequantize(name)
-        materialize(model, target, t, None if target.endswith(keep) else dtype, device)
-        if fake_quant is not FakeQuant.NONE and target.endswith(".weight") and ck.tensor_info(name).storage.is_quantized:
-            owner = model.get_submodule(target[: -len(".weight")])
-            if isinstance(owner, Linear):
-                owner.fake_quant = fake_quant
+        quantized = target.endswith(".weight") and ck.tensor_info(name).storage.is_quantized
+        owner = model.get_submodule(target[: -len(".weight")]) if quantized else None
+        if not isinstance(owner, Linear):
+            owner = None
+        if packed and owner is not None:
+            owner.set_packed(_owned_packed(ck, name, device), dtype)
+        else:
+            materialize(model, target, ck.dequantize(name), None if target.endswith(keep) else dtype, device)
+        if owner is not None and fake_quant is not FakeQuant.NONE:
+            owner.fake_quant = fake_quant
     left = meta_leftovers(model)
     if left:
         raise RuntimeLoadError(f"checkpoint lacks {len(left)} tensors the model needs, e.g. {left[:3]}")
+
+
+def _owned_packed(ck, name: str, device):
+    """``kernels.packed.from_checkpoint`` with every tensor copied out of the mmapped shards onto ``device``."""
+    from v4convert.kernels.packed import PackedWeight, from_checkpoint
+    pw = from_checkpoint(ck, name)
+    return PackedWeight(pw.codec, pw.data.to(device, copy=True), pw.scale.to(device, copy=True),
+                        pw.row_scale.to(device, copy=True), pw.shape, pw.name)
+
+
+def packed_linears(model: nn.Module) -> int:
+    """Number of ``Linear`` modules holding a packed weight."""
+    return sum(1 for m in model.modules() if isinstance(m, Linear) and m.packed is not None)

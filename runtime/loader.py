@@ -15,7 +15,7 @@ from torch import nn
 from v4convert.checkpoint import Checkpoint
 from v4convert.roles import Family
 
-from .common import DynamicRouting, FakeQuant, LoadOptions, RuntimeLoadError
+from .common import DynamicRouting, FakeQuant, LoadOptions, RuntimeLoadError, packed_linears
 
 # Family -> module (inside v4convert.runtime) whose ``build`` makes the model. Imported lazily so a family's
 # code is only loaded when used.
@@ -30,12 +30,13 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          max_seq_len: int = DEFAULT_MAX_SEQ_LEN, *, max_batch_size: int = 1, simulate_quant: bool = False,
-         dynamic_routing: DynamicRouting | None = None) -> nn.Module:
+         dynamic_routing: DynamicRouting | None = None, packed: bool = False) -> nn.Module:
     """Build the model of the checkpoint at ``path``.
 
     ``simulate_quant``: opt-in DeepSeek FP8 activation fake-quant on linears stored quantized (scale rounded to
     powers of two when the config says ``scale_fmt: ue8m0``). ``dynamic_routing``: opt-in variable experts per
-    token. Returns a module with ``model(input_ids [B,T], start_pos=0) -> float32 logits [B,T,V]``,
+    token. ``packed``: keep FP8/FP4 linear weights packed as stored and run them through
+    ``v4convert.kernels.packed`` (Triton on CUDA, tiled on CPU) instead of dequantizing at load. Returns a module with ``model(input_ids [B,T], start_pos=0) -> float32 logits [B,T,V]``,
     ``.max_seq_len``, ``.family``.
     """
     if max_seq_len < 1 or max_batch_size < 1:
@@ -46,8 +47,16 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         if simulate_quant:
             qc = ck.config.get("quantization_config") or {}
             fq = FakeQuant.FP8_BLOCK_UE8M0 if qc.get("scale_fmt") == "ue8m0" else FakeQuant.FP8_BLOCK
-        opts = LoadOptions(max_batch_size=max_batch_size, fake_quant=fq, dynamic_routing=dynamic_routing)
+        opts = LoadOptions(max_batch_size=max_batch_size, fake_quant=fq, dynamic_routing=dynamic_routing,
+                           packed=packed)
         module = importlib.import_module(f".{BUILDERS[ck.family]}", __package__)
-        return module.build(ck, torch.device(device), dtype, max_seq_len, opts)
+        model = module.build(ck, torch.device(device), dtype, max_seq_len, opts)
+        if packed:
+            want = sum(1 for i in ck.infos() if i.storage.is_quantized and len(i.shape) == 2)
+            got = packed_linears(model)
+            if got != want:      # never a silent dense fallback
+                raise RuntimeLoadError(f"{path}: packed=True kept {got} of {want} quantized linear weights packed "
+                                       f"(the {ck.family.value} builder must pass opts.packed to fill_from_checkpoint)")
+        return model
     finally:
         ck.close()

@@ -343,3 +343,24 @@ def test_moe_dispatch_matches_naive_sum_with_empty_slots():
     for out in (moe_dispatch(x, idx, w, experts),                                     # sorted-by-expert path
                 torch.cat([moe_dispatch(x[n:n + 1], idx[n:n + 1], w[n:n + 1], experts) for n in range(5)])):  # N == 1
         assert rel_err(out, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("preset", ["v3-tiny", "v32-tiny"])
+def test_packed_weights_run_as_stored(tiny_ckpts, preset):
+    """``load(packed=True)``: every FP8 linear keeps its stored bytes (no dense weight) and the logits equal the
+    dequantized model's (the CPU packed path is float32 dequantize-and-matmul per row tile)."""
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.runtime.common import Linear
+    src = tiny_ckpts[preset]
+    dense = load(src, max_seq_len=24)
+    packed = load(src, max_seq_len=24, packed=True)
+    with Checkpoint.open(src) as ck:
+        quantized = {n[: -len(".weight")] for n in ck.names() if ck.tensor_info(n).storage.is_quantized}
+    held = {n for n, m in packed.named_modules() if isinstance(m, Linear) and m.packed is not None}
+    assert held == quantized
+    assert all(packed.get_submodule(n).weight is None for n in held)
+    ids = torch.arange(7, 29)[None]
+    ref = dense(ids, 0)
+    assert rel_err(packed(ids, 0), ref) <= 1e-5
+    steps = torch.cat([packed(ids[:, t:t + 1], t) for t in range(ids.shape[1])], dim=1)
+    assert rel_err(steps, ref) <= TOL

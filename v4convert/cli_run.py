@@ -19,13 +19,15 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--packed", is_flag=True, help="Keep FP8/FP4 weights packed as stored (kernels.packed) instead of "
+              "dequantizing them at load.")
 @click.option("--simulate-quant", is_flag=True, help="DeepSeek's FP8 activation fake-quant on quantized linears.")
 @click.option("--dynamic-top-p", type=float, default=None,
               help="Opt-in dynamic expert routing: keep experts until their normalised weights reach this mass.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
 @click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int, seed: int,
-                device: str, dtype: str, threads: int | None, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
+                device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None) -> None:
     """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s."""
     import torch
@@ -49,7 +51,7 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
                 k_max = ck.arch.top_k
         dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
     model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
-                 simulate_quant=simulate_quant, dynamic_routing=dynamic)
+                 simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed)
 
     def write(s: str) -> None:
         sys.stdout.write(s)
