@@ -201,13 +201,76 @@ def _fp8_to_bf16(unit: Unit, t: TensorPlan, w: Writer) -> None:
         w.write(off + r0 * row_b, _decode_chunk(t, r0, r1, scale).to(torch.bfloat16), t.name)
 
 
+def _conv(opts: Options):
+    from v4convert.formats.nvfp4 import NVFP4Convention
+    return NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+
+
+@dataclass
+class _FP8Prepared:
+    """One FP8-block tensor read once: raw bytes, per-16 scale factors and per-16 block amax."""
+    raw: torch.Tensor          # uint8 [N, K]
+    s16: torch.Tensor          # float32 [N, K/16]: the 128-block scale of each 16-block
+    block_amax: torch.Tensor   # float32 [N, K/16]
+    amax: torch.Tensor         # float32 0-dim
+
+
+def _fp8_prepare(t: TensorPlan) -> _FP8Prepared:
+    """Adapter around ``fp8_block_to_nvfp4``'s first half (same arithmetic): it lets fused partners share
+    a global amax without reading and reducing each weight twice. Bytes are checked against
+    ``nvfp4_quantize`` in tests/test_quantize.py."""
+    from v4convert.formats.fp8_block import expand_block_scale
+    n, k = t.shape
+    raw = read_rows(t.src["weight"]).view(torch.uint8)
+    s = _scale_f32(t, read_rows(t.src["scale"]))
+    if not bool(torch.isfinite(s).all()):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
+    mag = torch.empty((n, k // 16), dtype=torch.uint8)
+    for r0, r1 in _chunks(n, k):       # bounded temporaries: one chunk of masked bytes at a time
+        torch.amax(raw[r0:r1].view(r1 - r0, k // 16, 16) & 0x7F, dim=-1, out=mag[r0:r1])
+    if bool((mag == 0x7F).any()):
+        bad = int(((raw & 0x7F) == 0x7F).sum())
+        raise NonFiniteInputError(f"tensor {t.name}: {bad} NaN FP8 values; refusing to quantize")
+    s16 = expand_block_scale(s, n, k, 16).contiguous()
+    block_amax = E4M3_TABLE[mag.long()] * s16
+    return _FP8Prepared(raw, s16, block_amax, block_amax.amax())
+
+
+def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Options, unit: Unit, w: Writer) -> None:
+    """Second half of ``fp8_block_to_nvfp4`` with the shared global amax; rows encoded in chunks."""
+    from v4convert.formats.fp4 import E2M1_MAX
+    from v4convert.formats.nvfp4 import _block_scale, _effective_scale, nvfp4_global_scale
+    from v4convert.formats.nvfp4_fast import encode_fp8_blocks_to_packed
+    conv = _conv(opts)
+    n, k = t.shape
+    gscale = nvfp4_global_scale(shared, conv)
+    ws = _block_scale(p.block_amax, gscale, conv, E2M1_MAX)
+    eff = _effective_scale(ws.float(), gscale, conv)
+    safe = torch.where(eff == 0, torch.ones_like(eff), eff)
+    woff, wrow = _out(unit, t, Part.WEIGHT)
+    soff, _ = _out(unit, t, Part.SCALE)
+    goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+    for r0, r1 in _chunks(n, k):
+        packed = encode_fp8_blocks_to_packed(p.raw[r0:r1], p.s16[r0:r1], safe[r0:r1])
+        w.write(woff + r0 * wrow, packed, t.name)
+    w.write(soff, ws.view(torch.uint8), t.name)
+    w.write(goff, gscale.to(torch.float32).reshape(1), t.name)
+
+
 def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> None:
-    from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_quantize
-    conv = NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+    from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
+    conv = _conv(opts)
+    method = ScaleMethod(opts.scale_method.value)
+    if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
+        # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
+        prepared = [_fp8_prepare(t) for t in ts]
+        shared = torch.stack([p.amax for p in prepared]).amax()
+        for t, p in zip(ts, prepared):
+            _fp8_encode(t, p, shared, opts, unit, w)
+        return
     scales = {t.name: (_scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None) for t in ts}
     amaxes = [fp8_amax(t, scales[t.name]) if scales[t.name] is not None else float_amax(t) for t in ts]
     shared = torch.stack(amaxes).amax()      # fused partners share one global scale
-    method = ScaleMethod(opts.scale_method.value)
     for t in ts:
         n, k = t.shape
         s = scales[t.name]
@@ -216,15 +279,8 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) 
         goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
         gscale = None
         for r0, r1 in _chunks(n, k):
-            if s is not None and method is ScaleMethod.RTN:
-                from v4convert.formats.fp8_block import fp8_block_from_stored, fp8_block_to_nvfp4
-                raw = read_rows(t.src["weight"], r0, r1)
-                srows = read_rows(t.src["scale"])[r0 // FP8_BLOCK: -(-r1 // FP8_BLOCK)]
-                q = fp8_block_to_nvfp4(fp8_block_from_stored(raw, srows, t.name), convention=conv,
-                                       global_amax=shared, name=t.name)
-            else:
-                q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
-                                   global_amax=shared, name=t.name)
+            q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
+                               global_amax=shared, name=t.name)
             w.write(woff + r0 * wrow, q.packed, t.name)
             w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
             g = q.global_scale.to(torch.float32).reshape(1)
@@ -238,8 +294,7 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
     """Re-pack native MXFP4 to NVFP4. Partners are concatenated along rows so the codec picks one
     power-of-two global scale for all of them (rows are independent otherwise)."""
     from v4convert.formats.mxfp4 import mxfp4_from_deepseek_native, mxfp4_to_nvfp4
-    from v4convert.formats.nvfp4 import NVFP4Convention
-    conv = NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+    conv = _conv(opts)
     ks = {t.shape[1] for t in ts}
     if len(ks) != 1:
         raise QuantizeError(f"tensors {[t.name for t in ts]}: fused partners with different in-features")
