@@ -46,10 +46,11 @@ def _parse_size(text: str) -> int:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
+@click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
-                     plan_only: bool, sync_every: str) -> None:
+                     plan_only: bool, sync_every: str, device: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
     Reads the release as published (FP8 blocks, V4 MXFP4 experts), writes OUT.partial/ and renames it
@@ -73,8 +74,13 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     click.echo(plan.summary(), err=True)
     if plan_only:
         return
-    r = execute(plan, out, workers=workers or os.cpu_count() or 1, overwrite=overwrite,
-                progress=sys.stderr.isatty(), sync_bytes=_parse_size(sync_every))
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # default: one in-process worker feeds a CUDA device; on CPU one process per core
+    n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
+    r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
+                sync_bytes=_parse_size(sync_every), device=device)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
     click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
                f" ({r.resumed_units} of {r.units} units resumed{extra})")

@@ -162,7 +162,7 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 
 # ------------------------------------------------------------------------------------ run
 def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False, progress: bool = False,
-            sync_bytes: int = DEFAULT_SYNC_BYTES, log=None) -> RunResult:
+            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", log=None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (all torch threads);
     more uses a process pool with one thread each and at most ``2 * workers`` units in flight."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -202,9 +202,9 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
     try:
         if workers <= 1:
             for u in todo:
-                finished(run_unit(u, part, plan.options))
+                finished(run_unit(u, part, plan.options, device))
         else:
-            _run_pool(todo, part, plan, workers, finished)
+            _run_pool(todo, part, plan, workers, finished, device)
         flush()
     finally:
         bar.close()
@@ -213,7 +213,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
     return _finish(plan, out, part, stats, len(done), log)
 
 
-def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished) -> None:
+def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, device: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
                                 initargs=(1,)) as pool:
@@ -225,7 +225,7 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished) 
                     u = next(it, None)
                     if u is None:
                         break
-                    inflight.add(pool.submit(run_unit, u, part, plan.options))
+                    inflight.add(pool.submit(run_unit, u, part, plan.options, device))
                 if not inflight:
                     break
                 ready, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)

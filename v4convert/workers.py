@@ -215,24 +215,24 @@ class _FP8Prepared:
     amax: torch.Tensor         # float32 0-dim
 
 
-def _fp8_prepare(t: TensorPlan) -> _FP8Prepared:
+def _fp8_prepare(t: TensorPlan, device: torch.device) -> _FP8Prepared:
     """Adapter around ``fp8_block_to_nvfp4``'s first half (same arithmetic): it lets fused partners share
     a global amax without reading and reducing each weight twice. Bytes are checked against
     ``nvfp4_quantize`` in tests/test_quantize.py."""
     from v4convert.formats.fp8_block import expand_block_scale
     n, k = t.shape
-    raw = read_rows(t.src["weight"]).view(torch.uint8)
-    s = _scale_f32(t, read_rows(t.src["scale"]))
+    raw = read_rows(t.src["weight"]).view(torch.uint8).to(device)
+    s = _scale_f32(t, read_rows(t.src["scale"])).to(device)
     if not bool(torch.isfinite(s).all()):
         raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
-    mag = torch.empty((n, k // 16), dtype=torch.uint8)
+    mag = torch.empty((n, k // 16), dtype=torch.uint8, device=device)
     for r0, r1 in _chunks(n, k):       # bounded temporaries: one chunk of masked bytes at a time
         torch.amax(raw[r0:r1].view(r1 - r0, k // 16, 16) & 0x7F, dim=-1, out=mag[r0:r1])
     if bool((mag == 0x7F).any()):
         bad = int(((raw & 0x7F) == 0x7F).sum())
         raise NonFiniteInputError(f"tensor {t.name}: {bad} NaN FP8 values; refusing to quantize")
     s16 = expand_block_scale(s, n, k, 16).contiguous()
-    block_amax = E4M3_TABLE[mag.long()] * s16
+    block_amax = E4M3_TABLE.to(device)[mag.long()] * s16
     return _FP8Prepared(raw, s16, block_amax, block_amax.amax())
 
 
@@ -252,18 +252,18 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
     for r0, r1 in _chunks(n, k):
         packed = encode_fp8_blocks_to_packed(p.raw[r0:r1], p.s16[r0:r1], safe[r0:r1])
-        w.write(woff + r0 * wrow, packed, t.name)
-    w.write(soff, ws.view(torch.uint8), t.name)
-    w.write(goff, gscale.to(torch.float32).reshape(1), t.name)
+        w.write(woff + r0 * wrow, packed.cpu(), t.name)
+    w.write(soff, ws.view(torch.uint8).cpu(), t.name)
+    w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
 
 
-def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> None:
+def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device) -> None:
     from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
     conv = _conv(opts)
     method = ScaleMethod(opts.scale_method.value)
     if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
-        prepared = [_fp8_prepare(t) for t in ts]
+        prepared = [_fp8_prepare(t, device) for t in ts]
         shared = torch.stack([p.amax for p in prepared]).amax()
         for t, p in zip(ts, prepared):
             _fp8_encode(t, p, shared, opts, unit, w)
@@ -328,14 +328,17 @@ def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
         w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
 
 
-def run_unit(unit: Unit, out_dir: Path, opts: Options) -> UnitResult:
-    """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor."""
+def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu") -> UnitResult:
+    """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
+
+    ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); output bytes do not
+    depend on it (the codec's arithmetic is exact-rounding IEEE on both)."""
     w = Writer(out_dir / unit.shard)
     blocks = inexact = 0
     try:
         a = unit.tensors[0].action
         if a is Action.TO_NVFP4:
-            _to_nvfp4(unit, unit.tensors, w, opts)
+            _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device))
         elif a is Action.MXFP4_TO_NVFP4:
             blocks, inexact = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts)
         else:

@@ -1,0 +1,142 @@
+"""Quantize throughput on a full-size synthetic V3 MoE layer (issue 4, item 5).
+
+    python bench/quantize_throughput.py [--src /tmp/v3-layer3] [--workers 2] [--device cpu|cuda]
+
+Input: ``v4convert synth --preset v3-671b --layers 3`` (one MoE layer, 11.5 GB FP8; created if missing).
+Prints, from one run: disk read speed of the source shards (page cache evicted first with
+``posix_fadvise(DONTNEED)`` on those files only), quantize GB/s of FP8 input (cache evicted again
+before), peak RSS (largest single process and the whole process tree, sampled every 0.1 s), and the
+projected time for the whole 671B release (688.6 GB) at that rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+RELEASE_BYTES = 688.6e9          # DeepSeek-V3 671B as published (DESIGN §3)
+
+
+def evict(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_speed(paths: list[Path], limit: int) -> float:
+    """GB/s of sequential 16 MB reads over the first ``limit`` bytes of the shards (cold)."""
+    evict(paths)
+    buf = bytearray(16 << 20)
+    done = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while done < limit:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                done += n
+        if done >= limit:
+            break
+    return done / (time.perf_counter() - t0) / 1e9
+
+
+class RSSSampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_tree = 0
+        self.peak_proc = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.is_set():
+            try:
+                procs = [me] + me.children(recursive=True)
+                rss = [p.memory_info().rss for p in procs]
+                self.peak_tree = max(self.peak_tree, sum(rss))
+                self.peak_proc = max(self.peak_proc, max(rss))
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=Path("/tmp/v3-layer3"))
+    ap.add_argument("--out", type=Path, default=None, help="output dir (default: a temp dir next to --src, removed)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--read-limit", type=float, default=4.0, help="GB read for the disk speed measurement")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.engine import execute
+    from v4convert.quantize import Options, make_plan
+    from v4convert.recipes import RuleSet, preset
+
+    if not (args.src / "config.json").is_file():
+        print(f"creating {args.src} (synth --preset v3-671b --layers 3, ~11.5 GB)...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "v4convert.cli", "synth", "--preset", "v3-671b", "--layers", "3",
+                        "--out", str(args.src)], check=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shards = sorted(args.src.glob("*.safetensors"))
+    disk = read_speed(shards, int(args.read_limit * 1e9))
+
+    with Checkpoint.open(args.src) as ck:
+        t0 = time.perf_counter()
+        plan = make_plan(ck, RuleSet(preset("nvfp4-experts")), Options())
+        t_plan = time.perf_counter() - t0
+    print(plan.summary(), file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix="qbench-", dir=args.out.parent if args.out else args.src.parent))
+    out = args.out or (tmp / "out")
+    evict(shards)
+    sampler = RSSSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        r = execute(plan, out, workers=args.workers, overwrite=True, progress=sys.stderr.isatty(), device=device,
+                    log=lambda m: print(m, file=sys.stderr))
+        wall = time.perf_counter() - t0
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        if args.out is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rate = plan.bytes_in / wall / 1e9
+    res = {"device": device, "workers": args.workers, "cores": os.cpu_count(), "input_gb": plan.bytes_in / 1e9,
+           "output_gb": r.bytes_out / 1e9, "plan_s": round(t_plan, 3), "wall_s": round(wall, 2),
+           "quantize_gb_per_s": round(rate, 3), "disk_read_gb_per_s": round(disk, 3),
+           "peak_rss_process_gb": round(sampler.peak_proc / 1e9, 3),
+           "peak_rss_tree_gb": round(sampler.peak_tree / 1e9, 3),
+           "projected_671b_hours": round(RELEASE_BYTES / 1e9 / rate / 3600, 2),
+           "load_avg_1m": round(os.getloadavg()[0], 2)}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"quantize: {res['input_gb']:.2f} GB FP8 -> {res['output_gb']:.2f} GB in {wall:.1f} s = "
+              f"{rate:.3f} GB/s of FP8 input ({device}, {args.workers} workers on {os.cpu_count()} cores)")
+        print(f"disk read (cold, same run): {disk:.3f} GB/s")
+        print(f"peak RSS: {res['peak_rss_process_gb']:.2f} GB largest process, {res['peak_rss_tree_gb']:.2f} GB all")
+        print(f"projected 671B release (688.6 GB): {res['projected_671b_hours']:.2f} h at this rate "
+              f"(disk-bound floor {RELEASE_BYTES / 1e9 / disk / 3600:.2f} h)")
+        print(f"(1-min load average at the end: {res['load_avg_1m']})")
+
+
+if __name__ == "__main__":
+    main()
