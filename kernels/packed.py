@@ -64,7 +64,7 @@ STORAGE_CODEC: dict[Storage, Codec] = {
     Storage.MXFP4: Codec.MXFP4,
 }
 
-DEFAULT_TILE_BYTES = 4 << 20   # float32 bytes of one dequantized weight tile on the CPU path
+DEFAULT_TILE_BYTES = 8 << 20   # float32 bytes of one dequantized weight tile on the CPU path
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,24 @@ class PackedWeight:
         """Exact float32 values of rows ``[n0, n1)`` of a single matrix, ``[n1 - n0, K]`` (PyTorch)."""
         if len(self.shape) != 2:
             raise PackedWeightError(f"{self.name}: dequantize_rows needs a [N, K] weight, shape {self.shape}")
-        k = self.k
+        k, rows = self.k, n1 - n0
+        byte_val = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.uint8, device=self.device))   # [256]
         if self.codec is Codec.FP8_BLOCK:
             b0, b1 = n0 // FP8_BLOCK, -(-n1 // FP8_BLOCK)
-            s = self.scale[b0:b1].repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
-            s = s[n0 - b0 * FP8_BLOCK: n1 - b0 * FP8_BLOCK, :k]
-            return fp8.e4m3_to_float32(self.data[n0:n1]) * s
-        vals = fp4.decode_fp4(self.data[n0:n1])                                   # [rows, K]
-        raw = self.scale[n0:n1]
-        bs = fp8.e4m3_to_float32(raw) if self.codec is Codec.NVFP4 else fp8.e8m0_to_float32(raw)
-        w = (vals.view(n1 - n0, -1, self.codec.k_block) * bs[..., None]).view(n1 - n0, k)
+            s = self.scale[b0:b1].repeat_interleave(FP8_BLOCK, 0)[n0 - b0 * FP8_BLOCK: n1 - b0 * FP8_BLOCK]
+            w = byte_val.index_select(0, self.data[n0:n1].reshape(-1).int()).view(rows, k)
+            return w.mul_(s.repeat_interleave(FP8_BLOCK, 1)[:, :k])
+        # one gather per byte: table [256, 2] = (E2M1[low nibble], E2M1[high nibble])
+        lut = fp4.e2m1_lut(device=self.device)
+        b = torch.arange(256, device=self.device)
+        pair = torch.stack((lut[b & 15], lut[b >> 4]), 1)
+        w = pair.index_select(0, self.data[n0:n1].reshape(-1).int()).view(rows, -1, self.codec.k_block)
+        sbyte = fp8.e8m0_to_float32(torch.arange(256, dtype=torch.uint8, device=self.device)) \
+            if self.codec is Codec.MXFP4 else byte_val
+        w.mul_(sbyte.index_select(0, self.scale[n0:n1].reshape(-1).int()).view(rows, -1, 1))
+        w = w.view(rows, k)
         if self.codec is Codec.NVFP4:
-            w = w * self.row_scale[n0:n1, None]
+            w.mul_(self.row_scale[n0:n1, None])
         return w
 
     def dequantize(self) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Triton kernels under the CPU interpreter (``TRITON_INTERPRET=1``) against their PyTorch references.
 
+With ``V4CONVERT_KERNEL_DEVICE=cuda`` the same tests run the kernels compiled on the GPU (``bench/gpu_check.sh``);
+references always run on the CPU.
+
 Decoding is compared bit for bit (``atol=0``) over all 16 E2M1 codes and all 256 scale bytes, against
 ml_dtypes as an independent decoder. GEMMs are compared with a bound on float32 accumulation error
 (:func:`accum_bound`), never a guessed tolerance. Shapes are small and odd (the interpreter is slow).
@@ -10,7 +13,9 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"     # before anything builds a Triton kernel in this process
+DEVICE = os.environ.get("V4CONVERT_KERNEL_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"     # before anything builds a Triton kernel in this process
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,7 +47,16 @@ OUT_EPS = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** 
 
 
 def test_kernels_are_interpreted():
-    assert gemm.interpreting(), "Triton kernels were built compiled; the interpreter tests would not run them"
+    if DEVICE == "cpu":
+        assert gemm.interpreting(), "Triton kernels were built compiled; the interpreter tests would not run them"
+    else:
+        assert not gemm.interpreting() and torch.cuda.is_available()
+
+
+def on(*ts):
+    """Move tensors / packed weights to the kernel device."""
+    out = tuple(t.to(DEVICE) for t in ts)
+    return out if len(out) > 1 else out[0]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -99,10 +113,11 @@ def test_dequant_fp4_all_codes_all_scale_bytes(codec):
     sbytes = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, k // kb).contiguous()
     g = torch.full((256,), 0.3, dtype=torch.float32) if codec is Codec.NVFP4 else torch.ones(256)
     pw = PackedWeight(codec, codes_to_packed(codes), sbytes, g, (256, k))
-    got = gemm.dequantize(pw)
+    got = gemm.dequantize(on(pw)).cpu()
     ref = pw.dequantize()
     torch.testing.assert_close(got, ref, atol=0, rtol=0, equal_nan=True)
-    assert torch.equal(torch.signbit(got), torch.signbit(ref))                      # -0.0 for code 8
+    num = ~torch.isnan(ref)                                                         # a NaN's sign is unspecified
+    assert torch.equal(torch.signbit(got[num]), torch.signbit(ref[num]))            # -0.0 for code 8
     # independent decoder: ml_dtypes, products in float32 in the same order
     vals = codes.numpy().view(ml_dtypes.float4_e2m1fn).astype(np.float32)
     sdt = ml_dtypes.float8_e4m3fn if codec is Codec.NVFP4 else ml_dtypes.float8_e8m0fnu
@@ -121,10 +136,11 @@ def test_dequant_fp8_all_bytes_partial_blocks():
     data = (torch.arange(n * k) % 256).to(torch.uint8).view(n, k)[torch.randperm(n, generator=gen)]
     sc = torch.rand(2, 2, generator=gen) * 3
     pw = PackedWeight(Codec.FP8_BLOCK, data, sc, torch.ones(n), (n, k))
-    got = gemm.dequantize(pw)
+    got = gemm.dequantize(on(pw)).cpu()
     ref = pw.dequantize()
     torch.testing.assert_close(got, ref, atol=0, rtol=0, equal_nan=True)
-    assert torch.equal(torch.signbit(got), torch.signbit(ref))
+    num = ~torch.isnan(ref)
+    assert torch.equal(torch.signbit(got[num]), torch.signbit(ref[num]))
     s_full = np.repeat(np.repeat(sc.numpy(), 128, 0), 128, 1)[:n, :k]
     indep = data.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32) * s_full
     np.testing.assert_array_equal(ref.numpy(), indep)
@@ -142,7 +158,9 @@ def _decode_probe(b_ptr, o4_ptr, o8_ptr, oe_ptr, N: tl.constexpr):
 def test_device_decoders_every_byte():
     b = torch.arange(256, dtype=torch.uint8)
     o4, o8, oe = (torch.empty(256) for _ in range(3))
+    b, o4, o8, oe = on(b, o4, o8, oe)
     _decode_probe[(1,)](b, o4, o8, oe, N=256)
+    b, o4, o8, oe = (t.cpu() for t in (b, o4, o8, oe))
     np.testing.assert_array_equal(o4.numpy(), np.array(fp4.E2M1_VALUES * 16, dtype=np.float32))
     assert torch.equal(torch.signbit(o4[:16]), torch.tensor([False] * 8 + [True] * 8))
     np.testing.assert_array_equal(o8.numpy(), b.numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32))
@@ -169,7 +187,7 @@ def test_packed_gemm_vs_reference(codec, m, n, k, dtype, split):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     pw = rand_packed(codec, n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    y = gemm.packed_gemm(x, pw, split_k=split)
+    y = gemm.packed_gemm(*on(x, pw), split_k=split).cpu()
     y_ref = packed_linear_reference(x, pw)
     assert y.dtype == dtype and y.shape == (m, n)
     assert_within(y, y_ref, accum_bound(x.float(), pw.dequantize(), dtype))
@@ -179,9 +197,9 @@ def test_packed_gemm_bad_input():
     gen = torch.Generator().manual_seed(0)
     pw = rand_packed(Codec.MXFP4, 8, 64, gen)
     with pytest.raises(PackedWeightError, match="K 32 != weight K 64"):
-        gemm.packed_gemm(torch.zeros(2, 32), pw)
+        gemm.packed_gemm(*on(torch.zeros(2, 32), pw))
     with pytest.raises(PackedWeightError, match="float32/bfloat16/float16"):
-        gemm.packed_gemm(torch.zeros(2, 64, dtype=torch.float64), pw)
+        gemm.packed_gemm(*on(torch.zeros(2, 64, dtype=torch.float64), pw))
     with pytest.raises(PackedWeightError, match="multiple of the mxfp4 block"):
         PackedWeight(Codec.MXFP4, torch.zeros(8, 24, dtype=torch.uint8), torch.zeros(8, 1, dtype=torch.uint8),
                      torch.ones(8), (8, 48), "blk.0.w")
@@ -249,7 +267,7 @@ def test_moe_vs_reference(codec, t, k, e, d, inter, limit, dtype, blocks):
     if t > 1:
         idx[1, 0] = -1                                          # an empty slot (dynamic routing)
     wts = torch.rand(t, k, generator=gen)
-    y = moe_triton.moe_experts_triton(x, idx, wts, wg, wu, wd, limit, blocks=blocks)
+    y = moe_triton.moe_experts_triton(*on(x, idx, wts, wg, wu, wd), limit, blocks=blocks).cpu()
     y_ref = moe.moe_experts_reference(x, idx, wts, wg, wu, wd, limit)
     assert y.dtype == dtype and y.shape == (t, d)
     assert_within(y, y_ref, moe_bound(x.float(), idx, wts, wg, wu, wd, limit, dtype))
@@ -285,7 +303,7 @@ def test_nvfp4_quant_kernel_bit_identical(form):
     conv = {quant.NVFP4Form.MODELOPT: nvfp4.NVFP4Convention.MODELOPT,
             quant.NVFP4Form.COMPRESSED_TENSORS: nvfp4.NVFP4Convention.COMPRESSED_TENSORS}[form]
     for xx in (x, x.to(torch.bfloat16)):
-        p, s, g = quant_triton.nvfp4_quantize_triton(xx, form)
+        p, s, g = (t.cpu() for t in quant_triton.nvfp4_quantize_triton(on(xx), form))
         pr, sr, gr = quant.nvfp4_quantize_reference(xx, form)
         assert torch.equal(p, pr) and torch.equal(s, sr) and torch.equal(g, gr)
         assert int((sr < 8).sum()) > 0, "no subnormal block scale exercised"
@@ -315,7 +333,9 @@ def test_device_rounding_every_e4m3_value_and_tie():
     n = triton.next_power_of_2(s.numel())
     s = torch.cat([s, torch.zeros(n - s.numel())]).contiguous()
     v, b, c = torch.empty(n), torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
+    s, v, b, c = on(s, v, b, c)
     _rounding_probe[(1,)](s, v, b, c, N=n)
+    s, v, b, c = (t.cpu() for t in (s, v, b, c))
     want = s.to(torch.float8_e4m3fn)
     assert torch.equal(v, want.float())
     assert torch.equal(b, want.view(torch.uint8).to(torch.int32))
