@@ -19,18 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp4 import BlockShapeError, CodecInputError, E2M1_MAX, NonFiniteInputError
+from .fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
 from .fp8 import E4M3_MAX, E8M0_BIAS, E8M0_NAN, e4m3_to_float32, e8m0_to_float32
 from .nvfp4 import (
     NVFP4_BLOCK,
     Backend,
     NVFP4Convention,
     NVFP4Tensor,
-    _block_scale,
-    _effective_scale,
     _raise_non_finite,
     encode_fp8_blocks_to_packed,
+    fp8_block_amax_from_mag,
     fp8_block_mag_max,
+    nvfp4_rtn_scales_from_block_amax,
     nvfp4_global_scale,
 )
 
@@ -169,8 +169,7 @@ def fp8_block_to_nvfp4(
         bad = int(((raw & 0x7F) == E4M3_NAN_MAG).sum())
         raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
     s16 = expand_block_scale(s_f32, n, k, NVFP4_BLOCK).contiguous()  # float32 [N, K/16]
-    block_amax = e4m3_to_float32(mag_max) * s16
-    amax = block_amax.amax()
+    block_amax, amax = fp8_block_amax_from_mag(mag_max, s16, backend=backend)
     if not bool(torch.isfinite(amax)):
         _raise_non_finite(block_amax, name)
     if global_amax is not None:
@@ -181,8 +180,6 @@ def fp8_block_to_nvfp4(
             )
         amax = g_amax
     gscale = nvfp4_global_scale(amax, convention)
-    ws = _block_scale(block_amax, gscale, convention, E2M1_MAX)
-    eff = _effective_scale(ws.float(), gscale, convention)
-    safe = torch.where(eff == 0, torch.ones_like(eff), eff)
+    ws, safe = nvfp4_rtn_scales_from_block_amax(block_amax, gscale, convention, backend=backend)
     packed = encode_fp8_blocks_to_packed(raw, s16, safe, backend=backend)
     return NVFP4Tensor(packed=packed, block_scale=ws, global_scale=gscale, convention=convention, amax=amax.reshape(()))

@@ -37,7 +37,7 @@ from .fp4 import (
     pack_fp4,
     unpack_fp4,
 )
-from .fp8 import E4M3_MAX
+from .fp8 import E4M3_MAX, e4m3_to_float32
 
 NVFP4_BLOCK = 16
 FOUR_OVER_SIX_SCALE_MAX = 256.0  # E4M3 range used for the global scale by "four over six"
@@ -321,15 +321,61 @@ def _pack_pairs(codes_i16: torch.Tensor) -> torch.Tensor:
     return (codes_i16 | (codes_i16 >> 4)).to(torch.uint8)
 
 
+def _block_amax_from_mag(mag_max: torch.Tensor, s16: torch.Tensor, lut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 max magnitude byte per 16-block, float32 FP8 scale per 16-block -> (block amax, amax)."""
+    block_amax = lut[mag_max.long()] * s16
+    return block_amax, block_amax.amax()
+
+
+def _scales_modelopt(block_amax: torch.Tensor, gscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _scales_and_safe_eff(block_amax, gscale, NVFP4Convention.MODELOPT)
+
+
+def _scales_ct(block_amax: torch.Tensor, gscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _scales_and_safe_eff(block_amax, gscale, NVFP4Convention.COMPRESSED_TENSORS)
+
+
+def _scales_and_safe_eff(
+    block_amax: torch.Tensor, gscale: torch.Tensor, convention: NVFP4Convention
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN E4M3 block scales and their float32 factors (zeros replaced by 1 for division)."""
+    ws = _block_scale(block_amax, gscale, convention, E2M1_MAX)
+    eff = _effective_scale(ws.float(), gscale, convention)
+    return ws, torch.where(eff == 0, torch.ones_like(eff), eff)
+
+
+def nvfp4_rtn_scales_from_block_amax(
+    block_amax: torch.Tensor, gscale: torch.Tensor, convention: NVFP4Convention, *, backend: Backend = Backend.AUTO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 block scales, float32 safe factors) for RTN, as :func:`nvfp4_quantize` computes them."""
+    if _use_compiled(backend, block_amax):
+        fn = _compiled("scales_mo" if convention is NVFP4Convention.MODELOPT else "scales_ct")
+        return fn(block_amax, gscale)
+    return _scales_and_safe_eff(block_amax, gscale, convention)
+
+
+def fp8_block_amax_from_mag(
+    mag_max: torch.Tensor, s16: torch.Tensor, *, backend: Backend = Backend.AUTO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max magnitude byte per 16-block and FP8 scale per 16-block -> (float32 block amax, amax).
+
+    Exact: rounding ``fp8 * s`` (s >= 0) is monotonic in ``|fp8|``.
+    """
+    lut = e4m3_to_float32(torch.arange(128, dtype=torch.uint8, device=mag_max.device))
+    fn = _compiled("amax") if _use_compiled(backend, mag_max) else _block_amax_from_mag
+    return fn(mag_max, s16, lut)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(fn_name: str):  # noqa: ANN202 - returns a torch.compile wrapper
-    fns = {"half": _fp8_to_half_bits, "codes": _codes_from_half, "pack": _pack_pairs, "magmax": _fp8_mag_block_max}
+    fns = {"half": _fp8_to_half_bits, "codes": _codes_from_half, "pack": _pack_pairs, "magmax": _fp8_mag_block_max,
+           "amax": _block_amax_from_mag, "scales_mo": _scales_modelopt, "scales_ct": _scales_ct}
     return torch.compile(fns[fn_name], dynamic=True)
 
 
 def _use_compiled(backend: Backend, t: torch.Tensor) -> bool:
     if backend is Backend.AUTO:
-        return t.device.type == "cpu" and t.numel() >= (1 << 20)
+        return t.device.type == "cpu" and t.numel() >= (1 << 16)
     return backend is Backend.COMPILED
 
 
