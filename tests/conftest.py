@@ -4,6 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models: one thread avoids OpenMP spin-waiting on a shared 2-core machine (10x slower small ops).
+torch.set_num_threads(1)
 
 TINY_PRESETS = ("v3-tiny", "v32-tiny", "v4-flash-tiny", "v4-flash-base-tiny")
 

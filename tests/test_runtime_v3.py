@@ -147,22 +147,9 @@ def test_synth_published_fp8_matches_transformers(tiny_ckpts, tmp_path, preset):
     _dequantized_for_transformers(src, tmp_path / "f32")
     cls = transformers.DeepseekV32ForCausalLM if preset == "v32-tiny" else transformers.DeepseekV3ForCausalLM
     ref_model = cls.from_pretrained(tmp_path / "f32", dtype=torch.float32).eval()
-    if preset == "v3-tiny":
-        ours, *_ = _check(ref_model, src, seq=40, seed=5)
-    else:
-        # v32-tiny has 4 indexer heads and 0.02-scale weights: relu zeroes all heads for many keys, so index
-        # scores tie exactly at the top-k boundary and any tie order is as valid as transformers' (see
-        # DEVIATIONS.md). Sparse selection is proven on the tie-free random model above; here: full parity
-        # while every key is kept (t < index_topk), and prefill == decode over the whole sequence.
-        k = ref_model.config.index_topk
-        ids = torch.randint(0, ref_model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
-        ours = load(src, max_seq_len=43)
-        pre = ours(ids, 0)
-        with torch.no_grad():
-            ref = ref_model(ids[:, :k]).logits.float()
-        assert rel_err(pre[:, :k], ref) <= TOL
-        steps = torch.cat([ours(ids[:, t:t + 1], t) for t in range(40)], dim=1)
-        assert rel_err(steps, pre) <= TOL
+    # v32-tiny has 16 indexer heads (index_topk 8 < 40 tokens), so sparse selection is exercised
+    # and index scores do not tie at the top-k boundary.
+    ours, *_ = _check(ref_model, src, seq=40, seed=5)
     # the MTP block is loaded (kept, not run) with the published values, not dropped
     from v4convert.checkpoint import Checkpoint
     assert ours.n_mtp == 1

@@ -49,7 +49,7 @@ def _v3_tiny(v32: bool) -> dict:
                n_group=4, topk_group=2, num_experts_per_tok=3, vocab_size=611, max_position_embeddings=4096)
     cfg["rope_scaling"] = dict(cfg["rope_scaling"], factor=4, original_max_position_embeddings=1024)
     if v32:
-        cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=4,
+        cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=16,
                    index_head_dim=32, index_topk=8)
         cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     return cfg
