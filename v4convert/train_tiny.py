@@ -167,6 +167,27 @@ def v4_spec() -> TinySpec:
 SPECS = {"v3": v3_spec, "v4": v4_spec}
 
 
+def init_from_release(model, arch: Arch, ckpt: Path):
+    """A model whose weights are a released checkpoint's values (dequantized), loaded by transformers itself:
+    ``save_pretrained`` gives the file names and layout, whose tensors are replaced by the release's."""
+    from safetensors.torch import load_file, save_file
+
+    from .checkpoint import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d, Checkpoint.open(ckpt) as ck:
+        model.save_pretrained(d)
+        for f in sorted(Path(d).glob("*.safetensors")):
+            t = load_file(str(f))
+            for name in t:
+                canon = canonical_name(arch, name)
+                src = ck.raw(canon)["weight"] if t[name].dtype == torch.int64 else ck.dequantize(canon)
+                if tuple(src.shape) != tuple(t[name].shape):
+                    raise RuntimeError(f"{ckpt}: {canon} has shape {tuple(src.shape)}, model needs {tuple(t[name].shape)}")
+                t[name] = src.to(t[name].dtype).contiguous()
+            save_file(t, str(f), metadata={"format": "pt"})
+        return type(model).from_pretrained(d, dtype=torch.float32)
+
+
 def build_model(family: str, seed: int):
     import transformers
 
@@ -335,12 +356,26 @@ def heldout_nll(forward, held: torch.Tensor, ctx: int = CTX, max_tokens: int = 8
 
 
 def train(family: str, minutes: float, out: Path, threads: int, seed: int, batch: int,
-          max_wall_minutes: float) -> dict:
+          max_wall_minutes: float, init_from: Path | None = None, peak: float = 2e-3) -> dict:
     torch.set_num_threads(threads)
     random.seed(seed)
     model, spec = build_model(family, seed)
     arch = Arch.from_config(published_config(model, spec), "trained tiny config")
-    targets = quant_targets(model, arch)
+    targets = quant_targets(model, arch)      # matched on the random init (unique values), then reused
+    previous = None
+    if init_from is not None:                 # continue from a release of this script (same config)
+        rep = Path(init_from) / "train_report.json"
+        previous = json.loads(rep.read_text()) if rep.is_file() else None
+        loaded = init_from_release(model, arch, Path(init_from))
+        with torch.no_grad():
+            src = dict(loaded.named_parameters())
+            for n, p in model.named_parameters():
+                p.copy_(src[n])
+            bufs = dict(loaded.named_buffers())
+            for n, b in model.named_buffers():
+                if n.endswith(("tid2eid", "e_score_correction_bias")):
+                    b.copy_(bufs[n])
+        del loaded
     tr, held = load_tokens("train"), load_tokens("heldout")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{family}] params {n_params:,}; train tokens {len(tr):,}; held-out tokens {len(held):,}", flush=True)
@@ -358,8 +393,8 @@ def train(family: str, minutes: float, out: Path, threads: int, seed: int, batch
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=2e-3, betas=(0.9, 0.95))
-    peak, warm = 2e-3, 30
+                            lr=peak, betas=(0.9, 0.95))
+    warm = 30
     # Budget in CPU time of this process (the machine is shared: wall time says little), capped in wall time.
     budget, wall_budget = minutes * 60.0, max_wall_minutes * 60.0
     t0, c0 = time.monotonic(), time.process_time()
@@ -427,7 +462,8 @@ def train(family: str, minutes: float, out: Path, threads: int, seed: int, batch
         "heldout_tokens_scored": cnt,
         "ppl_heldout_float": math.exp(nll_float), "ppl_heldout_published_hf": math.exp(nll_q),
         "ppl_heldout_runtime": math.exp(nll_rt), "ppl_unigram": unigram_ppl(tr, held[: cnt + cnt // (CTX - 1) + 1], VOCAB),
-        "runtime_vs_transformers_rel_max_err": parity, "mxfp4_rule": MXFP4_RULE.value,
+        "runtime_vs_transformers_rel_max_err": parity, "mxfp4_rule": MXFP4_RULE.value, "peak_lr": peak,
+        "continued_from": previous,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2), flush=True)
@@ -446,13 +482,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--out", type=Path, default=None)
+    t.add_argument("--init-from", type=Path, default=None, help="continue from a release this script wrote")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     a = ap.parse_args(argv)
     if a.cmd == "corpus":
         m = build_corpus()
         n_held = sum(f["split"] == "heldout" for f in m["files"])
         print(f"corpus: {len(m['files'])} files ({n_held} held out), tokenizer vocab {m['tokenizer']['vocab_size']}")
     else:
-        train(a.family, a.minutes, a.out or DATA / f"tiny-{a.family}", a.threads, a.seed, a.batch, a.max_wall_minutes)
+        train(a.family, a.minutes, a.out or DATA / f"tiny-{a.family}", a.threads, a.seed, a.batch, a.max_wall_minutes,
+              a.init_from, a.lr)
 
 
 if __name__ == "__main__":
