@@ -15,7 +15,7 @@ from v4convert.formats.fp8 import e4m3_to_float32
 from v4convert.formats.nvfp4 import NVFP4Convention, nvfp4_from_stored
 from v4convert.roles import Role, Storage
 
-from .test_quantize import run_quantize
+from .test_quantize import artifacts_cache  # noqa: F401  (session fixture shared with test_quantize)
 
 CT_CASES = {   # name -> (preset, recipe, container)
     "v3": ("v3-tiny", "nvfp4-experts", Container.COMPRESSED_TENSORS),
@@ -28,14 +28,18 @@ CT_CASES = {   # name -> (preset, recipe, container)
 }
 
 
+class _Lazy:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __getitem__(self, case: str) -> Path:
+        p, recipe, c = CT_CASES[case]
+        return self.cache.get(p, recipe, container=c)[0]
+
+
 @pytest.fixture(scope="module")
-def artifacts(tiny_ckpts, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("q")
-    out = {}
-    for k, (p, recipe, c) in CT_CASES.items():
-        run_quantize(tiny_ckpts[p], root / k, recipe=recipe, container=c)
-        out[k] = root / k
-    return out
+def artifacts(artifacts_cache) -> _Lazy:
+    return _Lazy(artifacts_cache)
 
 
 def _our_values(ck: Checkpoint, name: str) -> torch.Tensor:
