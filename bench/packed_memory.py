@@ -8,7 +8,11 @@ and keep it, then report the peak RSS (``ru_maxrss``) minus the baseline and the
 
 * ``packed``  quantized linears as ``PackedWeight`` (``kernels.packed.from_checkpoint``), other tensors BF16;
 * ``bf16``    every tensor dequantized and cast to BF16 (what a BF16 form of the artifact holds);
-* ``runtime`` ``v4convert.runtime.load(..., dtype=bfloat16)`` (today's loader, dense weights + caches).
+* ``runtime`` ``v4convert.runtime.load(..., dtype=bfloat16)`` (today's loader, dense weights + caches; its
+  shard maps stay open during the load, so touched file pages count in its RSS too).
+
+In the first two modes the shards are unmapped after each tensor (``Checkpoint.close``; the next read maps again),
+so RSS measures what is held, not the page cache.
 
 A tiny artifact's deltas are a few MB and allocator noise is ~1 MB: read the bytes-held column for the ratio,
 the RSS columns for "nothing else is held".
@@ -56,6 +60,7 @@ def child(mode: str, path: str) -> dict:
                 t = ck.dequantize(name)
                 t = t.to(torch.bfloat16) if t.is_floating_point() else t
                 nbytes = t.numel() * t.element_size()
+            ck.close()                 # unmap the shards: their touched pages would count in RSS as well
             keep.append(t)
             held += nbytes
             if info.storage.is_quantized:
@@ -73,6 +78,7 @@ def main() -> None:
     ap.add_argument("--preset", default="v4-flash-tiny")
     ap.add_argument("--medium", action="store_true",
                     help="v4-flash-tiny widened (hidden 1024, 32 experts of 512): ~140 MB of MXFP4 experts")
+    ap.add_argument("--save", help="write the synthesized artifact here (kept) instead of a temp dir")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -88,7 +94,7 @@ def main() -> None:
                 cfg.update(hidden_size=1024, moe_intermediate_size=512, n_routed_experts=32)
                 preset = "v4-flash-medium"
                 synth.PRESETS[preset] = (lambda: dict(cfg), 64 << 20)
-            path = str(synth.synth(preset, Path(tmp) / preset).out)
+            path = str(synth.synth(preset, Path(args.save) if args.save else Path(tmp) / preset).out)
         print(f"# {path}")
         print(f"{'mode':8} {'baseline MB':>11} {'peak MB':>8} {'peak-base MB':>12} {'held MB':>8}  bits per weight held")
         for mode in MODES:
