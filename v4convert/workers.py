@@ -216,37 +216,34 @@ class _FP8Prepared:
 
 
 def _fp8_prepare(t: TensorPlan, device: torch.device) -> _FP8Prepared:
-    """Adapter around ``fp8_block_to_nvfp4``'s first half (same arithmetic): it lets fused partners share
-    a global amax without reading and reducing each weight twice. Bytes are checked against
-    ``nvfp4_quantize`` in tests/test_quantize.py."""
+    """First half of ``fp8_block_to_nvfp4`` (the codec's own stage functions, same order): it lets fused
+    partners share a global amax without reading and reducing each weight twice. Bytes are checked
+    against ``nvfp4_quantize`` in tests/test_quantize.py."""
     from v4convert.formats.fp8_block import expand_block_scale
+    from v4convert.formats.nvfp4 import fp8_block_amax_from_mag, fp8_block_mag_max
     n, k = t.shape
     raw = read_rows(t.src["weight"]).view(torch.uint8).to(device)
     s = _scale_f32(t, read_rows(t.src["scale"])).to(device)
     if not bool(torch.isfinite(s).all()):
         raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
-    mag = torch.empty((n, k // 16), dtype=torch.uint8, device=device)
-    for r0, r1 in _chunks(n, k):       # bounded temporaries: one chunk of masked bytes at a time
-        torch.amax(raw[r0:r1].view(r1 - r0, k // 16, 16) & 0x7F, dim=-1, out=mag[r0:r1])
+    mag = fp8_block_mag_max(raw)                               # uint8 [N, K/16]
     if bool((mag == 0x7F).any()):
         bad = int(((raw & 0x7F) == 0x7F).sum())
         raise NonFiniteInputError(f"tensor {t.name}: {bad} NaN FP8 values; refusing to quantize")
-    s16 = expand_block_scale(s, n, k, 16).contiguous()
-    block_amax = E4M3_TABLE.to(device)[mag.long()] * s16
-    return _FP8Prepared(raw, s16, block_amax, block_amax.amax())
+    s16 = expand_block_scale(s, n, k, 16).contiguous()         # float32 [N, K/16]
+    block_amax, amax = fp8_block_amax_from_mag(mag, s16)
+    if not bool(torch.isfinite(amax)):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite block amax; refusing to quantize")
+    return _FP8Prepared(raw, s16, block_amax, amax.reshape(()))
 
 
 def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Options, unit: Unit, w: Writer) -> None:
     """Second half of ``fp8_block_to_nvfp4`` with the shared global amax; rows encoded in chunks."""
-    from v4convert.formats.fp4 import E2M1_MAX
-    from v4convert.formats.nvfp4 import _block_scale, _effective_scale, nvfp4_global_scale
-    from v4convert.formats.nvfp4_fast import encode_fp8_blocks_to_packed
+    from v4convert.formats.nvfp4 import encode_fp8_blocks_to_packed, nvfp4_global_scale, nvfp4_rtn_scales_from_block_amax
     conv = _conv(opts)
     n, k = t.shape
     gscale = nvfp4_global_scale(shared, conv)
-    ws = _block_scale(p.block_amax, gscale, conv, E2M1_MAX)
-    eff = _effective_scale(ws.float(), gscale, conv)
-    safe = torch.where(eff == 0, torch.ones_like(eff), eff)
+    ws, safe = nvfp4_rtn_scales_from_block_amax(p.block_amax, gscale, conv)
     woff, wrow = _out(unit, t, Part.WEIGHT)
     soff, _ = _out(unit, t, Part.SCALE)
     goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
