@@ -26,8 +26,6 @@ CODEC_ID: dict[Codec, int] = {Codec.FP8_BLOCK: 0, Codec.NVFP4: 1, Codec.MXFP4: 2
 # Operand dtype of tl.dot -> constexpr id. float32 is always IEEE (never TF32).
 DOT_ID: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-F32_NAN_BITS = 0x7FC00000
-
 
 @triton.jit
 def e2m1_to_f32(c):
