@@ -13,8 +13,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``); no hidden states.
 * ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
 
-The planned kinds raise :class:`ArtifactError` naming what is missing; adding one means writing a class
-with this interface and one row in :data:`RUNNERS`.
+Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
+class with this interface and moving its row to :data:`RUNNERS`.
 """
 from __future__ import annotations
 
@@ -121,23 +121,27 @@ class RuntimeRunner:
         self._hooks = []
 
 
-def _planned(kind: ArtifactKind, how: str) -> Callable[..., Runner]:
-    def make(path: Path, **_: object) -> Runner:
-        raise ArtifactError(f"{path}: {kind.value} artifacts are not runnable by verify yet ({how})")
-    return make
-
-
 # kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
 RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
     ArtifactKind.RUNTIME: RuntimeRunner,
-    ArtifactKind.GGUF: _planned(ArtifactKind.GGUF, "planned: llama.cpp through llama-cpp-python"),
-    ArtifactKind.ONNX: _planned(ArtifactKind.ONNX, "planned: onnxruntime InferenceSession"),
 }
+# kinds whose runner is still to be written -> how it will run
+PLANNED: dict[ArtifactKind, str] = {
+    ArtifactKind.GGUF: "llama.cpp through llama-cpp-python",
+    ArtifactKind.ONNX: "onnxruntime InferenceSession",
+}
+
+
+def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) -> ArtifactKind:
+    """The kind of ``path``; raises :class:`ArtifactError` before any work if verify cannot run it."""
+    k = kind or detect_kind(Path(path))
+    if k not in RUNNERS:
+        raise ArtifactError(f"{path}: {k.value} artifacts are not runnable by verify yet (planned: {PLANNED[k]})")
+    return k
 
 
 def open_runner(path: str | os.PathLike, kind: ArtifactKind | None = None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, max_seq_len: int = 512) -> Runner:
     """Open ``path`` with the runner of its kind (detected from the path unless given)."""
-    p = Path(path)
-    k = kind or detect_kind(p)
-    return RUNNERS[k](p, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    k = check_runnable(path, kind)
+    return RUNNERS[k](Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len)

@@ -470,6 +470,45 @@ def train(family: str, minutes: float, out: Path, threads: int, seed: int, batch
     return report
 
 
+def evaluate_release(family: str, out: Path, threads: int, train_log: Path | None = None) -> dict:
+    """Score a release (held-out perplexity by our runtime and by transformers on the release's values, their
+    parity, the unigram baseline) and write ``train_report.json``; training facts are read from the log lines
+    this script prints (``[fam] step N wall Ws cpu Cs loss L``) when the training process did not write them."""
+    import re
+
+    from v4convert.runtime import load
+
+    torch.set_num_threads(threads)
+    model, spec = build_model(family, 0)
+    arch = Arch.from_config(published_config(model, spec), "trained tiny config")
+    hf = init_from_release(model, arch, out).eval()
+    tr, held = load_tokens("train"), load_tokens("heldout")
+    nll_hf, cnt = heldout_nll(lambda x: hf(input_ids=x, use_cache=False).logits, held)
+    rt = load(out, max_seq_len=CTX)
+    nll_rt, _ = heldout_nll(lambda x: rt(x, 0), held)
+    ids = held[:CTX][None]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+    report = {"family": family, "params": sum(p.numel() for p in hf.parameters()), "ctx": CTX,
+              "heldout_tokens_scored": cnt, "ppl_heldout_float": None,
+              "ppl_heldout_published_hf": math.exp(nll_hf), "ppl_heldout_runtime": math.exp(nll_rt),
+              "ppl_unigram": unigram_ppl(tr, held[: cnt + cnt // (CTX - 1) + 1], VOCAB),
+              "runtime_vs_transformers_rel_max_err": float((rt(ids, 0) - ref).abs().max() / ref.abs().max()),
+              "mxfp4_rule": MXFP4_RULE.value}
+    if train_log is not None:
+        text = Path(train_log).read_text()
+        steps = re.findall(r"step (\d+) wall (\d+)s cpu (\d+)s loss ([\d.]+)", text)
+        qat = re.findall(r"step (\d+): quantization-aware finishing", text)
+        n, wall, cpu, loss = steps[-1]
+        report["training_log"] = {"last_logged_step": int(n), "wall_seconds": int(wall), "cpu_seconds": int(cpu),
+                                  "train_loss_last_25": float(loss), "qat_from_step": int(qat[0]) if qat else None,
+                                  "batch": 16, "note": "facts from the training log (logged every 25 steps); "
+                                  "the run crashed after writing the release, before its own report"}
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2), flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m v4convert.train_tiny", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -484,11 +523,18 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", type=Path, default=None)
     t.add_argument("--init-from", type=Path, default=None, help="continue from a release this script wrote")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    e = sub.add_parser("report", help="score an existing release and write its train_report.json")
+    e.add_argument("--family", choices=sorted(SPECS), required=True)
+    e.add_argument("--out", type=Path, default=None)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--train-log", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.cmd == "corpus":
         m = build_corpus()
         n_held = sum(f["split"] == "heldout" for f in m["files"])
         print(f"corpus: {len(m['files'])} files ({n_held} held out), tokenizer vocab {m['tokenizer']['vocab_size']}")
+    elif a.cmd == "report":
+        evaluate_release(a.family, a.out or DATA / f"tiny-{a.family}", a.threads, a.train_log)
     else:
         train(a.family, a.minutes, a.out or DATA / f"tiny-{a.family}", a.threads, a.seed, a.batch, a.max_wall_minutes,
               a.init_from, a.lr)

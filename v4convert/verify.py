@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactKind, Runner, open_runner
+from .artifact import ArtifactKind, Runner, check_runnable, open_runner
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
@@ -393,6 +393,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
     saved :class:`RefRecord` instead of running the reference (its windows and settings are used; ``data``
     and ``opts`` must agree with it when given)."""
     ref_path, art_path = Path(ref_path), Path(art_path)
+    art_kind = check_runnable(art_path, art_kind)         # fail before the reference pass
     if ref_cache is not None:
         rec = load_record(Path(ref_cache))
         check_cache(rec, ref_path, opts, data)
@@ -422,7 +423,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
     report = {
         "reference": {"path": str(ref_path), "kind": ArtifactKind.RUNTIME.value, "from_cache": ref_cache is not None,
                       "ppl": comp["ppl"]["ref"], "prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s},
-        "artifact": {"path": str(art_path), "kind": (art_kind or art.kind).value, "ppl": comp["ppl"]["art"],
+        "artifact": {"path": str(art_path), "kind": art_kind.value, "ppl": comp["ppl"]["art"],
                      "dtype": str(dtype).replace("torch.", ""), "device": device, **speed},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
