@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,16 +48,39 @@ def bench_quant(rows: int, cols: int, repeat: int) -> dict:
     return out
 
 
+class _RssSampler(threading.Thread):
+    """Peak anonymous RSS (heap: what the exporter holds) and file-backed RSS (mmapped shards, reclaimable
+    page cache) from /proc/self/status, sampled every 0.1 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                k = line.split(":")[0]
+                if k in self.peak:
+                    self.peak[k] = max(self.peak[k], int(line.split()[1]) * 1024)
+
+
 def bench_layer(ckpt: Path, out: Path) -> dict:
     from v4convert.checkpoint import Checkpoint
     from v4convert.export_gguf import TypeMix, export_gguf
     with Checkpoint.open(ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
+    sampler = _RssSampler()
+    sampler.start()
     r = export_gguf(ckpt, out, TypeMix(), progress=sys.stderr.isatty(), modelfile=False)
+    sampler.stop.set()
+    sampler.join()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"checkpoint_bytes": read_bytes, "gguf_bytes": r.n_bytes, "seconds": r.seconds,
            "read_GBps": read_bytes / r.seconds / 1e9, "write_GBps": r.n_bytes / r.seconds / 1e9,
-           "peak_rss_bytes": rss, "tensors": r.n_tensors, "threads": torch.get_num_threads()}
+           "peak_rss_bytes": rss, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
+           "peak_rss_file_bytes": sampler.peak["RssFile"], "tensors": r.n_tensors,
+           "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
     print(json.dumps(res, indent=2))
     for p in r.paths:
         p.unlink()

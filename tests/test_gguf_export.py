@@ -26,10 +26,20 @@ F32_MIX = TypeMix(GGUFType.F32, GGUFType.F32)
 
 
 def v4_llama_config() -> dict:
-    """The v4-flash-tiny preset with compress ratios llama.cpp's deepseek4 accepts (0, 4, 128 only;
-    the preset's 16 is refused by its loader) and layers 0..3 = sliding, CSA, HCA, CSA."""
+    """The v4-flash-tiny preset within llama.cpp's deepseek4 graph constraints: compress ratios 0, 4, 128
+    only (its loader refuses the preset's 16; layers 0..3 = sliding, CSA, HCA, CSA), ``hc_mult`` 4
+    (``build_hc_pre`` asserts hc == 4) and an indexer head of 64 (its Hadamard rotation of the indexer
+    q/k is at least 64 wide; the preset's 32 cannot be multiplied)."""
     cfg = preset_config("v4-flash-tiny")
-    cfg["compress_ratios"] = [0, 4, 128, 4, 0]
+    cfg.update(compress_ratios=[0, 4, 128, 4, 0], hc_mult=4, index_head_dim=64)
+    return cfg
+
+
+def v32_llama_config() -> dict:
+    """The v32-tiny preset with an indexer head of 64: llama.cpp's deepseek32 rotates the indexer q/k
+    with a Hadamard matrix at least 64 wide (the preset's 32 fails ``ggml_can_mul_mat``)."""
+    cfg = preset_config("v32-tiny")
+    cfg["index_head_dim"] = 64
     return cfg
 
 
@@ -50,9 +60,9 @@ def synth_config(cfg: dict, out: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
+def gguf_ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf_ckpts")
-    return {"v3": synth("v3-tiny", root / "v3").out, "v32": synth("v32-tiny", root / "v32").out,
+    return {"v3": synth("v3-tiny", root / "v3").out, "v32": synth_config(v32_llama_config(), root / "v32"),
             "v4": synth_config(v4_llama_config(), root / "v4")}
 
 
@@ -62,11 +72,11 @@ def _fields(path: Path) -> tuple[dict, dict]:
     return kv, {t.name: t for t in r.tensors}
 
 
-def test_deepseek2_metadata_names_and_type_mix(tiny_ckpts, tmp_path) -> None:
-    res = export_gguf(tiny_ckpts["v3"], tmp_path / "m.gguf", TypeMix(GGUFType.Q4_0, GGUFType.MXFP4))
+def test_deepseek2_metadata_names_and_type_mix(gguf_ckpts, tmp_path) -> None:
+    res = export_gguf(gguf_ckpts["v3"], tmp_path / "m.gguf", TypeMix(GGUFType.Q4_0, GGUFType.MXFP4))
     kv, t = _fields(res.paths[0])
     A = "deepseek2"
-    cfg = json.loads((tiny_ckpts["v3"] / "config.json").read_text())
+    cfg = json.loads((gguf_ckpts["v3"] / "config.json").read_text())
     assert kv["general.architecture"] == A
     assert kv[f"{A}.block_count"] == 4 and kv[f"{A}.nextn_predict_layers"] == 1   # 3 layers + MTP
     assert kv[f"{A}.expert_gating_func"] == 2                                       # sigmoid (missing = softmax)
@@ -88,16 +98,16 @@ def test_deepseek2_metadata_names_and_type_mix(tiny_ckpts, tmp_path) -> None:
     assert not any("kv_b" in n for n in t)
     assert kv["general.file_type"] == 38                                   # MOSTLY_MXFP4_MOE
     # no-MTP export drops block 3 and the NextN key
-    res2 = export_gguf(tiny_ckpts["v3"], tmp_path / "n.gguf", F32_MIX, keep_mtp=False, modelfile=False)
+    res2 = export_gguf(gguf_ckpts["v3"], tmp_path / "n.gguf", F32_MIX, keep_mtp=False, modelfile=False)
     kv2, t2 = _fields(res2.paths[0])
     assert kv2[f"{A}.block_count"] == 3 and f"{A}.nextn_predict_layers" not in kv2
     assert not any(n.startswith("blk.3.") for n in t2)
 
 
-def test_tokenizer_and_modelfile(tiny_ckpts, tmp_path) -> None:
-    res = export_gguf(tiny_ckpts["v32"], tmp_path / "m.gguf", F32_MIX)
+def test_tokenizer_and_modelfile(gguf_ckpts, tmp_path) -> None:
+    res = export_gguf(gguf_ckpts["v32"], tmp_path / "m.gguf", F32_MIX)
     kv, t = _fields(res.paths[0])
-    tj = json.loads((tiny_ckpts["v32"] / "tokenizer.json").read_text())
+    tj = json.loads((gguf_ckpts["v32"] / "tokenizer.json").read_text())
     tokens = kv["tokenizer.ggml.tokens"]
     assert len(tokens) == 611 and kv["tokenizer.ggml.pre"] == "deepseek-v3" and kv["tokenizer.ggml.model"] == "gpt2"
     for tok, i in tj["model"]["vocab"].items():
@@ -112,16 +122,16 @@ def test_tokenizer_and_modelfile(tiny_ckpts, tmp_path) -> None:
     assert mf.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in mf
 
 
-def test_v4_experts_repacked_losslessly_and_metadata(tiny_ckpts, tmp_path) -> None:
-    res = export_gguf(tiny_ckpts["v4"], tmp_path / "m.gguf")          # default mix: experts MXFP4
+def test_v4_experts_repacked_losslessly_and_metadata(gguf_ckpts, tmp_path) -> None:
+    res = export_gguf(gguf_ckpts["v4"], tmp_path / "m.gguf")          # default mix: experts MXFP4
     kv, t = _fields(res.paths[0])
     assert kv["general.architecture"] == "deepseek4" and kv["deepseek4.expert_gating_func"] == 4
     assert kv["deepseek4.block_count"] == 4 and list(kv["deepseek4.attention.compress_ratios"]) == [0, 4, 128, 4, 0]
-    assert kv["deepseek4.embedding_length_out"] == 2 * 160
+    assert kv["deepseek4.embedding_length_out"] == 4 * 160
     assert len(res.repacked) == 3 * 4 and all("_exps" in n for n in res.repacked)
     assert any(s.startswith("mtp.0.") for s in res.skipped)                 # MTP: separate draft GGUF only
     assert "blk.0.exp_probs_b.bias" not in t and "blk.1.exp_probs_b.bias" in t   # layer 0 is hash-routed
-    with Checkpoint.open(tiny_ckpts["v4"]) as ck:
+    with Checkpoint.open(gguf_ckpts["v4"]) as ck:
         for L in range(4):
             g = t[f"blk.{L}.ffn_up_exps.weight"]
             vals = gguf_values(g.data, Q(int(g.tensor_type)), (8, 96, 160))
@@ -133,19 +143,19 @@ def test_v4_experts_repacked_losslessly_and_metadata(tiny_ckpts, tmp_path) -> No
         assert torch.equal(torch.from_numpy(tid.data.astype(np.int64)), ck.dequantize("layers.0.ffn.gate.tid2eid"))
 
 
-def test_f32_export_inverts_to_the_checkpoint(tiny_ckpts, tmp_path) -> None:
+def test_f32_export_inverts_to_the_checkpoint(gguf_ckpts, tmp_path) -> None:
     """k_b/v_b split + transposition, expert stacking and MTP placement undo exactly."""
-    res = export_gguf(tiny_ckpts["v32"], tmp_path / "m.gguf", F32_MIX, modelfile=False)
-    back = gguf_as_checkpoint(res.paths, tiny_ckpts["v32"], tmp_path / "back")
-    with Checkpoint.open(tiny_ckpts["v32"]) as ck, Checkpoint.open(back) as ck2:
+    res = export_gguf(gguf_ckpts["v32"], tmp_path / "m.gguf", F32_MIX, modelfile=False)
+    back = gguf_as_checkpoint(res.paths, gguf_ckpts["v32"], tmp_path / "back")
+    with Checkpoint.open(gguf_ckpts["v32"]) as ck, Checkpoint.open(back) as ck2:
         assert sorted(ck.names()) == sorted(ck2.names())
         for n in ck.names():
             assert torch.equal(ck.dequantize(n), ck2.dequantize(n)), n
 
 
-def test_split_files_match_the_single_file(tiny_ckpts, tmp_path) -> None:
-    one = export_gguf(tiny_ckpts["v3"], tmp_path / "one.gguf", modelfile=False).paths
-    parts = export_gguf(tiny_ckpts["v3"], tmp_path / "sp.gguf", split_max_size=400_000, modelfile=False).paths
+def test_split_files_match_the_single_file(gguf_ckpts, tmp_path) -> None:
+    one = export_gguf(gguf_ckpts["v3"], tmp_path / "one.gguf", modelfile=False).paths
+    parts = export_gguf(gguf_ckpts["v3"], tmp_path / "sp.gguf", split_max_size=400_000, modelfile=False).paths
     n = len(parts)
     assert n >= 3 and [p.name for p in parts] == [f"sp-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
     assert not list(tmp_path.glob("*.partial"))
@@ -188,15 +198,15 @@ def test_writer_streams_infos_first_and_cleans_up(tmp_path) -> None:
         write_gguf(tmp_path / "dup.gguf", md, specs[:1] * 2)
 
 
-def test_cli_export(tiny_ckpts, tmp_path) -> None:
+def test_cli_export(gguf_ckpts, tmp_path) -> None:
     runner = CliRunner()
-    r = runner.invoke(main, ["export", str(tiny_ckpts["v3"]), "--onnx", "--out", str(tmp_path / "x.onnx")])
+    r = runner.invoke(main, ["export", str(gguf_ckpts["v3"]), "--onnx", "--out", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "export --onnx is not implemented yet" in r.output
-    r = runner.invoke(main, ["export", str(tiny_ckpts["v3"]), "--out", str(tmp_path / "x.gguf")])
+    r = runner.invoke(main, ["export", str(gguf_ckpts["v3"]), "--out", str(tmp_path / "x.gguf")])
     assert r.exit_code == 2 and "--gguf" in r.output
-    r = runner.invoke(main, ["export", str(tiny_ckpts["v3"]), "--gguf", "--out", str(tmp_path / "x.bin")])
+    r = runner.invoke(main, ["export", str(gguf_ckpts["v3"]), "--gguf", "--out", str(tmp_path / "x.bin")])
     assert r.exit_code == 2 and "must end in .gguf" in r.output
-    r = runner.invoke(main, ["export", str(tiny_ckpts["v3"]), "--gguf", "--out", str(tmp_path / "c.gguf"),
+    r = runner.invoke(main, ["export", str(gguf_ckpts["v3"]), "--gguf", "--out", str(tmp_path / "c.gguf"),
                              "--type", "bf16", "--expert-type", "q4_0", "--split-max-size", "1M"])
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in tmp_path.glob("c-*.gguf"))
