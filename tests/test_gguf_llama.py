@@ -179,3 +179,34 @@ def test_quantized_check_detects_wrong_weights(ckpts, tmp_path) -> None:
     kld_orig = _kld(_ours_logits(ckpts["v3"], ids), got).median().item()
     print(f"median KLD same weights {kld_same:.2e}, two experts swapped {kld_swap:.2e}, unquantized {kld_orig:.2e}")
     assert kld_same <= 1e-4 and kld_swap > 4 * kld_same and kld_orig > 4 * kld_same, (kld_same, kld_swap, kld_orig)
+
+
+def test_k_quant_via_llama_cpp_quantizer_keeps_pinned_tensors(ckpts, tmp_path) -> None:
+    """--type Q4_K_M: llama.cpp's own quantizer writes the main tensors; our MXFP4 experts, Q8_0 k_b/v_b
+    and F32 tensors come through unchanged, and llama.cpp runs the result close to the F32 file."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
+
+    from v4convert.export_gguf import LlamaQuant
+    ref = export_gguf(ckpts["v3"], tmp_path / "mx.gguf", TypeMix(GGUFType.Q8_0, GGUFType.MXFP4), modelfile=False)
+    res = export_gguf(ckpts["v3"], tmp_path / "k.gguf", TypeMix(GGUFType.Q8_0, GGUFType.MXFP4), modelfile=False,
+                      llama_type=LlamaQuant.Q4_K_M)
+    assert not (tmp_path / "k.intermediate.gguf").exists()
+    ours = {t.name: t for t in GGUFReader(ref.paths[0]).tensors}
+    k = {t.name: t for t in GGUFReader(res.paths[0]).tensors}
+    assert k.keys() == ours.keys()
+    assert GGUFReader(res.paths[0]).fields["general.file_type"].contents() == LlamaQuant.Q4_K_M.value
+    for name, t in k.items():
+        if "_exps" in name:
+            assert t.tensor_type == Q.MXFP4 and np.array_equal(t.data, ours[name].data), name
+        elif "attn_k_b" in name or "attn_v_b" in name:
+            assert t.tensor_type == Q.Q8_0 and np.array_equal(t.data, ours[name].data), name   # same bytes as ours
+        elif ours[name].tensor_type == Q.F32:
+            assert t.tensor_type == Q.F32, name
+        else:   # llama.cpp's choice: K-quants, or its fallbacks for rows not a multiple of 256 (160 here)
+            assert t.tensor_type not in (Q.F32, Q.F16, Q.BF16), (name, t.tensor_type)
+    ids = _prompt("v3")
+    f32 = export_gguf(ckpts["v3"], tmp_path / "f.gguf", F32_MIX, modelfile=False).paths[0]
+    kld, top1 = _kld_top1(_llama_logits(f32, ids), _llama_logits(res.paths[0], ids))
+    print(f"Q4_K_M + MXFP4 experts vs F32 in llama.cpp: mean KLD {kld:.2e}, top-1 {top1:.3f}")
+    assert kld < 0.05, kld

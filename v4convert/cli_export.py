@@ -45,15 +45,22 @@ def _types() -> list[str]:
     return [t.value for t in GGUFType]
 
 
+def _main_types() -> list[str]:
+    from .export_gguf import LlamaQuant
+    return _types() + [t.name for t in LlamaQuant]
+
+
 @click.command("export")
 @click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
 @click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
 @click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
-@click.option("--type", "main_type", default="Q8_0", show_default=True, type=click.Choice(_types(), case_sensitive=False),
+@click.option("--type", "main_type", default="Q8_0", show_default=True,
+              type=click.Choice(_main_types(), case_sensitive=False),
               help="Type of attention, shared experts, dense MLP, embedding and head (norms/router stay F32; "
-                   "MLA attn_k_b/attn_v_b never below Q8_0).")
+                   "MLA attn_k_b/attn_v_b never below Q8_0). K-quants / IQ4_XS are written by llama.cpp's own "
+                   "quantizer (llama-cpp-python) from a temporary file where these tensors are BF16.")
 @click.option("--expert-type", default="MXFP4", show_default=True, type=click.Choice(_types(), case_sensitive=False),
               help="Type of the routed experts. MXFP4 sources (V4 experts, our MXFP4 artifacts) are re-packed "
                    "losslessly.")
@@ -76,10 +83,13 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
     f = ExportFormat(fmt)
     if f is not ExportFormat.GGUF:
         raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
-    from .export_gguf import GGUFType, TypeMix, export_gguf
-    mix = TypeMix(GGUFType(main_type.upper()), GGUFType(expert_type.upper()))
+    from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf
+    mt = main_type.upper()
+    llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None
+    mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))
     r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
-                    progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile)
+                    progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
+                    llama_type=llama_type)
     gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
     click.echo(f"wrote {r.arch.value} GGUF: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) "
                f"in {r.seconds:.1f} s ({gbps:.2f} GB/s): {', '.join(str(p) for p in r.paths)}")

@@ -56,6 +56,52 @@ class GGUFType(enum.Enum):
         return ts * 8 / bs
 
 
+class LlamaQuant(enum.Enum):
+    """``--type`` values written by llama.cpp's own quantizer (``llama_model_quantize``): K-quants and IQ4_XS
+    (the lower IQ types need an importance matrix). Value = llama.cpp's ``llama_ftype``."""
+    Q2_K = LlamaFileType.MOSTLY_Q2_K
+    Q3_K_S = LlamaFileType.MOSTLY_Q3_K_S
+    Q3_K_M = LlamaFileType.MOSTLY_Q3_K_M
+    Q3_K_L = LlamaFileType.MOSTLY_Q3_K_L
+    Q4_K_S = LlamaFileType.MOSTLY_Q4_K_S
+    Q4_K_M = LlamaFileType.MOSTLY_Q4_K_M
+    Q5_K_S = LlamaFileType.MOSTLY_Q5_K_S
+    Q5_K_M = LlamaFileType.MOSTLY_Q5_K_M
+    Q6_K = LlamaFileType.MOSTLY_Q6_K
+    IQ4_XS = LlamaFileType.MOSTLY_IQ4_XS
+
+
+# Tensors llama.cpp's quantizer must leave in the type we wrote (regexes over GGUF names; a pin to the
+# tensor's current type makes llama.cpp copy it): V4 hyper-connections, APEs and indexer weights stay F32
+# (its quantizer only exempts those for other archs), MLA k_b / v_b keep 8 bits.
+LLAMA_PINS_F32 = (r"(^|\.)hc_", r"^output_hc_", r"compressor_ape", r"indexer\.proj", r"attn_sinks")
+LLAMA_PIN_KV_B = r"attn_[kv]_b\.weight"
+LLAMA_PIN_EXPERTS = r"ffn_(gate|up|down)_exps\.weight"
+
+
+def llama_quantize(src: Path, dst: Path, ftype: LlamaQuant, pins: list[tuple[str, Q]], threads: int = 0) -> None:
+    """Run llama.cpp's ``llama_model_quantize`` on ``src`` -> ``dst`` with per-tensor type pins."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(f"--type {ftype.name} is written by llama.cpp's quantizer: install llama-cpp-python") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype.value)
+    params.nthread = threads
+    patterns = [p.encode() for p, _ in pins]          # kept alive for the call
+    table = (llama_cpp.llama_model_tensor_override * (len(pins) + 1))()
+    for i, ((_, q), pat) in enumerate(zip(pins, patterns)):
+        table[i].pattern = pat
+        table[i].type = int(q)
+    table[len(pins)].pattern = None
+    params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise ExportError(f"{src}: llama.cpp's quantizer failed (code {rc}) for {ftype.name}")
+
+
 ARCH_OF: dict[Family, GGUFArch] = {Family.V3: GGUFArch.DEEPSEEK2, Family.V32: GGUFArch.DEEPSEEK32,
                                    Family.V4: GGUFArch.DEEPSEEK4}
 # llama.cpp expert_gating_func (llama-hparams.h LLAMA_EXPERT_GATING_FUNC_TYPE_*); missing means softmax.
@@ -70,6 +116,7 @@ class TypeMix:
     3-D ``attn_k_b`` / ``attn_v_b`` never go below 8 bits (Q8_0)."""
     main: GGUFType = GGUFType.Q8_0
     expert: GGUFType = GGUFType.MXFP4
+    mla: GGUFType | None = None          # type of k_b / v_b if not derived from ``main``
 
     def resolve(self, e: Entry, row_len: int) -> Q:
         p = e.precision
@@ -78,8 +125,8 @@ class TypeMix:
         if p is Precision.INT:
             return Q.I32
         t = self.expert if p is Precision.EXPERT else self.main
-        if p is Precision.MAIN_8BIT and t.bits < 8:
-            t = GGUFType.Q8_0
+        if p is Precision.MAIN_8BIT:
+            t = self.mla or (GGUFType.Q8_0 if t.bits < 8 else t)
         q = t.qtype
         if row_len % gguf_quants.block_bytes(q)[0] != 0:       # rows not made of whole blocks
             q = Q.F16 if t in (GGUFType.Q8_0, GGUFType.Q4_0, GGUFType.MXFP4) else q
@@ -372,14 +419,37 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
-                name: str | None = None) -> ExportResult:
-    """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring."""
+                name: str | None = None, llama_type: LlamaQuant | None = None) -> ExportResult:
+    """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
+
+    ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
+    intermediate file in which those tensors are BF16 and everything else is already final (experts in
+    ``mix.expert``, k_b / v_b Q8_0, F32 tensors), pinned so llama.cpp copies them unchanged.
+    """
     t0 = time.perf_counter()
     out = Path(out)
     if out.suffix != ".gguf":
         raise ExportError(f"{out}: the output file name must end in .gguf")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
+    if llama_type is not None:
+        if split_max_size:
+            raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
+        tmp = out.with_name(out.stem + ".intermediate.gguf")
+        mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
+        inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
+                            progress=progress, modelfile=False, name=name)
+        pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype),
+                                                       (LLAMA_PIN_EXPERTS, mix.expert.qtype)]
+        try:
+            llama_quantize(tmp, out, llama_type, pins)
+        finally:
+            tmp.unlink(missing_ok=True)
+        res = ExportResult([out], inter.arch, inter.n_tensors, out.stat().st_size, time.perf_counter() - t0,
+                           inter.repacked, inter.skipped, None)
+        if modelfile:
+            res.modelfile = _write_modelfile(ckpt, out, [out])
+        return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
         specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp)
@@ -397,13 +467,22 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         finally:
             if bar:
                 bar.close()
-        mf = None
-        if modelfile:
-            gen_path = ck.root / "generation_config.json"
-            gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-            mf = out.with_name("Modelfile")
-            mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+        mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
     return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
+
+
+def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: dict[str, str] | None = None) -> Path:
+    root = Path(root)
+    if special is None:
+        tc_path = root / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
+                   if k in ("bos_token", "eos_token") and v is not None}
+    gen_path = root / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    mf = out.with_name("Modelfile")
+    mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    return mf
 
 
 # ------------------------------------------------------------------------------ GGUF -> checkpoint
