@@ -263,3 +263,15 @@ def test_reader_nvfp4_decode_order(artifacts_cache, container):
                 raw = o.raw(t.name)
                 ref = nvfp4_from_stored(raw["weight"], raw["scale"], raw["global_scale"], conv).dequantize()
                 assert torch.equal(o.dequantize(t.name), ref), t.name
+
+
+def test_compiled_codec_path_same_bytes(tiny_ckpts, tmp_path, monkeypatch):
+    """Full-size tensors take the codec's torch.compile'd stages (numel >= 2**16); force them on the tiny
+    model so the engine's use of that path is checked against nvfp4_quantize too."""
+    import v4convert.formats.nvfp4 as nv
+    monkeypatch.setattr(nv, "_use_compiled", lambda backend, t: t.device.type == "cpu")
+    src = tiny_ckpts["v3-tiny"]
+    plan, _ = run_quantize(src, tmp_path / "out")
+    counts = check_against_codecs(src, tmp_path / "out", plan, NVFP4Convention.COMPRESSED_TENSORS, ScaleMethod.RTN,
+                                  MXScaleRule.OCP_FLOOR)
+    assert counts["-> nvfp4"] > 0
