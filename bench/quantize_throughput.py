@@ -108,11 +108,15 @@ def main() -> None:
     evict(shards)
     sampler = RSSSampler()
     sampler.start()
+    import resource
+    ru0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     t0 = time.perf_counter()
     try:
         r = execute(plan, out, workers=args.workers, overwrite=True, progress=sys.stderr.isatty(), device=device,
                     log=lambda m: print(m, file=sys.stderr))
         wall = time.perf_counter() - t0
+        ru1 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu_s = sum((b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime) for a, b in zip(ru0, ru1))
     finally:
         sampler.stop.set()
         sampler.join()
@@ -125,6 +129,10 @@ def main() -> None:
            "peak_rss_process_gb": round(sampler.peak_proc / 1e9, 3),
            "peak_rss_tree_gb": round(sampler.peak_tree / 1e9, 3),
            "projected_671b_hours": round(RELEASE_BYTES / 1e9 / rate / 3600, 2),
+           "cpu_seconds": round(cpu_s, 1),
+           # on a shared machine wall time mostly measures the other tenants: CPU seconds spent by this run
+           # (all processes) give the rate these cores would reach if they were ours alone
+           "uncontended_gb_per_s_est": round(plan.bytes_in / 1e9 / (cpu_s / (os.cpu_count() or 1)), 3),
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     if args.json:
         print(json.dumps(res, indent=2))
@@ -135,7 +143,8 @@ def main() -> None:
         print(f"peak RSS: {res['peak_rss_process_gb']:.2f} GB largest process, {res['peak_rss_tree_gb']:.2f} GB all")
         print(f"projected 671B release (688.6 GB): {res['projected_671b_hours']:.2f} h at this rate "
               f"(disk-bound floor {RELEASE_BYTES / 1e9 / disk / 3600:.2f} h)")
-        print(f"(1-min load average at the end: {res['load_avg_1m']})")
+        print(f"CPU: {res['cpu_seconds']} s over all processes -> {res['uncontended_gb_per_s_est']:.3f} GB/s if the "
+              f"{os.cpu_count()} cores were not shared (1-min load average at the end: {res['load_avg_1m']})")
 
 
 if __name__ == "__main__":
