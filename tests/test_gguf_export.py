@@ -211,3 +211,20 @@ def test_cli_export(gguf_ckpts, tmp_path) -> None:
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in tmp_path.glob("c-*.gguf"))
     assert files and all("-of-" in f for f in files) and "deepseek2" in r.output
+
+
+def test_our_mxfp4_artifact_is_repacked_losslessly(gguf_ckpts, tmp_path) -> None:
+    """`quantize --fp4 --scheme mxfp4` output (DeepSeek-native I8 + E8M0 experts) goes into GGUF MXFP4
+    by re-packing: the GGUF experts, dequantized by gguf-py, equal the artifact's values exactly."""
+    art = tmp_path / "mx"
+    r = CliRunner().invoke(main, ["quantize", str(gguf_ckpts["v3"]), "--fp4", "--scheme", "mxfp4", "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    res = export_gguf(art, tmp_path / "m.gguf", modelfile=False)
+    assert sorted(res.repacked) == sorted(f"blk.{L}.ffn_{p}_exps.weight" for L in (1, 2, 3) for p in ("gate", "up", "down"))
+    _, t = _fields(res.paths[0])
+    with Checkpoint.open(art) as ck:
+        for L in (1, 3):
+            g = t[f"blk.{L}.ffn_down_exps.weight"]
+            vals = gguf_values(g.data, Q(int(g.tensor_type)), (8, 160, 96))
+            for e in range(8):
+                assert torch.equal(vals[e], ck.dequantize(f"model.layers.{L}.mlp.experts.{e}.down_proj.weight")), (L, e)
