@@ -134,3 +134,52 @@ def test_record_round_trip_and_bad_file(tmp_path):
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(VerifyError, match="bad.safetensors"):
         load_record(bad)
+
+
+class _TableRunner:
+    """A stand-in artifact runner (the Runner interface without a model): logits = table[token]."""
+
+    def __init__(self, vocab: int, seed: int, fail_after: int | None = None) -> None:
+        self.vocab_size = vocab
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed))
+        self.fail_after, self.windows_run = fail_after, 0
+
+    def forward(self, ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if ids.shape[1] > 4:                          # a scoring window, not a greedy step
+            if self.fail_after is not None and self.windows_run >= self.fail_after:
+                raise RuntimeError("killed")
+            self.windows_run += 1
+        return self.table[ids[0]]
+
+    def hidden_states(self):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_reference_pass_resumes_from_parts(tmp_path):
+    from v4convert.verify import VerifyOptions, artifact_pass, reference_pass
+
+    V_, W, L = 11, 5, 9
+    windows = torch.randint(0, V_, (W, L), generator=torch.Generator().manual_seed(1))
+    opts = VerifyOptions(ctx=L, tokens=W * (L - 1), top_k=4, gen_tokens=3, gen_prompts=2, prompt_len=3)
+    meta = {"vocab": V_, "options": opts.__dict__.copy(), "data": "t", "data_sha256": "0"}
+    fresh = reference_pass(_TableRunner(V_, 0), windows, opts, meta)
+    save = tmp_path / "ref.safetensors"
+    with pytest.raises(RuntimeError, match="killed"):
+        reference_pass(_TableRunner(V_, 0, fail_after=2), windows, opts, meta, save=save)
+    assert len(list((tmp_path / "ref.safetensors.parts").glob("window-*.safetensors"))) == 2 and not save.exists()
+    with pytest.raises(VerifyError, match="other settings"):
+        reference_pass(_TableRunner(V_, 0), windows, opts, dict(meta, data_sha256="1"), save=save)
+    again = _TableRunner(V_, 0)
+    resumed = reference_pass(again, windows, opts, meta, save=save)
+    assert again.windows_run == W - 2                      # the two finished windows were not run again
+    assert save.exists() and not (tmp_path / "ref.safetensors.parts").exists()
+    for name in ("topk_idx", "topk_logp", "rest_logp", "target_logp", "greedy_tokens"):
+        assert torch.equal(getattr(resumed, name), getattr(fresh, name)), name
+    # the same model as artifact: exact agreement, no hidden states from this runner
+    r = artifact_pass(_TableRunner(V_, 0), load_record(save), opts)
+    assert r["kld"]["max"] == 0.0 and r["top1_agreement"] == 1.0 and not r["hidden"]["available"]
+    other = artifact_pass(_TableRunner(V_, 5), load_record(save), opts)
+    assert other["kld"]["mean"] > 0.1
