@@ -521,6 +521,7 @@ def gguf_as_checkpoint(gguf_paths: list[Path], ckpt: str | Path, out_dir: str | 
         arch = ARCH_OF[ck.family]
         a = ck.arch
         planned: list[PlannedTensor] = []
+        stacked: dict = {}                          # the last stacked expert tensor, dequantized
 
         def values(info: TensorInfo) -> torch.Tensor:
             if skip_reason(ck, info, arch, keep_mtp) is not None:
@@ -532,8 +533,10 @@ def gguf_as_checkpoint(gguf_paths: list[Path], ckpt: str | Path, out_dir: str | 
                 k = gguf_values(*tensors[names[0]], (H, r, nope)).transpose(1, 2)
                 vv = gguf_values(*tensors[names[1]], (H, v, r))
                 return torch.cat([k, vv], dim=1).reshape(info.shape).contiguous()
-            if e.kind is Kind.EXPERTS:
-                return gguf_values(*tensors[names[0]], (a.n_experts, *info.shape))[info.expert].clone()
+            if e.kind is Kind.EXPERTS:              # dequantize each stacked tensor once (experts come in order)
+                if stacked.get("name") != names[0]:
+                    stacked.update(name=names[0], vals=gguf_values(*tensors[names[0]], (a.n_experts, *info.shape)))
+                return stacked["vals"][info.expert].clone()
             return gguf_values(*tensors[names[0]], info.shape)
 
         for info in ck.infos():
