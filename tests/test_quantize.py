@@ -93,8 +93,8 @@ def check_against_codecs(src: Path, out: Path, plan, conv: NVFP4Convention, meth
                 assert torch.equal(raw["weight"].view(torch.uint8), q.packed), name
                 assert torch.equal(raw["scale"].view(torch.uint8), q.block_scale.view(torch.uint8)), name
                 assert torch.equal(raw["global_scale"].float().reshape(()), q.global_scale.reshape(())), name
-                # values: the bytes above decoded by the codec (the reader's own decode order differs
-                # in the last bit, see test_reader_nvfp4_decode_order)
+                # values: the bytes above decoded by the codec equal the reader's decode
+                assert torch.equal(got, q.dequantize()), name
                 assert torch.equal(nvfp4_from_stored(raw["weight"], raw["scale"], raw["global_scale"], conv).dequantize(),
                                    q.dequantize()), name
                 assert o.tensor_info(name).storage is (Storage.NVFP4_MODELOPT if conv is NVFP4Convention.MODELOPT
@@ -249,9 +249,6 @@ def test_index_sha256_and_metadata(tiny_ckpts, artifacts_cache):
     assert not out.with_name(out.name + ".partial").exists() and not (out / ".journal").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="v4convert/checkpoint.py decode() computes (code*ws)/g (and (code*ws)*g for "
-                   "ModelOpt); the codec and compressed-tensors' _dequantize compute code*(ws/g): last-bit differences. "
-                   "Lead to change decode() to vals * (bs / g) / vals * (bs * g); then drop this marker.")
 @pytest.mark.parametrize("container", [Container.COMPRESSED_TENSORS, Container.MODELOPT])
 def test_reader_nvfp4_decode_order(artifacts_cache, container):
     """Checkpoint.dequantize of our NVFP4 output equals the codec's dequantize, for every NVFP4 tensor."""

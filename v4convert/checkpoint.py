@@ -222,11 +222,12 @@ def decode(info: TensorInfo, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         s32 = fp8.e8m0_to_float32(parts["scale"].view(torch.uint8))
         return fp4.decode_fp4(w) * s32.repeat_interleave(MXFP4_BLOCK, 1)
     if st in (Storage.NVFP4_CT, Storage.NVFP4_MODELOPT):
-        bs = fp8.e4m3_to_float32(parts["scale"].view(torch.uint8)).repeat_interleave(NVFP4_BLOCK, 1)
+        bs = fp8.e4m3_to_float32(parts["scale"].view(torch.uint8))
         g = parts["global_scale"].to(torch.float32).reshape(())
-        vals = fp4.decode_fp4(w) * bs
         # compressed-tensors stores the reciprocal global scale (divide); ModelOpt the multiplier.
-        return vals / g if st is Storage.NVFP4_CT else vals * g
+        # Order as both producers dequantize: code * (block_scale op global) — last-bit relevant.
+        eff = bs / g if st is Storage.NVFP4_CT else bs * g
+        return fp4.decode_fp4(w) * eff.repeat_interleave(NVFP4_BLOCK, 1)
     raise CheckpointError(f"tensor {info.name}: cannot decode storage {st.value}")
 
 
