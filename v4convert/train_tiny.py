@@ -18,7 +18,10 @@ trained for a few minutes on real text available offline. This script makes them
    held-out perplexity of the float model, of the released checkpoint run by ``v4convert.runtime``, and of a
    unigram baseline.
 
-Usage: ``python -m v4convert.train_tiny corpus`` then ``python -m v4convert.train_tiny train --family v3``.
+Usage: ``python -m v4convert.train_tiny corpus`` then ``python -m v4convert.train_tiny train --family v3``
+(``--init-from DIR`` continues from a release; ``report --family F`` re-scores a release). The bundled
+releases: tiny-v3 = one run (its report was rebuilt by ``report`` from the training log after a crash in
+the final runtime check); tiny-v4 = one run plus one ``--init-from`` continuation (``continued_from``).
 Needs transformers (the ``test`` extra); the package never imports this module at run time.
 """
 from __future__ import annotations
