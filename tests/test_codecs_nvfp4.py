@@ -172,7 +172,7 @@ def test_dequantize_formulas() -> None:
 
 
 def test_matches_compressed_tensors_compressor() -> None:
-    ct_nvfp4 = pytest.importorskip("compressed_tensors.compressors.nvfp4.base")
+    import compressed_tensors.compressors.nvfp4.base as ct_nvfp4
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.quant_scheme import NVFP4A16
     from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
