@@ -18,6 +18,7 @@ import time
 import torch
 
 from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat, fp8_block_dequantize, fp8_block_to_nvfp4
+from v4convert.formats.native import fp8_block_to_nvfp4_native, native_status
 from v4convert.formats.nvfp4 import Backend, NVFP4Convention, nvfp4_quantize
 
 
@@ -59,6 +60,16 @@ def main() -> None:
     print(f"first call (torch.compile warm-up): {time.perf_counter() - w0:.1f} s")
     wall, cpu = timed(lambda: fp8_block_to_nvfp4(t, convention=conv, backend=Backend.COMPILED), args.repeats)
     print(f"fused compiled : {wall * 1e3:7.1f} ms wall  {cpu * 1e3:7.1f} ms cpu  -> {gb / wall:.3f} GB/s of FP8 input")
+    ok, why = native_status()
+    if ok:
+        nat = fp8_block_to_nvfp4_native(t, convention=conv, threads=args.threads)
+        same_nat = torch.equal(nat.packed, fast.packed) and torch.equal(
+            nat.block_scale.view(torch.uint8), fast.block_scale.view(torch.uint8))
+        wall_n, cpu_n = timed(lambda: fp8_block_to_nvfp4_native(t, convention=conv, threads=args.threads), args.repeats)
+        print(f"native C       : {wall_n * 1e3:7.1f} ms wall  {cpu_n * 1e3:7.1f} ms cpu  -> {gb / wall_n:.3f} GB/s "
+              f"({gb / cpu_n:.3f} GB/s per CPU-second); byte-identical to fused: {same_nat}")
+    else:
+        print(f"native C       : unavailable ({why})")
     wall_e, cpu_e = timed(lambda: fp8_block_to_nvfp4(t, convention=conv, backend=Backend.EAGER), 2)
     print(f"fused eager    : {wall_e * 1e3:7.1f} ms wall  {cpu_e * 1e3:7.1f} ms cpu  -> {gb / wall_e:.3f} GB/s")
     if not args.skip_naive:

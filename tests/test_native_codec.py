@@ -135,7 +135,10 @@ def test_bad_input_errors() -> None:
         fp8_block_amax_native(raw, t.scale, name="w1")
     s = t.scale.clone()
     s[1, 2] = float("inf")
-    with pytest.raises(NonFiniteInputError, match="w2: non-finite FP8 block scale"):
+    with pytest.raises(NonFiniteInputError, match="w2: non-finite or negative FP8 block scale"):
+        fp8_block_amax_native(t.weight, s, name="w2")
+    s[1, 2] = -0.0  # the magnitude-byte block amax needs scales >= +0
+    with pytest.raises(NonFiniteInputError, match="w2: non-finite or negative"):
         fp8_block_amax_native(t.weight, s, name="w2")
     e = torch.full((2, 3), 127, dtype=torch.uint8)
     e[1, 1] = 0xFF

@@ -142,7 +142,7 @@ def fp8_block_amax_native(
     bad = _library().v4c_fp8_block_amax(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, block_amax.data_ptr(),
                                         amax.data_ptr(), int(threads))
     if bad < 0:
-        raise NonFiniteInputError(f"{name}: non-finite FP8 block scale (NaN/Inf F32 or E8M0 byte 0xFF)")
+        raise NonFiniteInputError(f"{name}: non-finite or negative FP8 block scale (NaN/Inf/negative F32 or E8M0 byte 0xFF)")
     if bad > 0:
         raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
     if not bool(torch.isfinite(amax)):

@@ -16,7 +16,11 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define FP8_BLOCK 128
 #define NV_BLOCK 16
@@ -52,11 +56,67 @@ static uint8_t e4m3_rne(float x) {
     return sign | (uint8_t)(((e + 7) << 3) | m);
 }
 
-/* E2M1 code of q: magnitude bounds .25 .75 1.25 1.75 2.5 3.5 5 (ties to even: >= on .75 1.75 3.5). */
-static inline unsigned e2m1_code(float q) {
-    float a = fabsf(q);
-    unsigned c = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-    return c | (signbit(q) ? 8u : 0u);
+/* E2M1 magnitude bounds .25 .75 1.25 1.75 2.5 3.5 5; ties go to the even code, so the bound is
+ * inclusive (>=) before an even code (.75 1.75 3.5) and exclusive (>) otherwise. */
+static const float E2M1_BOUND[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+static const int E2M1_INCLUSIVE[7] = {0, 1, 0, 1, 0, 1, 0};
+
+/* For one (FP8 scale s >= 0, NVFP4 factor safe > 0) pair: thr[i] = smallest magnitude byte m
+ * (0..126) whose q = (e4m3(m) * s) / safe passes bound i, or 127 if none. Exact: q is monotonic
+ * in m (float32 rounding is monotonic, s >= 0, safe > 0) and symmetric in the sign, so the E2M1
+ * magnitude code of byte x is #{i : (x & 0x7F) >= thr[i]} and its sign bit is x's (signbit(q)). */
+static void e2m1_thresholds(const float *lut, float s, float safe, uint8_t thr[7]) {
+    for (int i = 0; i < 7; i++) {
+        int lo = 0, hi = 127; /* answer in [lo, hi] */
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            float a = fabsf((lut[mid] * s) / safe);
+            int pass = E2M1_INCLUSIVE[i] ? (a >= E2M1_BOUND[i]) : (a > E2M1_BOUND[i]);
+            if (pass) hi = mid; else lo = mid + 1;
+        }
+        thr[i] = (uint8_t)lo;
+    }
+}
+
+/* 16 E4M3 bytes -> 8 packed NVFP4 bytes (low nibble = even element) given the block's thresholds. */
+static inline void encode16(const uint8_t *x, const uint8_t thr[7], uint8_t *out) {
+#ifdef __SSE2__
+    __m128i v = _mm_loadu_si128((const __m128i *)x);
+    __m128i mag = _mm_and_si128(v, _mm_set1_epi8(0x7F));
+    __m128i code = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x08)); /* sign -> bit 3 */
+    for (int i = 0; i < 7; i++) /* mag >= thr <=> mag > thr - 1 (all values in 0..127, signed compare) */
+        code = _mm_sub_epi8(code, _mm_cmpgt_epi8(mag, _mm_set1_epi8((char)(thr[i] - 1))));
+    __m128i pair = _mm_and_si128(_mm_or_si128(code, _mm_srli_epi16(code, 4)), _mm_set1_epi16(0x00FF));
+    _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(pair, pair));
+#else
+    for (int t = 0; t < NV_BLOCK; t += 2) {
+        unsigned c[2];
+        for (int u = 0; u < 2; u++) {
+            unsigned m = x[t + u] & 0x7Fu, k = 0;
+            for (int i = 0; i < 7; i++) k += m >= thr[i];
+            c[u] = k | ((x[t + u] & 0x80u) >> 4);
+        }
+        out[t / 2] = (uint8_t)(c[0] | (c[1] << 4));
+    }
+#endif
+}
+
+static inline unsigned mag_max16(const uint8_t *x) {
+#ifdef __SSE2__
+    __m128i m = _mm_and_si128(_mm_loadu_si128((const __m128i *)x), _mm_set1_epi8(0x7F));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 8));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 4));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 2));
+    m = _mm_max_epu8(m, _mm_srli_si128(m, 1));
+    return (unsigned)_mm_cvtsi128_si32(m) & 0xFFu;
+#else
+    unsigned m = 0;
+    for (int t = 0; t < NV_BLOCK; t++) {
+        unsigned v = x[t] & 0x7Fu;
+        m = v > m ? v : m;
+    }
+    return m;
+#endif
 }
 
 typedef struct {
@@ -81,6 +141,12 @@ static float block_scale(const job_t *j, int64_t i, int64_t c) {
     return ((const float *)j->scale)[idx];
 }
 
+static int scale_bad(const job_t *j, int64_t idx) { /* E8M0 0xFF, or F32 NaN/Inf/negative (incl. -0) */
+    if (j->e8m0) return ((const uint8_t *)j->scale)[idx] == 0xFF;
+    float f = ((const float *)j->scale)[idx];
+    return !isfinite(f) || signbit(f);
+}
+
 static void *amax_rows(void *arg) {
     job_t *j = (job_t *)arg;
     float lut[128];
@@ -89,25 +155,17 @@ static void *amax_rows(void *arg) {
     float best = 0.0f;
     for (int64_t i = j->r0; i < j->r1; i++) {
         const uint8_t *row = j->raw + i * j->k;
-        if (i == j->r0 || i % FP8_BLOCK == 0) { /* check this block-row's scales once */
-            for (int64_t c = 0; c < bk; c++) {
-                int64_t idx = (i / FP8_BLOCK) * bk + c;
-                if (j->e8m0 ? ((const uint8_t *)j->scale)[idx] == 0xFF : !isfinite(((const float *)j->scale)[idx]))
-                    j->bad_scale = 1;
-            }
-        }
+        if (i == j->r0 || i % FP8_BLOCK == 0) /* check this block-row's scales once */
+            for (int64_t c = 0; c < bk; c++) j->bad_scale |= scale_bad(j, (i / FP8_BLOCK) * bk + c);
+        float *ba_row = j->block_amax + i * nb;
         for (int64_t b = 0; b < nb; b++) {
-            unsigned m = 0;
-            for (int t = 0; t < NV_BLOCK; t++) {
-                unsigned v = row[b * NV_BLOCK + t] & 0x7Fu;
-                m = v > m ? v : m;
-            }
+            unsigned m = mag_max16(row + b * NV_BLOCK);
             if (m == 0x7F) {
                 for (int t = 0; t < NV_BLOCK; t++) j->nan_count += (row[b * NV_BLOCK + t] & 0x7Fu) == 0x7Fu;
                 m = 0;
             }
             float ba = lut[m] * block_scale(j, i, b * NV_BLOCK);
-            j->block_amax[i * nb + b] = ba;
+            ba_row[b] = ba;
             if (ba > best || ba != ba) best = (ba != ba || best != best) ? NAN : ba;
         }
     }
@@ -115,33 +173,46 @@ static void *amax_rows(void *arg) {
     return NULL;
 }
 
+typedef struct { uint8_t thr[7]; uint8_t valid; } thr_entry;
+
 static void *encode_rows(void *arg) {
     job_t *j = (job_t *)arg;
-    float lut[256];
-    for (unsigned b = 0; b < 256; b++) lut[b] = ((b & 0x7F) == 0x7F) ? NAN : e4m3_value(b);
+    float lut[128];
+    for (unsigned b = 0; b < 128; b++) lut[b] = e4m3_value(b);
     const float g = j->gscale;
     const float six_g = 6.0f * g;
-    int64_t nb = j->k / NV_BLOCK;
+    int64_t nb = j->k / NV_BLOCK, bk = (j->k + FP8_BLOCK - 1) / FP8_BLOCK;
+    /* thresholds depend only on (128-block scale, ws byte): cache them per column block for the
+     * current 128-row block */
+    thr_entry *cache = (thr_entry *)malloc((size_t)bk * 128 * sizeof(thr_entry));
+    thr_entry local;
+    int64_t cached_rb = -1;
     for (int64_t i = j->r0; i < j->r1; i++) {
+        if (cache && i / FP8_BLOCK != cached_rb) {
+            memset(cache, 0, (size_t)bk * 128 * sizeof(thr_entry));
+            cached_rb = i / FP8_BLOCK;
+        }
         const uint8_t *row = j->raw + i * j->k;
         uint8_t *out = j->packed + i * (j->k / 2);
+        const float *ba_row = j->block_amax + i * nb;
+        uint8_t *ws_row = j->ws + i * nb;
         for (int64_t b = 0; b < nb; b++) {
-            float s = block_scale(j, i, b * NV_BLOCK);
-            float ba = j->block_amax[i * nb + b];
+            float ba = ba_row[b];
             uint8_t w = j->modelopt ? e4m3_rne(ba / six_g) : e4m3_rne(g * (ba / 6.0f));
-            j->ws[i * nb + b] = w;
-            float wf = ((w & 0x7F) == 0x7F) ? NAN : e4m3_value(w);
-            float eff = j->modelopt ? wf * g : wf / g;
-            float safe = (eff == 0.0f) ? 1.0f : eff;
-            const uint8_t *x = row + b * NV_BLOCK;
-            uint8_t *o = out + b * (NV_BLOCK / 2);
-            for (int t = 0; t < NV_BLOCK; t += 2) {
-                float q0 = (lut[x[t]] * s) / safe;
-                float q1 = (lut[x[t + 1]] * s) / safe;
-                o[t / 2] = (uint8_t)(e2m1_code(q0) | (e2m1_code(q1) << 4));
+            ws_row[b] = w;
+            int64_t cb = (b * NV_BLOCK) / FP8_BLOCK;
+            thr_entry *e = cache ? &cache[cb * 128 + (w & 0x7F)] : &local;
+            if (!e->valid || !cache) {
+                float wf = e4m3_value(w); /* w is never NaN: g finite > 0, ba finite */
+                float eff = j->modelopt ? wf * g : wf / g;
+                float safe = (eff == 0.0f) ? 1.0f : eff;
+                e2m1_thresholds(lut, block_scale(j, i, b * NV_BLOCK), safe, e->thr);
+                e->valid = 1;
             }
+            encode16(row + b * NV_BLOCK, e->thr, out + b * (NV_BLOCK / 2));
         }
     }
+    free(cache);
     return NULL;
 }
 
