@@ -9,8 +9,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
 * ``RUNTIME``: any directory ``v4convert.runtime.load`` reads (published FP8/FP4 layouts, our FP4 containers).
   Hidden states are taken with forward hooks on the decoder blocks (V3: ``model.model.layers[i]`` output
   ``[B, T, D]``; V4: ``model.layers[i]`` output, the hyper-connection streams ``[B, T, hc, D]``).
-* ``GGUF`` (planned): through llama.cpp itself (``llama-cpp-python``: ``Llama(path, logits_all=True)``,
-  ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``); no hidden states.
+* ``GGUF``: through llama.cpp itself (``v4convert.artifact_gguf``: llama-cpp-python ``Llama(path, logits_all=True)``,
+  ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
 * ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
 
 Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
@@ -121,22 +121,31 @@ class RuntimeRunner:
         self._hooks = []
 
 
+def _gguf_runner(path: Path, **kw) -> Runner:
+    from .artifact_gguf import GGUFRunner     # imported on use: llama-cpp-python is optional
+    return GGUFRunner(path, **kw)
+
+
 # kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
 RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
     ArtifactKind.RUNTIME: RuntimeRunner,
+    ArtifactKind.GGUF: _gguf_runner,
 }
 # kinds whose runner is still to be written -> how it will run
 PLANNED: dict[ArtifactKind, str] = {
-    ArtifactKind.GGUF: "llama.cpp through llama-cpp-python",
     ArtifactKind.ONNX: "onnxruntime InferenceSession",
 }
 
 
 def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) -> ArtifactKind:
-    """The kind of ``path``; raises :class:`ArtifactError` before any work if verify cannot run it."""
+    """The kind of ``path``; raises :class:`ArtifactError` before any work if verify cannot run it
+    (including a GGUF without llama-cpp-python installed)."""
     k = kind or detect_kind(Path(path))
     if k not in RUNNERS:
         raise ArtifactError(f"{path}: {k.value} artifacts are not runnable by verify yet (planned: {PLANNED[k]})")
+    if k is ArtifactKind.GGUF:
+        from .artifact_gguf import require_llama_cpp
+        require_llama_cpp()
     return k
 
 
