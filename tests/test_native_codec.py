@@ -164,3 +164,44 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
             fp8_block_to_nvfp4_native(t)
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.parametrize("preset_name,recipe,container", [
+    ("v3-tiny", "nvfp4-experts", "compressed-tensors"),           # F32 block scales
+    ("v4-flash-tiny", "nvfp4-all-linear", "modelopt"),           # E8M0 block scales (attention)
+])
+def test_engine_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, preset_name, recipe, container) -> None:
+    """The quantize engine writes the same bytes with ``Kernel.NATIVE`` and ``Kernel.TORCH``."""
+    from v4convert import engine, workers
+    from v4convert.formats.containers import Container
+
+    from .test_quantize import run_quantize
+    outs = {}
+    for kern in native.Kernel:
+        used: list[str] = []
+
+        def run_unit(*a, _k=kern, **kw):
+            r = workers.run_unit(*a, kernel=_k, **kw)
+            used.append(r.kernel)
+            return r
+        monkeypatch.setattr(engine, "run_unit", run_unit)
+        run_quantize(tiny_ckpts[preset_name], tmp_path / kern.value, recipe=recipe, container=Container(container))
+        assert kern.value in used and set(used) <= {kern.value, ""}
+        outs[kern] = tmp_path / kern.value
+    files = sorted(p.name for p in outs[native.Kernel.NATIVE].iterdir())
+    assert files == sorted(p.name for p in outs[native.Kernel.TORCH].iterdir())
+    for f in files:
+        a, b = outs[native.Kernel.NATIVE] / f, outs[native.Kernel.TORCH] / f
+        if a.is_file():
+            assert a.read_bytes() == b.read_bytes(), f
+
+
+def test_choose_kernel_is_explicit() -> None:
+    from v4convert.quantize import QuantizeError
+    from v4convert.workers import choose_kernel
+    assert choose_kernel(native.Kernel.TORCH)[0] is native.Kernel.TORCH
+    assert choose_kernel(None)[0] is native.Kernel.NATIVE  # default when it compiles
+    assert choose_kernel(native.Kernel.NATIVE)[0] is native.Kernel.NATIVE
+    assert choose_kernel(None, "cuda")[0] is native.Kernel.TORCH
+    with pytest.raises(QuantizeError, match="runs on the CPU"):
+        choose_kernel(native.Kernel.NATIVE, "cuda")

@@ -45,6 +45,25 @@ class UnitResult:
     bytes_in: int
     repack_blocks: int = 0
     repack_inexact: int = 0
+    kernel: str = ""           # FP8 -> NVFP4 RTN hot path kernel used ("native" / "torch"), "" if none ran
+
+
+def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) -> (Kernel, str)
+    """Hot-path kernel for FP8 -> NVFP4 RTN and a one-line reason (same bytes either way).
+
+    ``requested`` None: the native C kernel when it compiles and ``device`` is CPU, else torch (the
+    reason says why). ``Kernel.NATIVE`` that cannot build or runs on a non-CPU device raises."""
+    from v4convert.formats.native import Kernel, native_status
+    if requested is Kernel.TORCH:
+        return Kernel.TORCH, "torch kernel (requested)"
+    if device != "cpu":
+        if requested is Kernel.NATIVE:
+            raise QuantizeError(f"--kernel native runs on the CPU; device {device!r} needs --kernel torch")
+        return Kernel.TORCH, f"torch kernel (device {device})"
+    ok, why = native_status()
+    if requested is Kernel.NATIVE and not ok:
+        raise QuantizeError(why)
+    return (Kernel.NATIVE, why) if ok else (Kernel.TORCH, f"torch kernel ({why})")
 
 
 # ------------------------------------------------------------------------------------ raw I/O
@@ -213,6 +232,17 @@ class _FP8Prepared:
     s16: torch.Tensor          # float32 [N, K/16]: the 128-block scale of each 16-block
     block_amax: torch.Tensor   # float32 [N, K/16]
     amax: torch.Tensor         # float32 0-dim
+    scale: torch.Tensor | None = None  # native kernel: 128-block scale, F32 or E8M0 bytes [B(N), B(K)]
+
+
+def _fp8_prepare_native(t: TensorPlan) -> _FP8Prepared:
+    """``_fp8_prepare`` on the native C kernel (same block amax and amax, bit for bit)."""
+    from v4convert.formats.native import fp8_block_amax_native
+    raw = read_rows(t.src["weight"]).view(torch.uint8)
+    s = read_rows(t.src["scale"])
+    s = s.view(torch.uint8) if t.src["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
+    block_amax, amax = fp8_block_amax_native(raw, s, threads=torch.get_num_threads(), name=f"tensor {t.name}")
+    return _FP8Prepared(raw, None, block_amax, amax.reshape(()), s)
 
 
 def _fp8_prepare(t: TensorPlan, device: torch.device) -> _FP8Prepared:
@@ -243,10 +273,18 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     conv = _conv(opts)
     n, k = t.shape
     gscale = nvfp4_global_scale(shared, conv)
-    ws, safe = nvfp4_rtn_scales_from_block_amax(p.block_amax, gscale, conv)
     woff, wrow = _out(unit, t, Part.WEIGHT)
     soff, _ = _out(unit, t, Part.SCALE)
     goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+    if p.scale is not None:  # native kernel: whole tensor in one call (the raw bytes are already in memory)
+        from v4convert.formats.native import fp8_encode_native
+        packed, ws = fp8_encode_native(p.raw, p.scale, p.block_amax, gscale, conv,
+                                       threads=torch.get_num_threads(), name=f"tensor {t.name}")
+        w.write(woff, packed, t.name)
+        w.write(soff, ws.view(torch.uint8), t.name)
+        w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
+        return
+    ws, safe = nvfp4_rtn_scales_from_block_amax(p.block_amax, gscale, conv)
     for r0, r1 in _chunks(n, k):
         packed = encode_fp8_blocks_to_packed(p.raw[r0:r1], p.s16[r0:r1], safe[r0:r1])
         w.write(woff + r0 * wrow, packed.cpu(), t.name)
@@ -254,17 +292,24 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
 
 
-def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device) -> None:
+def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device,
+              kernel=None) -> str:
+    """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
+    from v4convert.formats.native import Kernel
     from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
     conv = _conv(opts)
     method = ScaleMethod(opts.scale_method.value)
     if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
-        prepared = [_fp8_prepare(t, device) for t in ts]
+        k, _ = choose_kernel(kernel, device.type)
+        if k is Kernel.NATIVE:
+            prepared = [_fp8_prepare_native(t) for t in ts]
+        else:
+            prepared = [_fp8_prepare(t, device) for t in ts]
         shared = torch.stack([p.amax for p in prepared]).amax()
         for t, p in zip(ts, prepared):
             _fp8_encode(t, p, shared, opts, unit, w)
-        return
+        return k.value
     scales = {t.name: (_scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None) for t in ts}
     amaxes = [fp8_amax(t, scales[t.name]) if scales[t.name] is not None else float_amax(t) for t in ts]
     shared = torch.stack(amaxes).amax()      # fused partners share one global scale
@@ -285,6 +330,7 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
                 raise QuantizeError(f"tensor {t.name}: global scale differs between row chunks (codec bug)")
             gscale = g
         w.write(goff, gscale, t.name)
+    return ""
 
 
 def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> tuple[int, int]:
@@ -325,17 +371,19 @@ def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
         w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
 
 
-def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu") -> UnitResult:
+def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kernel=None) -> UnitResult:
     """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
 
-    ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); output bytes do not
-    depend on it (the codec's arithmetic is exact-rounding IEEE on both)."""
+    ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
+    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
+    Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
     w = Writer(out_dir / unit.shard)
     blocks = inexact = 0
+    used = ""
     try:
         a = unit.tensors[0].action
         if a is Action.TO_NVFP4:
-            _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device))
+            used = _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device), kernel)
         elif a is Action.MXFP4_TO_NVFP4:
             blocks, inexact = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts)
         else:
@@ -354,7 +402,7 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu") -> U
         raise QuantizeError(str(e)) from None
     finally:
         w.close()
-    return UnitResult(unit.index, unit.bytes_in, blocks, inexact)
+    return UnitResult(unit.index, unit.bytes_in, blocks, inexact, used)
 
 
 def init_worker(threads: int) -> None:
