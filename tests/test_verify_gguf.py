@@ -4,17 +4,14 @@ On the bundled trained tiny V3: the F32 GGUF agrees with our runtime on REF to K
 identical; the default mix (Q8_0 main, MXFP4 experts) gives a real, small loss that ``--max-kld`` catches.
 llama.cpp has no per-layer hidden states: the report says "n/a", not zero.
 
-The reference here is the bundled checkpoint with ``"scoring_func": "sigmoid"`` written into its config: its
-transformers-5 config omits the key (HF DeepseekV3 always routes with sigmoid, as our runtime assumes), and
-``export_gguf`` defaults a missing key to softmax gating. ``test_bundled_config_unchanged`` pins that exporter
-defect (strict xfail: it fails loudly once the exporter is fixed, and the copy above can go).
+The bundled config is in transformers-5 style without ``scoring_func``: the exporter must use the family's
+sigmoid gating (``test_bundled_config_unchanged`` guards that regression).
 Small settings (2 windows of 64 tokens, 1 greedy prompt of 4 tokens) keep each run to a few seconds.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,15 +37,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def ref(tmp_path_factory) -> Path:
-    """The bundled trained tiny V3 with its (implicit) sigmoid router made explicit in config.json."""
-    dst = tmp_path_factory.mktemp("ref") / "tiny-v3"
-    shutil.copytree(bundled_model("v3"), dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    assert "scoring_func" not in cfg
-    cfg["scoring_func"] = "sigmoid"
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return dst
+def ref() -> Path:
+    """The bundled trained tiny V3, as shipped (its transformers-5 config has no scoring_func)."""
+    return bundled_model("v3")
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +116,6 @@ def test_bad_gguf_requests_are_one_line_errors(ref, f32_gguf, tmp_path, monkeypa
     assert len(r.output.strip().splitlines()) == 1          # one line, refused before any pass ran
 
 
-@pytest.mark.xfail(strict=True, reason="export_gguf defaults a missing scoring_func to softmax gating; the "
-                                       "bundled transformers-5 V3 config omits it and routes with sigmoid")
 def test_bundled_config_unchanged(tmp_path):
     src = bundled_model("v3")
     gguf = export_gguf(src, tmp_path / "m.gguf", F32_MIX, modelfile=False).paths[0]

@@ -154,8 +154,21 @@ class ExportResult:
 
 
 # ------------------------------------------------------------------------------------------ metadata
+def _rope(cfg: dict) -> tuple[float, dict]:
+    """``(rope_theta, scaling dict)`` from the published keys (``rope_theta`` + ``rope_scaling``) or
+    transformers 5's flat ``rope_parameters`` (``{"rope_type", "rope_theta", "factor", ...}``)."""
+    rp = cfg.get("rope_parameters")
+    flat = rp if isinstance(rp, dict) and "rope_theta" in rp else {}
+    theta = cfg.get("rope_theta", flat.get("rope_theta", 10000.0))
+    return float(theta), (cfg.get("rope_scaling") or flat or {})
+
+
+# Router scoring when the config omits ``scoring_func`` (transformers 5 drops it): the family's own.
+DEFAULT_SCORING = {Family.V3: "sigmoid", Family.V32: "sigmoid", Family.V4: "sqrtsoftplus"}
+
+
 def _yarn(md: Metadata, arch: str, cfg: dict, log_mul: bool) -> None:
-    rs = cfg.get("rope_scaling") or {}
+    rs = _rope(cfg)[1]
     kind = rs.get("rope_type", rs.get("type"))
     if kind is None or rs.get("factor") is None:
         return
@@ -187,14 +200,14 @@ def build_metadata(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, n_mtp: int, nam
     md.u32(f"{A}.embedding_length", a.hidden)
     md.u32(f"{A}.vocab_size", a.vocab)
     md.u32(f"{A}.attention.head_count", a.n_heads)
-    md.f32(f"{A}.rope.freq_base", cfg.get("rope_theta", 10000.0))
+    md.f32(f"{A}.rope.freq_base", _rope(cfg)[0])
     md.f32(f"{A}.attention.layer_norm_rms_epsilon", cfg.get("rms_norm_eps", 1e-6))
     md.u32(f"{A}.expert_count", a.n_experts)
     md.u32(f"{A}.expert_used_count", a.top_k)
     if cfg.get("n_group"):
         md.u32(f"{A}.expert_group_count", cfg["n_group"])
         md.u32(f"{A}.expert_group_used_count", cfg["topk_group"])
-    score = cfg.get("scoring_func", "softmax")
+    score = cfg.get("scoring_func") or DEFAULT_SCORING[a.family]
     if score not in GATING:
         raise ExportError(f"config.json: scoring_func {score!r} has no llama.cpp gating function")
     md.u32(f"{A}.expert_gating_func", GATING[score])
