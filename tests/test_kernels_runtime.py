@@ -103,7 +103,7 @@ def test_runtime_packed_v3_nvfp4_artifact(nvfp4_artifact):
 
 def test_from_checkpoint_decodes_like_the_reader(tiny_ckpts, nvfp4_artifact):
     """Packed values == ``Checkpoint.dequantize`` exactly for FP8 (F32 and E8M0 scales) and MXFP4; NVFP4 in
-    compressed-tensors form within one float32 rounding (the divisor becomes a multiplier, see packed.py)."""
+    compressed-tensors form within two float32 roundings (the divisor becomes a multiplier, see packed.py)."""
     for key, exact in (("v3-tiny", True), ("v4-flash-tiny", True), (None, False)):
         path = tiny_ckpts[key] if key else nvfp4_artifact
         with Checkpoint.open(path) as ck:
@@ -115,4 +115,6 @@ def test_from_checkpoint_decodes_like_the_reader(tiny_ckpts, nvfp4_artifact):
                 if exact:
                     assert torch.equal(pw.dequantize(), want), n
                 else:
-                    assert bool(((pw.dequantize() - want).abs() <= 2.0 ** -23 * want.abs()).all()), n
+                    # reader: code * fl(bs / g) -> 2 roundings; packed: fl(code * bs) * fl(1 / g) -> 2 roundings
+                    # (code * bs is exact: E2M1 x E4M3 fits in 24 bits). So <= 2 ulp apart: 2^-22 relative.
+                    assert bool(((pw.dequantize() - want).abs() <= 2.0 ** -22 * want.abs()).all()), n
