@@ -180,12 +180,13 @@ def test_engine_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, preset
     for kern in native.Kernel:
         used: list[str] = []
 
-        def run_unit(*a, _k=kern, **kw):
-            r = workers.run_unit(*a, kernel=_k, **kw)
+        def run_unit(*a, **kw):
+            r = workers.run_unit(*a, **kw)
             used.append(r.kernel)
             return r
-        monkeypatch.setattr(engine, "run_unit", run_unit)
-        run_quantize(tiny_ckpts[preset_name], tmp_path / kern.value, recipe=recipe, container=Container(container))
+        monkeypatch.setattr(engine, "run_unit", run_unit)      # observe which kernel each unit used
+        run_quantize(tiny_ckpts[preset_name], tmp_path / kern.value, recipe=recipe, container=Container(container),
+                     kernel=kern)
         assert kern.value in used and set(used) <= {kern.value, ""}
         outs[kern] = tmp_path / kern.value
     files = sorted(p.name for p in outs[native.Kernel.NATIVE].iterdir())

@@ -30,12 +30,12 @@ V3_PARTNER = {Role.ATTN_Q_A: Role.ATTN_KV_A, Role.ATTN_KV_A: Role.ATTN_Q_A}   # 
 
 
 def run_quantize(src: Path, out: Path, recipe: str = "nvfp4-experts", keep=(), overrides=(), workers: int = 1,
-                 **opts) -> tuple:
+                 kernel=None, **opts) -> tuple:
     rules = RuleSet(preset(recipe), keep=keep, overrides=overrides)
     opts.setdefault("shard_bytes", 400_000)     # several shards even for tiny models
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, rules, Options(**opts))
-    r = execute(plan, out, workers=workers, log=lambda m: None)
+    r = execute(plan, out, workers=workers, kernel=kernel, log=lambda m: None)
     return plan, r
 
 
@@ -264,11 +264,13 @@ def test_reader_nvfp4_decode_order(artifacts_cache, container):
 
 def test_compiled_codec_path_same_bytes(tiny_ckpts, tmp_path, monkeypatch):
     """Full-size tensors take the codec's torch.compile'd stages (numel >= 2**16); force them on the tiny
-    model so the engine's use of that path is checked against nvfp4_quantize too."""
+    model, with the torch kernel (the native C kernel is the CPU default), so the engine's use of that
+    path is checked against nvfp4_quantize too."""
     import v4convert.formats.nvfp4 as nv
+    from v4convert.formats.native import Kernel
     monkeypatch.setattr(nv, "_use_compiled", lambda backend, t: t.device.type == "cpu")
     src = tiny_ckpts["v3-tiny"]
-    plan, _ = run_quantize(src, tmp_path / "out")
+    plan, _ = run_quantize(src, tmp_path / "out", kernel=Kernel.TORCH)
     counts = check_against_codecs(src, tmp_path / "out", plan, NVFP4Convention.COMPRESSED_TENSORS, ScaleMethod.RTN,
                                   MXScaleRule.OCP_FLOOR)
     assert counts["-> nvfp4"] > 0

@@ -47,16 +47,21 @@ def _parse_size(text: str) -> int:
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
 @click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
+@click.option("--kernel", type=click.Choice(["native", "torch"]), default=None,
+              help="FP8->NVFP4 hot path: the native C kernel (default on CPU when a C compiler builds it) or "
+                   "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
-                     plan_only: bool, sync_every: str, device: str | None) -> None:
+                     plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
     Reads the release as published (FP8 blocks, V4 MXFP4 experts), writes OUT.partial/ and renames it
     to OUT when complete. A killed run restarted with the same command resumes where it stopped and
     produces byte-identical output.
     """
+    from v4convert.formats.native import Kernel
+
     from .checkpoint import Checkpoint
     from .engine import OutputExistsError, execute
     from .quantize import MXRule, Options, ScaleChoice, make_plan
@@ -80,7 +85,8 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     # default: one in-process worker feeds a CUDA device; on CPU one process per core
     n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
     r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
-                sync_bytes=_parse_size(sync_every), device=device)
+                sync_bytes=_parse_size(sync_every), device=device,
+                kernel=Kernel(kernel) if kernel else None)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
     click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
                f" ({r.resumed_units} of {r.units} units resumed{extra})")

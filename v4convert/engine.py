@@ -25,7 +25,7 @@ from v4convert.formats.containers import Container, OutKind, compressed_tensors_
 
 from . import __version__
 from .quantize import Action, Plan, QuantizeError, Unit
-from .workers import DiskFullError, UnitResult, init_worker, run_unit
+from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
 INDEX_NAME = "model.safetensors.index.json"
@@ -162,10 +162,14 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 
 # ------------------------------------------------------------------------------------ run
 def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False, progress: bool = False,
-            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", log=None) -> RunResult:
+            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (all torch threads);
-    more uses a process pool with one thread each and at most ``2 * workers`` units in flight."""
+    more uses a process pool with one thread each and at most ``2 * workers`` units in flight.
+    ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
+    kernel writes the same bytes, so it is not part of the plan."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    kernel, why = choose_kernel(kernel, device.split(":")[0])
+    log(f"hot path: {why}")
     out = Path(out)
     part, journal, done = _prepare(plan, out, overwrite)
     _check_space(part, plan, done)
@@ -202,9 +206,9 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
     try:
         if workers <= 1:
             for u in todo:
-                finished(run_unit(u, part, plan.options, device))
+                finished(run_unit(u, part, plan.options, device, kernel))
         else:
-            _run_pool(todo, part, plan, workers, finished, device)
+            _run_pool(todo, part, plan, workers, finished, device, kernel)
         flush()
     finally:
         bar.close()
@@ -213,7 +217,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
     return _finish(plan, out, part, stats, len(done), log)
 
 
-def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, device: str) -> None:
+def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, device: str, kernel) -> None:
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
                                 initargs=(1,)) as pool:
@@ -225,7 +229,7 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, 
                     u = next(it, None)
                     if u is None:
                         break
-                    inflight.add(pool.submit(run_unit, u, part, plan.options, device))
+                    inflight.add(pool.submit(run_unit, u, part, plan.options, device, kernel))
                 if not inflight:
                     break
                 ready, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
