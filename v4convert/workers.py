@@ -73,8 +73,8 @@ def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tenso
     r1 = rows if r1 is None else r1
     row_b = e.nbytes // rows if rows else 0
     n = (r1 - r0) * row_b
-    buf = bytearray(n)
-    mv = memoryview(buf)
+    buf = torch.empty(n, dtype=torch.uint8)        # not zero-filled (a bytearray would be)
+    mv = memoryview(buf.numpy())
     got = 0
     with open(e.path, "rb", buffering=0) as f:
         fd = f.fileno()
@@ -85,7 +85,7 @@ def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tenso
                                       f"of {e.end} (shard truncated during the run?)")
             got += k
     tdtype = ST_DTYPES[e.dtype][0]
-    t = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    t = buf
     shape = ((r1 - r0),) + tuple(e.shape[1:]) if e.shape else ()
     return t.view(tdtype).reshape(shape)
 
