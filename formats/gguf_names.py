@@ -63,7 +63,8 @@ F, M, X = Precision.FLOAT, Precision.MAIN, Precision.EXPERT
 HCSite = str   # "attn" | "ffn" | "head"
 Key = Role | tuple[Role, HCSite]
 
-_DEEPSEEK2: dict[Key, Entry] = {
+# Tensors every DeepSeek arch names alike (llama-arch.cpp): globals, the attention front, router, experts.
+_COMMON: dict[Key, Entry] = {
     Role.EMBED: _e("token_embd.weight"),
     Role.FINAL_NORM: _e("output_norm.weight", F),
     Role.HEAD: _e("output.weight"),
@@ -72,13 +73,6 @@ _DEEPSEEK2: dict[Key, Entry] = {
     Role.ATTN_Q_A: _e("blk.{L}.attn_q_a.weight"),
     Role.ATTN_Q_A_NORM: _e("blk.{L}.attn_q_a_norm.weight", F),
     Role.ATTN_Q_B: _e("blk.{L}.attn_q_b.weight"),
-    Role.ATTN_KV_A: _e("blk.{L}.attn_kv_a_mqa.weight"),
-    Role.ATTN_KV_A_NORM: _e("blk.{L}.attn_kv_a_norm.weight", F),
-    Role.ATTN_KV_B: Entry(("blk.{L}.attn_k_b.weight", "blk.{L}.attn_v_b.weight"), Kind.KV_B, Precision.MAIN_8BIT),
-    Role.ATTN_O: _e("blk.{L}.attn_output.weight"),
-    Role.DENSE_GATE: _e("blk.{L}.ffn_gate.weight"),
-    Role.DENSE_UP: _e("blk.{L}.ffn_up.weight"),
-    Role.DENSE_DOWN: _e("blk.{L}.ffn_down.weight"),
     Role.ROUTER: _e("blk.{L}.ffn_gate_inp.weight", F),
     Role.ROUTER_BIAS: _e("blk.{L}.exp_probs_b.bias", F),
     Role.EXPERT_GATE: _e("blk.{L}.ffn_gate_exps.weight", X, Kind.EXPERTS),
@@ -87,6 +81,17 @@ _DEEPSEEK2: dict[Key, Entry] = {
     Role.SHARED_GATE: _e("blk.{L}.ffn_gate_shexp.weight"),
     Role.SHARED_UP: _e("blk.{L}.ffn_up_shexp.weight"),
     Role.SHARED_DOWN: _e("blk.{L}.ffn_down_shexp.weight"),
+}
+
+_DEEPSEEK2: dict[Key, Entry] = {
+    **_COMMON,
+    Role.ATTN_KV_A: _e("blk.{L}.attn_kv_a_mqa.weight"),
+    Role.ATTN_KV_A_NORM: _e("blk.{L}.attn_kv_a_norm.weight", F),
+    Role.ATTN_KV_B: Entry(("blk.{L}.attn_k_b.weight", "blk.{L}.attn_v_b.weight"), Kind.KV_B, Precision.MAIN_8BIT),
+    Role.ATTN_O: _e("blk.{L}.attn_output.weight"),
+    Role.DENSE_GATE: _e("blk.{L}.ffn_gate.weight"),
+    Role.DENSE_UP: _e("blk.{L}.ffn_up.weight"),
+    Role.DENSE_DOWN: _e("blk.{L}.ffn_down.weight"),
     # MTP (NextN) block: loaded by deepseek2/deepseek32 as blk.{n_layer + i}
     Role.MTP_EMBED: _e("blk.{L}.nextn.embed_tokens.weight"),
     Role.MTP_ENORM: _e("blk.{L}.nextn.enorm.weight", F),
@@ -106,9 +111,7 @@ _DEEPSEEK32: dict[Key, Entry] = {
 }
 
 _DEEPSEEK4: dict[Key, Entry] = {
-    Role.EMBED: _e("token_embd.weight"),
-    Role.FINAL_NORM: _e("output_norm.weight", F),
-    Role.HEAD: _e("output.weight"),
+    **_COMMON,
     (Role.HC_FN, "head"): _e("output_hc_fn.weight", F),
     (Role.HC_BASE, "head"): _e("output_hc_base.weight", F),
     (Role.HC_SCALE, "head"): _e("output_hc_scale.weight", F),
@@ -118,11 +121,6 @@ _DEEPSEEK4: dict[Key, Entry] = {
     (Role.HC_FN, "ffn"): _e("blk.{L}.hc_ffn_fn.weight", F),
     (Role.HC_BASE, "ffn"): _e("blk.{L}.hc_ffn_base.weight", F),
     (Role.HC_SCALE, "ffn"): _e("blk.{L}.hc_ffn_scale.weight", F),
-    Role.ATTN_NORM: _e("blk.{L}.attn_norm.weight", F),
-    Role.FFN_NORM: _e("blk.{L}.ffn_norm.weight", F),
-    Role.ATTN_Q_A: _e("blk.{L}.attn_q_a.weight"),
-    Role.ATTN_Q_A_NORM: _e("blk.{L}.attn_q_a_norm.weight", F),
-    Role.ATTN_Q_B: _e("blk.{L}.attn_q_b.weight"),
     Role.ATTN_KV: _e("blk.{L}.attn_kv.weight"),
     Role.ATTN_KV_A_NORM: _e("blk.{L}.attn_kv_a_norm.weight", F),     # LLM_TENSOR_ATTN_KV_NORM
     Role.ATTN_O_A: _e("blk.{L}.attn_output_a.weight"),
@@ -138,15 +136,7 @@ _DEEPSEEK4: dict[Key, Entry] = {
     Role.INDEXER_COMPRESSOR_KV: _e("blk.{L}.indexer_compressor_kv.weight"),
     Role.INDEXER_COMPRESSOR_GATE: _e("blk.{L}.indexer_compressor_gate.weight"),
     Role.INDEXER_COMPRESSOR_NORM: _e("blk.{L}.indexer_compressor_norm.weight", F),
-    Role.ROUTER: _e("blk.{L}.ffn_gate_inp.weight", F),
-    Role.ROUTER_BIAS: _e("blk.{L}.exp_probs_b.bias", F),
     Role.HASH_TABLE: _e("blk.{L}.ffn_gate_tid2eid.weight", Precision.INT, Kind.INT32),
-    Role.EXPERT_GATE: _e("blk.{L}.ffn_gate_exps.weight", X, Kind.EXPERTS),
-    Role.EXPERT_UP: _e("blk.{L}.ffn_up_exps.weight", X, Kind.EXPERTS),
-    Role.EXPERT_DOWN: _e("blk.{L}.ffn_down_exps.weight", X, Kind.EXPERTS),
-    Role.SHARED_GATE: _e("blk.{L}.ffn_gate_shexp.weight"),
-    Role.SHARED_UP: _e("blk.{L}.ffn_up_shexp.weight"),
-    Role.SHARED_DOWN: _e("blk.{L}.ffn_down_shexp.weight"),
 }
 
 TABLES: dict[GGUFArch, dict[Key, Entry]] = {
