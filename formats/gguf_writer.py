@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .sharding import group_in_order
+
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 ALIGNMENT = 32          # general.alignment default
@@ -173,18 +175,8 @@ def split_names(path: Path, n: int) -> list[Path]:
 
 
 def plan_splits(tensors: Sequence[TensorSpec], max_bytes: int | None) -> list[list[TensorSpec]]:
-    """Greedy in-order grouping into files of at most ``max_bytes`` tensor data (a tensor never splits)."""
-    if not max_bytes:
-        return [list(tensors)]
-    groups: list[list[TensorSpec]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    return groups
+    """In-order grouping into files of at most ``max_bytes`` tensor data (a tensor never splits)."""
+    return group_in_order(tensors, [t.nbytes for t in tensors], max_bytes)
 
 
 def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],

@@ -15,13 +15,6 @@ from v4convert.runtime.generate import GenerationError, Tokenizer, generate
 PROMPT = "Beautiful is better than"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("preset", ["v3-tiny", "v32-tiny", "v4-flash-tiny", "v4-flash-base-tiny"])
 def test_run_streams_greedy_text_and_speed(tiny_ckpts, preset):

@@ -25,14 +25,6 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: OpenMP spinning across busy cores makes tiny ops 10x slower; restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _v3_kwargs(**over) -> dict:
     kw = dict(vocab_size=211, hidden_size=72, intermediate_size=88, moe_intermediate_size=20, num_hidden_layers=3,

@@ -23,13 +23,6 @@ SMALL = ["--ctx", "64", "--tokens", "126", "--gen-tokens", "4", "--gen-prompts",
 SPEED_KEYS = ("prefill_tok_s", "decode_tok_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cli(*args: str):
     return CliRunner().invoke(main, ["verify", *args], catch_exceptions=False)

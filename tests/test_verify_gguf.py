@@ -28,13 +28,6 @@ SMALL = ["--ctx", "64", "--tokens", "126", "--gen-tokens", "4", "--gen-prompts",
 F32_MIX = TypeMix(GGUFType.F32, GGUFType.F32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def ref() -> Path:

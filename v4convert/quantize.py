@@ -19,6 +19,7 @@ from pathlib import Path
 
 from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
+from v4convert.formats.sharding import split_in_order
 
 from . import __version__
 from .checkpoint import Checkpoint, TensorInfo
@@ -234,15 +235,8 @@ def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
 
     # shard assignment: fill shards in unit order up to the shard size
     unit_lists: list[list[TensorPlan]] = [[plans[n] for n in groups[k]] for k in order]
-    shard_of: list[int] = []
-    cur, size = 0, 0
-    for ul in unit_lists:
-        b = sum(t.bytes_out for t in ul)
-        if size and size + b > opts.shard_bytes:
-            cur, size = cur + 1, 0
-        shard_of.append(cur)
-        size += b
-    n_shards = cur + 1
+    shard_of = split_in_order([sum(t.bytes_out for t in ul) for ul in unit_lists], opts.shard_bytes)
+    n_shards = (shard_of[-1] + 1) if shard_of else 1
     names = [SHARD_NAME.format(i + 1, n_shards) for i in range(n_shards)]
     meta = {"format": "pt"}
     per_shard: dict[int, list[int]] = defaultdict(list)

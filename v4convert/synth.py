@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
+from v4convert.formats.sharding import group_in_order
 
 from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
 from .roles import Family, Role, Storage
@@ -215,16 +216,8 @@ def planned_tensors(a: Arch, layers: set[int] | None, with_globals: bool, seed: 
 
 
 def assign_shards(planned: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
-    """Greedy in-order split into shards of at most ``shard_size`` bytes (a tensor never splits)."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in planned:
-        if shards[-1] and size + t.nbytes > shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
+    """In-order split into shards of at most ``shard_size`` bytes (a tensor never splits)."""
+    return group_in_order(planned, [t.nbytes for t in planned], shard_size)
 
 
 def preset_config(preset: str) -> dict:
