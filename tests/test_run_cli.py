@@ -5,7 +5,6 @@ import re
 import shutil
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from v4convert.cli import main

@@ -11,7 +11,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
