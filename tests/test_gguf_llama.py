@@ -4,15 +4,19 @@
   top-1 100 %), and greedy generation agrees for 32 tokens.
 - Q8_0 and MXFP4 mixes: llama.cpp's logits match our runtime running the *same* quantized weights
   (the GGUF dequantized by gguf-py, ``gguf_as_checkpoint``). llama.cpp quantizes activations to Q8_0
-  inside every Q8_0 / MXFP4 matmul, and random tiny weights give nearly flat next-token distributions
-  (median top-1/top-2 probability gap ~2e-4), so that noise flips some top-1 choices and, at isolated
+  inside every Q8_0 / MXFP4 matmul and accumulates in an order that depends on its SIMD build; random
+  tiny weights give nearly flat next-token distributions (median top-1/top-2 log-prob gap ~5e-2, per-
+  position log-prob error ~1e-2..3e-2), so that noise flips top-1 choices at near-ties and, at isolated
   positions, near-tie routing decisions (V4: top-2 of 8 experts) -> per-position KLD spikes of ~1e-2.
-  Measured on 136-token prompts: median KLD 4e-6 (V3, V3.2) / 3e-5 (V4), top-1 92.6-100 %. The issue's
-  top-1 >= 99 % presumes a trained model: it is asserted on the bundled trained tiny V3
-  (``test_llama_cpp_quantized_trained_model_top1``: 99.6 % Q8_0, 100 % MXFP4 experts); on random weights we
-  assert median KLD <= 1e-4 and
-  top-1 >= 92 %, and ``test_quantized_check_detects_wrong_weights`` shows the median moves well above the
-  noise for two swapped experts (6x) or unquantized weights (60x). In these runs the V3.2 / V4 indexers
+  How many flip depends on the build (V4 + MXFP4 experts: top-1 92.6 % on the portable build, 89.7 % on
+  a native AVX-512 build), so top-1 on random weights judges the build, not our file. On random weights
+  we assert the median KLD (<= 1e-4; measured 4e-6 V3/V3.2, 3e-5 V4 on both builds: the spikes are a
+  minority of positions), and ``test_quantized_check_detects_wrong_weights`` shows the median moves well
+  above the noise for two swapped experts (6x) or unquantized weights (60x). Top-1 agreement is judged on
+  the bundled *trained* tiny V3 (peaked distributions, no near-ties: ``test_llama_cpp_quantized_trained_
+  model_top1``, >= 99 %: measured 99.6 % Q8_0, 100 % MXFP4 experts). The trained tiny V4 fixture uses a
+  compress ratio llama.cpp's deepseek4 loader refuses (16; it loads 0/4/128), so V4 is only checked on
+  random weights here. In these runs the V3.2 / V4 indexers
   select every key (index_topk >= prompt): activation noise flips the sparse selection at near-ties of
   random indexer scores (measured mean KLD ~2e-3 with it on); the sparse selection itself is checked
   exactly at F32 above.
@@ -150,7 +154,7 @@ def test_llama_cpp_quantized_matches_runtime_on_same_weights(family: str, expert
     kld, top1 = _kld_top1(ref, got)
     med = _kld(ref, got).median().item()
     print(f"{family} Q8_0 + {expert_type.value} experts: KLD mean {kld:.2e} median {med:.2e}, top-1 {top1:.4f}")
-    assert med <= 1e-4 and top1 >= 0.92, (family, expert_type, kld, med, top1)
+    assert med <= 1e-4, (family, expert_type, kld, med, top1)      # top-1: see the module docstring
 
 
 def _swap_experts(src: Path, dst: Path, layer: int, e0: int, e1: int) -> Path:

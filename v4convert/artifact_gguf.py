@@ -25,6 +25,8 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError as e:
         raise ArtifactError(f"GGUF artifacts run through llama.cpp: install llama-cpp-python ({e})") from None
+    from . import llama_log
+    llama_log.install()
     return llama_cpp
 
 

@@ -20,6 +20,7 @@ from .layout import LayoutError
 from v4convert.formats.safetensors_io import FormatError
 
 USER_ERRORS = (CheckpointError, LayoutError, FormatError, FileNotFoundError, ValueError)
+RESUMABLE = {"quantize"}           # commands whose rerun resumes from a journal (engine.py)
 
 
 class Group(click.Group):
@@ -31,6 +32,10 @@ class Group(click.Group):
         except USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:          # Ctrl-C: one line, the shell's 128 + SIGINT, no traceback
+            resumable = ctx.invoked_subcommand in RESUMABLE
+            click.echo("\ninterrupted" + (" — rerun the same command to resume" if resumable else ""), err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,7 +91,7 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
               help="Working directory for the demo's files.")
 @click.option("--tokens", type=int, default=2048, show_default=True, help="Held-out tokens to score.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Window length (the model trained on 128).")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
 def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
     """The pipeline on the bundled trained tiny V3 model, offline, in minutes.
 
@@ -95,9 +100,8 @@ def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
     """
     from .demo import format_demo, run_demo
     from .verify import VerifyOptions
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    from .threads import set_torch_threads
+    set_torch_threads(threads)
     rows = run_demo(out, VerifyOptions(ctx=ctx, tokens=tokens), echo=click.echo)
     click.echo(format_demo(out, rows))
 

@@ -5,7 +5,6 @@ Errors from bad input surface as one line through the main group's error handler
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +41,8 @@ def _parse_size(text: str) -> int:
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: one per free core). The free cores are shared among them, so "
+              "workers x threads never exceeds the cores not busy with other processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
@@ -82,9 +82,10 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    # default: one in-process worker feeds a CUDA device; on CPU one process per core
-    n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
-    r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
+    # default: one in-process worker feeds a CUDA device; on CPU one process per free core
+    from .threads import split_threads
+    n_workers, per_worker = split_threads(1 if device.startswith("cuda") and workers is None else workers)
+    r = execute(plan, out, workers=n_workers, threads=per_worker, overwrite=overwrite, progress=sys.stderr.isatty(),
                 sync_bytes=_parse_size(sync_every), device=device,
                 kernel=Kernel(kernel) if kernel else None)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""

@@ -18,7 +18,7 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
 @click.option("--packed", is_flag=True, help="Keep FP8/FP4 weights packed as stored (kernels.packed) instead of "
               "dequantizing them at load.")
 @click.option("--simulate-quant", is_flag=True, help="DeepSeek's FP8 activation fake-quant on quantized linears.")
@@ -39,7 +39,8 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
     if threads is not None:
         if threads < 1:
             raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
-        torch.set_num_threads(threads)
+    from v4convert.threads import set_torch_threads
+    set_torch_threads(threads)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights
     ids = tok.encode(prompt)
     if len(ids) > max_seq_len:

@@ -45,7 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--device", default="cpu", show_default=True, help="torch device for both models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute dtype of the artifact (the reference always runs in float32).")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice).")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
 def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | None, ctx: int | None,
                    top_k: int | None, gen_tokens: int | None, gen_prompts: int | None, json_out: Path | None,
                    plot_out: Path | None, max_kld: float | None, min_top1: float | None,
@@ -60,8 +60,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     from .verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
                          plot_report, require_matplotlib, verify)
 
-    if threads:
-        torch.set_num_threads(threads)
+    from .threads import set_torch_threads
+    set_torch_threads(threads)
     if save_ref_logits and ref_logits:
         raise VerifyError("--save-ref-logits and --ref-logits exclude each other")
     if plot_out is not None:

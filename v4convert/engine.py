@@ -161,10 +161,12 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 
 
 # ------------------------------------------------------------------------------------ run
-def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False, progress: bool = False,
+def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = None, overwrite: bool = False,
+            progress: bool = False,
             sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None) -> RunResult:
-    """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (all torch threads);
-    more uses a process pool with one thread each and at most ``2 * workers`` units in flight.
+    """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (``threads`` torch threads, None:
+    as set); more uses a process pool of lean workers (forked from a server that imported only
+    ``v4convert.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight.
     ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
     kernel writes the same bytes, so it is not part of the plan."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -205,11 +207,17 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
 
     try:
         if workers <= 1:
+            if threads is not None:
+                import torch
+                torch.set_num_threads(threads)
             for u in todo:
                 finished(run_unit(u, part, plan.options, device, kernel))
         else:
-            _run_pool(todo, part, plan, workers, finished, device, kernel)
+            _run_pool(todo, part, plan, workers, threads or 1, finished, device, kernel)
         flush()
+    except KeyboardInterrupt:
+        flush()           # journal what is finished (fsynced first): the rerun resumes after it
+        raise
     finally:
         bar.close()
         for fd in fds.values():
@@ -217,10 +225,25 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
     return _finish(plan, out, part, stats, len(done), log)
 
 
-def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, device: str, kernel) -> None:
-    ctx = multiprocessing.get_context("spawn")
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Lean workers: a fork server imports ``v4convert.workers`` (torch + codecs) once, and every worker
+    is forked from it. With spawn each worker re-imported torch and the whole CLI. A forked worker still
+    runs the ``__main__`` script (``bin/v4convert``: one ``from v4convert.cli import main``), so the
+    server preloads ``v4convert.cli`` too when we were started from it: that import is then free.
+    Falls back to spawn where there is no fork server (Windows)."""
+    try:
+        ctx = multiprocessing.get_context("forkserver")
+    except ValueError:
+        return multiprocessing.get_context("spawn")
+    ctx.set_forkserver_preload(["v4convert.workers"] + (["v4convert.cli"] if "v4convert.cli" in sys.modules else []))
+    return ctx
+
+
+def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: int, finished, device: str,
+              kernel) -> None:
+    ctx = _worker_context()
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                initargs=(1,)) as pool:
+                                initargs=(threads,)) as pool:
         it = iter(todo)
         inflight: set[cf.Future] = set()
         try:

@@ -87,6 +87,8 @@ def llama_quantize(src: Path, dst: Path, ftype: LlamaQuant, pins: list[tuple[str
         import llama_cpp
     except ImportError:
         raise ExportError(f"--type {ftype.name} is written by llama.cpp's quantizer: install llama-cpp-python") from None
+    from . import llama_log
+    llama_log.install()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype.value)
     params.nthread = threads

@@ -406,5 +406,8 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
 
 
 def init_worker(threads: int) -> None:
-    """Pool initializer: one intra-op thread per worker process (workers = cores)."""
+    """Pool initializer: ``threads`` intra-op threads per worker process. Ctrl-C reaches the whole
+    process group: workers ignore SIGINT so only the parent handles it (one message, clean shutdown)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, threads))
