@@ -26,13 +26,10 @@ F32_MIX = TypeMix(GGUFType.F32, GGUFType.F32)
 
 
 def v4_llama_config() -> dict:
-    """The v4-flash-tiny preset within llama.cpp's deepseek4 graph constraints: compress ratios 0, 4, 128
-    only (its loader refuses the preset's 16; layers 0..3 = sliding, CSA, HCA, CSA), ``hc_mult`` 4
-    (``build_hc_pre`` asserts hc == 4) and an indexer head of 64 (its Hadamard rotation of the indexer
-    q/k is at least 64 wide; the preset's 32 cannot be multiplied)."""
-    cfg = preset_config("v4-flash-tiny")
-    cfg.update(compress_ratios=[0, 4, 128, 4, 0], hc_mult=4, index_head_dim=64)
-    return cfg
+    """The v4-flash-tiny preset, which satisfies llama.cpp's deepseek4 constraints since issue #19
+    (``v4convert.gguf_constraints``): compress ratios 0, 4, 128 only (layers 0..3 = sliding, CSA, HCA,
+    CSA), ``hc_mult`` 4 and an indexer head of 64 (its Hadamard rotation of the indexer q/k)."""
+    return preset_config("v4-flash-tiny")
 
 
 def v32_llama_config() -> dict:

@@ -45,9 +45,29 @@ def _types() -> list[str]:
     return [t.value for t in GGUFType]
 
 
+MXFP4_MOE = "MXFP4_MOE"     # named mix (llama.cpp's MOSTLY_MXFP4_MOE): routed experts MXFP4, the rest Q8_0
+
+
 def _main_types() -> list[str]:
     from .export_gguf import LlamaQuant
-    return _types() + [t.name for t in LlamaQuant]
+    return [MXFP4_MOE] + _types() + [t.name for t in LlamaQuant]
+
+
+def resolve_types(main_type: str, expert_type: str | None):
+    """``--type`` / ``--expert-type`` -> (TypeMix, LlamaQuant | None, experts to llama.cpp's quantizer).
+
+    Like llama.cpp's ``--outtype`` / ``llama-quantize TYPE``, ``--type T`` alone means the whole file
+    (norms, router and hyper-connections stay F32; MLA k_b / v_b never below Q8_0); ``--expert-type``
+    gives the routed experts another type. ``MXFP4_MOE`` (the default) is the named mix routed experts
+    MXFP4 + everything else Q8_0."""
+    from .export_gguf import GGUFType, LlamaQuant, TypeMix
+    mt = main_type.upper()
+    et = GGUFType(expert_type.upper()) if expert_type else None
+    if mt == MXFP4_MOE:
+        return TypeMix(GGUFType.Q8_0, et or GGUFType.MXFP4), None, False
+    if mt in LlamaQuant.__members__:
+        return TypeMix(GGUFType.Q8_0, et or GGUFType.BF16), LlamaQuant[mt], et is None
+    return TypeMix(GGUFType(mt), et or GGUFType(mt)), None, False
 
 
 @click.command("export")
@@ -56,14 +76,15 @@ def _main_types() -> list[str]:
 @click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
 @click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
-@click.option("--type", "main_type", default="Q8_0", show_default=True,
+@click.option("--type", "main_type", default=MXFP4_MOE, show_default=True,
               type=click.Choice(_main_types(), case_sensitive=False),
-              help="Type of attention, shared experts, dense MLP, embedding and head (norms/router stay F32; "
-                   "MLA attn_k_b/attn_v_b never below Q8_0). K-quants / IQ4_XS are written by llama.cpp's own "
-                   "quantizer (llama-cpp-python) from a temporary file where these tensors are BF16.")
-@click.option("--expert-type", default="MXFP4", show_default=True, type=click.Choice(_types(), case_sensitive=False),
-              help="Type of the routed experts. MXFP4 sources (V4 experts, our MXFP4 artifacts) are re-packed "
-                   "losslessly.")
+              help="Type of the whole file, as llama.cpp's --outtype (norms/router/hyper-connections stay F32; MLA "
+                   "attn_k_b/attn_v_b never below Q8_0). MXFP4_MOE: routed experts MXFP4, everything else Q8_0. "
+                   "K-quants / IQ4_XS are written by llama.cpp's own quantizer (llama-cpp-python) from a temporary "
+                   "file where those tensors are BF16. The resolved mix is printed before writing.")
+@click.option("--expert-type", default=None, type=click.Choice(_types(), case_sensitive=False),
+              help="Another type for the routed experts (default: as --type). MXFP4 sources (V4 experts, our "
+                   "MXFP4 artifacts) are re-packed losslessly.")
 @click.option("--mtp/--no-mtp", "keep_mtp", default=True, show_default=True,
               help="Keep the MTP (NextN) block where llama.cpp loads it from the model file (deepseek2/deepseek32).")
 @click.option("--split-max-size", default=None, help="Split into NAME-0000k-of-0000N.gguf files of at most this "
@@ -83,18 +104,20 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
     f = ExportFormat(fmt)
     if f is not ExportFormat.GGUF:
         raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
-    from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf
-    mt = main_type.upper()
-    llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None
-    mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))
+    from .export_gguf import export_gguf
+    mix, llama_type, llama_experts = resolve_types(main_type, expert_type)
     r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
                     progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
-                    llama_type=llama_type)
+                    llama_type=llama_type, llama_experts=llama_experts, log=lambda s: click.echo(s, err=True))
     gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
     click.echo(f"wrote {r.arch.value} GGUF: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) "
                f"in {r.seconds:.1f} s ({gbps:.2f} GB/s): {', '.join(str(p) for p in r.paths)}")
     if r.repacked:
         click.echo(f"  {len(r.repacked)} MXFP4 tensors re-packed losslessly")
+    if r.requantized:
+        eg = next((x for x in r.requantized if "_exps." in x), r.requantized[0])
+        click.echo(f"  {len(r.requantized)} FP4 tensors re-quantized (lossy; the source's FP4 values are not kept), "
+                   f"e.g. {eg}; only MXFP4 sources go into MXFP4 losslessly")
     if r.skipped:
         click.echo(f"  {len(r.skipped)} checkpoint tensors not exported, e.g. {r.skipped[0]}")
     if r.modelfile:

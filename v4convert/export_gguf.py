@@ -153,6 +153,32 @@ class ExportResult:
     repacked: list[str] = field(default_factory=list)      # GGUF tensors re-packed losslessly from MXFP4
     skipped: list[str] = field(default_factory=list)       # checkpoint tensors llama.cpp has no place for
     modelfile: Path | None = None
+    requantized: list[str] = field(default_factory=list)   # FP4 sources encoded again (lossy), "NAME: a -> b"
+    plan: str = ""                                         # the resolved per-role type mix (mix_summary)
+
+
+FP4_STORAGE = (Storage.MXFP4, Storage.NVFP4_CT, Storage.NVFP4_MODELOPT)
+
+
+def _tensor_class(name: str) -> str:
+    if "_exps." in name:
+        return "routed experts"
+    if "attn_k_b" in name or "attn_v_b" in name:
+        return "MLA k_b/v_b"
+    return "other tensors"
+
+
+def mix_summary(arch: GGUFArch, specs: list[TensorSpec], main_note: str = "") -> str:
+    """One line: GGML types per tensor class with tensor counts, e.g.
+    ``GGUF deepseek2 type mix: routed experts MXFP4 x9; MLA k_b/v_b Q8_0 x8; other tensors F32 x29, Q8_0 x30``."""
+    by: dict[str, dict[str, int]] = {}
+    for s in specs:
+        d = by.setdefault(_tensor_class(s.name), {})
+        d[s.qtype.name] = d.get(s.qtype.name, 0) + 1
+    order = ("routed experts", "MLA k_b/v_b", "other tensors")
+    parts = [f"{c} " + ", ".join(f"{t} x{n}" for t, n in sorted(by[c].items(), key=lambda kv: -kv[1]))
+             for c in order if c in by]
+    return f"GGUF {arch.value} type mix{main_note}: " + "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -364,15 +390,17 @@ def _encode(ck: Checkpoint, info: TensorInfo, q: Q) -> torch.Tensor:
 
 
 def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True
-                 ) -> tuple[list[TensorSpec], list[str], list[str]]:
+                 ) -> tuple[list[TensorSpec], list[str], list[str], list[str]]:
     """GGUF tensor specs in checkpoint order (experts stacked per layer and projection).
 
-    Returns (specs, names re-packed losslessly from MXFP4, checkpoint names skipped with reasons).
+    Returns (specs, names re-packed losslessly from MXFP4, checkpoint names skipped with reasons,
+    FP4-stored tensors quantized again ("NAME: storage -> type", lossy)).
     """
     a = ck.arch
     specs: list[TensorSpec] = []
     repacked: list[str] = []
     skipped: list[str] = []
+    requantized: list[str] = []          # FP4 sources encoded again (lossy): "GGUF name: storage -> type"
     experts: dict[tuple[int, Role], list[TensorInfo]] = {}
     for info in ck.infos():
         if info.expert is not None:
@@ -400,6 +428,8 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             (name,) = e.format(L)
             if q == Q.MXFP4 and all(m.storage is Storage.MXFP4 for m in members):
                 repacked.append(name)
+            elif any(m.storage in FP4_STORAGE for m in members) and q != Q.F32:
+                requantized.append(f"{name}: {members[0].storage.value} -> {q.name}")
             specs.append(TensorSpec(name, (a.n_experts, out_f, in_f), q,
                                     lambda ms=members, q=q: (_encode(ck, m, q) for m in ms)))
         elif e.kind is Kind.KV_B:
@@ -428,18 +458,39 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             q = mix.resolve(e, info.shape[-1])
             if q == Q.MXFP4 and info.storage is Storage.MXFP4:
                 repacked.append(name)
+            elif info.storage in FP4_STORAGE and q != Q.F32:
+                requantized.append(f"{name}: {info.storage.value} -> {q.name}")
             specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q)))
-    return specs, repacked, skipped
+    return specs, repacked, skipped, requantized
+
+
+class NotLoadableError(ExportError):
+    """The config breaks a constraint of llama.cpp's loader / graph for its arch (``gguf_constraints``)."""
+
+
+def check_llama_loadable(ckpt: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose GGUF llama.cpp would not load (before writing anything)."""
+    from .gguf_constraints import violations
+    with Checkpoint.open(ckpt) as ck:
+        arch = ARCH_OF[ck.family]
+        bad = violations(arch, ck.arch, ck.config)
+    if bad:
+        raise NotLoadableError(f"{Path(ckpt) / 'config.json'}: llama.cpp cannot load this model as GGUF: "
+                               + "; ".join(bad))
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
-                name: str | None = None, llama_type: LlamaQuant | None = None) -> ExportResult:
+                name: str | None = None, llama_type: LlamaQuant | None = None, llama_experts: bool = False,
+                log: Callable[[str], None] | None = None) -> ExportResult:
     """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
 
     ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
     intermediate file in which those tensors are BF16 and everything else is already final (experts in
     ``mix.expert``, k_b / v_b Q8_0, F32 tensors), pinned so llama.cpp copies them unchanged.
+    ``llama_experts``: the routed experts go to llama.cpp's quantizer too (BF16 in the intermediate,
+    not pinned): the whole-file meaning of ``--type Q4_K_M``. ``log`` gets the resolved type mix
+    (``mix_summary``) before any tensor is written.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -447,32 +498,41 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         raise ExportError(f"{out}: the output file name must end in .gguf")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
+    check_llama_loadable(ckpt)
     if llama_type is not None:
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
         tmp = out.with_name(out.stem + ".intermediate.gguf")
         mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
-        inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
-                            progress=progress, modelfile=False, name=name)
-        pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype),
-                                                       (LLAMA_PIN_EXPERTS, mix.expert.qtype)]
+        expert = GGUFType.BF16 if llama_experts else mix.expert
+        note = (f" (intermediate: llama.cpp's {llama_type.name} quantizer then rewrites the BF16 tensors, "
+                f"with its fallback types where rows are not whole 256-blocks)")
+        inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, expert, mla), keep_mtp=keep_mtp,
+                            progress=progress, modelfile=False, name=name,
+                            log=(lambda line: log(line.replace(" type mix", " type mix" + note, 1))) if log else None)
+        pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype)]
+        if not llama_experts:
+            pins.append((LLAMA_PIN_EXPERTS, mix.expert.qtype))
         try:
             llama_quantize(tmp, out, llama_type, pins)
         finally:
             tmp.unlink(missing_ok=True)
         res = ExportResult([out], inter.arch, inter.n_tensors, out.stat().st_size, time.perf_counter() - t0,
-                           inter.repacked, inter.skipped, None)
+                           inter.repacked, inter.skipped, None, inter.requantized, inter.plan)
         if modelfile:
             res.modelfile = _write_modelfile(ckpt, out, [out])
         return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
-        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp)
+        specs, repacked, skipped, requantized = plan_tensors(ck, arch, mix, keep_mtp)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
                      if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
         md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
         special = add_tokenizer(md, ck.root, ck.arch.vocab)
         total = sum(s.nbytes for s in specs)
+        plan = mix_summary(arch, specs)
+        if log:
+            log(plan)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -483,7 +543,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             if bar:
                 bar.close()
         mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
-    return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
+    return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf,
+                        requantized, plan)
 
 
 def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: dict[str, str] | None = None) -> Path:

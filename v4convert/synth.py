@@ -60,9 +60,11 @@ def _v4_tiny(base: bool) -> dict:
     cfg = copy.deepcopy(_ref_config("deepseek-v4-flash.config.json"))
     cfg.update(hidden_size=160, moe_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                head_dim=64, qk_rope_head_dim=16, q_lora_rank=96, o_groups=2, o_lora_rank=48,
-               n_routed_experts=8, num_experts_per_tok=2, hc_mult=2, index_n_heads=2, index_head_dim=32,
+               n_routed_experts=8, num_experts_per_tok=2, hc_mult=4, index_n_heads=2, index_head_dim=64,
                index_topk=4, sliding_window=8, num_hash_layers=1, vocab_size=611, max_position_embeddings=4096,
-               compress_ratios=[0, 4, 16, 4, 0])
+               compress_ratios=[0, 4, 128, 4, 0])
+    # within llama.cpp's deepseek4 constraints (gguf_constraints.py): ratios 0/4/128, hc_mult 4, indexer
+    # head a multiple of 64, so the tiny preset's GGUF loads in llama.cpp
     cfg["rope_scaling"] = dict(cfg["rope_scaling"], factor=4, original_max_position_embeddings=1024)
     if base:
         cfg.pop("expert_dtype", None)

@@ -1,0 +1,161 @@
+"""What a newcomer hits in the first hour (issue #19, #20 items 4-6): Ctrl-C, llama.cpp's log callback,
+thread defaults, small CLI frictions. Each test runs the real CLI in a subprocess where the behaviour
+is about what the user sees (exit code, stderr)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_gguf_export import synth_config
+from v4convert.synth import preset_config
+
+INTERRUPTED = "interrupted — rerun the same command to resume"
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "v4convert.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def wide_v3(tmp_path_factory) -> Path:
+    """A V3 checkpoint with 32 experts per layer: a few hundred quantize units, so a run lasts long
+    enough (one fsync per unit with --sync-every 1B) to be interrupted in the middle."""
+    cfg = preset_config("v3-tiny")
+    cfg.update(n_routed_experts=32, hidden_size=256, moe_intermediate_size=256, intermediate_size=256)
+    return synth_config(cfg, tmp_path_factory.mktemp("wide") / "v3")
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_ctrl_c_during_quantize_is_one_line_exit_130_and_resumes(wide_v3: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does, so the workers get it too) in
+    the middle of a 2-worker run: exit 130, one line, no traceback; the same command then resumes the
+    journaled units and writes files byte-identical to an uninterrupted run."""
+    clean = tmp_path / "clean"
+    args = ["quantize", str(wide_v3), "--fp4", "--workers", "2", "--sync-every", "1B"]
+    r = cli(*args, "--out", str(clean))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "v4convert.cli", *args, "--out", str(out)], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    done = out.with_name("out.partial") / ".journal" / "done"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if done.is_file() and len(done.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.005)
+    assert p.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert err.strip().splitlines()[-1] == INTERRUPTED, err
+    assert not out.exists() and out.with_name("out.partial").is_dir()
+    journaled = len(done.read_text().splitlines())
+    r = cli(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"resuming: {journaled} of" in r.stderr, r.stderr
+    assert _files(out) == _files(clean)
+
+
+def test_llama_cpp_log_callback_no_traceback_on_successful_k_quant(tmp_path: Path) -> None:
+    """export --type q4_k_m runs llama.cpp's quantizer, whose log cuts UTF-8 characters in two (the
+    tokenizer dump): llama-cpp-python's callback raised UnicodeDecodeError there. Ours replaces the
+    broken bytes and keeps only llama.cpp's warnings/errors."""
+    pytest.importorskip("llama_cpp")
+    ck = synth_config(preset_config("v3-tiny"), tmp_path / "v3")
+    r = cli("export", str(ck), "--gguf", "--out", str(tmp_path / "k.gguf"), "--type", "q4_k_m")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "UnicodeDecodeError" not in r.stderr, r.stderr
+    assert "llama_model_loader: - kv" not in r.stderr          # INFO dump dropped
+    assert (tmp_path / "k.gguf").stat().st_size > 0
+
+
+def test_log_callback_replaces_cut_utf8(capfd) -> None:
+    pytest.importorskip("llama_cpp")
+    from v4convert import llama_log
+    llama_log.install()
+    cb = llama_log._state["callback"]
+    cb(llama_log.LEVEL_ERROR, "token Ġ".encode()[:-1], None)     # "Ġ" cut after its first byte
+    cb(llama_log.LEVEL_CONT, b" tail\n", None)
+    err = capfd.readouterr().err
+    assert err == "token \ufffd tail\n", repr(err)
+
+
+# ------------------------------------------------------------------------------------ GGUF type mix + constraints
+def _gguf_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def test_type_alone_means_whole_file_and_mix_is_printed_first(tmp_path: Path) -> None:
+    """--type F32 alone: every tensor F32 (llama.cpp's --outtype meaning); the default is the named
+    MXFP4_MOE mix (experts MXFP4, rest Q8_0, small tensors F32); --expert-type still splits; the resolved
+    mix is printed before the file is written."""
+    ck = synth_config(preset_config("v3-tiny"), tmp_path / "v3")
+    r = cli("export", str(ck), "--gguf", "--out", str(tmp_path / "f.gguf"), "--type", "f32", "--no-modelfile")
+    assert r.returncode == 0, r.stderr
+    assert set(_gguf_types(tmp_path / "f.gguf").values()) == {"F32"}
+    assert "type mix: routed experts F32 x" in r.stderr
+    r = cli("export", str(ck), "--gguf", "--out", str(tmp_path / "d.gguf"), "--no-modelfile")
+    assert r.returncode == 0, r.stderr
+    d = _gguf_types(tmp_path / "d.gguf")
+    assert {t for n, t in d.items() if "_exps." in n} == {"MXFP4"}
+    assert {t for n, t in d.items() if "_exps." not in n} == {"Q8_0", "F32"}
+    assert "routed experts MXFP4 x9; MLA k_b/v_b Q8_0 x8" in r.stderr
+    assert r.stderr.index("type mix") < len(r.stderr) and "wrote" in r.stdout
+    r = cli("export", str(ck), "--gguf", "--out", str(tmp_path / "m.gguf"), "--type", "MXFP4_MOE", "--no-modelfile")
+    assert r.returncode == 0 and _gguf_types(tmp_path / "m.gguf") == d
+    r = cli("export", str(ck), "--gguf", "--out", str(tmp_path / "s.gguf"), "--type", "f16", "--expert-type",
+            "q4_0", "--no-modelfile")
+    s = _gguf_types(tmp_path / "s.gguf")
+    assert r.returncode == 0 and {t for n, t in s.items() if "_exps." in n} == {"Q4_0"}
+    assert {t for n, t in s.items() if "_exps." not in n} == {"F16", "F32"}
+
+
+def test_gguf_refuses_config_llama_cpp_cannot_load(tmp_path: Path) -> None:
+    """A V4 config with the compress ratio 16 (the bundled trained fixture's) and a 32-wide indexer head:
+    one line naming both constraints and where llama.cpp states them, exit 2, no file written."""
+    cfg = preset_config("v4-flash-tiny")
+    cfg.update(compress_ratios=[0, 4, 16, 4, 0], index_head_dim=32)
+    ck = synth_config(cfg, tmp_path / "v4")
+    out = tmp_path / "x.gguf"
+    r = cli("export", str(ck), "--gguf", "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "llama.cpp cannot load" in lines[0], r.stderr
+    assert "compress_ratios contain [16]" in lines[0] and "index_head_dim is 32" in lines[0]
+    assert "deepseek4.cpp" in lines[0]
+    assert not out.exists() and not (tmp_path / "Modelfile").exists()
+
+
+def test_tiny_v4_preset_gguf_loads_in_llama_cpp(tmp_path: Path) -> None:
+    """The synth preset itself (not a test-only config) exports to a GGUF llama.cpp loads and runs."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    r = cli("synth", "--preset", "v4-flash-tiny", "--out", str(tmp_path / "v4"))
+    assert r.returncode == 0, r.stderr
+    r = cli("export", str(tmp_path / "v4"), "--gguf", "--out", str(tmp_path / "v4.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert "MXFP4 tensors re-packed losslessly" in r.stdout
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "v4.gguf"), n_ctx=256, n_threads=1, verbose=False)
+    llm.eval([0] + list(range(2, 140)))          # > 128 tokens: the ratio-128 layer has a compressed block
+    assert llm.n_tokens == 139
+    llm.close()
+
+
+def test_nvfp4_artifact_to_mxfp4_gguf_says_it_requantizes(tmp_path: Path) -> None:
+    ck = synth_config(preset_config("v3-tiny"), tmp_path / "v3")
+    r = cli("quantize", str(ck), "--fp4", "--out", str(tmp_path / "nv"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", str(tmp_path / "nv"), "--gguf", "--out", str(tmp_path / "nv.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert "FP4 tensors re-quantized (lossy" in r.stdout and "nvfp4_ct -> MXFP4" in r.stdout, r.stdout
