@@ -19,7 +19,7 @@ INTERRUPTED = "interrupted — rerun the same command to resume"
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "v4convert.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "v4convert.cli", *args], capture_output=True, text=True, check=False,
                           timeout=600, **kw)
 
 

@@ -7,8 +7,8 @@ each with the llama.cpp source it comes from (read in the llama.cpp vendored by 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from v4convert.formats.gguf_names import GGUFArch
 

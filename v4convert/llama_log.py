@@ -27,7 +27,9 @@ def _show(level: int) -> bool:
         return False
     import logging
 
-    from llama_cpp._logger import logger      # Llama(verbose=False) raises it to ERROR: honour that
+    from llama_cpp._logger import (
+        logger,  # Llama(verbose=False) raises it to ERROR: honour that
+    )
     return level == LEVEL_ERROR or logger.level <= logging.WARNING
 
 
@@ -45,7 +47,7 @@ def install() -> None:
                 sys.stderr.flush()
             if level != LEVEL_CONT:
                 _state["last"] = level
-        except Exception:       # a callback must never raise into C (it would print a traceback)
+        except Exception:  # noqa: BLE001, S110 -- a callback must never raise into C (Python would print a traceback)
             pass
 
     _state["callback"] = callback            # keep the ctypes thunk alive

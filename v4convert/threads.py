@@ -42,7 +42,7 @@ def free_cores() -> int:
         except AttributeError:
             pass
         used = sum(busy) / 100.0
-    except Exception:        # psutil missing or unreadable /proc: fall back to the load average
+    except Exception:  # noqa: BLE001 -- psutil missing or /proc unreadable: fall back to the load average
         used = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(n, round(n - used)))
 
