@@ -159,3 +159,60 @@ def test_nvfp4_artifact_to_mxfp4_gguf_says_it_requantizes(tmp_path: Path) -> Non
     r = cli("export", str(tmp_path / "nv"), "--gguf", "--out", str(tmp_path / "nv.gguf"))
     assert r.returncode == 0, r.stderr
     assert "FP4 tensors re-quantized (lossy" in r.stdout and "nvfp4_ct -> MXFP4" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------------------------------ small frictions (#20 item 6)
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory) -> Path:
+    return synth_config(preset_config("v3-tiny"), tmp_path_factory.mktemp("v3") / "v3")
+
+
+def test_run_on_a_gguf_file_says_what_to_do(v3: Path, tmp_path: Path) -> None:
+    g = tmp_path / "x.gguf"
+    g.write_bytes(b"GGUF")
+    r = cli("run", str(g), "--prompt", "hi")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "takes a checkpoint directory" in r.stderr and "llama-cli -m" in r.stderr and "verify" in r.stderr
+    assert "is a file" not in r.stderr.replace("not a file", "")
+
+
+def test_ctx_beyond_model_limit_refused(v3: Path) -> None:
+    import json
+    lim = json.loads((v3 / "config.json").read_text())["max_position_embeddings"]
+    for args in (["verify", str(v3), str(v3), "--ctx", str(lim + 1)],
+                 ["run", str(v3), "--prompt", "hi", "--max-seq-len", str(lim + 1)]):
+        r = cli(*args)
+        assert r.returncode == 2 and f"exceeds the model's context limit of {lim} tokens" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_export_default_output_name(v3: Path, tmp_path: Path) -> None:
+    r = cli("export", str(v3), "--gguf", "--type", "q8_0", "--no-modelfile", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "v3-Q8_0.gguf").is_file() and str(tmp_path / "v3-Q8_0.gguf") in r.stdout
+
+
+def test_verify_and_demo_ctx_defaults_agree(v3: Path) -> None:
+    """One rule (verify.default_ctx) for both: a trained fixture's training context (128 for the bundled
+    tiny V3), else 512; the demo has no default of its own."""
+    import json
+
+    from v4convert.cli import demo_cmd
+    from v4convert.demo import bundled_model
+    from v4convert.verify import VerifyOptions, default_ctx
+    src = bundled_model("v3")
+    assert default_ctx(src) == json.loads((src / "train_report.json").read_text())["ctx"] == 128
+    assert default_ctx(v3) == VerifyOptions.ctx == 512
+    (ctx_opt,) = [p for p in demo_cmd.params if p.name == "ctx"]
+    assert ctx_opt.default is None
+
+
+# ------------------------------------------------------------------------------------ threads (#20 item 4)
+def test_thread_defaults_never_oversubscribe() -> None:
+    from v4convert.threads import free_cores, split_threads, usable_cores
+    assert 1 <= free_cores() <= usable_cores() <= (os.cpu_count() or 1)
+    for cores in (1, 2, 3, 8, 16):
+        assert split_threads(None, cores) == (cores, 1)
+        for w in (1, 2, 3, 5, 32):
+            n, t = split_threads(w, cores)
+            assert n == w and t >= 1 and n * t <= max(w, cores), (w, cores, n, t)

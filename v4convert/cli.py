@@ -90,9 +90,10 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("v4convert-demo"), show_default=True,
               help="Working directory for the demo's files.")
 @click.option("--tokens", type=int, default=2048, show_default=True, help="Held-out tokens to score.")
-@click.option("--ctx", type=int, default=128, show_default=True, help="Window length (the model trained on 128).")
+@click.option("--ctx", type=int, default=None, help="Window length [default: as verify's: the bundled model's "
+              "training context, 128].")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
-def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
+def demo_cmd(out: Path, tokens: int, ctx: int | None, threads: int | None) -> None:
     """The pipeline on the bundled trained tiny V3 model, offline, in minutes.
 
     Quantizes the bundled FP8 release (trained on Python stdlib text) to NVFP4 and MXFP4, verifies each
@@ -102,7 +103,9 @@ def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
     from .verify import VerifyOptions
     from .threads import set_torch_threads
     set_torch_threads(threads)
-    rows = run_demo(out, VerifyOptions(ctx=ctx, tokens=tokens), echo=click.echo)
+    from .demo import bundled_model
+    from .verify import default_ctx
+    rows = run_demo(out, VerifyOptions(ctx=ctx or default_ctx(bundled_model("v3")), tokens=tokens), echo=click.echo)
     click.echo(format_demo(out, rows))
 
 

@@ -75,7 +75,8 @@ def resolve_types(main_type: str, expert_type: str | None):
 @click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
 @click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
 @click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
+@click.option("--out", default=None, type=click.Path(path_type=Path),
+              help="Output file (GGUF: NAME.gguf) [default: ./CKPTNAME-TYPE.gguf in the current directory].")
 @click.option("--type", "main_type", default=MXFP4_MOE, show_default=True,
               type=click.Choice(_main_types(), case_sensitive=False),
               help="Type of the whole file, as llama.cpp's --outtype (norms/router/hyper-connections stay F32; MLA "
@@ -91,7 +92,7 @@ def resolve_types(main_type: str, expert_type: str | None):
               "much tensor data (e.g. 50G).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
+def export_command(ckpt: Path, fmt: str | None, out: Path | None, main_type: str, expert_type: str, keep_mtp: bool,
                    split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
     """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
 
@@ -106,6 +107,9 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
         raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
     from .export_gguf import export_gguf
     mix, llama_type, llama_experts = resolve_types(main_type, expert_type)
+    if out is None:
+        suffix = main_type.upper() + (f"-{expert_type.upper()}-EXPERTS" if expert_type else "")
+        out = Path.cwd() / f"{ckpt.resolve().name}-{suffix}.gguf"      # llama.cpp's convert names NAME-TYPE.gguf
     r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
                     progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
                     llama_type=llama_type, llama_experts=llama_experts, log=lambda s: click.echo(s, err=True))

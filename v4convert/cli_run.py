@@ -10,7 +10,7 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 
 
 @click.command("run")
-@click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
 @click.option("--prompt", required=True, help="Prompt text (encoded with the checkpoint's tokenizer.json).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
@@ -39,6 +39,13 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
     if threads is not None:
         if threads < 1:
             raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
+    if not ckpt.is_dir():
+        hint = (f"; run a GGUF in llama.cpp (llama-cli -m {ckpt}) or compare it: v4convert verify CKPT {ckpt}"
+                if ckpt.suffix == ".gguf" else "")
+        raise GenerationError(f"{ckpt}: run takes a checkpoint directory (config.json + safetensors), "
+                              f"not a file{hint}")
+    from v4convert.verify import check_ctx
+    check_ctx(ckpt, max_seq_len, "--max-seq-len")
     from v4convert.threads import set_torch_threads
     set_torch_threads(threads)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights

@@ -23,7 +23,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="UTF-8 text to score (default: the bundled held-out Python stdlib text).")
 @click.option("--tokens", type=int, default=None, help="Tokens to score, in whole windows [default: 4096].")
-@click.option("--ctx", type=int, default=None, help="Window length in tokens [default: 512].")
+@click.option("--ctx", type=int, default=None, help="Window length in tokens [default: the training context of our trained fixtures, else 512; "
+              "never beyond the model's max_position_embeddings].")
 @click.option("--top-k", "top_k", type=int, default=None,
               help="Reference tokens kept per position; KL is exact when >= vocab [default: 256].")
 @click.option("--gen-tokens", type=int, default=None, help="Greedy continuation length per prompt [default: 32].")
@@ -71,7 +72,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     if ref_logits is not None:
         opts = dataclasses.replace(cached_options(ref_logits), **given) if given else None
     else:
-        opts = VerifyOptions(**given)
+        from .verify import default_ctx
+        opts = VerifyOptions(**{"ctx": default_ctx(ref), **given})
     show = sys.stderr.isatty()
 
     def progress(what: str, i: int, n: int) -> None:

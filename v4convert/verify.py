@@ -399,7 +399,8 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         check_cache(rec, ref_path, opts, data)
         opts = VerifyOptions(**rec.meta["options"])
     else:
-        opts = opts or VerifyOptions()
+        opts = opts or VerifyOptions(ctx=default_ctx(ref_path))
+        check_ctx(ref_path, opts.ctx)
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
         cfg = json.loads((ref_path / "config.json").read_text())
@@ -434,6 +435,39 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
                             "max_ppl_ratio": thresholds.max_ppl_ratio, "failures": fails, "passed": not fails}
     report["_per_token_kld"] = per_token      # for the plot; dropped from JSON
     return report
+
+
+def context_limit(ckpt: Path) -> int | None:
+    """The model's context limit (``max_position_embeddings`` of ``config.json``), None if not stated."""
+    p = Path(ckpt) / "config.json"
+    try:
+        n = json.loads(p.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def default_ctx(ref: Path) -> int:
+    """Window length when ``--ctx`` is not given, shared by ``verify`` and ``demo``: the training context of
+    our trained fixtures (``train_report.json``: 128 for the bundled tiny models, the length their
+    perplexity means something at), else ``VerifyOptions.ctx`` (512), capped by the model's limit."""
+    n = VerifyOptions.ctx
+    rep = Path(ref) / "train_report.json"
+    if rep.is_file():
+        n = int(json.loads(rep.read_text()).get("ctx") or n)
+    lim = context_limit(ref)
+    return min(n, lim) if lim else n
+
+
+def check_ctx(ref: Path, ctx: int, what: str = "--ctx") -> None:
+    """Refuse a window longer than the model's context limit (positions past it are out of distribution
+    and, with YaRN, beyond the scaled rope)."""
+    lim = context_limit(ref)
+    if ctx < 2:
+        raise VerifyError(f"{what} {ctx}: a window needs at least 2 tokens")
+    if lim is not None and ctx > lim:
+        raise VerifyError(f"{what} {ctx} exceeds the model's context limit of {lim} tokens "
+                          f"(max_position_embeddings in {Path(ref) / 'config.json'})")
 
 
 def cached_options(path: Path) -> VerifyOptions:
