@@ -216,3 +216,33 @@ def test_thread_defaults_never_oversubscribe() -> None:
         for w in (1, 2, 3, 5, 32):
             n, t = split_threads(w, cores)
             assert n == w and t >= 1 and n * t <= max(w, cores), (w, cores, n, t)
+
+
+# ------------------------------------------------------------------------------------ README / demo (#20 item 5)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_names_only_files_the_repo_has() -> None:
+    import re
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:md|py|sh|json|txt))`", text))
+    named |= {f"bench/{m}" for m in re.findall(r"`([\w-]+\.(?:py|sh))`", text)}
+    named |= set(re.findall(r"`([\w-]+\.md)`", text))
+    assert named, "the README names no files: the check would be empty"
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing
+
+
+def test_demo_next_steps_plot_only_where_it_runs(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from v4convert import demo
+    art = tmp_path / "nvfp4"
+    with_mpl = "\n".join(demo.next_steps(tmp_path, art))
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert f"--plot {tmp_path / 'plot.png'}" in with_mpl
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+    base = "\n".join(demo.next_steps(tmp_path, art))
+    assert "--plot" not in base.split("(for a --plot")[0] and "pip install 'v4convert[plot]'" in base
+    assert str(demo.bundled_model("v3")) in base and str(art) in base

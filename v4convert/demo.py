@@ -100,5 +100,20 @@ def format_demo(out: Path, rows: list[tuple[str, float | None, dict]]) -> str:
         p = Path(r["artifact"]["path"])
         lines.append(f"  {label:28s} {p}  (report {out / ('verify-' + p.name + '.json')})")
     lines.append(f"  {'reference logits':28s} {out / 'ref-logits.safetensors'}")
-    lines.append("next: v4convert verify REF ARTIFACT --plot plot.png ; v4convert run ARTIFACT --prompt 'def '")
+    lines += next_steps(out, Path(rows[1][2]["artifact"]["path"]))
     return "\n".join(lines)
+
+
+def next_steps(out: Path, artifact: Path) -> list[str]:
+    """Commands to try next, with the demo's real paths; ``--plot`` only where it can run (matplotlib is
+    in the ``plot`` extra, not the base install), else how to get it."""
+    import importlib.util
+    ref = bundled_model("v3")
+    verify = f"v4convert verify {ref} {artifact} --ref-logits {out / 'ref-logits.safetensors'}"
+    if importlib.util.find_spec("matplotlib") is not None:
+        verify += f" --plot {out / 'plot.png'}"
+        extra = []
+    else:
+        extra = ["      (for a --plot PNG: pip install 'v4convert[plot]' — or pip install matplotlib — first)"]
+    return ["next:", f"  {verify}", *extra, f"  v4convert run {artifact} --prompt 'def '",
+            f"  v4convert export {artifact} --gguf --out {out / 'demo.gguf'}"]
