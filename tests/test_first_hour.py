@@ -246,3 +246,11 @@ def test_demo_next_steps_plot_only_where_it_runs(tmp_path: Path, monkeypatch) ->
     base = "\n".join(demo.next_steps(tmp_path, art))
     assert "--plot" not in base.split("(for a --plot")[0] and "pip install 'v4convert[plot]'" in base
     assert str(demo.bundled_model("v3")) in base and str(art) in base
+
+
+def test_run_default_kv_length_fits_the_model() -> None:
+    """The bundled model allows 1024 positions: run's default KV length follows it (not a fixed 4096)."""
+    from v4convert.demo import bundled_model
+    r = cli("run", str(bundled_model("v3")), "--prompt", "def ", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "decode:" in r.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+DEFAULT_MAX_SEQ = 4096                          # KV cache length when the model allows it
 DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch is imported only when running)
 
 
@@ -14,7 +15,8 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 @click.option("--prompt", required=True, help="Prompt text (encoded with the checkpoint's tokenizer.json).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--max-seq-len", default=4096, show_default=True, type=int, help="KV cache length (prompt + output).")
+@click.option("--max-seq-len", default=None, type=int, help="KV cache length (prompt + output) [default: the "
+              "model's max_position_embeddings, at most 4096]; never beyond the model's limit.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
@@ -26,7 +28,7 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
               help="Opt-in dynamic expert routing: keep experts until their normalised weights reach this mass.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
 @click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
-def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int, seed: int,
+def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int | None, seed: int,
                 device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None) -> None:
     """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s."""
@@ -44,7 +46,9 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
                 if ckpt.suffix == ".gguf" else "")
         raise GenerationError(f"{ckpt}: run takes a checkpoint directory (config.json + safetensors), "
                               f"not a file{hint}")
-    from v4convert.verify import check_ctx
+    from v4convert.verify import check_ctx, context_limit
+    if max_seq_len is None:
+        max_seq_len = min(DEFAULT_MAX_SEQ, context_limit(ckpt) or DEFAULT_MAX_SEQ)
     check_ctx(ckpt, max_seq_len, "--max-seq-len")
     from v4convert.threads import set_torch_threads
     set_torch_threads(threads)
