@@ -254,3 +254,55 @@ def test_run_default_kv_length_fits_the_model() -> None:
     r = cli("run", str(bundled_model("v3")), "--prompt", "def ", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "decode:" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ inspect --memory / --device
+REF = ROOT / "v4convert" / "data" / "ref"
+
+
+def _fit(path: str, *args: str) -> dict:
+    """inspect's memory report, in process (the CLI wiring is checked by the error test below)."""
+    from v4convert.inspect import build_report
+    from v4convert.memfit import Budget, parse_devices, parse_size
+    o = dict(zip(args[::2], args[1::2]))
+    n, size = parse_devices(o["--device"]) if "--device" in o else (1, parse_size(o["--memory"]))
+    return build_report(Path(path), Budget(n, size, parse_size(o.get("--reserve", "1GB"))),
+                        int(o.get("--kv-tokens", 32768)))["memory_fit"]
+
+
+def test_memory_fit_full_size_reference_configs() -> None:
+    """V3 671B: MLA cache = 61 layers x (512 latent + 64 rope) x 2 bytes per token; no FP4 recipe fits on
+    2 x 32 GiB (dual RTX 5090: ~340 GiB of weights); on 512 GiB (a Mac Studio) the FP4 ones fit with room
+    for millions of tokens while GGUF Q8_0 does not. V4-Flash's FP4 outputs fit in 192 GiB."""
+    f = _fit(str(REF / "deepseek-v3-671b.config.json"), "--device", "2x32GB", "--kv-tokens", "32768")
+    assert f["kv_bytes"] == 61 * 576 * 2 * 32768 and f["devices"] == 2 and f["per_device_bytes"] == 32 << 30
+    assert not any(r["fits"] for r in f["recipes"].values())
+    r = f["recipes"]["nvfp4-experts"]
+    assert r["spare_bytes"] == 2 * (31 << 30) - r["total_bytes"] < 0
+    f = _fit(str(REF / "deepseek-v3-671b.config.json"), "--memory", "512GB", "--kv-tokens", "131072")
+    assert f["recipes"]["nvfp4-experts"]["fits"] and f["recipes"]["gguf-mxfp4-moe"]["fits"]
+    assert not f["recipes"]["gguf-q8_0"]["fits"]
+    r = f["recipes"]["mxfp4-experts"]
+    assert r["max_kv_tokens"] * 61 * 576 * 2 <= 511 * 2**30 - r["weights_bytes"] < (r["max_kv_tokens"] + 1) * 61 * 576 * 2
+    f = _fit(str(REF / "deepseek-v4-flash.config.json"), "--memory", "192GB")
+    assert f["recipes"]["mxfp4-experts"]["fits"] and not f["recipes"]["gguf-q8_0"]["fits"]
+
+
+def test_memory_fit_tiny_checkpoint_and_layer_split(v3: Path) -> None:
+    f = _fit(str(v3), "--memory", "64MB", "--reserve", "0", "--kv-tokens", "1000")
+    assert f["kv_bytes"] == 3 * (64 + 16) * 2 * 1000           # 3 layers x (kv_lora 64 + rope 16) x BF16
+    assert all(r["fits"] and r["spare_bytes"] == (64 << 20) - r["total_bytes"] for r in f["recipes"].values())
+    w = f["recipes"]["gguf-q8_0"]["weights_bytes"]
+    # the same total split over many devices each smaller than one layer: the total fits, a layer does not
+    n = 64
+    f = _fit(str(v3), "--device", f"{n}x{(w // 8) >> 10}K", "--reserve", "0", "--kv-tokens", "1")
+    r = f["recipes"]["gguf-q8_0"]
+    assert r["spare_bytes"] > 0 and not r["fits"]
+
+
+def test_memory_spec_errors_are_one_line(v3: Path) -> None:
+    r = cli("inspect", str(v3), "--device", "2x1GB")
+    assert r.returncode == 0 and "memory fit (2 x 1 GiB" in r.stdout and "gguf-q8_0" in r.stdout, r.stderr
+    for args in (["--memory", "lots"], ["--device", "twox32GB"], ["--memory", "1GB", "--device", "2x1GB"]):
+        r = cli("inspect", str(v3), *args)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr

@@ -50,7 +50,17 @@ def main() -> None:
 @main.command("inspect")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def inspect_cmd(path: Path, as_json: bool) -> None:
+@click.option("--memory", default=None, metavar="SIZE",
+              help="Does each output fit in one memory pool of SIZE (e.g. 64GB, a Mac's unified memory)? "
+                   "Binary units: 64GB = 64 GiB.")
+@click.option("--device", "devices", default=None, metavar="NxSIZE",
+              help="Does each output fit on N devices of SIZE (e.g. 2x32GB), whole layers per device?")
+@click.option("--kv-tokens", default=32768, show_default=True, type=click.IntRange(min=1),
+              help="Tokens of KV cache counted with the weights for --memory / --device.")
+@click.option("--reserve", default="1GB", show_default=True, metavar="SIZE",
+              help="Memory reserved per device for the runtime (context, activations) in the fit report.")
+def inspect_cmd(path: Path, as_json: bool, memory: str | None, devices: str | None, kv_tokens: int,
+                reserve: str) -> None:
     """Show what a checkpoint holds and what each output would weigh.
 
     PATH is a checkpoint directory (config.json + safetensors, read from headers only) or a bare
@@ -59,7 +69,14 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     shards, and projected sizes of the NVFP4 / MXFP4 / GGUF outputs.
     """
     from .inspect import build_report, format_report
-    report = build_report(path)
+    budget = None
+    if memory or devices:
+        from .memfit import Budget, MemorySpecError, parse_devices, parse_size
+        if memory and devices:
+            raise MemorySpecError("give --memory or --device, not both")
+        n, size = parse_devices(devices) if devices else (1, parse_size(memory))
+        budget = Budget(n, size, parse_size(reserve))
+    report = build_report(path, budget, kv_tokens)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

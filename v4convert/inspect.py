@@ -116,8 +116,9 @@ PROJECTIONS: dict[str, tuple[str, Callable[[Slot], int | None]]] = {
 
 
 # --------------------------------------------------------------------------------------------
-def build_report(path: Path) -> dict:
-    """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
+def build_report(path: Path, budget=None, kv_tokens: int = 32768) -> dict:
+    """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report. ``budget``
+    (``memfit.Budget``) adds ``memory_fit``: each recipe's weights + a KV cache of ``kv_tokens``."""
     path = Path(path)
     if path.is_file():
         cfg = json.loads(path.read_text())
@@ -148,7 +149,12 @@ def build_report(path: Path) -> dict:
     storages = defaultdict(int)
     for e in entries:
         storages[e.slot.storage.value] += 1
+    fit = None
+    if budget is not None:
+        from .memfit import fit_report
+        fit = fit_report(a, cfg, entries, {k: fn for k, (_, fn) in PROJECTIONS.items()}, budget, kv_tokens)
     return {
+        "memory_fit": fit,
         "source": source, "path": str(path), "family": a.family.value,
         "architecture": (cfg.get("architectures") or [None])[0],
         "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
@@ -186,4 +192,7 @@ def format_report(r: dict) -> str:
     lines.append("  projected outputs:")
     for key, v in r["projections"].items():
         lines.append(f"    {key:<16} {_gb(v['bytes']):>12}   {v['description']}")
+    if r.get("memory_fit"):
+        from .memfit import format_fit
+        lines += format_fit(r["memory_fit"])
     return "\n".join(lines)
