@@ -306,3 +306,26 @@ def test_memory_spec_errors_are_one_line(v3: Path) -> None:
     for args in (["--memory", "lots"], ["--device", "twox32GB"], ["--memory", "1GB", "--device", "2x1GB"]):
         r = cli("inspect", str(v3), *args)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+# ------------------------------------------------------------------------------------ verify --dynamic-top-p
+def test_verify_reports_experts_per_token_for_dynamic_routing(tmp_path: Path) -> None:
+    """The trained tiny V3 against itself: top-p 1.0 keeps every top-k expert (experts/token == k exactly;
+    the dynamic path only reorders float sums: KLD at rounding level, measured max 2.7e-7); a lower top-p
+    routes fewer experts per token and costs KLD far above that."""
+    import json
+
+    from v4convert.demo import bundled_model
+    from v4convert.runtime import DynamicRouting
+    from v4convert.verify import VerifyOptions, verify
+    src = bundled_model("v3")
+    k = json.loads((src / "config.json").read_text())["num_experts_per_tok"]
+    opts = VerifyOptions(ctx=64, tokens=256, gen_tokens=4, gen_prompts=1, hidden_tokens=8)
+    cache = tmp_path / "ref.safetensors"
+    full = verify(src, src, opts=opts, save_ref=cache, dynamic_routing=DynamicRouting(1.0, 1, k))
+    assert full["routing"]["experts_per_token"] == k and full["kld"]["max"] < 1e-6
+    low = verify(src, src, ref_cache=cache, dynamic_routing=DynamicRouting(0.5, 1, k))
+    ro = low["routing"]
+    assert 1 <= ro["experts_per_token"] < k and ro["compute_saved"] == pytest.approx(1 - ro["experts_per_token"] / k)
+    assert low["kld"]["mean"] > 100 * full["kld"]["mean"] and low["kld"]["mean"] > 1e-4
+    assert "routed experts" in __import__("v4convert.verify", fromlist=["format_report"]).format_report(low)

@@ -73,11 +73,11 @@ class RuntimeRunner:
     """Our runtime (``v4convert.runtime.load``) on CPU/GPU in ``dtype``."""
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_seq_len: int = 512) -> None:
+                 max_seq_len: int = 512, dynamic_routing=None) -> None:
         from v4convert.runtime import load
 
         self.path, self.kind = Path(path), ArtifactKind.RUNTIME
-        self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
+        self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, dynamic_routing=dynamic_routing)
         self.device = torch.device(device)
         cfg = json.loads((self.path / "config.json").read_text())
         self.vocab_size = int(cfg["vocab_size"])
@@ -150,7 +150,13 @@ def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) ->
 
 
 def open_runner(path: str | os.PathLike, kind: ArtifactKind | None = None, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, max_seq_len: int = 512) -> Runner:
-    """Open ``path`` with the runner of its kind (detected from the path unless given)."""
+                dtype: torch.dtype = torch.float32, max_seq_len: int = 512, dynamic_routing=None) -> Runner:
+    """Open ``path`` with the runner of its kind (detected from the path unless given).
+    ``dynamic_routing`` (``runtime.DynamicRouting``): our runtime only."""
     k = check_runnable(path, kind)
+    if dynamic_routing is not None:
+        if k is not ArtifactKind.RUNTIME:
+            raise ArtifactError(f"{path}: --dynamic-top-p runs in our runtime only (artifact kind {k.value})")
+        return RUNNERS[k](Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                          dynamic_routing=dynamic_routing)
     return RUNNERS[k](Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len)

@@ -43,6 +43,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
               help="Use a stored reference pass instead of running REF (REF is then only checked against it).")
 @click.option("--kind", type=click.Choice([k.value for k in ArtifactKind]), default=None,
               help="Artifact runner (default: from the path).")
+@click.option("--dynamic-top-p", type=float, default=None,
+              help="Run the artifact (our runtime) with dynamic expert routing at this top-p and report routed "
+                   "experts per token; ARTIFACT may be REF itself to measure routing alone.")
+@click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
+@click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for both models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute dtype of the artifact (the reference always runs in float32).")
@@ -51,7 +56,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
                    top_k: int | None, gen_tokens: int | None, gen_prompts: int | None, json_out: Path | None,
                    plot_out: Path | None, max_kld: float | None, min_top1: float | None,
                    max_ppl_ratio: float | None, save_ref_logits: Path | None, ref_logits: Path | None,
-                   kind: str | None, device: str, dtype: str, threads: int | None) -> None:
+                   kind: str | None, dynamic_top_p: float | None, k_min: int, k_max: int | None, device: str,
+                   dtype: str, threads: int | None) -> None:
     """Accuracy and speed of ARTIFACT against the reference checkpoint REF.
 
     Both run on the same token windows: KL divergence per token (mean, median, p99, max), top-1 agreement,
@@ -80,7 +86,14 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
         if show:
             click.echo(f"\r{what}: window {i}/{n}", err=True, nl=(i == n))
 
-    r = verify(ref, artifact, opts=opts, data=data,
+    dynamic = None
+    if dynamic_top_p is not None:
+        from v4convert.runtime import DynamicRouting
+        if k_max is None:
+            k_max = int(json.loads((artifact / "config.json").read_text())["num_experts_per_tok"]) \
+                if (artifact / "config.json").is_file() else 8
+        dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
+    r = verify(ref, artifact, opts=opts, data=data, dynamic_routing=dynamic,
                thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
                save_ref=save_ref_logits, ref_cache=ref_logits, art_kind=ArtifactKind(kind) if kind else None,
                device=device, dtype=DTYPES[dtype], progress=progress)

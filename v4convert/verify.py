@@ -388,10 +388,12 @@ def _config_sha(path: Path) -> str:
 def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, data: Path | None = None,
            thresholds: Thresholds = Thresholds(), save_ref: Path | None = None, ref_cache: Path | None = None,
            art_kind: ArtifactKind | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-           progress=None) -> dict:
+           progress=None, dynamic_routing=None) -> dict:
     """Compare ``art_path`` with ``ref_path``; returns the full report (see module doc). ``ref_cache``: use a
     saved :class:`RefRecord` instead of running the reference (its windows and settings are used; ``data``
-    and ``opts`` must agree with it when given)."""
+    and ``opts`` must agree with it when given). ``dynamic_routing`` (``runtime.DynamicRouting``): the
+    artifact runs with it (our runtime), and the report gains ``routing``: mean routed experts per token
+    over every MoE layer call of the artifact's passes vs the model's static top-k."""
     ref_path, art_path = Path(ref_path), Path(art_path)
     art_kind = check_runnable(art_path, art_kind)         # fail before the reference pass
     if ref_cache is not None:
@@ -415,9 +417,18 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         finally:
             runner.close()
             del runner
-    art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq)
+    art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq,
+                      dynamic_routing=dynamic_routing)
+    routing = None
     try:
         comp = artifact_pass(art, rec, opts, progress=(lambda i, n: progress("artifact", i, n)) if progress else None)
+        if dynamic_routing is not None:
+            st = art.model.routing_stats()
+            static = int(json.loads((art_path / "config.json").read_text())["num_experts_per_tok"])
+            routing = {"top_p": dynamic_routing.top_p, "k_min": dynamic_routing.k_min,
+                       "k_max": dynamic_routing.k_max, "experts_per_token": st["experts_per_token"],
+                       "static_top_k": static, "compute_saved": 1 - st["experts_per_token"] / static,
+                       "token_layer_calls": st["token_layer_calls"]}
     finally:
         art.close()
     speed, per_token = comp.pop("_speed"), comp.pop("_per_token_kld")
@@ -428,6 +439,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
                      "dtype": str(dtype).replace("torch.", ""), "device": device, **speed},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
+        "routing": routing,
         **comp,
     }
     fails = thresholds.failures(report)
@@ -524,6 +536,11 @@ def format_report(r: dict) -> str:
         f"greedy          {g['prompts']} prompts x {g['tokens']} tokens: identical prefix "
         f"{g['prefix_agreement'] * 100:.1f} %, same token {g['position_agreement'] * 100:.1f} %",
     ]
+    if r.get("routing"):
+        ro = r["routing"]
+        lines.append(f"routed experts  {ro['experts_per_token']:.3f} per token with --dynamic-top-p {ro['top_p']} "
+                     f"(k {ro['k_min']}..{ro['k_max']}) vs static top-{ro['static_top_k']}: "
+                     f"{ro['compute_saved'] * 100:.1f} % fewer routed-expert FLOPs")
     if h["available"]:
         lines.append(f"hidden rel err  ({h['tokens']} tokens) " +
                      "  ".join(f"L{i} {_f(e, 3)}" for i, e in enumerate(h["rel_err"])))
