@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 
 import torch
+from v4convert.runtime import DynamicRouting
 
 from v4convert.demo import bundled_model
-from v4convert.runtime import DynamicRouting
 from v4convert.verify import VerifyOptions, default_ctx, json_report, verify
 
 

@@ -315,8 +315,9 @@ def test_verify_reports_experts_per_token_for_dynamic_routing(tmp_path: Path) ->
     routes fewer experts per token and costs KLD far above that."""
     import json
 
-    from v4convert.demo import bundled_model
     from v4convert.runtime import DynamicRouting
+
+    from v4convert.demo import bundled_model
     from v4convert.verify import VerifyOptions, verify
     src = bundled_model("v3")
     k = json.loads((src / "config.json").read_text())["num_experts_per_tok"]

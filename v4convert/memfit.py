@@ -147,8 +147,9 @@ def _max_tokens(kl: list[Callable[[int], int]], room: int, kv_elem: int) -> int:
 
 
 def format_fit(f: dict) -> list[str]:
-    lines = [f"  memory fit ({f['budget']}, {f['overhead_per_device_bytes'] / GIB:g} GiB reserved per device; "
-             f"KV cache {f['kv_tokens']:,} tokens = {f['kv_bytes'] / GIB:,.2f} GiB):"]
+    head = (f"  memory fit ({f['budget']}, {f['overhead_per_device_bytes'] / GIB:g} GiB reserved per device; "
+            f"KV cache {f['kv_tokens']:,} tokens = {f['kv_bytes'] / GIB:,.2f} GiB):")
+    lines = [head]
     for key, r in f["recipes"].items():
         verdict = (f"fits, {r['spare_bytes'] / GIB:,.2f} GiB spare" if r["fits"] else
                    f"does NOT fit, short by {-r['spare_bytes'] / GIB:,.2f} GiB" if r["spare_bytes"] < 0 else
