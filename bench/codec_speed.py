@@ -20,7 +20,7 @@ import time
 import torch
 
 from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat, fp8_block_dequantize, fp8_block_to_nvfp4
-from v4convert.formats.native import fp8_block_to_nvfp4_native, native_status
+from v4convert.kernels.native import fp8_block_to_nvfp4_native, native_status
 from v4convert.formats.nvfp4 import Backend, NVFP4Convention, nvfp4_quantize
 
 

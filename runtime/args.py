@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from v4convert.layout import Arch, LayoutError
-from v4convert.roles import Family
+from v4convert.families.layout import Arch, LayoutError
+from v4convert.families.roles import Family
 
 from .common import RouterSpec, ScoreFunc, Yarn
 

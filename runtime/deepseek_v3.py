@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4convert.roles import Family
+from v4convert.families.roles import Family
 
 from .args import ModelArgs
 from .common import (DynamicRouting, Linear, LoadOptions, RMSNorm, RopeStyle, RuntimeLoadError, SwiGLU,

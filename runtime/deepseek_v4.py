@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4convert.roles import Family
+from v4convert.families.roles import Family
 
 from .common import (DynamicRouting, Linear, LoadOptions, RMSNorm, RouterSpec, RuntimeLoadError, SwiGLU,
                      fill_from_checkpoint, gather_weights, moe_dispatch, rope_cos_sin, rope_inv_freq, route)

@@ -18,8 +18,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from v4convert.layout import Arch, LayoutError
-from v4convert.roles import Family
+from v4convert.families.layout import Arch, LayoutError
+from v4convert.families.roles import Family
 
 from .args import ConfigError, need, rope_params
 from .common import RouterSpec, ScoreFunc, Yarn

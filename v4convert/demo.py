@@ -24,7 +24,7 @@ def bundled_model(family: str) -> Path:
     p = DATA / f"tiny-{family}"
     if not (p / "config.json").is_file():
         raise DemoError(f"{p}: bundled trained model missing (reinstall v4convert, or run "
-                        f"python -m v4convert.train_tiny train --family {family})")
+                        f"python tools/train_tiny.py train --family {family})")
     return p
 
 
@@ -48,7 +48,7 @@ def artifact_bytes(path: Path) -> int:
 
 def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
     """Run ``v4convert quantize`` through its command (the stable CLI contract)."""
-    from .cli_quantize import quantize_command
+    from .cli.quantize import quantize_command
 
     argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", *args]
     if out.exists():

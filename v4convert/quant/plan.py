@@ -21,10 +21,10 @@ from v4convert.formats.containers import Container, Entry, OutKind, Part, entrie
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
 from v4convert.formats.sharding import split_in_order
 
-from . import __version__
-from .checkpoint import Checkpoint, TensorInfo
+from .. import __version__
+from ..checkpoint import Checkpoint, TensorInfo
 from .recipes import Codec, RecipeError, RuleSet
-from .roles import Family, Role, Storage
+from ..families.roles import Family, Role, Storage
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from .artifact import ArtifactKind
+from ..artifacts import ArtifactKind
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +57,7 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     perplexity of each and their ratio, delta-p of the correct token, per-layer hidden-state error, greedy
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
-    from .verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
+    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
                          plot_report, require_matplotlib, verify)
 
     if threads:

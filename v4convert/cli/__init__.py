@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .checkpoint import CheckpointError
-from .cli_export import export_command
-from .cli_run import run_command
-from .cli_verify import verify_command
-from .cli_quantize import quantize_command
-from .layout import LayoutError
+from .. import __version__
+from ..checkpoint import CheckpointError
+from .export import export_command
+from .run import run_command
+from .verify import verify_command
+from .quantize import quantize_command
+from ..families.layout import LayoutError
 from v4convert.formats.safetensors_io import FormatError
 
 USER_ERRORS = (CheckpointError, LayoutError, FormatError, FileNotFoundError, ValueError)
@@ -53,7 +53,7 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     Reports family, layers, experts, parameters (main model and MTP), bytes by role and dtype,
     shards, and projected sizes of the NVFP4 / MXFP4 / GGUF outputs.
     """
-    from .inspect import build_report, format_report
+    from ..inspect import build_report, format_report
     report = build_report(path)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
@@ -75,7 +75,7 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
     naming, index, config.json and a small byte-level BPE tokenizer. Values are random but sane
     and deterministic per seed; writing streams tensor by tensor.
     """
-    from .synth import synth
+    from ..synth import synth
     r = synth(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
               progress=sys.stderr.isatty())
     click.echo(f"wrote {r.n_tensors} tensors, {r.n_bytes:,} bytes in {r.n_shards} shard(s) to {r.out}")
@@ -93,8 +93,8 @@ def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
     Quantizes the bundled FP8 release (trained on Python stdlib text) to NVFP4 and MXFP4, verifies each
     against it on held-out text, and prints the comparison table and where the files are.
     """
-    from .demo import format_demo, run_demo
-    from .verify import VerifyOptions
+    from ..demo import format_demo, run_demo
+    from ..verify import VerifyOptions
     if threads:
         import torch
         torch.set_num_threads(threads)

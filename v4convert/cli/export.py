@@ -41,12 +41,12 @@ def parse_size(text: str | None) -> int | None:
 
 
 def _types() -> list[str]:
-    from .export_gguf import GGUFType
+    from ..export.gguf.exporter import GGUFType
     return [t.value for t in GGUFType]
 
 
 def _main_types() -> list[str]:
-    from .export_gguf import LlamaQuant
+    from ..export.gguf.exporter import LlamaQuant
     return _types() + [t.name for t in LlamaQuant]
 
 
@@ -83,7 +83,7 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
     f = ExportFormat(fmt)
     if f is not ExportFormat.GGUF:
         raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
-    from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf
+    from ..export.gguf.exporter import GGUFType, LlamaQuant, TypeMix, export_gguf
     mt = main_type.upper()
     llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None
     mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from v4convert.roles import Role
+from v4convert.families.roles import Role
 
 
 class GGUFNameError(ValueError):

@@ -13,7 +13,7 @@ import click
 
 from v4convert.formats.containers import Container
 
-from .recipes import RecipeName
+from ..quant.recipes import RecipeName
 
 
 def _parse_size(text: str) -> int:
@@ -60,12 +60,12 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     to OUT when complete. A killed run restarted with the same command resumes where it stopped and
     produces byte-identical output.
     """
-    from v4convert.formats.native import Kernel
+    from v4convert.kernels.native import Kernel
 
-    from .checkpoint import Checkpoint
-    from .engine import OutputExistsError, execute
-    from .quantize import MXRule, Options, ScaleChoice, make_plan
-    from .recipes import RuleSet, preset
+    from ..checkpoint import Checkpoint
+    from ..quant.engine import OutputExistsError, execute
+    from ..quant.plan import MXRule, Options, ScaleChoice, make_plan
+    from ..quant.recipes import RuleSet, preset
 
     if out.exists() and not overwrite:   # fail before reading any header
         raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")

@@ -122,7 +122,7 @@ class RuntimeRunner:
 
 
 def _gguf_runner(path: Path, **kw) -> Runner:
-    from .artifact_gguf import GGUFRunner     # imported on use: llama-cpp-python is optional
+    from .gguf import GGUFRunner     # imported on use: llama-cpp-python is optional
     return GGUFRunner(path, **kw)
 
 
@@ -144,7 +144,7 @@ def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) ->
     if k not in RUNNERS:
         raise ArtifactError(f"{path}: {k.value} artifacts are not runnable by verify yet (planned: {PLANNED[k]})")
     if k is ArtifactKind.GGUF:
-        from .artifact_gguf import require_llama_cpp
+        from .gguf import require_llama_cpp
         require_llama_cpp()
     return k
 

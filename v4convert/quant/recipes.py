@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Protocol
 
-from .roles import Group, Role
+from ..families.roles import Group, Role
 
 
 class RecipeError(ValueError):

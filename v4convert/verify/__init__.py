@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactKind, Runner, check_runnable, open_runner
+from ..artifacts import ArtifactKind, Runner, check_runnable, open_runner
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
-DEFAULT_DATA = Path(__file__).parent / "data" / "corpus" / "heldout.txt"
+DEFAULT_DATA = Path(__file__).parents[1] / "data" / "corpus" / "heldout.txt"
 DP_PERCENTILES = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 KLD_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 

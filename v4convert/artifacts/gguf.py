@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import ArtifactError, ArtifactKind
+from . import ArtifactError, ArtifactKind
 
 GGML_TYPE_F32 = 0        # ggml_type enum value (ggml.h) for type_k / type_v
 

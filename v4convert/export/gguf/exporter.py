@@ -25,11 +25,11 @@ import torch
 from gguf import GGMLQuantizationType as Q, GGUFValueType as VT, LlamaFileType
 
 from v4convert.formats import gguf_quants
-from v4convert.formats.gguf_names import Entry, GGUFArch, Kind, Precision, entry
+from v4convert.export.gguf.names import Entry, GGUFArch, Kind, Precision, entry
 from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 
-from .checkpoint import Checkpoint, TensorInfo
-from .roles import Family, Role, Storage
+from v4convert.checkpoint import Checkpoint, TensorInfo
+from v4convert.families.roles import Family, Role, Storage
 
 
 class ExportError(ValueError):

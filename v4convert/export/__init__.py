@@ -1,0 +1,1 @@
+"""Exporters to other runtimes' formats."""

@@ -1,0 +1,1 @@
+"""GGUF export for llama.cpp / Ollama."""
