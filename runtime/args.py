@@ -16,9 +16,10 @@ from v4convert.families.layout import Arch, LayoutError
 from v4convert.families.roles import Family
 
 from .common import RouterSpec, ScoreFunc, Yarn
+from v4convert.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """``config.json`` lacks a field the runtime needs, or holds a value it does not support."""
 
 

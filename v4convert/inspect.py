@@ -16,6 +16,7 @@ from typing import Callable
 from v4convert.formats.safetensors_io import ST_DTYPES
 
 from .checkpoint import Checkpoint
+from .errors import read_json
 from .families.layout import Arch, Slot, inventory, stored_tensors
 from .families.roles import Group, Role, Storage
 
@@ -120,7 +121,7 @@ def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        cfg = read_json(path)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []

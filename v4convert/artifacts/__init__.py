@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from v4convert.errors import UserError, read_json
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact verify cannot open or run (unknown kind, runner not available)."""
 
 
@@ -79,7 +80,7 @@ class RuntimeRunner:
         self.path, self.kind = Path(path), ArtifactKind.RUNTIME
         self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
         self.device = torch.device(device)
-        cfg = json.loads((self.path / "config.json").read_text())
+        cfg = read_json(self.path / "config.json")
         self.vocab_size = int(cfg["vocab_size"])
         self._captured: list[torch.Tensor | None] = []
         self._hooks = []

@@ -1,6 +1,6 @@
 """The ``v4convert`` command line. Each command's logic lives in its module; this file only wires.
 
-Errors from bad input are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
+Errors from bad input (``UserError``) are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
 """
 from __future__ import annotations
 
@@ -11,24 +11,21 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..checkpoint import CheckpointError
+from ..errors import UserError
 from .export import export_command
 from .run import run_command
 from .verify import verify_command
 from .quantize import quantize_command
-from ..families.layout import LayoutError
-from v4convert.formats.safetensors_io import FormatError
-
-USER_ERRORS = (CheckpointError, LayoutError, FormatError, FileNotFoundError, ValueError)
 
 
 class Group(click.Group):
-    """Turns known user errors into one clean line and exit code 2 instead of a traceback."""
+    """Turns user errors (``UserError``) into one clean line and exit code 2. Anything else is a bug of ours:
+    it keeps its traceback (exit 1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
+        except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 

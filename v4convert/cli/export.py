@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from v4convert.errors import UserError
 
 
 class ExportFormat(enum.Enum):
@@ -19,7 +20,7 @@ class ExportFormat(enum.Enum):
     SHARDED = "sharded"
 
 
-class NotImplementedFormat(ValueError):
+class NotImplementedFormat(UserError):
     """An export format the tool names but does not write yet."""
 
 

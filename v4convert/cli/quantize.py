@@ -20,8 +20,14 @@ def _parse_size(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
         if t.endswith(suf):
-            return int(float(t[: -len(suf)]) * mult)
-    return int(t)
+            t = t[: -len(suf)]
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
 
 
 @click.command("quantize")

@@ -25,12 +25,13 @@ from .. import __version__
 from ..checkpoint import Checkpoint, TensorInfo
 from .recipes import Codec, RecipeError, RuleSet
 from ..families.roles import Family, Role, Storage
+from v4convert.errors import UserError
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """A quantize request that cannot be carried out; the message names the tensor or file."""
 
 

@@ -30,9 +30,10 @@ from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 
 from v4convert.checkpoint import Checkpoint, TensorInfo
 from v4convert.families.roles import Family, Role, Storage
+from v4convert.errors import UserError, read_json
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint or option the GGUF exporter cannot honour (message names the file/tensor)."""
 
 
@@ -273,7 +274,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     tj_path = root / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{root}: no tokenizer.json (GGUF needs the tokenizer)")
-    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    tj = read_json(tj_path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not BPE")
@@ -293,7 +294,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     md.arr("tokenizer.ggml.token_type", ttypes, VT.INT32)
     md.arr("tokenizer.ggml.merges", merges, VT.STRING)
     tc_path = root / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
     tok_to_id = {t: i for i, t in enumerate(tokens)}
     special: dict[str, str] = {}
     for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
@@ -488,11 +489,11 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     root = Path(root)
     if special is None:
         tc_path = root / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        tc = read_json(tc_path) if tc_path.is_file() else {}
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
                    if k in ("bos_token", "eos_token") and v is not None}
     gen_path = root / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     mf = out.with_name("Modelfile")
     mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
     return mf
