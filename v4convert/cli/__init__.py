@@ -50,8 +50,9 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     Reports family, layers, experts, parameters (main model and MTP), bytes by role and dtype,
     shards, and projected sizes of the NVFP4 / MXFP4 / GGUF outputs.
     """
-    from ..inspect import build_report, format_report
-    report = build_report(path)
+    from .. import api
+    from ..inspect import format_report
+    report = api.inspect(api.InspectArgs(path))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -72,9 +73,9 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
     naming, index, config.json and a small byte-level BPE tokenizer. Values are random but sane
     and deterministic per seed; writing streams tensor by tensor.
     """
-    from ..synth import synth
-    r = synth(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
-              progress=sys.stderr.isatty())
+    from .. import api
+    r = api.synth(api.SynthArgs(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
+                                progress=sys.stderr.isatty()))
     click.echo(f"wrote {r.n_tensors} tensors, {r.n_bytes:,} bytes in {r.n_shards} shard(s) to {r.out}")
 
 
