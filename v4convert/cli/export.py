@@ -1,23 +1,23 @@
-"""``v4convert export CKPT --gguf|--onnx|--sharded --out PATH``: artifacts other than FP4 checkpoints.
+"""``v4convert export CKPT --FORMAT --out PATH [options]``: the click command, derived from the export registry.
 
-Only ``--gguf`` is implemented so far; the other formats are accepted by the parser and refused with
-a clear error, so scripts get a stable interface.
+One flag per registered exporter (``v4convert.export.EXPORTERS``) and one option per field of its ``Options``
+dataclass; formats the tool names but does not write yet are accepted and refused with a clear error, so
+scripts get a stable interface.
 """
 from __future__ import annotations
 
-import enum
+import dataclasses
 import re
 import sys
 from pathlib import Path
 
 import click
+
 from v4convert.errors import UserError
+from v4convert.export import EXPORTERS, Exporter
 
-
-class ExportFormat(enum.Enum):
-    GGUF = "gguf"
-    ONNX = "onnx"
-    SHARDED = "sharded"
+# formats named by the CLI before they exist; an entry is inert once EXPORTERS has the name
+PLANNED = {"onnx": "ONNX for onnxruntime (not yet).", "sharded": "Our sharded layout (not yet)."}
 
 
 class NotImplementedFormat(UserError):
@@ -41,62 +41,98 @@ def parse_size(text: str | None) -> int | None:
     return n
 
 
-def _types() -> list[str]:
-    from ..export.gguf.exporter import GGUFType
-    return [t.value for t in GGUFType]
+def _choices(f: dataclasses.Field) -> list[str] | None:
+    c = f.metadata.get("choices")
+    return list(c() if callable(c) else c) if c is not None else None
 
 
-def _main_types() -> list[str]:
-    from ..export.gguf.exporter import LlamaQuant
-    return _types() + [t.name for t in LlamaQuant]
+def _decl(f: dataclasses.Field) -> str:
+    flag = f.name.replace("_", "-")
+    return f.metadata.get("cli") or (f"--{flag}/--no-{flag}" if isinstance(f.default, bool) else f"--{flag}")
 
 
-@click.command("export")
-@click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
-@click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
-@click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
-@click.option("--type", "main_type", default="Q8_0", show_default=True,
-              type=click.Choice(_main_types(), case_sensitive=False),
-              help="Type of attention, shared experts, dense MLP, embedding and head (norms/router stay F32; "
-                   "MLA attn_k_b/attn_v_b never below Q8_0). K-quants / IQ4_XS are written by llama.cpp's own "
-                   "quantizer (llama-cpp-python) from a temporary file where these tensors are BF16.")
-@click.option("--expert-type", default="MXFP4", show_default=True, type=click.Choice(_types(), case_sensitive=False),
-              help="Type of the routed experts. MXFP4 sources (V4 experts, our MXFP4 artifacts) are re-packed "
-                   "losslessly.")
-@click.option("--mtp/--no-mtp", "keep_mtp", default=True, show_default=True,
-              help="Keep the MTP (NextN) block where llama.cpp loads it from the model file (deepseek2/deepseek32).")
-@click.option("--split-max-size", default=None, help="Split into NAME-0000k-of-0000N.gguf files of at most this "
-              "much tensor data (e.g. 50G).")
-@click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
-                   split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
-    """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
+def _option_specs() -> dict[str, list[tuple[Exporter, dataclasses.Field]]]:
+    """Field name -> the exporters having a field of that name (one click option each name)."""
+    specs: dict[str, list[tuple[Exporter, dataclasses.Field]]] = {}
+    for ex in EXPORTERS.values():
+        for f in ex.fields():
+            specs.setdefault(f.name, []).append((ex, f))
+    return specs
 
-    GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
-    tokenizer and tensor names, streamed tensor by tensor; default mix: experts MXFP4, attention and
-    shared experts Q8_0, norms/router F32.
-    """
-    if fmt is None:
-        raise click.UsageError("choose an output format: --gguf (or --onnx / --sharded, not yet implemented)")
-    f = ExportFormat(fmt)
-    if f is not ExportFormat.GGUF:
-        raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
-    from ..export.gguf.exporter import GGUFType, LlamaQuant, TypeMix, export_gguf
-    mt = main_type.upper()
-    llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None
-    mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))
-    r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
-                    progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
-                    llama_type=llama_type)
-    gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
-    click.echo(f"wrote {r.arch.value} GGUF: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) "
-               f"in {r.seconds:.1f} s ({gbps:.2f} GB/s): {', '.join(str(p) for p in r.paths)}")
-    if r.repacked:
-        click.echo(f"  {len(r.repacked)} MXFP4 tensors re-packed losslessly")
-    if r.skipped:
-        click.echo(f"  {len(r.skipped)} checkpoint tensors not exported, e.g. {r.skipped[0]}")
-    if r.modelfile:
-        click.echo(f"  Ollama: ollama create NAME -f {r.modelfile}")
+
+def _click_option(name: str, owners: list[tuple[Exporter, dataclasses.Field]]):
+    f = owners[0][1]
+    helps = [o.metadata["help"] + ("" if isinstance(o.default, bool) or o.default is None
+                                   else f"  [default: {o.default}]")
+             for _, o in owners]
+    text = helps[0] if len(owners) == 1 else "; ".join(f"{e.name.upper()}: {h}" for (e, _), h in zip(owners, helps))
+    choices = list(dict.fromkeys(c for _, o in owners for c in (_choices(o) or [])))
+    typ = click.Choice(choices, case_sensitive=False) if choices and all(_choices(o) for _, o in owners) else None
+    if isinstance(f.default, bool):
+        return click.option(_decl(f), name, default=None, help=text)
+    return click.option(_decl(f), name, default=None, type=typ, help=text)
+
+
+def _build(src: Path, out: Path, ex: Exporter, given: dict) -> object:
+    opts_cls = ex.options()
+    names = {f.name: f for f in dataclasses.fields(opts_cls)}
+    kw = {}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k not in names:
+            raise click.UsageError(f"{_decl(_option_specs()[k][0][1]).split('/')[0]} is not an option of --{ex.name}")
+        f = names[k]
+        if f.metadata.get("size"):
+            v = parse_size(v)
+        elif (c := _choices(f)) is not None:
+            canon = {x.upper(): x for x in c}
+            if str(v).upper() not in canon:
+                raise click.BadParameter(f"{v!r} is not one of {', '.join(c)}", param_hint=_decl(f))
+            v = canon[str(v).upper()]
+        kw[k] = v
+    return opts_cls(**kw)
+
+
+def _make_command() -> click.Command:
+    specs = _option_specs()
+
+    def export_command(ckpt: Path, fmt: str | None, out: Path, progress: bool | None, **given) -> None:
+        """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
+
+        GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
+        tokenizer and tensor names, streamed tensor by tensor; default mix: experts MXFP4, attention and
+        shared experts Q8_0, norms/router F32.
+        """
+        if fmt is None:
+            known = ", ".join(f"--{n}" for n in EXPORTERS)
+            raise click.UsageError(f"choose an output format: {known}")
+        if fmt not in EXPORTERS:
+            raise NotImplementedFormat(f"export --{fmt} is not implemented yet (only "
+                                       f"{', '.join('--' + n for n in EXPORTERS)} is)")
+        from v4convert import api
+        ex = EXPORTERS[fmt]
+        opts = _build(ckpt, out, ex, given)
+        r = api.export(api.ExportArgs(src=ckpt, out=out, format=fmt, options=opts,
+                                      progress=sys.stderr.isatty() if progress is None else progress))
+        gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
+        click.echo(f"wrote {r.label or fmt.upper()}: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} "
+                   f"file(s) in {r.seconds:.1f} s ({gbps:.2f} GB/s): {', '.join(str(p) for p in r.paths)}")
+        for note in r.notes:
+            click.echo(f"  {note}")
+
+    cmd = export_command
+    for name in reversed(list(specs)):
+        cmd = _click_option(name, specs[name])(cmd)
+    cmd = click.option("--progress/--no-progress", default=None,
+                       help="Progress bar (default: when stderr is a terminal).")(cmd)
+    cmd = click.option("--out", required=True, type=click.Path(path_type=Path),
+                       help="Output path (GGUF: NAME.gguf).")(cmd)
+    for name, help_text in reversed([*((e.name, e.help) for e in EXPORTERS.values()),
+                                     *((n, h) for n, h in PLANNED.items() if n not in EXPORTERS)]):
+        cmd = click.option(f"--{name}", "fmt", flag_value=name, help=help_text)(cmd)
+    cmd = click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))(cmd)
+    return click.command("export")(cmd)
+
+
+export_command = _make_command()
