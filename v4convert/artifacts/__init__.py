@@ -6,26 +6,28 @@ Runners that can see inside the model also return the per-layer hidden states of
 
 Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or explicitly:
 
-* ``RUNTIME``: any directory ``v4convert.runtime.load`` reads (published FP8/FP4 layouts, our FP4 containers).
-  Hidden states are taken with forward hooks on the decoder blocks (V3: ``model.model.layers[i]`` output
-  ``[B, T, D]``; V4: ``model.layers[i]`` output, the hyper-connection streams ``[B, T, hc, D]``).
-* ``GGUF``: through llama.cpp itself (``v4convert.artifact_gguf``: llama-cpp-python ``Llama(path, logits_all=True)``,
+* ``RUNTIME``: any directory ``v4convert.runtime.load`` reads (published FP8/FP4 layouts, our FP4 containers),
+  ``artifacts/runtime.py``; hidden states from forward hooks on the decoder blocks.
+* ``GGUF``: through llama.cpp itself (``artifacts/gguf.py``: llama-cpp-python ``Llama(path, logits_all=True)``,
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
 * ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
 
-Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
-class with this interface and moving its row to :data:`RUNNERS`.
+Registry: :data:`KINDS`, one row per kind (path detection + ``"module:Class"`` of its runner). Planned kinds
+(runner None) raise :class:`ArtifactError` before any work. A new runner = its module ``artifacts/NAME.py`` with
+a class of the :class:`Runner` interface + its row (a new kind also names itself in :class:`ArtifactKind`).
 """
 from __future__ import annotations
 
 import enum
-import json
+import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
-from v4convert.errors import UserError, read_json
+
+from v4convert.errors import UserError
 
 
 class ArtifactError(UserError):
@@ -54,99 +56,59 @@ class Runner(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class KindRow:
+    """One artifact kind: how a path is recognised and which class runs it (``"module:Class"``, None while
+    planned). A runner class takes ``(path, device=, dtype=, max_seq_len=)``; an optional static ``require()``
+    raises ``ArtifactError`` when what it needs (a package) is missing, before any work."""
+    kind: ArtifactKind
+    detect: Callable[[Path], bool]
+    runner: str | None
+    planned: str = ""                   # how a planned kind will run (for the error message)
+
+    def runner_class(self) -> type:
+        module, _, cls = self.runner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+def _is_onnx(p: Path) -> bool:
+    return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
+
+
+# detection order: the first row whose detect() is true wins; one row per kind
+KINDS: list[KindRow] = [
+    KindRow(ArtifactKind.GGUF, lambda p: p.suffix == ".gguf", "v4convert.artifacts.gguf:GGUFRunner"),
+    KindRow(ArtifactKind.ONNX, _is_onnx, None, planned="onnxruntime InferenceSession"),
+    KindRow(ArtifactKind.RUNTIME, lambda p: p.is_dir() and (p / "config.json").is_file(),
+            "v4convert.artifacts.runtime:RuntimeRunner"),
+]
+ROWS: dict[ArtifactKind, KindRow] = {r.kind: r for r in KINDS}
+
+
 def detect_kind(path: Path) -> ArtifactKind:
-    """``*.gguf`` -> GGUF; ``*.onnx`` or a directory with ``model.onnx`` -> ONNX; a directory with
-    ``config.json`` -> RUNTIME."""
+    """The kind of the first row of :data:`KINDS` that recognises ``path`` (``*.gguf`` -> GGUF; ``*.onnx`` or a
+    directory with ``model.onnx`` -> ONNX; a directory with ``config.json`` -> RUNTIME)."""
     p = Path(path)
-    if p.suffix == ".gguf":
-        return ArtifactKind.GGUF
-    if p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file()):
-        return ArtifactKind.ONNX
-    if p.is_dir() and (p / "config.json").is_file():
-        return ArtifactKind.RUNTIME
+    for row in KINDS:
+        if row.detect(p):
+            return row.kind
     if not p.exists():
         raise ArtifactError(f"{p}: no such file or directory")
     raise ArtifactError(f"{p}: not an artifact verify can run (expected a checkpoint directory with config.json, "
                         f"a .gguf file or an ONNX model)")
 
 
-class RuntimeRunner:
-    """Our runtime (``v4convert.runtime.load``) on CPU/GPU in ``dtype``."""
-
-    def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_seq_len: int = 512) -> None:
-        from v4convert.runtime import load
-
-        self.path, self.kind = Path(path), ArtifactKind.RUNTIME
-        self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
-        self.device = torch.device(device)
-        cfg = read_json(self.path / "config.json")
-        self.vocab_size = int(cfg["vocab_size"])
-        self._captured: list[torch.Tensor | None] = []
-        self._hooks = []
-        self.capture = False
-        blocks = self._blocks()
-        self._captured = [None] * len(blocks)
-        for i, b in enumerate(blocks):
-            self._hooks.append(b.register_forward_hook(self._hook(i)))
-
-    def _blocks(self) -> list[torch.nn.Module]:
-        """Main-model decoder blocks in order (MTP blocks excluded: the forward never runs them)."""
-        m = self.model
-        layers = m.model.layers if hasattr(m, "model") and hasattr(m.model, "layers") else getattr(m, "layers", None)
-        if layers is None:
-            return []
-        n = int(m.args.arch.n_layers) if hasattr(m, "args") and hasattr(m.args, "arch") else len(layers)
-        return list(layers)[:n]
-
-    def _hook(self, i: int) -> Callable:
-        def fn(mod, inp, out) -> None:
-            if self.capture:
-                t = out[0] if isinstance(out, tuple) else out
-                self._captured[i] = t[0].detach().float().cpu()     # batch row 0: [T, ...]
-        return fn
-
-    def forward(self, ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        self._captured = [None] * len(self._captured)
-        out = self.model(ids.to(self.device), start_pos)
-        return out[0].float().cpu()
-
-    def hidden_states(self) -> list[torch.Tensor] | None:
-        if not self._captured or any(h is None for h in self._captured):
-            return None
-        return list(self._captured)        # type: ignore[arg-type]
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-
-def _gguf_runner(path: Path, **kw) -> Runner:
-    from .gguf import GGUFRunner     # imported on use: llama-cpp-python is optional
-    return GGUFRunner(path, **kw)
-
-
-# kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
-RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
-    ArtifactKind.RUNTIME: RuntimeRunner,
-    ArtifactKind.GGUF: _gguf_runner,
-}
-# kinds whose runner is still to be written -> how it will run
-PLANNED: dict[ArtifactKind, str] = {
-    ArtifactKind.ONNX: "onnxruntime InferenceSession",
-}
-
-
 def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) -> ArtifactKind:
     """The kind of ``path``; raises :class:`ArtifactError` before any work if verify cannot run it
     (including a GGUF without llama-cpp-python installed)."""
     k = kind or detect_kind(Path(path))
-    if k not in RUNNERS:
-        raise ArtifactError(f"{path}: {k.value} artifacts are not runnable by verify yet (planned: {PLANNED[k]})")
-    if k is ArtifactKind.GGUF:
-        from .gguf import require_llama_cpp
-        require_llama_cpp()
+    row = ROWS.get(k)
+    if row is None or row.runner is None:
+        how = row.planned if row is not None else "no runner"
+        raise ArtifactError(f"{path}: {k.value} artifacts are not runnable by verify yet (planned: {how})")
+    require = getattr(row.runner_class(), "require", None)
+    if require is not None:
+        require()
     return k
 
 
@@ -154,4 +116,4 @@ def open_runner(path: str | os.PathLike, kind: ArtifactKind | None = None, devic
                 dtype: torch.dtype = torch.float32, max_seq_len: int = 512) -> Runner:
     """Open ``path`` with the runner of its kind (detected from the path unless given)."""
     k = check_runnable(path, kind)
-    return RUNNERS[k](Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len)
+    return ROWS[k].runner_class()(Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len)

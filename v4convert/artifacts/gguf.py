@@ -36,6 +36,8 @@ class GGUFRunner:
     ``n_threads``: llama.cpp threads (default: torch's intra-op thread count, which ``--threads`` sets).
     """
 
+    require = staticmethod(require_llama_cpp)     # checked by artifacts.check_runnable before any work
+
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 512, n_threads: int | None = None) -> None:
         self.path, self.kind = Path(path), ArtifactKind.GGUF
