@@ -18,8 +18,8 @@ from v4convert.formats.containers import Container
 from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_from_deepseek_native, mxfp4_quantize, mxfp4_to_nvfp4
 from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_from_stored, nvfp4_quantize
 from v4convert.quant.plan import Action, MXRule, Options, ScaleChoice, make_plan
-from v4convert.quant.recipes import Codec, RuleSet, preset
-from v4convert.families.roles import Family, Role, Storage
+from v4convert.quant.recipes import RuleSet, preset
+from v4convert.families.roles import Role, Storage
 
 from .conftest import TINY_PRESETS
 

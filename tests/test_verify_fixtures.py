@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.demo import bundled_model

@@ -6,7 +6,6 @@ byte without downloading it.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 from .checkpoint import Checkpoint
 from .errors import read_json
 from .families.layout import Arch, Slot, inventory, stored_tensors
-from .families.roles import Group, Role, Storage
+from .families.roles import Group, Role
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
 from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
-from .families.roles import Family, Role, Storage
+from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
 from v4convert.errors import UserError
 

@@ -13,7 +13,7 @@ import enum
 import hashlib
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -23,7 +23,7 @@ from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
-from .plan import Action, MXRule, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
+from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
