@@ -68,6 +68,9 @@ def _click_option(name: str, owners: list[tuple[Exporter, dataclasses.Field]]):
     text = helps[0] if len(owners) == 1 else "; ".join(f"{e.name.upper()}: {h}" for (e, _), h in zip(owners, helps))
     choices = list(dict.fromkeys(c for _, o in owners for c in (_choices(o) or [])))
     typ = click.Choice(choices, case_sensitive=False) if choices and all(_choices(o) for _, o in owners) else None
+    kinds = {type(o.default) for _, o in owners}
+    if typ is None and len(kinds) == 1 and kinds <= {int, float}:
+        typ = kinds.pop()                     # numbers parse in click; mixed kinds are converted in _build
     if isinstance(f.default, bool):
         return click.option(_decl(f), name, default=None, help=text)
     return click.option(_decl(f), name, default=None, type=typ, help=text)
@@ -90,6 +93,11 @@ def _build(src: Path, out: Path, ex: Exporter, given: dict) -> object:
             if str(v).upper() not in canon:
                 raise click.BadParameter(f"{v!r} is not one of {', '.join(c)}", param_hint=_decl(f))
             v = canon[str(v).upper()]
+        elif type(f.default) in (int, float) and isinstance(v, str):
+            try:
+                v = type(f.default)(v)
+            except ValueError:
+                raise click.BadParameter(f"{v!r} is not a number", param_hint=_decl(f)) from None
         kw[k] = v
     return opts_cls(**kw)
 
