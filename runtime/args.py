@@ -1,6 +1,6 @@
 """``ModelArgs``: the runtime's typed view of a checkpoint's ``config.json``.
 
-Shapes come from ``v4convert.layout.Arch`` (one source of shape facts); this module adds the numerics
+Shapes come from ``v4convert.families.layout.Arch`` (one source of shape facts); this module adds the numerics
 (norm eps, RoPE theta/YaRN/interleave, routing) and accepts both key styles:
 - published (DeepSeek HF release): ``rope_theta`` + ``rope_scaling {"type": "yarn", ...}``, ``scoring_func``;
 - transformers 5.x ``save_pretrained``: ``rope_parameters {"rope_type": "yarn", "rope_theta": ..., ...}``,

@@ -5,7 +5,7 @@
 container's convention), bytes in and out; groups fused partners (gate/up, q_a/kv_a) into one work
 ``Unit`` so they can share one NVFP4 global scale; and assigns units to ~5 GB output shards with
 exact byte offsets. The plan is deterministic, so a restarted run recomputes the same plan and its
-fingerprint tells whether a ``.partial`` directory belongs to it. ``v4convert.engine`` executes it.
+fingerprint tells whether a ``.partial`` directory belongs to it. ``v4convert.quant.engine`` executes it.
 """
 from __future__ import annotations
 

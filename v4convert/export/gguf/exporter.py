@@ -1,7 +1,7 @@
 """``v4convert export CKPT --gguf``: a DeepSeek checkpoint (as published, or our FP4 artifact) -> GGUF.
 
 Reads tensors one at a time from the checkpoint, maps each role to llama.cpp's tensor name
-(``formats.gguf_names``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
+(``export/gguf/names.py``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
 re-packs MXFP4 losslessly, and streams the file (``formats.gguf_writer``). Metadata keys follow
 llama.cpp's loaders (``src/models/deepseek2.cpp``, ``deepseek32.cpp``, ``deepseek4.cpp``) and its
 converter (``conversion/deepseek.py``); the tokenizer comes from ``tokenizer.json`` /
