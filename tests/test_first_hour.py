@@ -82,7 +82,7 @@ def test_llama_cpp_log_callback_no_traceback_on_successful_k_quant(tmp_path: Pat
 
 def test_log_callback_replaces_cut_utf8(capfd) -> None:
     pytest.importorskip("llama_cpp")
-    from v4convert import llama_log
+    from v4convert.export.gguf import llama_log
     llama_log.install()
     cb = llama_log._state["callback"]
     cb(llama_log.LEVEL_ERROR, "token Ġ".encode()[:-1], None)     # "Ġ" cut after its first byte

@@ -20,8 +20,9 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .layout import Arch
-from .roles import Family
+from .errors import UserError
+from .families.layout import Arch
+from .families.roles import Family
 
 GIB = 1 << 30
 DEFAULT_OVERHEAD = GIB          # per device: runtime context, activations, allocator slack
@@ -29,7 +30,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:I?B)?|B)?\s*$", re.IGNO
 _UNIT = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-class MemorySpecError(ValueError):
+class MemorySpecError(UserError):
     """A --memory / --device value we cannot parse."""
 
 

@@ -25,16 +25,17 @@ import torch
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
-from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
-from .roles import Family, Role, Storage
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
+from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
+from v4convert.errors import UserError
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
 CHUNK_ELEMS = 1 << 24      # rows per generated chunk are sized to ~16M elements
 
 
-class SynthError(ValueError):
+class SynthError(UserError):
     pass
 
 
@@ -63,7 +64,7 @@ def _v4_tiny(base: bool) -> dict:
                n_routed_experts=8, num_experts_per_tok=2, hc_mult=4, index_n_heads=2, index_head_dim=64,
                index_topk=4, sliding_window=8, num_hash_layers=1, vocab_size=611, max_position_embeddings=4096,
                compress_ratios=[0, 4, 128, 4, 0])
-    # within llama.cpp's deepseek4 constraints (gguf_constraints.py): ratios 0/4/128, hc_mult 4, indexer
+    # within llama.cpp's deepseek4 constraints (export/gguf/constraints.py): ratios 0/4/128, hc_mult 4, indexer
     # head a multiple of 64, so the tiny preset's GGUF loads in llama.cpp
     cfg["rope_scaling"] = dict(cfg["rope_scaling"], factor=4, original_max_position_embeddings=1024)
     if base:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from v4convert.formats.gguf_names import GGUFArch
+from v4convert.export.gguf.names import GGUFArch
+from v4convert.families.layout import Arch
 
-from .layout import Arch
 
 V4_RATIOS = (0, 4, 128)     # deepseek4.cpp load_arch_tensors: "only supports compression ratios 0, 4, and 128"
 V4_HC_MULT = 4              # deepseek4.cpp build_hc_pre: GGML_ASSERT(hc == 4)

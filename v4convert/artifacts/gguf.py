@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import ArtifactError, ArtifactKind
+from . import ArtifactError, ArtifactKind
 
 GGML_TYPE_F32 = 0        # ggml_type enum value (ggml.h) for type_k / type_v
 
@@ -25,7 +25,7 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError as e:
         raise ArtifactError(f"GGUF artifacts run through llama.cpp: install llama-cpp-python ({e})") from None
-    from . import llama_log
+    from v4convert.export.gguf import llama_log
     llama_log.install()
     return llama_cpp
 
@@ -37,6 +37,8 @@ class GGUFRunner:
     with ``n_gpu_layers=0``); ``dtype`` must be float32: the GGUF's tensor types fix the precision.
     ``n_threads``: llama.cpp threads (default: torch's intra-op thread count, which ``--threads`` sets).
     """
+
+    require = staticmethod(require_llama_cpp)     # checked by artifacts.check_runnable before any work
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 512, n_threads: int | None = None) -> None:

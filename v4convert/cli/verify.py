@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from .artifact import ArtifactKind
+from ..artifacts import ArtifactKind
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,10 +64,11 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     perplexity of each and their ratio, delta-p of the correct token, per-layer hidden-state error, greedy
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
-    from .verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
-                         plot_report, require_matplotlib, verify)
+    from .. import api
+    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
+                         plot_report, require_matplotlib)
 
-    from .threads import set_torch_threads
+    from ..threads import set_torch_threads
     set_torch_threads(threads)
     if save_ref_logits and ref_logits:
         raise VerifyError("--save-ref-logits and --ref-logits exclude each other")
@@ -78,7 +79,7 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     if ref_logits is not None:
         opts = dataclasses.replace(cached_options(ref_logits), **given) if given else None
     else:
-        from .verify import default_ctx
+        from ..verify import default_ctx
         opts = VerifyOptions(**{"ctx": default_ctx(ref), **given})
     show = sys.stderr.isatty()
 
@@ -90,13 +91,14 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     if dynamic_top_p is not None:
         from v4convert.runtime import DynamicRouting
         if k_max is None:
-            k_max = int(json.loads((artifact / "config.json").read_text())["num_experts_per_tok"]) \
-                if (artifact / "config.json").is_file() else 8
+            cfgp = artifact / "config.json"
+            k_max = int(json.loads(cfgp.read_text())["num_experts_per_tok"]) if cfgp.is_file() else 8
         dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
-    r = verify(ref, artifact, opts=opts, data=data, dynamic_routing=dynamic,
-               thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
-               save_ref=save_ref_logits, ref_cache=ref_logits, art_kind=ArtifactKind(kind) if kind else None,
-               device=device, dtype=DTYPES[dtype], progress=progress)
+    r = api.verify(api.VerifyArgs(
+        ref, artifact, opts=opts, data=data, dynamic_routing=dynamic,
+        thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
+        save_ref=save_ref_logits, ref_cache=ref_logits, kind=ArtifactKind(kind) if kind else None,
+        device=device, dtype=DTYPES[dtype], progress=progress))
     click.echo(format_report(r))
     if json_out is not None:
         json_out.write_text(json.dumps(json_report(r), indent=2))

@@ -1,6 +1,6 @@
 """The ``v4convert`` command line. Each command's logic lives in its module; this file only wires.
 
-Errors from bad input are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
+Errors from bad input (``UserError``) are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
 """
 from __future__ import annotations
 
@@ -10,26 +10,24 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .checkpoint import CheckpointError
-from .cli_export import export_command
-from .cli_run import run_command
-from .cli_verify import verify_command
-from .cli_quantize import quantize_command
-from .layout import LayoutError
-from v4convert.formats.safetensors_io import FormatError
+from .. import __version__
+from ..errors import UserError
+from .export import export_command
+from .run import run_command
+from .verify import verify_command
+from .quantize import quantize_command
 
-USER_ERRORS = (CheckpointError, LayoutError, FormatError, FileNotFoundError, ValueError)
-RESUMABLE = {"quantize"}           # commands whose rerun resumes from a journal (engine.py)
+RESUMABLE = {"quantize"}           # commands whose rerun resumes from a journal (quant/engine.py)
 
 
 class Group(click.Group):
-    """Turns known user errors into one clean line and exit code 2 instead of a traceback."""
+    """Turns user errors (``UserError``) into one clean line and exit code 2. Anything else is a bug of ours:
+    it keeps its traceback (exit 1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
+        except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:          # Ctrl-C: one line, the shell's 128 + SIGINT, no traceback
@@ -68,15 +66,9 @@ def inspect_cmd(path: Path, as_json: bool, memory: str | None, devices: str | No
     Reports family, layers, experts, parameters (main model and MTP), bytes by role and dtype,
     shards, and projected sizes of the NVFP4 / MXFP4 / GGUF outputs.
     """
-    from .inspect import build_report, format_report
-    budget = None
-    if memory or devices:
-        from .memfit import Budget, MemorySpecError, parse_devices, parse_size
-        if memory and devices:
-            raise MemorySpecError("give --memory or --device, not both")
-        n, size = parse_devices(devices) if devices else (1, parse_size(memory))
-        budget = Budget(n, size, parse_size(reserve))
-    report = build_report(path, budget, kv_tokens)
+    from .. import api
+    from ..inspect import format_report
+    report = api.inspect(api.InspectArgs(path, memory=memory, devices=devices, kv_tokens=kv_tokens, reserve=reserve))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -97,9 +89,9 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
     naming, index, config.json and a small byte-level BPE tokenizer. Values are random but sane
     and deterministic per seed; writing streams tensor by tensor.
     """
-    from .synth import synth
-    r = synth(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
-              progress=sys.stderr.isatty())
+    from .. import api
+    r = api.synth(api.SynthArgs(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
+                                progress=sys.stderr.isatty()))
     click.echo(f"wrote {r.n_tensors} tensors, {r.n_bytes:,} bytes in {r.n_shards} shard(s) to {r.out}")
 
 
@@ -109,19 +101,18 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
 @click.option("--tokens", type=int, default=2048, show_default=True, help="Held-out tokens to score.")
 @click.option("--ctx", type=int, default=None, help="Window length [default: as verify's: the bundled model's "
               "training context, 128].")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
+@click.option("--threads", type=int, default=None,
+              help="torch intra-op threads (default: the cores not busy with other processes; see v4convert/threads.py).")
 def demo_cmd(out: Path, tokens: int, ctx: int | None, threads: int | None) -> None:
     """The pipeline on the bundled trained tiny V3 model, offline, in minutes.
 
     Quantizes the bundled FP8 release (trained on Python stdlib text) to NVFP4 and MXFP4, verifies each
     against it on held-out text, and prints the comparison table and where the files are.
     """
-    from .demo import format_demo, run_demo
-    from .verify import VerifyOptions
-    from .threads import set_torch_threads
+    from ..demo import bundled_model, format_demo, run_demo
+    from ..threads import set_torch_threads
+    from ..verify import VerifyOptions, default_ctx
     set_torch_threads(threads)
-    from .demo import bundled_model
-    from .verify import default_ctx
     rows = run_demo(out, VerifyOptions(ctx=ctx or default_ctx(bundled_model("v3")), tokens=tokens), echo=click.echo)
     click.echo(format_demo(out, rows))
 
