@@ -226,7 +226,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """Lean workers: a fork server imports ``v4convert.workers`` (torch + codecs) once, and every worker
+    """Lean workers: a fork server imports ``v4convert.quant.workers`` (torch + codecs) once, and every worker
     is forked from it. With spawn each worker re-imported torch and the whole CLI. A forked worker still
     runs the ``__main__`` script (``bin/v4convert``: one ``from v4convert.cli import main``), so the
     server preloads ``v4convert.cli`` too when we were started from it: that import is then free.
@@ -235,7 +235,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
         ctx = multiprocessing.get_context("forkserver")
     except ValueError:
         return multiprocessing.get_context("spawn")
-    ctx.set_forkserver_preload(["v4convert.workers"] + (["v4convert.cli"] if "v4convert.cli" in sys.modules else []))
+    ctx.set_forkserver_preload([run_unit.__module__] + (["v4convert.cli"] if "v4convert.cli" in sys.modules else []))
     return ctx
 
 
