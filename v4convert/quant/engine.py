@@ -199,11 +199,12 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         nonlocal pending_bytes
         if not pending:
             return
-        for name in {plan.units[r.index].shard for r in pending}:
-            os.fsync(fds[name])
-        journal.append(pending)
+        batch = pending[:]          # taken first: a Ctrl-C inside flush cannot journal a unit twice
         pending.clear()
         pending_bytes = 0
+        for name in {plan.units[r.index].shard for r in batch}:
+            os.fsync(fds[name])
+        journal.append(batch)
 
     try:
         if workers <= 1:
