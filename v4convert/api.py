@@ -159,7 +159,7 @@ def inspect(a: InspectArgs) -> dict:
             raise MemorySpecError("give --memory or --device, not both")
         n, size = parse_devices(a.devices) if a.devices else (1, parse_size(a.memory))
         budget = Budget(n, size, parse_size(a.reserve))
-    return build_report(Path(a.path), budget, a.kv_tokens)
+    return build_report(Path(a.path)) if budget is None else build_report(Path(a.path), budget, a.kv_tokens)
 
 
 @dataclass
