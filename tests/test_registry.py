@@ -68,8 +68,11 @@ def test_gguf_options_keep_the_old_flags() -> None:
     assert {"--gguf", "--out", "--type", "--expert-type", "--mtp", "--no-mtp", "--split-max-size", "--no-modelfile",
             "--progress", "--no-progress"} <= flags
     o = Options()
-    assert (o.main_type, o.expert_type, o.keep_mtp, o.split_max_size, o.modelfile) == ("Q8_0", "MXFP4", True, None,
+    # issue #19: --type alone means the whole file; the old default mix is the named preset MXFP4_MOE
+    assert (o.main_type, o.expert_type, o.keep_mtp, o.split_max_size, o.modelfile) == ("MXFP4_MOE", None, True, None,
                                                                                        True)
+    from v4convert.export.gguf.exporter import GGUFType, TypeMix
+    assert o.mix() == (TypeMix(GGUFType.Q8_0, GGUFType.MXFP4), None, False)
 
 
 class _FakeRunner:
