@@ -16,6 +16,7 @@ from tests.test_gguf_export import synth_config
 from v4convert.synth import preset_config
 
 INTERRUPTED = "interrupted — rerun the same command to resume"
+N_UNITS = 400              # fewer than the wide_v3 fixture's quantize units
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -25,10 +26,10 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wide_v3(tmp_path_factory) -> Path:
-    """A V3 checkpoint with 32 experts per layer: a few hundred quantize units, so a run lasts long
-    enough (one fsync per unit with --sync-every 1B) to be interrupted in the middle."""
+    """A V3 checkpoint with 64 experts per layer: more than ``N_UNITS`` quantize units, so a run lasts
+    long enough (one fsync per unit with --sync-every 1B) to be interrupted in the middle."""
     cfg = preset_config("v3-tiny")
-    cfg.update(n_routed_experts=32, hidden_size=256, moe_intermediate_size=256, intermediate_size=256)
+    cfg.update(n_routed_experts=64, hidden_size=256, moe_intermediate_size=256, intermediate_size=256)
     return synth_config(cfg, tmp_path_factory.mktemp("wide") / "v3")
 
 
@@ -53,8 +54,14 @@ def test_ctrl_c_during_quantize_is_one_line_exit_130_and_resumes(wide_v3: Path, 
         if done.is_file() and len(done.read_text().splitlines()) >= 3:
             break
         time.sleep(0.005)
-    assert p.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(p.pid, signal.SIGINT)
+    os.killpg(p.pid, signal.SIGSTOP)             # freeze the group: the state checked below cannot move on
+    try:
+        assert p.poll() is None and not out.exists(), "the run finished before it could be interrupted"
+        n = len({line.split()[0] for line in done.read_text().splitlines()})
+        assert 3 <= n < N_UNITS, n                 # in the middle: some units journaled, most to do
+        os.killpg(p.pid, signal.SIGINT)
+    finally:
+        os.killpg(p.pid, signal.SIGCONT)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 130, err
     assert "Traceback" not in err and "Aborted" not in err, err
@@ -64,6 +71,8 @@ def test_ctrl_c_during_quantize_is_one_line_exit_130_and_resumes(wide_v3: Path, 
     r = cli(*args, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert f"resuming: {journaled} of" in r.stderr, r.stderr
+    import re
+    assert int(re.search(r"resuming: \d+ of (\d+) units", r.stderr).group(1)) > N_UNITS
     assert _files(out) == _files(clean)
 
 
