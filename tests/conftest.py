@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic checkpoints written once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ import torch
 
 # Tiny models: one thread avoids OpenMP spin-waiting on a shared 2-core machine (10x slower small ops).
 torch.set_num_threads(1)
+# ...and the CLI's default (v4convert.threads: free cores) follows, in-process and in subprocesses: a report
+# computed twice in one test must not change with the machine's load.
+os.environ.setdefault("V4CONVERT_THREADS", "1")
 
 TINY_PRESETS = ("v3-tiny", "v32-tiny", "v4-flash-tiny", "v4-flash-base-tiny")
 

@@ -47,7 +47,9 @@ def test_ctrl_c_during_quantize_is_one_line_exit_130_and_resumes(wide_v3: Path, 
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "v4convert.cli", *args, "--out", str(out)], text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         # a terminal's default; a test run started in the background inherits SIGINT ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     done = out.with_name("out.partial") / ".journal" / "done"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and p.poll() is None:

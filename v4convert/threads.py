@@ -58,9 +58,14 @@ def split_threads(workers: int | None, cores: int | None = None) -> tuple[int, i
     return workers, max(1, cores // max(1, workers))
 
 
+ENV = "V4CONVERT_THREADS"      # a fixed default for every command (tests set 1: results then never vary)
+
+
 def set_torch_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads to ``threads`` (None: the free cores); return the number set."""
+    """Set torch's intra-op threads to ``threads`` (None: ``$V4CONVERT_THREADS`` if set, else the free
+    cores); return the number set."""
     import torch
-    n = threads if threads is not None else free_cores()
+    env = os.environ.get(ENV, "").strip()
+    n = threads if threads is not None else (int(env) if env.isdigit() and int(env) > 0 else free_cores())
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
