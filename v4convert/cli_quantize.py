@@ -36,8 +36,28 @@ def _parse_size(text: str) -> int:
               help="Output container (default: compressed-tensors; deepseek is MXFP4 only).")
 @click.option("--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors as stored (fnmatch on names; repeatable).")
 @click.option("--override", multiple=True, metavar="PATTERN=CODEC", help="Force a codec (nvfp4, mxfp4, keep) on matching tensors.")
-@click.option("--scale-method", type=click.Choice(["rtn", "mse", "four-over-six"]), default="rtn", show_default=True,
-              help="NVFP4 block-scale choice.")
+@click.option("--scale-method", type=click.Choice(["rtn", "mse", "four-over-six"]), default=None,
+              help="NVFP4 block-scale choice (data-free; default rtn). Alias of --method for these three.")
+@click.option("--method", "method", default=None, metavar="M[+M...]",
+              help="Quantization method: rtn | mse | four-over-six (data-free) and/or gptq | awq (need --calib), "
+                   "joined with '+', e.g. gptq, awq+gptq, gptq+four-over-six. Default: gptq with --calib, else rtn.")
+@click.option("--calib", "calib", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Calibrate on PATH (.txt, .jsonl with a 'text' field, or a directory of them), tokenized with the "
+                   "checkpoint's tokenizer.json; without PATH: the bundled corpus's training split.")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True,
+              help="Calibration tokens (real models: 8192-131072 recommended).")
+@click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--propagate", type=click.Choice(["quantized", "original"]), default="quantized", show_default=True,
+              help="Feed each layer the outputs of the already quantized layers, or of the original model.")
+@click.option("--calib-all-experts", is_flag=True,
+              help="Send every calibration token through every routed expert for statistics (outputs still use "
+                   "the real routing).")
+@click.option("--min-expert-tokens", type=int, default=16, show_default=True,
+              help="Experts routed fewer calibration tokens fall back to the data-free method (with a warning).")
+@click.option("--gptq-damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
+@click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
+              help="GPTQ block scales: from the original weights, or re-derived from the updated ones per block.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
@@ -51,7 +71,10 @@ def _parse_size(text: str) -> int:
               help="FP8->NVFP4 hot path: the native C kernel (default on CPU when a C compiler builds it) or "
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
-                     keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
+                     keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
+                     calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
+                     calib_all_experts: bool, min_expert_tokens: int, gptq_damp: float, gptq_act_order: bool,
+                     gptq_scales: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
                      plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
@@ -71,8 +94,11 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
     rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
     container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
-    opts = Options(container=container, scale_method=ScaleChoice(scale_method), mx_rule=MXRule(mx_rule),
-                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size))
+    spec, copts, data = _calibration_options(ckpt, out, scale_method, method, calib, calib_tokens, calib_seq_len,
+                                             propagate, calib_all_experts, min_expert_tokens, gptq_damp,
+                                             gptq_act_order, gptq_scales)
+    opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(mx_rule),
+                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size), calib=copts)
     rules = RuleSet(preset(rname), keep=keep, overrides=override)
     with Checkpoint.open(ckpt) as ck:
         plan = make_plan(ck, rules, opts)
@@ -84,9 +110,47 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # default: one in-process worker feeds a CUDA device; on CPU one process per core
     n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
+    extra = {}
+    if copts is not None:
+        import json
+
+        from .calib.run import REPORT_NAME, run_calibration
+        report = run_calibration(plan, data, copts, progress=sys.stderr.isatty(),
+                                 log=lambda m: click.echo(m, err=True))
+        extra[REPORT_NAME] = json.dumps(report, indent=1) + "\n"
     r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
                 sync_bytes=_parse_size(sync_every), device=device,
-                kernel=Kernel(kernel) if kernel else None)
+                kernel=Kernel(kernel) if kernel else None, extra_files=extra)
+    if copts is not None:
+        Path(copts.stats).unlink(missing_ok=True)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
     click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
                f" ({r.resumed_units} of {r.units} units resumed{extra})")
+
+
+def _calibration_options(ckpt: Path, out: Path, scale_method, method, calib, tokens, seq_len, propagate,
+                         all_experts, min_expert_tokens, damp, act_order, scales):
+    """(MethodSpec, CalibOptions or None, CalibData or None) from the command line; user errors raise."""
+    from .calib.method import MethodError, MethodSpec
+    if method is not None and scale_method is not None:
+        raise MethodError("--scale-method is an alias of --method; give one of them")
+    if method is None:
+        method = scale_method or ("gptq" if calib is not None else "rtn")
+    spec = MethodSpec.parse(method)
+    if not spec.needs_data:
+        if calib is not None:
+            raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
+        return spec, None, None
+    if calib is None:
+        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH]")
+    if min_expert_tokens < 0 or damp <= 0:
+        raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
+    from .calib.apply import CalibOptions
+    from .calib.data import calibration_windows
+    data = calibration_windows(ckpt, Path(calib) if calib else None, tokens, seq_len)
+    copts = CalibOptions(method=spec.label, stats=str(out.with_name(out.name + ".calib-stats.safetensors")),
+                         data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
+                         propagate=propagate == "quantized", all_experts=all_experts,
+                         min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
+                         gptq_scales_during=scales == "during")
+    return spec, copts, data

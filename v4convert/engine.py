@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from v4convert.formats.containers import Container, OutKind, compressed_tensors_config, modelopt_configs
@@ -162,11 +162,13 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 
 # ------------------------------------------------------------------------------------ run
 def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False, progress: bool = False,
-            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None) -> RunResult:
+            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None,
+            extra_files: dict[str, str] | None = None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (all torch threads);
     more uses a process pool with one thread each and at most ``2 * workers`` units in flight.
     ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
-    kernel writes the same bytes, so it is not part of the plan."""
+    kernel writes the same bytes, so it is not part of the plan. ``extra_files``: name -> text written into the
+    output before the final rename (e.g. the calibration coverage report)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     kernel, why = choose_kernel(kernel, device.split(":")[0])
     log(f"hot path: {why}")
@@ -214,7 +216,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False,
         bar.close()
         for fd in fds.values():
             os.close(fd)
-    return _finish(plan, out, part, stats, len(done), log)
+    return _finish(plan, out, part, stats, len(done), log, extra_files or {})
 
 
 def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, finished, device: str, kernel) -> None:
@@ -300,7 +302,8 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log) -> RunResult:
+def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log,
+            extra_files: dict[str, str]) -> RunResult:
     shas = {name: _sha256(part / name) for name in sorted(plan.shards)}
     weight_map = {e.name: u.shard for u in plan.units for t in u.tensors for e in t.out}
     blocks = sum(v[0] for v in stats.values())
@@ -310,7 +313,9 @@ def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resu
                           "v4convert": {"version": __version__, "format": plan.options.container.value,
                                         **plan.rules, "scale_method": plan.options.scale_method.value,
                                         "mx_rule": plan.options.mx_rule.value,
-                                        "mxfp4_repacked_blocks": blocks, "mxfp4_repack_inexact_blocks": inexact}},
+                                        "mxfp4_repacked_blocks": blocks, "mxfp4_repack_inexact_blocks": inexact,
+                                        **({"calibration": {k: v for k, v in asdict(plan.options.calib).items()
+                                                            if k != "stats"}} if plan.options.calib else {})}},
              "weight_map": dict(sorted(weight_map.items()))}
     (part / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     cfg, hf = output_config(plan)
@@ -318,6 +323,8 @@ def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resu
     if hf is not None:
         (part / "hf_quant_config.json").write_text(json.dumps(hf, indent=2) + "\n")
     _copy_side_files(plan.source, part)
+    for name, text in extra_files.items():
+        (part / name).write_text(text)
     shutil.rmtree(part / JOURNAL_DIR)
     for p in part.iterdir():
         _fsync_path(p)

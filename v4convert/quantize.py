@@ -16,6 +16,7 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
@@ -25,6 +26,9 @@ from . import __version__
 from .checkpoint import Checkpoint, TensorInfo
 from .recipes import Codec, RecipeError, RuleSet
 from .roles import Family, Role, Storage
+
+if TYPE_CHECKING:
+    from .calib.apply import CalibOptions
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -64,6 +68,7 @@ class Options:
     mx_rule: MXRule = MXRule.FLOOR
     keep_native_fp4: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    calib: "CalibOptions | None" = None   # calibrated FP4 (v4convert.calib.apply); None = data-free
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,18 @@ def _candidates(grid: Grid, w: torch.Tensor, base: ScaleMethod):
             yield Grid(grid.codec, exp=(grid.exp + s).clamp(-E8M0_BIAS, MX_MAX_FINITE_EXP))
 
 
-def awq_quantize(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, *,
-                 convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
-                 base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
-                 mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
-    """Quantize ``w [N, K]`` choosing each block's scale by the activation-weighted error (``d [K] >= 0``)."""
+def awq_quantize(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, **kw) -> NVFP4Tensor | MXFP4Tensor:
+    """Quantize ``w [N, K]`` choosing each block's scale by the activation-weighted error (``d [K] >= 0``);
+    keywords as :func:`awq_grid`."""
+    grid, codes = awq_grid(w, d, codec, **kw)
+    return grid.tensor(codes)
+
+
+def awq_grid(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, *,
+             convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
+             base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
+             mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor") -> tuple[Grid, torch.Tensor]:
+    """(grid with the searched block scales, codes uint8 [N, K])."""
     n, k = w.shape
     if d.shape != (k,):
         raise ValueError(f"{name}: channel statistics shape {tuple(d.shape)} does not match in-features {k}")
@@ -78,4 +85,4 @@ def awq_quantize(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, *,
             grid.ws = torch.where(better, cand.ws.float(), grid.ws.float()).to(torch.float8_e4m3fn)
         else:
             grid.exp = torch.where(better, cand.exp, grid.exp)
-    return grid.tensor(codes)
+    return grid, codes

@@ -20,7 +20,7 @@ import enum
 
 import torch
 
-from v4convert.calib.grid import FP4Codec, rtn_grid
+from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
@@ -56,18 +56,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
                   convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
                   base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
                   mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, damp: float = DEFAULT_DAMP,
-                  act_order: bool = False, scales: ScalesAt = ScalesAt.BEFORE,
+                  act_order: bool = False, scales: ScalesAt = ScalesAt.BEFORE, grid: Grid | None = None,
                   name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
     """GPTQ-quantize ``w [N, K]`` with Hessian ``h [K, K]``; ``base``: the data-free NVFP4 scale choice whose
-    scales (and, for four-over-six, 256-based global scale) GPTQ starts from."""
+    scales (and, for four-over-six, 256-based global scale) GPTQ starts from; ``grid``: start from these block
+    scales instead (e.g. the activation-weighted search's), same global scale rules."""
     n, k = w.shape
     if h.shape != (k, k):
         raise GPTQError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")
     if act_order and scales is ScalesAt.DURING:
         raise GPTQError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
     w = w.detach().float()
-    grid, _ = rtn_grid(w, codec, convention=convention, method=base, global_amax=global_amax, mx_rule=mx_rule,
-                       name=name)
+    if grid is None:
+        grid, _ = rtn_grid(w, codec, convention=convention, method=base, global_amax=global_amax, mx_rule=mx_rule,
+                           name=name)
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     hp = h[perm][:, perm]
     U = _hinv_upper(hp, damp, name)
