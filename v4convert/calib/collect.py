@@ -7,13 +7,15 @@ For every linear about to be quantized we collect, from its inputs ``x [n, K]`` 
 * ``amax``: ``max |x|`` (static per-tensor activation scale for W4A4);
 * ``count``: rows seen (for a routed expert: the tokens routed to it = its coverage).
 
-Order (``propagate=True``, the default): for layer L = 0, 1, ... the windows run through the model with the
-layers before L already replaced by their quantized weights, the run stops right after block L, the stats of
-L's linears are final, then ``quantize(name, w, stats)`` replaces L's weights by their dequantized quantized
-values. ``propagate=False`` collects every layer in one pass on the original model. Because the runtime
-itself runs the blocks, every family works unchanged (MLA/indexer, hyper-connections, hash routing).
-Deviation from the issue's design (recorded in the report): the whole runtime model is loaded (fine for the
-tiny and mid-size models; not the 671B RSS bound), and each layer re-runs the earlier ones (O(L^2) blocks).
+Order: the windows are embedded by the model's own forward, which is stopped at block 0 to capture that
+block's call arguments (hidden state + what every block of the family receives: positions, rope, mask, ids).
+Then for layer L = 0, 1, ...: block L runs on the saved hidden states (its linears' stats are recorded),
+``quantize(name, w, stats, group_amax)`` replaces L's weights by their dequantized quantized values, and
+(``propagate=True``, the default) block L runs again so layer L+1 sees the *quantized* layer's outputs;
+``propagate=False`` feeds L+1 the original outputs. Because the runtime itself runs the blocks, every
+family works unchanged (MLA/indexer, hyper-connections, hash routing). Deviations from the issue's design
+(in the report): the whole runtime model is loaded (fine for tiny and mid-size models, not the 671B RSS
+bound), and hidden states stay in RAM (``W x L x D`` floats; no memory-mapped file yet).
 
 ``all_experts``: every calibration token also goes through every routed expert for *statistics only*
 (the layer output still uses the real routing); coverage counts stay the routed counts.
@@ -63,8 +65,6 @@ class _Stop(Exception):
     """Raised after the block being calibrated, to skip the rest of the forward."""
 
 
-def _stop(*_args) -> None:
-    raise _Stop
 
 
 def _rename(family: Family) -> Callable[[str], str]:
@@ -162,9 +162,16 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *,
     if all_experts:
         handles += [moe.register_forward_pre_hook(broadcast_hook(moe)) for moe in moes.values()]
 
-    def run(stop_after: int | None) -> None:
-        h = blocks[stop_after].register_forward_hook(_stop) if stop_after is not None and stop_after < n_main - 1 \
-            else None
+    def block_inputs() -> list[tuple]:
+        """Arguments of block 0's call for each batch of windows (hidden state first; the rest — positions,
+        rope tables, mask, token ids — is what every block of this family receives)."""
+        got: list[tuple] = []
+
+        def grab(mod, args):
+            got.append(args)
+            raise _Stop
+
+        hd = blocks[0].register_forward_pre_hook(grab)
         try:
             for i in range(0, W, batch):
                 try:
@@ -172,28 +179,31 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *,
                 except _Stop:
                     pass
         finally:
-            if h is not None:
-                h.remove()
+            hd.remove()
+        return got
+
+    def run_block(li: int, inputs: list[tuple]) -> list[tuple]:
+        with torch.inference_mode():
+            return [(blocks[li](*args),) + tuple(args[1:]) for args in inputs]
 
     try:
         layers = sorted({layer_of[n] for n in targets if layer_of[n] is not None and layer_of[n] < n_main})
-        if not propagate:
-            state["active"] = set(targets)
-            state["layers"] = set(range(n_main))
-            run(None)
-        else:
-            for li in tqdm(layers, desc="calibrate", unit="layer", disable=not progress):
-                names = [n for n in targets if layer_of[n] == li]
-                state["active"], state["layers"] = set(names), {li}
-                run(li)
-                if quantize is not None:
-                    amax = {n: mods[n].weight.detach().abs().amax().float() for n in names}
-                    for n in names:
-                        partners = (groups or {}).get(n, [n])
-                        g = torch.stack([amax[p] if p in amax else mods[p].weight.detach().abs().amax().float()
-                                         for p in partners]).amax()
-                        w = quantize(n, mods[n].weight.data, stats[n] if stats[n].count else None, g)
-                        mods[n].weight.data.copy_(w.to(mods[n].weight.dtype))
+        inputs = block_inputs()
+        for li in tqdm(range(layers[-1] + 1 if layers else 0), desc="calibrate", unit="layer", disable=not progress):
+            names = [n for n in targets if layer_of[n] == li]
+            state["active"], state["layers"] = set(names), {li}
+            outputs = run_block(li, inputs)
+            state["active"], state["layers"] = set(), set()
+            if propagate and quantize is not None and names:
+                amax = {n: mods[n].weight.detach().abs().amax().float() for n in names}
+                for n in names:
+                    partners = (groups or {}).get(n, [n])
+                    g = torch.stack([amax[p] if p in amax else mods[p].weight.detach().abs().amax().float()
+                                     for p in partners]).amax()
+                    w = quantize(n, mods[n].weight.data, stats[n] if stats[n].count else None, g)
+                    mods[n].weight.data.copy_(w.to(mods[n].weight.dtype))
+                outputs = run_block(li, inputs)          # the next layer sees the quantized layer's output
+            inputs = outputs
     finally:
         for hd in handles:
             hd.remove()
