@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from v4convert.formats.safetensors_io import read_header
 
 from v4convert.demo import bundled_model, quantize_cli
-from v4convert.formats.safetensors_io import read_header
 from v4convert.verify import VerifyOptions, json_report, verify
 
 # (scheme, label, quantize args); the first row of each scheme is its RTN baseline.

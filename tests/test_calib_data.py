@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v4convert.calib.data import CORPUS_DIR, CalibDataError, calibration_windows, read_texts, training_split_texts
+from v4convert.calib.data import (
+    CORPUS_DIR,
+    CalibDataError,
+    calibration_windows,
+    read_texts,
+    training_split_texts,
+)
 
 TINY = Path(__file__).resolve().parent.parent / "v4convert" / "data" / "tiny-v3"
 TEXT = "def f(x):\n    return x * 2\n" * 200

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from v4convert.calib.grid import FP4Codec
 from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
 from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_quantize
+
+from v4convert.calib.grid import FP4Codec
 from v4convert.quant.methods.awq import awq_quantize, weighted_block_error
 from v4convert.quant.methods.gptq import GPTQError, ScalesAt, gptq_quantize
 
@@ -64,7 +64,7 @@ def test_gptq_lowers_output_error_vs_rtn(codec, conv):
 
 
 def test_gptq_shared_global_amax_and_errors():
-    w, x, h = _layer(4, k=64)
+    w, _, h = _layer(4, k=64)
     big = w.abs().amax() * 3
     q = gptq_quantize(w, h, FP4Codec.NVFP4, global_amax=big)
     assert torch.equal(q.global_scale, nvfp4_quantize(w, global_amax=big).global_scale)

@@ -61,8 +61,9 @@ def test_coverage_and_stats_equal_a_direct_count(tiny_ckpts, calib_txt, preset):
     for li, blk in enumerate(blocks[: model.args.arch.n_layers]):
         moe = getattr(blk, "mlp", None) or getattr(blk, "ffn", None)
         if hasattr(moe, "experts"):
+            n_exp = len(moe.experts)
             hooks.append(moe.gate.register_forward_hook(
-                lambda mod, a, out, li=li, e=len(moe.experts): counts.__setitem__(
+                lambda mod, a, out, li=li, e=n_exp: counts.__setitem__(
                     li, counts.get(li, 0) + torch.bincount(out[1].reshape(-1), minlength=e))))
     model(data.windows)
     for h in hooks:
@@ -92,7 +93,7 @@ def calibrated(tiny_ckpts, calib_txt, tmp_path_factory) -> tuple[Path, list[str]
     out = tmp_path_factory.mktemp("cq") / "out"
     args = [str(tiny_ckpts["v3-tiny"]), "--fp4", "--out", str(out), "--workers", "1", "--calib", str(calib_txt),
             "--calib-tokens", "128", "--calib-seq-len", "64", "--method", "awq+gptq", "--shard-size", "300KB"]
-    r = subprocess.run(_cli(*args), capture_output=True, text=True)
+    r = subprocess.run(_cli(*args), capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     return out, args, r.stderr
 
@@ -124,7 +125,7 @@ def test_sigkill_and_resume_byte_identical(calibrated, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "run finished before it could be killed"
     assert out.with_name(out.name + ".calib-stats.safetensors").is_file()
-    r = subprocess.run(_cli(*args), capture_output=True, text=True)
+    r = subprocess.run(_cli(*args), capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert "reusing statistics" in r.stderr and "resuming: " in r.stderr
     for p in sorted(ref.iterdir()):

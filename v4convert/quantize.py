@@ -68,7 +68,7 @@ class Options:
     mx_rule: MXRule = MXRule.FLOOR
     keep_native_fp4: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
-    calib: "CalibOptions | None" = None   # calibrated FP4 (v4convert.calib.apply); None = data-free
+    calib: CalibOptions | None = None   # calibrated FP4 (v4convert.calib.apply); None = data-free
 
 
 @dataclass(frozen=True)

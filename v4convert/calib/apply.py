@@ -61,7 +61,7 @@ def load_record(path: str | Path, name: str) -> tuple[torch.Tensor, float, int] 
     """(h, amax, count) of ``name`` or None."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        if f"{name}:h" not in f.keys():
+        if f"{name}:h" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
             return None
         return f.get_tensor(f"{name}:h"), float(f.get_tensor(f"{name}:amax")[0]), int(f.get_tensor(f"{name}:count")[0])
 
@@ -111,7 +111,6 @@ def write_calibrated(unit, ts, w, opts) -> None:
     unit (fused partners share the NVFP4 global amax), quantize it with the calibrated method, write the
     codec's parts at the plan's offsets. Memory: the unit's weights in float32."""
     from v4convert.formats.containers import Part
-
     from v4convert.quantize import MXRule
     from v4convert.workers import _decode_chunk, _out, _scale_f32, read_rows
 

@@ -23,8 +23,8 @@ bound), and hidden states stay in RAM (``W x L x D`` floats; no memory-mapped fi
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

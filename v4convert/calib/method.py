@@ -43,7 +43,7 @@ class MethodSpec:
         return "+".join(parts)
 
     @staticmethod
-    def parse(text: str) -> "MethodSpec":
+    def parse(text: str) -> MethodSpec:
         toks = [t.strip().lower() for t in text.split("+") if t.strip()]
         if not toks:
             raise MethodError("--method: empty spec")
@@ -73,7 +73,7 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
     from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize
 
     base = spec.base if codec is FP4Codec.NVFP4 else ScaleMethod.RTN
-    kw = dict(convention=convention, global_amax=global_amax, mx_rule=mx_rule, name=name)
+    kw = {"convention": convention, "global_amax": global_amax, "mx_rule": mx_rule, "name": name}
     if h is None or not spec.needs_data:
         grid, codes = rtn_grid(w, codec, method=base, **kw)
         return grid.tensor(codes)

@@ -8,8 +8,8 @@ expert-coverage table and warns about experts left to the data-free base.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -19,12 +19,18 @@ the rule's ``e`` (finer with clipping / coarser without).
 from __future__ import annotations
 
 import torch
-
-from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
 from v4convert.formats.fp4 import E2M1_MAX, e2m1_lut
 from v4convert.formats.fp8 import E8M0_BIAS
 from v4convert.formats.mxfp4 import MX_MAX_FINITE_EXP, MXFP4Tensor, MXScaleRule
-from v4convert.formats.nvfp4 import DEFAULT_CLIP_RATIOS, NVFP4Convention, NVFP4Tensor, ScaleMethod, _block_scale
+from v4convert.formats.nvfp4 import (
+    DEFAULT_CLIP_RATIOS,
+    NVFP4Convention,
+    NVFP4Tensor,
+    ScaleMethod,
+    _block_scale,
+)
+
+from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
 
 CLIP_RATIOS = DEFAULT_CLIP_RATIOS        # 1.00, 0.95, ... 0.50
 MX_EXP_STEPS = (0, -1, 1)
@@ -65,7 +71,7 @@ def awq_grid(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, *,
              base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
              mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor") -> tuple[Grid, torch.Tensor]:
     """(grid with the searched block scales, codes uint8 [N, K])."""
-    n, k = w.shape
+    k = w.shape[1]
     if d.shape != (k,):
         raise ValueError(f"{name}: channel statistics shape {tuple(d.shape)} does not match in-features {k}")
     w = w.detach().float()
