@@ -92,7 +92,7 @@ def _cli(*args: str) -> list[str]:
 def calibrated(tiny_ckpts, calib_txt, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("cq") / "out"
     args = [str(tiny_ckpts["v3-tiny"]), "--fp4", "--out", str(out), "--workers", "1", "--calib", str(calib_txt),
-            "--calib-tokens", "128", "--calib-seq-len", "64", "--method", "awq+gptq", "--shard-size", "300KB"]
+            "--calib-tokens", "128", "--calib-seq-len", "64", "--method", "awq+gptq", "--shard-size", "300KB", "--plot"]
     r = subprocess.run(_cli(*args), capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     return out, args, r.stderr
@@ -106,6 +106,7 @@ def test_calibrated_artifact(calibrated):
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert idx["metadata"]["v4convert"]["calibration"]["method"] == "awq+gptq"
     assert not out.with_name(out.name + ".calib-stats.safetensors").exists()
+    assert (out / "calibration-coverage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from v4convert.runtime import load
     logits = load(out, max_seq_len=16)(torch.arange(2, 10)[None])
     assert torch.isfinite(logits).all()
@@ -140,6 +141,7 @@ def test_sigkill_and_resume_byte_identical(calibrated, tmp_path):
     (("--method", "gptq", "--scale-method", "mse", "--calib"), "alias"),
     (("--calib", "NOPE.txt"), "not found"),
     (("--calib", "--calib-tokens", "0"), "must be > 0"),
+    (("--plot",), "needs --calib"),
 ])
 def test_bad_calibration_requests_exit_2(tiny_ckpts, tmp_path, extra, match):
     from v4convert.cli import main

@@ -54,6 +54,8 @@ def _parse_size(text: str) -> int:
                    "the real routing).")
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True,
               help="Experts routed fewer calibration tokens fall back to the data-free method (with a warning).")
+@click.option("--plot", "plot", is_flag=True,
+              help="With --calib: also write DIR/calibration-coverage.png (experts x layers heat-map; needs matplotlib).")
 @click.option("--gptq-damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
 @click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
 @click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
@@ -73,7 +75,7 @@ def _parse_size(text: str) -> int:
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
                      calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
-                     calib_all_experts: bool, min_expert_tokens: int, gptq_damp: float, gptq_act_order: bool,
+                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float, gptq_act_order: bool,
                      gptq_scales: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
                      plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
@@ -94,6 +96,12 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
     rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
     container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
+    if plot and calib is None:
+        from .calib.method import MethodError
+        raise MethodError("--plot draws the calibration coverage; it needs --calib")
+    if plot:
+        from .verify import require_matplotlib
+        require_matplotlib()              # fail before any work
     spec, copts, data = _calibration_options(ckpt, out, scale_method, method, calib, calib_tokens, calib_seq_len,
                                              propagate, calib_all_experts, min_expert_tokens, gptq_damp,
                                              gptq_act_order, gptq_scales)
@@ -118,6 +126,10 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         report = run_calibration(plan, data, copts, progress=sys.stderr.isatty(),
                                  log=lambda m: click.echo(m, err=True))
         extra[REPORT_NAME] = json.dumps(report, indent=1) + "\n"
+        if plot and report["coverage"]:
+            from .calib.run import coverage_png
+            extra["calibration-coverage.png"] = coverage_png({int(k): v for k, v in report["coverage"].items()},
+                                                             copts.min_expert_tokens, ckpt.name)
     r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
                 sync_bytes=_parse_size(sync_every), device=device,
                 kernel=Kernel(kernel) if kernel else None, extra_files=extra)

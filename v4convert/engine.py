@@ -163,7 +163,7 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 # ------------------------------------------------------------------------------------ run
 def execute(plan: Plan, out: Path, *, workers: int = 1, overwrite: bool = False, progress: bool = False,
             sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None,
-            extra_files: dict[str, str] | None = None) -> RunResult:
+            extra_files: dict[str, str | bytes] | None = None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (all torch threads);
     more uses a process pool with one thread each and at most ``2 * workers`` units in flight.
     ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
@@ -303,7 +303,7 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
 
 
 def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log,
-            extra_files: dict[str, str]) -> RunResult:
+            extra_files: dict[str, str | bytes]) -> RunResult:
     shas = {name: _sha256(part / name) for name in sorted(plan.shards)}
     weight_map = {e.name: u.shard for u in plan.units for t in u.tensors for e in t.out}
     blocks = sum(v[0] for v in stats.values())
@@ -323,8 +323,8 @@ def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resu
     if hf is not None:
         (part / "hf_quant_config.json").write_text(json.dumps(hf, indent=2) + "\n")
     _copy_side_files(plan.source, part)
-    for name, text in extra_files.items():
-        (part / name).write_text(text)
+    for name, data in extra_files.items():
+        (part / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     shutil.rmtree(part / JOURNAL_DIR)
     for p in part.iterdir():
         _fsync_path(p)

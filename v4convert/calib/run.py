@@ -36,6 +36,32 @@ def coverage_table(coverage: dict[int, list[int]], min_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def coverage_png(coverage: dict[int, list[int]], min_tokens: int, title: str) -> bytes:
+    """Heat-map PNG (layers x experts, routed calibration tokens; experts below ``min_tokens`` outlined)."""
+    import io
+
+    from v4convert.verify import require_matplotlib
+    plt = require_matplotlib()
+    layers = sorted(coverage)
+    grid = [coverage[k] for k in layers]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(grid[0]) + 2), 0.45 * len(layers) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    for r, row in enumerate(grid):
+        for e, c in enumerate(row):
+            if c < min_tokens:
+                ax.add_patch(plt.Rectangle((e - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{title}: routed calibration tokens (red: < {min_tokens}, data-free fallback)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: bool = False,
                     log: Callable[[str], None] = print) -> dict:
     """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
