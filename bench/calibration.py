@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from v4convert.formats.safetensors_io import read_header
 
-from v4convert.demo import bundled_model, quantize_cli
+from v4convert.cli.quantize import quantize_command
+from v4convert.demo import bundled_model
 from v4convert.verify import VerifyOptions, json_report, verify
 
 # (scheme, label, quantize args); the first row of each scheme is its RTN baseline.
@@ -42,6 +43,12 @@ VARIANTS = (
     ("mxfp4", "awq+gptq", ("--scheme", "mxfp4", "--method", "awq+gptq")),
 )
 FP4_WEIGHT = ("weight_packed", "weight")     # compressed-tensors packed FP4 entry names (U8)
+
+
+def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
+    """``v4convert quantize SRC --fp4 --out OUT --workers 1 ARGS`` through its click command."""
+    argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", "--overwrite", *args]
+    quantize_command.main(argv, standalone_mode=False)
 
 
 def fp4_bits_per_weight(art: Path) -> float:

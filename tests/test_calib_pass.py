@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from v4convert.calib.collect import collect_stats
 from v4convert.calib.data import calibration_windows
 from v4convert.checkpoint import Checkpoint
-from v4convert.engine import partial_dir
-from v4convert.roles import Role
+from v4convert.quant.engine import partial_dir
+from v4convert.families.roles import Role
 
 TEXT = "def f(x):\n    return [x + i for i in range(10)]\n" * 200
 

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import api
 from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
+from v4convert.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     pass
 
 
@@ -24,7 +26,7 @@ def bundled_model(family: str) -> Path:
     p = DATA / f"tiny-{family}"
     if not (p / "config.json").is_file():
         raise DemoError(f"{p}: bundled trained model missing (reinstall v4convert, or run "
-                        f"python -m v4convert.train_tiny train --family {family})")
+                        f"python tools/train_tiny.py train --family {family})")
     return p
 
 
@@ -32,32 +34,30 @@ def bundled_model(family: str) -> Path:
 class Variant:
     label: str
     dirname: str
-    quantize_args: tuple[str, ...]
+    scheme: str                 # quantize's --scheme (its default recipe)
+    method: str | None = None   # a calibrated --method (on the bundled training split), None: data-free default
 
 
-# What the demo makes: the two default FP4 recipes of ``v4convert quantize``, and one calibrated row.
+# What the demo makes: the two default FP4 recipes of ``v4convert quantize``, and one calibrated row
+# (calibrated on the bundled training split, never the held-out text verify scores).
 VARIANTS: tuple[Variant, ...] = (
-    Variant("NVFP4 experts (RTN)", "nvfp4", ("--scheme", "nvfp4")),
-    Variant("MXFP4 experts (OCP floor)", "mxfp4", ("--scheme", "mxfp4")),
-    # calibrated on the bundled training split (never the held-out text verify scores)
-    Variant("NVFP4 experts (GPTQ+4/6, calib)", "nvfp4-gptq",
-            ("--scheme", "nvfp4", "--calib", "--method", "gptq+four-over-six", "--calib-tokens", "2048",
-             "--calib-seq-len", "256")),
+    Variant("NVFP4 experts (RTN)", "nvfp4", "nvfp4"),
+    Variant("MXFP4 experts (OCP floor)", "mxfp4", "mxfp4"),
+    Variant("NVFP4 experts (GPTQ+4/6, calib)", "nvfp4-gptq", "nvfp4", "gptq+four-over-six"),
 )
+DEMO_CALIB_TOKENS, DEMO_CALIB_SEQ_LEN = 2048, 256
 
 
 def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
-    """Run ``v4convert quantize`` through its command (the stable CLI contract)."""
-    from .cli_quantize import quantize_command
-
-    argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", *args]
-    if out.exists():
-        argv.append("--overwrite")
-    quantize_command.main(argv, standalone_mode=False)
+def quantize_variant(src: Path, out: Path, scheme: str, method: str | None = None) -> None:
+    """Quantize ``src`` into ``out`` with ``scheme``'s default recipe through the Python API (one in-process
+    worker, replacing ``out``); ``method``: calibrate with it on the bundled training split."""
+    calib = {} if method is None else {"method": method, "calib": True, "calib_tokens": DEMO_CALIB_TOKENS,
+                                       "calib_seq_len": DEMO_CALIB_SEQ_LEN, "log": lambda m: None}
+    api.quantize(api.QuantizeArgs(src, out, scheme=scheme, workers=1, overwrite=True, **calib))
 
 
 def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print,
@@ -70,7 +70,7 @@ def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print
     for v in variants:
         step += 1
         echo(f"[{step}/{n}] quantize {ref.name} -> {v.label}: {out / v.dirname}")
-        quantize_cli(ref, out / v.dirname, v.quantize_args)
+        quantize_variant(ref, out / v.dirname, v.scheme, v.method)
     ref_logits = out / "ref-logits.safetensors"
     if ref_logits.exists():
         ref_logits.unlink()

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.roles import Family
+from v4convert.families.roles import Family
 
 from .data import CalibData
 

@@ -66,7 +66,7 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
                     log: Callable[[str], None] = print) -> dict:
     """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
     from v4convert.checkpoint import Checkpoint
-    from v4convert.quantize import MXRule
+    from v4convert.quant.plan import MXRule
 
     path = Path(copts.stats)
     tensors = [t for t in plan.tensors() if t.action.value in CALIB_ACTIONS]
@@ -118,3 +118,33 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
             "all_experts": copts.all_experts, "min_expert_tokens": copts.min_expert_tokens,
             "coverage": {str(k): v for k, v in sorted(coverage.items())}, "fallback_experts": dropped,
             "uncalibrated": never}
+
+
+def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method: str | None, calib: bool,
+                        calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
+                        min_expert_tokens: int, damp: float, act_order: bool, scales: str):
+    """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
+    ``MethodError`` / ``CalibDataError``. ``scale_method`` is the old alias of a data-free ``method``."""
+    from .apply import CalibOptions
+    from .data import calibration_windows
+    from .method import MethodError, MethodSpec
+    if method is not None and scale_method is not None:
+        raise MethodError("--scale-method is an alias of --method; give one of them")
+    if method is None:
+        method = scale_method or ("gptq" if calib else "rtn")
+    spec = MethodSpec.parse(method)
+    if not spec.needs_data:
+        if calib:
+            raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
+        return spec, None, None
+    if not calib:
+        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH]")
+    if min_expert_tokens < 0 or damp <= 0:
+        raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
+    data = calibration_windows(ckpt, calib_data, tokens, seq_len)
+    copts = CalibOptions(method=spec.label, stats=str(out.with_name(out.name + ".calib-stats.safetensors")),
+                         data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
+                         propagate=propagate == "quantized", all_experts=all_experts,
+                         min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
+                         gptq_scales_during=scales == "during")
+    return spec, copts, data

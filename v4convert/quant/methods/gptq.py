@@ -23,6 +23,7 @@ from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
 from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
+from v4convert.errors import UserError
 
 BATCH = 128          # columns per lazy update (a multiple of both block sizes)
 DEFAULT_DAMP = 0.01
@@ -33,8 +34,8 @@ class ScalesAt(enum.Enum):
     DURING = "during"
 
 
-class GPTQError(ValueError):
-    """Inputs GPTQ cannot work with (shapes, a Hessian that is not positive definite after damping)."""
+class GPTQError(UserError):
+    """A Hessian that is not positive definite after damping (the user can raise ``--gptq-damp``)."""
 
 
 def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -63,9 +64,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
     scales instead (e.g. the activation-weighted search's), same global scale rules."""
     n, k = w.shape
     if h.shape != (k, k):
-        raise GPTQError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")
+        raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")   # our bug
     if act_order and scales is ScalesAt.DURING:
-        raise GPTQError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
+        raise UserError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
     w = w.detach().float()
     if grid is None:
         grid, _ = rtn_grid(w, codec, convention=convention, method=base, global_amax=global_amax, mx_rule=mx_rule,

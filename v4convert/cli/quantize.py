@@ -5,7 +5,6 @@ Errors from bad input surface as one line through the main group's error handler
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,15 +12,21 @@ import click
 
 from v4convert.formats.containers import Container
 
-from .recipes import RecipeName
+from ..quant.recipes import RecipeName
 
 
 def _parse_size(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
         if t.endswith(suf):
-            return int(float(t[: -len(suf)]) * mult)
-    return int(t)
+            t = t[: -len(suf)]
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
 
 
 @click.command("quantize")
@@ -75,8 +80,8 @@ def _parse_size(text: str) -> int:
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
                      calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
-                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float, gptq_act_order: bool,
-                     gptq_scales: str, mx_rule: str,
+                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float,
+                     gptq_act_order: bool, gptq_scales: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
                      plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
@@ -85,84 +90,26 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     to OUT when complete. A killed run restarted with the same command resumes where it stopped and
     produces byte-identical output.
     """
-    from v4convert.formats.native import Kernel
+    from .. import api
 
-    from .checkpoint import Checkpoint
-    from .engine import OutputExistsError, execute
-    from .quantize import MXRule, Options, ScaleChoice, make_plan
-    from .recipes import RuleSet, preset
+    n_shards = 0
 
-    if out.exists() and not overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
-    rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
-    container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
-    if plot and calib is None:
-        from .calib.method import MethodError
-        raise MethodError("--plot draws the calibration coverage; it needs --calib")
-    if plot:
-        from .verify import require_matplotlib
-        require_matplotlib()              # fail before any work
-    spec, copts, data = _calibration_options(ckpt, out, scale_method, method, calib, calib_tokens, calib_seq_len,
-                                             propagate, calib_all_experts, min_expert_tokens, gptq_damp,
-                                             gptq_act_order, gptq_scales)
-    opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(mx_rule),
-                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size), calib=copts)
-    rules = RuleSet(preset(rname), keep=keep, overrides=override)
-    with Checkpoint.open(ckpt) as ck:
-        plan = make_plan(ck, rules, opts)
-    click.echo(plan.summary(), err=True)
-    if plan_only:
+    def on_plan(plan) -> None:
+        nonlocal n_shards
+        n_shards = len(plan.shards)
+        click.echo(plan.summary(), err=True)
+
+    r = api.quantize(api.QuantizeArgs(
+        src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
+        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
+        shard_bytes=_parse_size(shard_size), workers=workers, overwrite=overwrite, plan_only=plan_only,
+        sync_bytes=_parse_size(sync_every), device=device, kernel=kernel, progress=sys.stderr.isatty(),
+        on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
+        calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
+        calib_all_experts=calib_all_experts, min_expert_tokens=min_expert_tokens, gptq_damp=gptq_damp,
+        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, plot=plot, log=lambda m: click.echo(m, err=True)))
+    if r is None:
         return
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # default: one in-process worker feeds a CUDA device; on CPU one process per core
-    n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
-    extra = {}
-    if copts is not None:
-        import json
-
-        from .calib.run import REPORT_NAME, run_calibration
-        report = run_calibration(plan, data, copts, progress=sys.stderr.isatty(),
-                                 log=lambda m: click.echo(m, err=True))
-        extra[REPORT_NAME] = json.dumps(report, indent=1) + "\n"
-        if plot and report["coverage"]:
-            from .calib.run import coverage_png
-            extra["calibration-coverage.png"] = coverage_png({int(k): v for k, v in report["coverage"].items()},
-                                                             copts.min_expert_tokens, ckpt.name)
-    r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
-                sync_bytes=_parse_size(sync_every), device=device,
-                kernel=Kernel(kernel) if kernel else None, extra_files=extra)
-    if copts is not None:
-        Path(copts.stats).unlink(missing_ok=True)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
-    click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
+    click.echo(f"wrote {r.bytes_out:,} bytes in {n_shards} shard(s) to {r.out}"
                f" ({r.resumed_units} of {r.units} units resumed{extra})")
-
-
-def _calibration_options(ckpt: Path, out: Path, scale_method, method, calib, tokens, seq_len, propagate,
-                         all_experts, min_expert_tokens, damp, act_order, scales):
-    """(MethodSpec, CalibOptions or None, CalibData or None) from the command line; user errors raise."""
-    from .calib.method import MethodError, MethodSpec
-    if method is not None and scale_method is not None:
-        raise MethodError("--scale-method is an alias of --method; give one of them")
-    if method is None:
-        method = scale_method or ("gptq" if calib is not None else "rtn")
-    spec = MethodSpec.parse(method)
-    if not spec.needs_data:
-        if calib is not None:
-            raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
-        return spec, None, None
-    if calib is None:
-        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH]")
-    if min_expert_tokens < 0 or damp <= 0:
-        raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
-    from .calib.apply import CalibOptions
-    from .calib.data import calibration_windows
-    data = calibration_windows(ckpt, Path(calib) if calib else None, tokens, seq_len)
-    copts = CalibOptions(method=spec.label, stats=str(out.with_name(out.name + ".calib-stats.safetensors")),
-                         data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
-                         propagate=propagate == "quantized", all_experts=all_experts,
-                         min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
-                         gptq_scales_during=scales == "during")
-    return spec, copts, data
