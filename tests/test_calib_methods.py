@@ -6,7 +6,7 @@ import torch
 from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
 from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_quantize
 
-from v4convert.calib.grid import FP4Codec
+from v4convert.formats.fp4_grid import FP4Codec
 from v4convert.quant.methods.awq import awq_quantize, weighted_block_error
 from v4convert.errors import UserError
 from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize

@@ -19,7 +19,7 @@ import torch
 from v4convert.formats.mxfp4 import MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention
 
-from .grid import FP4Codec
+from v4convert.formats.fp4_grid import FP4Codec
 from .method import GPTQSettings, MethodSpec, quantize_weight
 
 
@@ -46,6 +46,10 @@ class CalibOptions:
     @property
     def gptq(self) -> GPTQSettings:
         return GPTQSettings(self.gptq_damp, self.gptq_act_order, self.gptq_scales_during)
+
+    def write_unit(self, unit, ts, w, opts) -> None:
+        """``quant.workers`` hook: see :func:`write_calibrated`."""
+        write_calibrated(unit, ts, w, opts)
 
     def key(self) -> str:
         d = asdict(self)

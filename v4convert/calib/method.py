@@ -15,7 +15,7 @@ from v4convert.errors import UserError
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
-from .grid import FP4Codec, rtn_grid
+from v4convert.formats.fp4_grid import FP4Codec, rtn_grid
 
 DATA_FREE = {m.value: m for m in ScaleMethod}
 DATA_STEPS = ("awq", "gptq")

@@ -18,7 +18,7 @@ from v4convert.formats.mxfp4 import MXScaleRule
 from .apply import CalibOptions, _conv, codec_of, read_meta, save_stats
 from .collect import collect_stats
 from .data import CalibData
-from .grid import FP4Codec
+from v4convert.formats.fp4_grid import FP4Codec
 from .method import quantize_weight
 
 CALIB_ACTIONS = ("-> nvfp4", "-> mxfp4")
@@ -40,8 +40,9 @@ def coverage_png(coverage: dict[int, list[int]], min_tokens: int, title: str) ->
     """Heat-map PNG (layers x experts, routed calibration tokens; experts below ``min_tokens`` outlined)."""
     import io
 
-    from v4convert.verify import require_matplotlib
-    plt = require_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     layers = sorted(coverage)
     grid = [coverage[k] for k in layers]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(grid[0]) + 2), 0.45 * len(layers) + 1.6))

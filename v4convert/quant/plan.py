@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
@@ -28,8 +28,13 @@ from .recipes import Codec, RecipeError, RuleSet
 from ..families.roles import Family, Role, Storage
 from v4convert.errors import UserError
 
-if TYPE_CHECKING:
-    from v4convert.calib.apply import CalibOptions
+
+
+class CalibratedUnits(Protocol):
+    """What the workers need of a calibration (``v4convert.calib.apply.CalibOptions``, a layer above): write one
+    FP4 unit's parts with the calibrated method. Its fields are primitives (they enter the fingerprint)."""
+
+    def write_unit(self, unit: Unit, ts: tuple[TensorPlan, ...], w, opts: Options) -> None: ...
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -69,7 +74,7 @@ class Options:
     mx_rule: MXRule = MXRule.FLOOR
     keep_native_fp4: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
-    calib: CalibOptions | None = None   # calibrated FP4 (v4convert.calib.apply); None = data-free
+    calib: CalibratedUnits | None = None   # calibrated FP4 (v4convert.calib.apply.CalibOptions); None = data-free
 
 
 @dataclass(frozen=True)

@@ -297,9 +297,8 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
     """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
     from v4convert.kernels.native import Kernel
     from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
-    if opts.calib is not None:
-        from v4convert.calib.apply import write_calibrated
-        write_calibrated(unit, ts, w, opts)
+    if opts.calib is not None:      # calibrated method (v4convert.calib.apply.CalibOptions.write_unit)
+        opts.calib.write_unit(unit, ts, w, opts)
         return ""
     conv = _conv(opts)
     method = ScaleMethod(opts.scale_method.value)
@@ -364,9 +363,8 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
 
 def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
     from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
-    if opts.calib is not None:
-        from v4convert.calib.apply import write_calibrated
-        write_calibrated(unit, (t,), w, opts)
+    if opts.calib is not None:      # calibrated method (v4convert.calib.apply.CalibOptions.write_unit)
+        opts.calib.write_unit(unit, (t,), w, opts)
         return
     rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
     n, k = t.shape

@@ -30,7 +30,7 @@ from v4convert.formats.nvfp4 import (
     _block_scale,
 )
 
-from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
+from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
 
 CLIP_RATIOS = DEFAULT_CLIP_RATIOS        # 1.00, 0.95, ... 0.50
 MX_EXP_STEPS = (0, -1, 1)

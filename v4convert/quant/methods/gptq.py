@@ -22,7 +22,7 @@ import torch
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
-from v4convert.calib.grid import FP4Codec, Grid, rtn_grid
+from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
 from v4convert.errors import UserError
 
 BATCH = 128          # columns per lazy update (a multiple of both block sizes)

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from v4convert.formats.fp4 import E2M1_MAX, e2m1_encode, e2m1_lut, pack_fp4
-from v4convert.formats.fp8 import E4M3_MAX, E8M0_BIAS
-from v4convert.formats.mxfp4 import (
+from .fp4 import E2M1_MAX, e2m1_encode, e2m1_lut, pack_fp4
+from .fp8 import E4M3_MAX, E8M0_BIAS
+from .mxfp4 import (
     MXFP4_BLOCK,
     MXFP4Tensor,
     MXScaleRule,
     mxfp4_block_exponents,
     mxfp4_quantize,
 )
-from v4convert.formats.nvfp4 import (
+from .nvfp4 import (
     FOUR_OVER_SIX_SCALE_MAX,
     NVFP4_BLOCK,
     NVFP4Convention,
