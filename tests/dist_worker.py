@@ -1,0 +1,36 @@
+"""Run under torchrun by tests/test_distributed.py: for each case ``PATH:TP:EP`` load this rank's part
+(``v4convert.runtime.load``), run a prefill and decode steps with the given tokens, and (rank 0) save the
+float32 logits of every step to ``OUT/case{i}.pt``. Every rank checks that all ranks got the same logits."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    out, tokens, cases = Path(sys.argv[1]), [int(t) for t in sys.argv[2].split(",")], sys.argv[3:]
+    from v4convert.runtime import load
+    prompt, steps = tokens[:8], tokens[8:]
+    for i, case in enumerate(cases):
+        path, tp, ep = case.rsplit(":", 2)
+        model = load(path, max_seq_len=64, tp=int(tp) if tp != "-" else None, ep=int(ep) if ep != "-" else None)
+        logits = [model(torch.tensor([prompt]), 0)[0]]
+        for j, t in enumerate(steps):
+            logits.append(model(torch.tensor([[t]]), len(prompt) + j)[0])
+        got = torch.cat(logits)
+        if dist.is_initialized():
+            ref = got.clone()
+            dist.broadcast(ref, 0)
+            assert torch.equal(ref, got), f"rank {dist.get_rank()}: logits differ from rank 0's"
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(got, out / f"case{i}.pt")
+        del model
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
