@@ -26,8 +26,8 @@ import dataclasses
 import datetime
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist

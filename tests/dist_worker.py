@@ -10,17 +10,23 @@ import torch
 import torch.distributed as dist
 
 
+def run_steps(model, tokens: list[int], n_prompt: int = 8) -> torch.Tensor:
+    """float32 logits ``[len(tokens), V]``: prefill of the first ``n_prompt`` tokens, then one decode step per
+    remaining token (teacher-forced, so every run sees the same inputs)."""
+    prompt, steps = tokens[:n_prompt], tokens[n_prompt:]
+    logits = [model(torch.tensor([prompt]), 0)[0]]
+    for j, t in enumerate(steps):
+        logits.append(model(torch.tensor([[t]]), n_prompt + j)[0])
+    return torch.cat(logits)
+
+
 def main() -> None:
     out, tokens, cases = Path(sys.argv[1]), [int(t) for t in sys.argv[2].split(",")], sys.argv[3:]
     from v4convert.runtime import load
-    prompt, steps = tokens[:8], tokens[8:]
     for i, case in enumerate(cases):
         path, tp, ep = case.rsplit(":", 2)
         model = load(path, max_seq_len=64, tp=int(tp) if tp != "-" else None, ep=int(ep) if ep != "-" else None)
-        logits = [model(torch.tensor([prompt]), 0)[0]]
-        for j, t in enumerate(steps):
-            logits.append(model(torch.tensor([[t]]), len(prompt) + j)[0])
-        got = torch.cat(logits)
+        got = run_steps(model, tokens)
         if dist.is_initialized():
             ref = got.clone()
             dist.broadcast(ref, 0)

@@ -54,7 +54,8 @@ def _main_types() -> list[str]:
 @click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
 @click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
-@click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
+@click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value,
+              help="Our per-rank layout for `torchrun ... v4convert run DIR` (--tp/--ep; --out is a directory).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
 @click.option("--type", "main_type", default="Q8_0", show_default=True,
               type=click.Choice(_main_types(), case_sensitive=False),
@@ -69,9 +70,16 @@ def _main_types() -> list[str]:
 @click.option("--split-max-size", default=None, help="Split into NAME-0000k-of-0000N.gguf files of at most this "
               "much tensor data (e.g. 50G).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
+@click.option("--tp", type=int, default=1, show_default=True, help="--sharded: tensor-parallel ranks (attention "
+              "heads, dense MLP, shared experts, embed/head split as DeepSeek's convert.py).")
+@click.option("--ep", type=int, default=1, show_default=True, help="--sharded: expert-parallel groups (routed experts "
+              "partitioned; world size = max(tp, ep)).")
+@click.option("--deepseek-mp", is_flag=True, help="--sharded: also write DeepSeek's model{r}-mp{N}.safetensors "
+              "(needs --tp == --ep).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
-                   split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
+                   split_max_size: str | None, no_modelfile: bool, tp: int, ep: int, deepseek_mp: bool,
+                   progress: bool | None) -> None:
     """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
 
     GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
@@ -81,6 +89,16 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
     if fmt is None:
         raise click.UsageError("choose an output format: --gguf (or --onnx / --sharded, not yet implemented)")
     f = ExportFormat(fmt)
+    if f is ExportFormat.SHARDED:      # (moves into the export registry with the arch refactor)
+        from .export import sharded
+        r = sharded.export(ckpt, out, sharded.Options(tp=tp, ep=ep, deepseek_mp=deepseek_mp),
+                           progress=sys.stderr.isatty() if progress is None else progress)
+        click.echo(f"wrote sharded layout: {r.n_tensors} tensors, {r.n_bytes:,} bytes for {max(tp, ep)} rank(s) "
+                   f"(tp={tp}, ep={ep}) in {r.seconds:.1f} s to {out}")
+        for note in r.notes:
+            click.echo(f"  {note}")
+        click.echo(f"  run: torchrun --nproc-per-node {max(tp, ep)} -m v4convert run {out} --prompt ...")
+        return
     if f is not ExportFormat.GGUF:
         raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
     from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -68,7 +68,7 @@ class Manifest:
     raw: dict
 
     @staticmethod
-    def read(root: str | Path) -> "Manifest":
+    def read(root: str | Path) -> Manifest:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
@@ -200,9 +200,3 @@ class RankView:
         if self._map is not None:
             self._map.close()
             self._map = None
-
-    def __enter__(self) -> "RankView":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -9,6 +9,7 @@ artifacts, BF16): each tensor's stored parts are cut per rank by ``v4convert.sha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from v4convert.formats.safetensors_io import PlannedTensor, tensor_bytes, write_streaming
+from v4convert.formats.safetensors_io import (
+    PlannedTensor,
+    tensor_bytes,
+    write_streaming,
+)
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
@@ -86,10 +91,10 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         n = world.size
-        files = [open(tmp / rank_file(r, n), "wb") for r in range(n)]
         records: list[dict] = []
         n_bytes = 0
-        try:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(tmp / rank_file(r, n), "wb")) for r in range(n)]
             bar = tqdm(total=len(plan), desc="sharding", unit="tensor", disable=not progress)
             for name, parts in plan:
                 info = ck.tensor_info(name)
@@ -122,9 +127,6 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
                 ck.release(name)
                 bar.update(1)
             bar.close()
-        finally:
-            for f in files:
-                f.close()
         manifest = {"format": FORMAT, "version": VERSION,
                     "world": {"tp": world.tp, "ep": world.ep, "size": n},
                     "config": ck.config,
