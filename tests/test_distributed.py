@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (source preset, tp, ep, sharded layout?) per world size
 CASES = {
     2: [("v3-tiny", 1, 2, True), ("v3-tp-tiny", 2, 1, True), ("v3-tp-tiny", 2, 2, True), ("v32-tiny", 2, 1, False),
-        ("v32-tp-tiny", 2, 1, True), ("v4-flash-tiny", 1, 2, True), ("v4-flash-tp-tiny", 2, 2, True)],
+        ("v32-tp-tiny", 2, 1, True), ("v4-flash-tiny", 1, 2, True), ("v4-flash-tp-tiny", 2, 2, True),
+        ("v3-tp-tiny-nvfp4", 2, 1, True)],          # our NVFP4 artifact (compressed-tensors), kept packed
     4: [("v3-tiny", 4, 1, False), ("v3-tp-tiny", 2, 4, True), ("v32-tiny", 1, 4, True), ("v4-flash-tiny", 2, 4, False),
         ("v4-flash-tp-tiny", 2, 4, True)],
 }
@@ -52,6 +53,9 @@ def setup(tiny_ckpts, tmp_path_factory):
     src = dict(tiny_ckpts)
     for p in ("v3-tp-tiny", "v32-tp-tiny", "v4-flash-tp-tiny"):
         src[p] = synth(p, root / p).out
+    src["v3-tp-tiny-nvfp4"] = root / "v3-tp-tiny-nvfp4"
+    cli_main(["quantize", str(src["v3-tp-tiny"]), "--fp4", "--out", str(src["v3-tp-tiny-nvfp4"])],
+             standalone_mode=False)
     refs = {}
     for p in {c[0] for cs in CASES.values() for c in cs}:
         refs[p] = run_steps(load(src[p], max_seq_len=64), TOKENS)

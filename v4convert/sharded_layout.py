@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from v4convert.formats.safetensors_io import ST_DTYPES, MappedFile, TensorEntry
+from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry
 
 from .checkpoint import TensorInfo, decode
 from .errors import UserError
@@ -145,7 +146,7 @@ class RankView:
             self._infos[t["name"]] = TensorInfo(t["name"], role, t.get("layer"), t.get("expert"), bool(t.get("mtp")),
                                                 Storage(t["codec"]), Storage(t["codec"]), tuple(t["local_shape"]),
                                                 entries)
-        self._map: MappedFile | None = None
+        self._fd: int | None = None
         self._checked: set[str] = set()
 
     # -------------------------------------------------- Checkpoint-like queries
@@ -169,10 +170,24 @@ class RankView:
         return self._parts[name]
 
     def raw(self, name: str) -> dict[str, torch.Tensor]:
+        """The stored parts of ``name``, read with ``pread`` into new tensors (owned memory: large sequential
+        reads at the 4 KiB-aligned offsets, no mapped pages counted in RSS)."""
         info = self.tensor_info(name)
-        if self._map is None:
-            self._map = MappedFile(self.path)
-        out = {k: self._map.tensor(e) for k, e in info.parts.items()}
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        out = {}
+        for k, e in info.parts.items():
+            buf = torch.empty(e.nbytes, dtype=torch.uint8)
+            if e.nbytes:
+                mv = memoryview(buf.numpy())
+                got = 0
+                while got < e.nbytes:
+                    n = os.preadv(self._fd, [mv[got:]], e.start + got)
+                    if n <= 0:
+                        raise ShardedLayoutError(f"{self.path}: tensor {name}: file ends inside part {k}")
+                    got += n
+            tdtype, _ = ST_DTYPES[e.dtype]
+            out[k] = buf.view(tdtype).reshape(e.shape)
         if self.verify and name not in self._checked:
             for comp, t in out.items():
                 if sha256_of(t) != self._sha[(name, comp)]:
@@ -183,20 +198,12 @@ class RankView:
 
     def dequantize(self, name: str) -> torch.Tensor:
         info = self.tensor_info(name)
-        parts = self.raw(name)
-        out = decode(info, parts)
-        if out.numel() and out.data_ptr() == parts["weight"].data_ptr():
-            out = out.clone()
-        del parts
-        self.release(name)
-        return out
+        return decode(info, self.raw(name))       # raw() owns its memory: no copy needed
 
     def release(self, name: str) -> None:
-        if self._map is not None:
-            for e in self.tensor_info(name).parts.values():
-                self._map.release(e)
+        """Nothing to release (``raw`` returns owned tensors); kept for the ``Checkpoint`` interface."""
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
