@@ -5,10 +5,11 @@ and per-rank peak RSS, side by side in one run (ratios, never timed assertions).
 
 1. exports ``--src`` to the sharded layout (``--work/layout``; reused if present; removed unless ``--keep``);
 2. evicts every file from the page cache (``posix_fadvise(DONTNEED)``, no root needed) before each measure;
-3. disk: sequential 16 MiB reads of one rank file (the limit any loader can reach);
-4. per rank, one process each (run one after another so they do not share the disk), the time to bring that
+3. per measured rank and loader: the disk's cold sequential speed (16 MiB reads of that rank file, the limit any
+   loader can reach; measured right before each load because the disk is shared and drifts), then in a fresh
+   process (one at a time, so loads do not share the disk) the time to bring that
    rank's stored tensors into RAM (as packed as they are stored, what ``runtime.load(packed=True)`` holds):
-   a. sharded layout: ``RankView.raw`` (pread into owned tensors; with and without the SHA-256 check);
+   a. sharded layout: ``RankView.raw`` (pread into owned tensors; O_DIRECT; with the SHA-256 check);
    b. HF safetensors: the same slices through ``shard_plan.slice_stored`` on the mmapped shards + copy;
    and the process's peak RSS against the rank's share of the bytes.
 """
@@ -59,7 +60,7 @@ def _rank_job(kind: str, layout: str, src: str, rank: int, q) -> None:
     n = 0
     t0 = time.perf_counter()
     if kind.startswith("layout"):
-        v = RankView(man, rank, verify=kind == "layout+sha")
+        v = RankView(man, rank, verify=kind == "layout+sha", direct=kind == "layout-direct")
         for name in v.names():
             for t in v.raw(name).values():          # owned tensors (pread), nothing to copy
                 kept.append(t)
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=4)
     ap.add_argument("--ep", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sharded-bench"))
-    ap.add_argument("--ranks", default="all", help="ranks to measure (comma list or 'all')")
+    ap.add_argument("--ranks", default="0", help="ranks to measure (comma list or 'all')")
     ap.add_argument("--keep", action="store_true", help="keep the exported layout")
     args = ap.parse_args()
     from v4convert.export import sharded
@@ -104,27 +105,30 @@ def main() -> None:
     files = [layout / f["file"] for f in man.files.values()]
     shards = sorted(args.src.glob("*.safetensors"))
     ranks = range(man.world.size) if args.ranks == "all" else [int(x) for x in args.ranks.split(",")]
-    evict(files)
-    n, dt = disk_read(files[0])
-    disk = n / dt
-    print(f"cold disk read: {n / 1e9:.2f} GB in {dt:.2f} s = {disk / 1e9:.2f} GB/s")
     rows = []
     ctx = mp.get_context("spawn")
-    for kind in ("layout", "layout+sha", "hf-slices"):
-        for rank in ranks:
+    print("each row: the disk's cold sequential read speed of that rank file measured just before (the limit; the "
+          "disk is shared, so it drifts), then the cold load")
+    for rank in ranks:
+        for kind in ("layout", "layout-direct", "layout+sha", "hf-slices"):
+            evict(files + shards)
+            n, dt = disk_read(files[rank])
+            disk = n / dt
             evict(files + shards)
             q = ctx.Queue()
             p = ctx.Process(target=_rank_job, args=(kind, str(layout), str(args.src), rank, q))
             p.start()
             res = q.get()
             p.join()
+            res["disk_Bps"] = disk
             rows.append(res)
-            print(f"{kind:11s} rank {rank}: {res['bytes'] / 1e9:6.2f} GB in {res['s']:6.2f} s = "
-                  f"{res['bytes'] / res['s'] / 1e9:5.2f} GB/s ({res['bytes'] / res['s'] / disk:.2f}x disk), "
-                  f"peak RSS {res['peak_rss'] / 1e9:.2f} GB ({res['peak_rss'] / max(res['bytes'], 1):.2f}x its bytes)")
+            print(f"rank {rank} {kind:13s}: disk {disk / 1e9:5.2f} GB/s | {res['bytes'] / 1e9:6.2f} GB in "
+                  f"{res['s']:6.2f} s = {res['bytes'] / res['s'] / 1e9:5.2f} GB/s ({res['bytes'] / res['s'] / disk:.2f}x "
+                  f"disk), peak RSS {res['peak_rss'] / 1e9:.2f} GB ({res['peak_rss'] / max(res['bytes'], 1):.2f}x its "
+                  "bytes)", flush=True)
     total = sum(f["bytes"] for f in man.files.values())
     print(f"layer bytes (all ranks): {total / 1e9:.2f} GB; 1/{man.world.size} = {total / man.world.size / 1e9:.2f} GB")
-    print(json.dumps({"disk_GBps": disk / 1e9, "rows": rows}))
+    print(json.dumps({"rows": rows}))
     if not args.keep:
         shutil.rmtree(layout)
 

@@ -1,7 +1,8 @@
 """Tensor- and expert-parallel execution on ``torch.distributed`` (gloo on CPU, NCCL on CUDA), under ``torchrun``.
 
 ``load(path, ...)`` on every rank builds that rank's part of the model:
-- from a sharded layout (``export --sharded``): only the rank's own data file is read;
+- from a sharded layout (``export --sharded``): only the rank's own data file is read (O_DIRECT where the
+  filesystem allows it: measured faster than buffered reads, see ``bench/sharded_load.py``);
 - from an unsharded checkpoint with ``tp``/``ep``: each rank reads only its slices (and the stored blocks
   that cover them) through the mmapped reader (``v4convert.shard_plan.read_part``).
 Which rank holds what is the one table of ``v4convert.shard_plan``. The family builders build the full model
@@ -12,8 +13,9 @@ embedding for a vocab-parallel one, drops the routed experts of other ranks and 
   the row-parallel output (``o_proj`` / V4 ``wo_b``) is all-reduced over the TP group;
 - dense MLP (V3 layers < first_k_dense_replace): column/row split, all-reduce over the TP group;
 - MoE: each rank computes its experts' partial outputs (+ the shared experts' partial on TP group 0) and the
-  layer output is one all-reduce over the world (measured simpler than all-to-all and enough on gloo: the
-  routed tokens of a decode step are a few KB);
+  layer output is one all-reduce over the world. Chosen over all-to-all token dispatch because it is simpler
+  (no token permutation, identical routing on every rank) and moves only ``[tokens, hidden]`` per layer; it was
+  not benchmarked against an all-to-all implementation (there is none here);
 - embedding: vocab-parallel rows, masked lookup + all-reduce; head: vocab-parallel rows + all-gather.
 
 Every collective has the process-group timeout (``V4CONVERT_DIST_TIMEOUT`` seconds, default 300). Loading runs
@@ -301,7 +303,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     def build() -> nn.Module:
         if sharded:
-            view = RankView(man, rank, verify=verify_checksums)
+            view = RankView(man, rank, verify=verify_checksums, direct=True)
         else:
             ck = Checkpoint.open(path)
             check_world(ck.arch, world)

@@ -107,10 +107,12 @@ class RankView:
     """One rank's tensors of a sharded layout, read like a ``Checkpoint`` (local shapes).
 
     ``verify``: check each part's SHA-256 on its first read (a mismatch raises ``ShardedLayoutError``).
+    ``direct``: read with O_DIRECT (bypasses the page cache; falls back to buffered reads where unsupported).
     """
 
-    def __init__(self, manifest: Manifest, rank: int, verify: bool = True) -> None:
-        self.manifest, self.rank, self.verify = manifest, rank, verify
+    def __init__(self, manifest: Manifest, rank: int, verify: bool = True, direct: bool = False) -> None:
+        self.manifest, self.rank, self.verify, self.direct = manifest, rank, verify, direct
+        self._aligned = False
         self.root = manifest.root
         self.config = manifest.config
         try:
@@ -170,24 +172,15 @@ class RankView:
         return self._parts[name]
 
     def raw(self, name: str) -> dict[str, torch.Tensor]:
-        """The stored parts of ``name``, read with ``pread`` into new tensors (owned memory: large sequential
-        reads at the 4 KiB-aligned offsets, no mapped pages counted in RSS)."""
+        """The stored parts of ``name``, read with ``pread`` into new tensors (owned memory, no mapped pages
+        counted in RSS); with ``direct`` through O_DIRECT into 4 KiB-aligned buffers (no page-cache copy)."""
         info = self.tensor_info(name)
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._open()
         out = {}
         for k, e in info.parts.items():
-            buf = torch.empty(e.nbytes, dtype=torch.uint8)
-            if e.nbytes:
-                mv = memoryview(buf.numpy())
-                got = 0
-                while got < e.nbytes:
-                    n = os.preadv(self._fd, [mv[got:]], e.start + got)
-                    if n <= 0:
-                        raise ShardedLayoutError(f"{self.path}: tensor {name}: file ends inside part {k}")
-                    got += n
             tdtype, _ = ST_DTYPES[e.dtype]
-            out[k] = buf.view(tdtype).reshape(e.shape)
+            out[k] = self._read(e.start, e.nbytes, f"tensor {name}: part {k}").view(tdtype).reshape(e.shape)
         if self.verify and name not in self._checked:
             for comp, t in out.items():
                 if sha256_of(t) != self._sha[(name, comp)]:
@@ -195,6 +188,46 @@ class RankView:
                                              "(file corrupted?)")
             self._checked.add(name)
         return out
+
+    def _open(self) -> None:
+        self._fd = None
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:             # a filesystem without O_DIRECT (tmpfs): buffered reads
+                self._fd = None
+        self._aligned = self._fd is not None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def _read(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        """``nbytes`` at ``offset`` (a multiple of ALIGN) into a new uint8 tensor."""
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        span = -(-nbytes // ALIGN) * ALIGN if self._aligned else nbytes
+        if self._aligned:   # O_DIRECT: buffer address and length aligned to 4 KiB; reading into the padding is harmless
+            alloc = torch.empty(span + ALIGN, dtype=torch.uint8)
+            shift = (-alloc.data_ptr()) % ALIGN
+            buf = alloc[shift:shift + span]
+        else:
+            buf = torch.empty(span, dtype=torch.uint8)
+        mv = memoryview(buf.numpy())
+        got = 0
+        while got < nbytes:
+            try:
+                n = os.preadv(self._fd, [mv[got:]], offset + got)
+            except OSError:
+                if not self._aligned:
+                    raise
+                os.close(self._fd)          # O_DIRECT refused at read time (e.g. overlayfs): buffered from now on
+                self._fd, self._aligned, self.direct = os.open(self.path, os.O_RDONLY), False, False
+                return self._read(offset, nbytes, what)
+            if n <= 0:
+                raise ShardedLayoutError(f"{self.path}: {what}: the file ends inside it")
+            got += n
+            if self._aligned and got < nbytes and got % ALIGN:
+                raise ShardedLayoutError(f"{self.path}: {what}: short O_DIRECT read")
+        return buf[:nbytes]
 
     def dequantize(self, name: str) -> torch.Tensor:
         info = self.tensor_info(name)
