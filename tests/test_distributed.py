@@ -41,7 +41,7 @@ CASES = {
 }
 
 
-def launch(n: int, args: list[str], tmp: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(n: int, args: list[str], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", V4CONVERT_DIST_TIMEOUT=str(TIMEOUT_S),
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]

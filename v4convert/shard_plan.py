@@ -220,7 +220,7 @@ def slice_stored(storage: Storage, parts: dict[str, torch.Tensor], part: Part, f
     if storage.is_quantized and cuts_block(storage, d, a, b, full[d]):
         blk = BLOCKS[storage][d]
         raise ShardPlanError(f"{where}: splitting dim {d} (size {full[d]}) at [{a}, {b}) cuts a {blk}-element "
-                             f"{storage.value} block; choose a --tp/--ep whose slices are multiples of {blk}, "
+                             f"block of its {storage.value} storage; choose a --tp/--ep whose slices are multiples of {blk}, "
                              "or shard a checkpoint stored in another codec")
     if not storage.is_quantized:
         return {k: v.narrow(d, a, b - a) for k, v in parts.items()}
