@@ -226,17 +226,16 @@ class _Sharder:
                         mod._buffers[leaf] = new
             if isinstance(mod, Linear) and mod.weight is not None:
                 mod.out_features, mod.in_features = mod.weight.shape
+        # modules holding at least one of the rank's tensors (every dotted prefix of a held name)
+        owners = {n[:i] for n in held for i in range(len(n)) if n[i] == "."}
         for mod_name, mod in list(model.named_modules()):
-            if isinstance(mod, nn.ModuleList) and mod_name.endswith(".experts") or mod_name.endswith("shared_experts"):
-                subs = list(enumerate(mod)) if isinstance(mod, nn.ModuleList) else [(None, mod)]
-                for i, sub in subs:
-                    prefix = f"{mod_name}.{i}" if i is not None else mod_name
-                    if not any(k.startswith(prefix + ".") for k in held):
-                        if i is None:
-                            parent, _, leaf = mod_name.rpartition(".")
-                            setattr(model.get_submodule(parent), leaf, Absent())
-                        else:
-                            mod[i] = Absent()
+            if isinstance(mod, nn.ModuleList) and mod_name.endswith(".experts"):
+                for i in range(len(mod)):
+                    if f"{mod_name}.{i}" not in owners:        # another rank's routed expert
+                        mod[i] = Absent()
+            elif mod_name.endswith(".shared_experts") and mod_name not in owners:     # held by TP group 0 only
+                parent, _, leaf = mod_name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, Absent())
         # 2. family structure: local head counts and the collectives
         tp, cm = w.tp, self.comm
         v3 = ar.family.is_v3_like
