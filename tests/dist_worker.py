@@ -1,6 +1,8 @@
 """Run under torchrun by tests/test_distributed.py: for each case ``PATH:TP:EP`` load this rank's part
 (``v4convert.runtime.load``), run a prefill and decode steps with the given tokens, and (rank 0) save the
-float32 logits of every step to ``OUT/case{i}.pt``. Every rank checks that all ranks got the same logits."""
+float32 logits of every step to ``OUT/case{i}.pt``. Every rank checks that all ranks got the same logits.
+A case ``PATH:TP:EP:error`` must fail to load on every rank: each rank writes ``OUT/case{i}-rank{r}.err``
+(``TYPE: message``) and the launch goes on with the next case."""
 from __future__ import annotations
 
 import sys
@@ -24,8 +26,18 @@ def main() -> None:
     out, tokens, cases = Path(sys.argv[1]), [int(t) for t in sys.argv[2].split(",")], sys.argv[3:]
     from v4convert.runtime import load
     for i, case in enumerate(cases):
-        path, tp, ep = case.rsplit(":", 2)
-        model = load(path, max_seq_len=64, tp=int(tp) if tp != "-" else None, ep=int(ep) if ep != "-" else None)
+        path, tp, ep, *expect = case.split(":")
+        kw = {"max_seq_len": 64, "tp": int(tp) if tp != "-" else None, "ep": int(ep) if ep != "-" else None}
+        if expect == ["error"]:
+            try:
+                load(path, **kw)
+                msg = "NO ERROR"
+            except Exception as e:       # noqa: BLE001 - the test reads the type and message
+                msg = f"{type(e).__name__}: {e}"
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            (out / f"case{i}-rank{rank}.err").write_text(msg)
+            continue
+        model = load(path, **kw)
         got = run_steps(model, tokens)
         if dist.is_initialized():
             ref = got.clone()

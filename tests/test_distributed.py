@@ -76,10 +76,20 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("n", sorted(CASES))
 def test_ranks_match_single_process(setup, n, tmp_path):
+    """Also (2 ranks): a corrupt part only rank 1 reads fails the load on both ranks, within the launch."""
     _, src, refs, paths = setup
     specs = [f"{paths[(p, tp, ep)]}:-:-" if lay else f"{src[p]}:{tp}:{ep}" for p, tp, ep, lay in CASES[n]]
+    if n == 2:
+        specs.append(f"{_corrupt(paths[('v3-tiny', 1, 2)], tmp_path, 'sha')}:-:-:error")
+    t0 = time.perf_counter()
     r = launch(n, [str(ROOT / "tests" / "dist_worker.py"), str(tmp_path), ",".join(map(str, TOKENS)), *specs], tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
+    if n == 2:
+        bad = len(CASES[n])
+        errs = [(tmp_path / f"case{bad}-rank{k}.err").read_text() for k in range(2)]
+        assert "ShardedLayoutError" in errs[1] and "fails its SHA-256 check" in errs[1], errs
+        assert errs[0].startswith("DistributedError: rank 1 failed:") and "SHA-256" in errs[0], errs
+        assert time.perf_counter() - t0 < 300 - TIMEOUT_S       # nobody sat in a collective until its timeout
     for i, (p, tp, ep, lay) in enumerate(CASES[n]):
         got = torch.load(tmp_path / f"case{i}.pt")
         assert got.shape == refs[p].shape
@@ -189,24 +199,15 @@ def test_bad_layout_is_a_user_error(setup, tmp_path, how, msg):
             v.raw(n)
 
 
-def test_world_size_mismatch_is_an_error(setup):
+def test_world_size_mismatch_is_an_error(setup, capsys):
     _, _, _, paths = setup
     with pytest.raises(ValueError, match="needs 2 ranks .* this run has 1"):
         load(paths[("v3-tiny", 1, 2)], max_seq_len=16)
-
-
-def test_bad_rank_file_fails_every_rank_fast(setup, tmp_path):
-    """A corrupt part only rank 1 reads: both ranks exit non-zero with one `error:` line, nobody waits."""
-    _, _, _, paths = setup
-    bad = _corrupt(paths[("v3-tiny", 1, 2)], tmp_path, "sha")
-    t0 = time.perf_counter()
-    r = launch(2, ["-m", "v4convert", "run", str(bad), "--prompt", "hi", "--max-new-tokens", "2"], tmp_path)
-    assert time.perf_counter() - t0 < TIMEOUT_S
-    assert r.returncode != 0
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 2, r.stderr[-3000:]
-    assert any("fails its SHA-256 check" in ln and "rank 1 failed" not in ln for ln in lines)
-    assert any(ln.startswith("error: rank 1 failed:") for ln in lines)
+    with pytest.raises(SystemExit) as e:       # the CLI: one line, exit 2 (each rank of a launch does the same)
+        cli_main(["run", str(paths[("v3-tiny", 1, 2)]), "--prompt", "hi"], standalone_mode=False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs 2 ranks" in err[0] and err[0].startswith("error: ")
 
 
 def test_torchrun_cli_run_matches_single_process(setup, tmp_path, capsys):
