@@ -53,7 +53,7 @@ def disk_read(path: Path, chunk: int = 16 << 20) -> tuple[int, float]:
 def _rank_job(kind: str, layout: str, src: str, rank: int, q) -> None:
     torch.set_num_threads(1)
     from v4convert.checkpoint import Checkpoint
-    from v4convert.shard_plan import Part, slice_stored
+    from v4convert.families.sharding import Part, slice_stored
     from v4convert.sharded_layout import Manifest, RankView
     man = Manifest.read(layout)
     kept = []

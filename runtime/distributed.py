@@ -4,8 +4,8 @@
 - from a sharded layout (``export --sharded``): only the rank's own data file is read (O_DIRECT where the
   filesystem allows it: measured faster than buffered reads, see ``bench/sharded_load.py``);
 - from an unsharded checkpoint with ``tp``/``ep``: each rank reads only its slices (and the stored blocks
-  that cover them) through the mmapped reader (``v4convert.shard_plan.read_part``).
-Which rank holds what is the one table of ``v4convert.shard_plan``. The family builders build the full model
+  that cover them) through the mmapped reader (``read_part``).
+Which rank holds what is the one table of ``v4convert.families.sharding``. The family builders build the full model
 on the meta device; ``_Sharder`` then resizes each meta parameter to the rank's local shape, swaps the
 embedding for a vocab-parallel one, drops the routed experts of other ranks and adds the collectives:
 
@@ -36,10 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from v4convert.checkpoint import Checkpoint
+from v4convert.checkpoint import Checkpoint, decode
 from v4convert.errors import UserError
-from v4convert.roles import Family
-from v4convert.shard_plan import Part, World, check_world, part_for, read_part
+from v4convert.families.roles import Family
+from v4convert.families.sharding import Part, World, check_world, covering, part_for, slice_stored
 from v4convert.sharded_layout import Manifest, RankView, is_sharded_layout
 
 from .common import FakeQuant, Linear, LoadOptions, RuntimeLoadError
@@ -136,8 +136,29 @@ def agree(size: int, fn: Callable[[], object]) -> object:
 # ----------------------------------------------------------------------------------------------
 # A rank's view of an unsharded checkpoint
 # ----------------------------------------------------------------------------------------------
+def read_part(ck, name: str, part: Part) -> torch.Tensor:
+    """float32 values of ``part`` of ``name`` from a ``Checkpoint``, touching only the stored blocks that
+    cover it (mmapped views); used to load an unsharded checkpoint with ``--tp``. Any split works here:
+    blocks cut by the split are decoded whole and trimmed."""
+    info = ck.tensor_info(name)
+    if part.dim is None:
+        return ck.dequantize(name)
+    d = part.dim
+    a, b = covering(info.storage, d, part.start, part.stop, info.shape[d]) if info.storage.is_quantized \
+        else (part.start, part.stop)
+    cover = Part(d, a, b)
+    parts = slice_stored(info.storage, ck.raw(name), cover, info.shape, name)
+    sub = dataclasses.replace(info, shape=cover.shape(info.shape))
+    out = decode(sub, parts).narrow(d, part.start - a, part.stop - part.start).contiguous()
+    if out.numel() and out.data_ptr() == parts["weight"].data_ptr():
+        out = out.clone()
+    del parts
+    ck.release(name)
+    return out
+
+
 class SlicedView:
-    """``Checkpoint`` restricted to one rank's parts (``shard_plan``), read slice by slice from the mmap."""
+    """``Checkpoint`` restricted to one rank's parts (``families.sharding``), read slice by slice from the mmap."""
 
     def __init__(self, ck: Checkpoint, world: World, rank: int) -> None:
         self.ck, self.world, self.rank = ck, world, rank
@@ -255,7 +276,7 @@ class _Sharder:
             elif v3 and name.endswith(".mlp") and tp > 1:                                  # dense MLP
                 mod.register_forward_hook(_reduce_hook(cm.all_reduce_tp))
         if tp > 1:
-            from v4convert.shard_plan import vocab_range
+            from v4convert.families.sharding import vocab_range
             sizes = [b - a for a, b in (vocab_range(ar.vocab, tp, r) for r in range(tp))]
             lo, hi = vocab_range(ar.vocab, tp, w.tp_rank(cm.rank))
             for e in embeds:

@@ -20,7 +20,7 @@ from v4convert.runtime import load
 
 from v4convert.cli import main as cli_main
 from v4convert.export import sharded
-from v4convert.shard_plan import ShardPlanError, World, rank_parts
+from v4convert.families.sharding import ShardPlanError, World, rank_parts
 from v4convert.sharded_layout import MANIFEST, Manifest, RankView, ShardedLayoutError
 from v4convert.synth import synth
 

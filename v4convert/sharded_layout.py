@@ -29,9 +29,9 @@ from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry
 
 from .checkpoint import TensorInfo, decode
 from .errors import UserError
-from .layout import Arch, LayoutError
-from .roles import Role, Storage
-from .shard_plan import Part, World
+from .families.layout import Arch, LayoutError
+from .families.roles import Role, Storage
+from .families.sharding import Part, World
 
 FORMAT = "v4convert-sharded"
 VERSION = 1

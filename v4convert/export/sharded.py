@@ -1,7 +1,7 @@
 """``export CKPT --sharded --tp N [--ep M] --out DIR``: our per-rank layout (see ``v4convert.sharded_layout``).
 
 One streaming pass over the source tensors (any checkpoint ``Checkpoint`` opens: the FP8 release, our FP4
-artifacts, BF16): each tensor's stored parts are cut per rank by ``v4convert.shard_plan`` without decoding
+artifacts, BF16): each tensor's stored parts are cut per rank by ``v4convert.families.sharding`` without decoding
 (codecs stay packed; a split that cuts a stored block is refused before anything is written) and appended,
 4 KiB-aligned, to the rank files under ``DIR.partial``, renamed to ``DIR`` when complete. Memory: one tensor.
 ``--deepseek-mp`` (needs ``tp == ep``) also writes DeepSeek's ``model{r}-mp{N}.safetensors`` (its
@@ -28,8 +28,9 @@ from v4convert.formats.safetensors_io import (
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..roles import Family
-from ..shard_plan import World, check_world, rank_parts, slice_stored
+from . import ExportResult
+from ..families.roles import Family
+from ..families.sharding import World, check_world, rank_parts, slice_stored
 from ..sharded_layout import ALIGN, FORMAT, MANIFEST, VERSION, rank_file, sha256_of
 
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -43,15 +44,6 @@ class Options:
                                                  "(world size = max(tp, ep))."})
     deepseek_mp: bool = field(default=False, metadata={"help": "Also write DeepSeek's model{r}-mp{N}.safetensors "
                                                                "(needs tp == ep)."})
-
-
-@dataclass
-class ExportResult:
-    paths: list[Path]
-    n_tensors: int
-    n_bytes: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 def _stored_name(info, comp: str) -> str:
@@ -145,10 +137,12 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
             mp_paths = _write_deepseek_mp(ck, plan, world, tmp)
             paths += [out / p.name for p in mp_paths]
             notes.append(f"DeepSeek model-parallel files: {', '.join(p.name for p in mp_paths)} (MTP layer dropped)")
+        notes.append(f"run: torchrun --nproc-per-node {n} -m v4convert run {out} --prompt ...")
     if out.exists():
         out.rmdir()          # empty (checked above)
     os.replace(tmp, out)
-    return ExportResult(paths, len(plan), n_bytes, time.perf_counter() - t0, notes)
+    return ExportResult(paths, len(plan), n_bytes, time.perf_counter() - t0, notes,
+                        label=f"sharded layout (tp={world.tp}, ep={world.ep}, {world.size} ranks)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
     dynamic = None
     if dynamic_top_p is not None:
         if k_max is None:
-            from v4convert.layout import Arch
+            from v4convert.families.layout import Arch
             from v4convert.sharded_layout import Manifest, is_sharded_layout
             if is_sharded_layout(ckpt):
                 k_max = Arch.from_config(Manifest.read(ckpt).config).top_k

@@ -1,7 +1,7 @@
 """Which part of every tensor each rank holds: the one table of tensor- and expert-parallel splits.
 
 Used by the sharded-layout writer (``v4convert.export.sharded``), its reader, and the distributed runtime
-(``v4convert.runtime.distributed``), so a layout on disk and a model cut in memory always agree.
+(``v4convert.runtime.distributed``, which also reads a part straight from an unsharded checkpoint), so a layout on disk and a model cut in memory always agree.
 
 World: ``size = max(tp, ep)`` ranks; the smaller of ``tp``/``ep`` must divide the larger.
 - attention heads, the dense MLP, the shared experts, embed and head are split over ``tp`` ranks (ranks
@@ -18,13 +18,13 @@ The vocabulary may split unevenly (rank ``i`` holds rows ``i*V//tp .. (i+1)*V//t
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from v4convert.errors import UserError
+
 from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch
 from .roles import Family, Role, Storage
 
@@ -231,26 +231,4 @@ def slice_stored(storage: Storage, parts: dict[str, torch.Tensor], part: Part, f
             continue
         lo, hi = _stored_range(storage, comp, d, a, b)
         out[comp] = t.narrow(d, lo, hi - lo)
-    return out
-
-
-def read_part(ck, name: str, part: Part) -> torch.Tensor:
-    """float32 values of ``part`` of ``name`` from a ``Checkpoint``, touching only the stored blocks that
-    cover it (mmapped views); used to load an unsharded checkpoint with ``--tp``. Any split works here:
-    blocks cut by the split are decoded whole and trimmed."""
-    from .checkpoint import decode
-    info = ck.tensor_info(name)
-    if part.dim is None:
-        return ck.dequantize(name)
-    d = part.dim
-    a, b = covering(info.storage, d, part.start, part.stop, info.shape[d]) if info.storage.is_quantized \
-        else (part.start, part.stop)
-    cover = Part(d, a, b)
-    parts = slice_stored(info.storage, ck.raw(name), cover, info.shape, name)
-    sub = dataclasses.replace(info, shape=cover.shape(info.shape))
-    out = decode(sub, parts).narrow(d, part.start - a, part.stop - part.start).contiguous()
-    if out.numel() and out.data_ptr() == parts["weight"].data_ptr():
-        out = out.clone()
-    del parts
-    ck.release(name)
     return out
