@@ -10,7 +10,7 @@ and per-rank peak RSS, side by side in one run (ratios, never timed assertions).
    process (one at a time, so loads do not share the disk) the time to bring that
    rank's stored tensors into RAM (as packed as they are stored, what ``runtime.load(packed=True)`` holds):
    a. sharded layout: ``RankView.raw`` (pread into owned tensors; O_DIRECT; with the SHA-256 check);
-   b. HF safetensors: the same slices through ``shard_plan.slice_stored`` on the mmapped shards + copy;
+   b. HF safetensors: the same slices through ``families.sharding.slice_stored`` on the mmapped shards + copy;
    and the process's peak RSS against the rank's share of the bytes.
 """
 from __future__ import annotations
