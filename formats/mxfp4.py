@@ -36,7 +36,7 @@ from .nvfp4 import (
     nvfp4_dequantize,
 )
 
-MXFP4_BLOCK = 32
+from .blocks import MXFP4_BLOCK
 E8M0_MIN_EXP = -127  # byte 0
 E8M0_MAX_EXP = 127  # byte 254 (255 is NaN)
 MX_MAX_FINITE_EXP = 125  # 6 * 2**125 is the largest block maximum that decodes finite in float32

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from v4convert.formats import fp8
+from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
@@ -28,7 +29,6 @@ from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
 COPY_BYTES = 64 << 20          # verbatim copies stream in 64 MB pieces
-FP8_BLOCK = 128
 
 
 class DiskFullError(QuantizeError):
