@@ -27,6 +27,7 @@ from v4convert.export.gguf.names import Entry, GGUFArch, Kind, Precision, entry
 from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 
 from v4convert.checkpoint import Checkpoint, TensorInfo
+from v4convert.families.layout import Arch, Slot
 from v4convert.families.roles import Family, Role, Storage
 from v4convert.errors import UserError, read_json
 
@@ -336,6 +337,11 @@ def modelfile_text(gguf_name: str, special: dict[str, str], gen: dict) -> str:
 # ------------------------------------------------------------------------------------------- tensors
 def skip_reason(ck: Checkpoint, info: TensorInfo, arch: GGUFArch, keep_mtp: bool) -> str | None:
     """Why a checkpoint tensor has no place in the GGUF (None: it is exported)."""
+    return slot_skip_reason(ck.arch, info, arch, keep_mtp)
+
+
+def slot_skip_reason(a: Arch, info: Slot | TensorInfo, arch: GGUFArch, keep_mtp: bool) -> str | None:
+    """``skip_reason`` from the family's layout alone (``inspect`` projects with it)."""
     if info.mtp and arch is GGUFArch.DEEPSEEK4:
         # llama.cpp's converter writes V4's MTP block only into a separate draft GGUF (--mtp), whose
         # root hc_head tensors replace the model's; one file cannot carry both.
@@ -343,9 +349,23 @@ def skip_reason(ck: Checkpoint, info: TensorInfo, arch: GGUFArch, keep_mtp: bool
     if info.mtp and not keep_mtp:
         return "MTP block dropped (--no-mtp)"
     if arch is GGUFArch.DEEPSEEK4 and info.role is Role.ROUTER_BIAS and info.layer is not None \
-            and info.layer < ck.arch.n_hash:
+            and info.layer < a.n_hash:
         return "hash-routed layer: llama.cpp routes by tid2eid and loads no selection bias"
     return None
+
+
+def gguf_types(a: Arch, arch: GGUFArch, role: Role, name: str, shape: tuple[int, ...], mix: TypeMix
+               ) -> list[tuple[tuple[int, ...], Q]]:
+    """The GGUF tensors (shape, GGML type) one checkpoint tensor becomes: THE type choice of the exporter
+    (``plan_tensors`` writes it; ``inspect`` projects sizes with it). Routed experts: one member's share of the
+    stacked ``[E, out, in]`` tensor; MLA ``kv_b``: ``attn_k_b [H, r, nope]`` and ``attn_v_b [H, v, r]``."""
+    e = entry(arch, role, name)
+    if e.kind is Kind.KV_B:
+        H, nope, v, r = a.n_heads, a.nope, a.v_head, shape[1]
+        return [((H, r, nope), mix.resolve(e, nope)), ((H, v, r), mix.resolve(e, r))]
+    if e.kind is Kind.INT32:
+        return [(tuple(shape), Q.I32)]
+    return [(tuple(shape), mix.resolve(e, shape[-1]))]
 
 
 def _float(ck: Checkpoint, info: TensorInfo) -> torch.Tensor:
@@ -393,7 +413,7 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
                 raise ExportError(f"{ck.root}: layer {L} {info.role.name}: experts {have[:8]}... present, "
                                   f"need all {a.n_experts}")
             out_f, in_f = info.shape
-            q = mix.resolve(e, in_f)
+            ((_, q),) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
             (name,) = e.format(L)
             if q == Q.MXFP4 and all(m.storage is Storage.MXFP4 for m in members):
                 repacked.append(name)
@@ -405,7 +425,7 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
                 raise ExportError(f"{ck.root}: tensor {info.name}: {info.shape[0]} rows, expected heads x (nope + v) "
                                   f"= {H * (nope + v)}")
             kb_name, vb_name = e.format(L)
-            qk, qv = mix.resolve(e, nope), mix.resolve(e, r)
+            (_, qk), (_, qv) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
 
             def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
                 w = _float(ck, info).view(H, nope + v, r)
@@ -422,7 +442,7 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
                                     lambda info=info: ck.raw(info.name)["weight"].to(torch.int32)))
         else:
             (name,) = e.format(L)
-            q = mix.resolve(e, info.shape[-1])
+            ((_, q),) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
             if q == Q.MXFP4 and info.storage is Storage.MXFP4:
                 repacked.append(name)
             specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q)))
