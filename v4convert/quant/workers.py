@@ -24,7 +24,7 @@ from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
-from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
+from .plan import Action, Options, QuantizeError, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
@@ -298,7 +298,7 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
     from v4convert.kernels.native import Kernel
     from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
     conv = _conv(opts)
-    method = ScaleMethod(opts.scale_method.value)
+    method = opts.scale_method
     if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
         k, _ = choose_kernel(kernel, device.type)
@@ -359,8 +359,8 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
 
 
 def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
-    from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
-    rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+    from v4convert.formats.mxfp4 import mxfp4_quantize
+    rule = opts.mx_rule
     n, k = t.shape
     s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
     woff, wrow = _out(unit, t, Part.WEIGHT)
