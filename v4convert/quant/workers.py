@@ -296,10 +296,11 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
               kernel=None) -> str:
     """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
     from v4convert.kernels.native import Kernel
-    from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
+
+    from .methods import get as get_method
     conv = _conv(opts)
-    method = opts.scale_method
-    if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
+    method = get_method(opts.scale_method)
+    if method.fp8_hot_path and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
         k, _ = choose_kernel(kernel, device.type)
         if k is Kernel.NATIVE:
@@ -320,9 +321,8 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
         soff, srow = _out(unit, t, Part.SCALE)
         goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
         gscale = None
-        for r0, r1 in _chunks(n, k):
-            q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
-                               global_amax=shared, name=t.name)
+        for r0, r1 in ([(0, n)] if method.whole_tensor else _chunks(n, k)):
+            q = method.nvfp4(_decode_chunk(t, r0, r1, s), convention=conv, global_amax=shared, name=t.name)
             w.write(woff + r0 * wrow, q.packed, t.name)
             w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
             g = q.global_scale.to(torch.float32).reshape(1)
