@@ -25,7 +25,9 @@ import torch
 
 from v4convert.errors import UserError
 
-from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch
+from v4convert.formats.blocks import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
+
+from .layout import Arch
 from .roles import Family, Role, Storage
 
 
