@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from v4convert.errors import UserError
-
 from v4convert.formats.blocks import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
 
 from .layout import Arch
