@@ -115,10 +115,9 @@ def write_calibrated(unit, ts, w, opts) -> None:
     unit (fused partners share the NVFP4 global amax), quantize it with the calibrated method, write the
     codec's parts at the plan's offsets. Memory: the unit's weights in float32."""
     from v4convert.formats.containers import Part
-    from v4convert.quant.plan import MXRule
     from v4convert.quant.workers import _decode_chunk, _out, _scale_f32, read_rows
 
-    rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+    rule = opts.mx_rule                       # quant.plan.MXRule is formats' MXScaleRule
     dense = {}
     for t in ts:
         s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None

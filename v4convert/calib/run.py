@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from v4convert.formats.mxfp4 import MXScaleRule
 
 from .apply import CalibOptions, _conv, codec_of, read_meta, save_stats
 from .collect import collect_stats
@@ -67,7 +66,6 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
                     log: Callable[[str], None] = print) -> dict:
     """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
     from v4convert.checkpoint import Checkpoint
-    from v4convert.quant.plan import MXRule
 
     path = Path(copts.stats)
     tensors = [t for t in plan.tensors() if t.action.value in CALIB_ACTIONS]
@@ -86,7 +84,7 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
                 groups[n] = names
         action = {t.name: t.action.value for t in tensors}
         min_for = {n: (copts.min_expert_tokens if e is not None else 1) for n, e in expert.items()}
-        rule = MXScaleRule.OCP_FLOOR if plan.options.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+        rule = plan.options.mx_rule           # quant.plan.MXRule is formats' MXScaleRule
         spec, conv = copts.spec, _conv(plan.options.container.value)
 
         def quantize(name: str, w: torch.Tensor, stats, gamax: torch.Tensor) -> torch.Tensor:

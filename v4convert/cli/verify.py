@@ -58,8 +58,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
     from .. import api
-    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
-                         plot_report, require_matplotlib)
+    from ..verify import Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report
+    from ..verify.plot import plot_report, require_matplotlib
 
     if threads:
         torch.set_num_threads(threads)
@@ -84,6 +84,9 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
         thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
         save_ref=save_ref_logits, ref_cache=ref_logits, kind=ArtifactKind(kind) if kind else None,
         device=device, dtype=DTYPES[dtype], progress=progress))
+    import torch.distributed as dist      # under torchrun every rank verifies its part; rank 0 reports
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        sys.exit(1 if r["thresholds"]["failures"] else 0)
     click.echo(format_report(r))
     if json_out is not None:
         json_out.write_text(json.dumps(json_report(r), indent=2))
