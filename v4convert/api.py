@@ -88,7 +88,7 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     if a.plot:
         if not a.calib:
             raise MethodError("--plot draws the calibration coverage; it needs --calib")
-        from .verify import require_matplotlib
+        from .verify.plot import require_matplotlib
         require_matplotlib()              # fail before any work
     spec, copts, data = calibration_options(
         src, out, a.scale_method, a.method, a.calib, Path(a.calib_data) if a.calib_data else None, a.calib_tokens,
