@@ -1,0 +1,171 @@
+"""``export --onnx``: DeepSeek checkpoints -> an onnxruntime model (``model.onnx`` + ``model.onnx.data``).
+
+The graph is built directly with ``onnx.helper`` (``torch.onnx.export`` fails on, or silently drops experts of,
+data-dependent MoE routing). Weights stream tensor by tensor into the external data file; the graph itself is a
+few hundred KB. Files are written under temporary names and renamed at the end (data first, then the graph), so
+no ``model.onnx`` exists under its final name unless it is complete. Every unsupported combination is refused
+before any file is written.
+
+Family support: ``deepseek_v3`` (V3, R1, V3.1) — see ``v3.py`` for the graph. ``deepseek_v32`` and ``deepseek_v4``
+are refused with a one-line error (not built yet).
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from v4convert.checkpoint import Checkpoint, CheckpointError
+from v4convert.errors import UserError
+from v4convert.layout import LayoutError
+from v4convert.roles import Family
+from v4convert.runtime.args import ConfigError, ModelArgs
+
+from .graph import ExternalData
+
+OPSET = 21                # ai.onnx opset (ReduceMean/ReduceSum with axes inputs, Range, ScatterElements)
+MODEL_FILE = "model.onnx"
+PARTIAL = ".partial"
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+class OnnxExportError(UserError):
+    """An input or option combination this exporter does not support (raised before any file is written)."""
+
+
+class WeightType(enum.Enum):
+    """How linear and expert weights are stored."""
+    INT4 = "int4"         # MatMulNBits / QMoE 4-bit blocks, symmetric RTN (zero point 8); see quant.py
+    FP32 = "fp32"         # exact dequantized weights, float32 MatMul (reference export)
+
+
+@dataclass
+class Options:
+    weights: WeightType = field(default=WeightType.INT4, metadata={
+        "help": "int4: 4-bit MatMulNBits for attention/dense/shared linears and QMoE for routed experts "
+                "(router, embedding, head and the absorbed kv_b stay FP32); fp32: every weight exact in FP32."})
+    block_size: int = field(default=32, metadata={
+        "help": "int4 block size along K (16, 32, 64 or 128; hidden and moe_intermediate sizes must be multiples)."})
+    accuracy_level: int = field(default=0, metadata={
+        "help": "MatMulNBits/QMoE accuracy_level: 0 keeps FP32 activations (exact); 4 lets onnxruntime quantize "
+                "activations to int8 (faster on CPU, less accurate)."})
+
+
+@dataclass
+class ExportResult:
+    paths: list[Path]
+    n_tensors: int
+    n_bytes: int           # bytes of source tensors read
+    seconds: float
+    notes: list[str]
+
+
+def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
+    """All refusals happen here, before any output file exists."""
+    src = str(ck.root / "config.json")
+    if ck.family is not Family.V3:
+        raise OnnxExportError(f"{src}: export --onnx supports deepseek_v3 (V3/R1/V3.1) only so far; "
+                              f"{ck.family.value} is not implemented yet")
+    try:
+        a = ModelArgs.from_config(ck.config, src)
+    except ConfigError as e:
+        raise OnnxExportError(str(e)) from None
+    if not isinstance(opts.weights, WeightType):
+        raise OnnxExportError(f"unknown weight type {opts.weights!r} (choose {', '.join(w.value for w in WeightType)})")
+    if opts.accuracy_level not in (0, 1, 2, 3, 4):
+        raise OnnxExportError(f"accuracy_level must be 0..4, got {opts.accuracy_level}")
+    ar = a.arch
+    if opts.weights is WeightType.INT4:
+        b = opts.block_size
+        if b not in (16, 32, 64, 128):
+            raise OnnxExportError(f"block size {b} is not supported by MatMulNBits/QMoE (16, 32, 64 or 128)")
+        for what, n in (("hidden_size", ar.hidden), ("moe_intermediate_size", ar.moe_inter)):
+            if n % b:
+                raise OnnxExportError(f"{src}: QMoE int4 needs {what} ({n}) to be a multiple of the block size {b}")
+    if ar.rope % 2:
+        raise OnnxExportError(f"{src}: qk_rope_head_dim {ar.rope} must be even")
+    missing = [s for s in ck.missing() if not s.mtp]
+    if missing:
+        raise OnnxExportError(f"{src}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].name}")
+    return a
+
+
+def export(src: Path, out: Path, opts: Options = Options(), *, progress: bool = False) -> ExportResult:
+    """Write ``out/model.onnx`` (+ ``model.onnx.data``, config and tokenizer files) from checkpoint ``src``.
+
+    ``out`` is a directory (created); a path ending in ``.onnx`` names the model file itself.
+    """
+    from .v3 import V3Graph
+
+    t0 = time.perf_counter()
+    try:
+        ck = Checkpoint.open(src)
+    except (CheckpointError, LayoutError) as e:
+        raise OnnxExportError(str(e)) from None
+    try:
+        _check(ck, opts)
+        out = Path(out)
+        model_path = out if out.suffix == ".onnx" else out / MODEL_FILE
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        data_name = model_path.name + ".data"
+        data_path = model_path.with_name(data_name)
+        tmp_model, tmp_data = Path(str(model_path) + PARTIAL), Path(str(data_path) + PARTIAL)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ck.names()), unit="tensor", desc="export onnx")
+        data = ExternalData(tmp_data, data_name)
+        try:
+            b = V3Graph(ck, data, opts.weights is WeightType.INT4, opts.block_size, opts.accuracy_level,
+                        tick=(lambda n: bar.update(1)) if bar else (lambda n: None))
+            inputs, outputs = b.build()
+            data.close()
+            graph = helper.make_graph(b.g.nodes, "deepseek_v3", inputs, outputs, initializer=b.g.initializers)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                            helper.make_opsetid("com.microsoft", 1)],
+                                      producer_name="v4convert")
+            model.ir_version = 10
+            onnx.save_model(model, tmp_model)
+            os.replace(tmp_data, data_path)
+            os.replace(tmp_model, model_path)
+        except BaseException:
+            if not data.f.closed:
+                data.f.close()
+            for p in (tmp_model, tmp_data):
+                p.unlink(missing_ok=True)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        paths = [model_path, data_path]
+        for name in COPIED:
+            if (Path(src) / name).is_file():
+                shutil.copyfile(Path(src) / name, model_path.parent / name)
+                paths.append(model_path.parent / name)
+        n_mtp = b.a.arch.n_mtp
+        notes = [f"{data.n_tensors} external tensors; weights {opts.weights.value}"
+                 + (f" block {opts.block_size}" if opts.weights is WeightType.INT4 else ""),
+                 "KV cache: one latent head per layer past_key_values.N.key / present.N.key [B, 1, S, "
+                 f"{b.a.arch.kv_lora + b.a.arch.rope}] (no .value tensors: absorbed MLA reads the latent for both)",
+                 "no genai_config.json: onnxruntime-genai needs a past/present value cache of the key's head size "
+                 "and a model type it knows; this graph has a single latent cache"]
+        if n_mtp:
+            notes.append(f"{n_mtp} MTP block(s) not exported (the graph never runs them)")
+        if opts.weights is WeightType.INT4:
+            notes.append("routed experts: QMoE router_weights carry DeepSeek's weights; exact on onnxruntime CPU "
+                         "(the CUDA QMoE kernel ignores router_weights)")
+        meta = {"format": "v4convert-onnx", "family": ck.family.value, "weights": opts.weights.value,
+                "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "latent_width":
+                b.a.arch.kv_lora + b.a.arch.rope, "vocab_size": b.a.arch.vocab}
+        (model_path.parent / (model_path.stem + ".v4convert.json")).write_text(json.dumps(meta, indent=2))
+        paths.append(model_path.parent / (model_path.stem + ".v4convert.json"))
+        return ExportResult(paths, data.n_tensors, b.bytes_read, time.perf_counter() - t0, notes)
+    finally:
+        ck.close()
