@@ -11,7 +11,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``[B, T, D]``; V4: ``model.layers[i]`` output, the hyper-connection streams ``[B, T, hc, D]``).
 * ``GGUF``: through llama.cpp itself (``v4convert.artifact_gguf``: llama-cpp-python ``Llama(path, logits_all=True)``,
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
-* ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
+* ``ONNX``: through onnxruntime (``v4convert.artifacts.onnx``: CPU execution provider, the graph's
+  ``past_key_values.N.key`` inputs fed from the previous ``present.N.key`` outputs); no hidden states.
 
 Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
 class with this interface and moving its row to :data:`RUNNERS`.
@@ -126,15 +127,19 @@ def _gguf_runner(path: Path, **kw) -> Runner:
     return GGUFRunner(path, **kw)
 
 
+def _onnx_runner(path: Path, **kw) -> Runner:
+    from .artifacts.onnx import OnnxRunner     # imported on use: onnxruntime is optional
+    return OnnxRunner(path, **kw)
+
+
 # kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
 RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
     ArtifactKind.RUNTIME: RuntimeRunner,
     ArtifactKind.GGUF: _gguf_runner,
+    ArtifactKind.ONNX: _onnx_runner,
 }
 # kinds whose runner is still to be written -> how it will run
-PLANNED: dict[ArtifactKind, str] = {
-    ArtifactKind.ONNX: "onnxruntime InferenceSession",
-}
+PLANNED: dict[ArtifactKind, str] = {}
 
 
 def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) -> ArtifactKind:

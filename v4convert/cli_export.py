@@ -1,7 +1,7 @@
 """``v4convert export CKPT --gguf|--onnx|--sharded --out PATH``: artifacts other than FP4 checkpoints.
 
-Only ``--gguf`` is implemented so far; the other formats are accepted by the parser and refused with
-a clear error, so scripts get a stable interface.
+``--gguf`` and ``--onnx`` are implemented; ``--sharded`` is accepted by the parser and refused with a clear
+error, so scripts get a stable interface.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _main_types() -> list[str]:
 @click.command("export")
 @click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
-@click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
+@click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (deepseek_v3).")
 @click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
 @click.option("--type", "main_type", default="Q8_0", show_default=True,
@@ -69,26 +69,44 @@ def _main_types() -> list[str]:
 @click.option("--split-max-size", default=None, help="Split into NAME-0000k-of-0000N.gguf files of at most this "
               "much tensor data (e.g. 50G).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
+@click.option("--onnx-weights", default="int4", show_default=True, type=click.Choice(["int4", "fp32"]),
+              help="ONNX: int4 = MatMulNBits/QMoE 4-bit blocks (router, embedding, head, absorbed kv_b in FP32); "
+                   "fp32 = every weight exact in FP32 (reference export).")
+@click.option("--onnx-block-size", default=32, show_default=True, type=int,
+              help="ONNX int4: block size along K (16, 32, 64, 128).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
-                   split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
+                   split_max_size: str | None, no_modelfile: bool, onnx_weights: str, onnx_block_size: int,
+                   progress: bool | None) -> None:
     """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
 
     GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
     tokenizer and tensor names, streamed tensor by tensor; default mix: experts MXFP4, attention and
     shared experts Q8_0, norms/router F32.
+
+    ONNX (--out DIR or DIR/NAME.onnx): model.onnx + model.onnx.data for onnxruntime, absorbed MLA with one latent
+    KV head per layer, 4-bit MatMulNBits linears and QMoE routed experts with DeepSeek's group-limited routing.
     """
     if fmt is None:
-        raise click.UsageError("choose an output format: --gguf (or --onnx / --sharded, not yet implemented)")
+        raise click.UsageError("choose an output format: --gguf or --onnx (--sharded: not yet implemented)")
     f = ExportFormat(fmt)
+    show = sys.stderr.isatty() if progress is None else progress
+    if f is ExportFormat.ONNX:
+        from .export.onnx import Options, WeightType, export
+        r = export(ckpt, out, Options(weights=WeightType(onnx_weights), block_size=onnx_block_size), progress=show)
+        click.echo(f"wrote ONNX: {r.n_tensors} external tensors from {r.n_bytes:,} source bytes in {r.seconds:.1f} s "
+                   f"({r.n_bytes / max(r.seconds, 1e-9) / 1e9:.2f} GB/s): {', '.join(str(p) for p in r.paths[:2])}")
+        for note in r.notes:
+            click.echo(f"  {note}")
+        return
     if f is not ExportFormat.GGUF:
-        raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
+        raise NotImplementedFormat(f"export --{f.value} is not implemented yet (--gguf and --onnx are)")
     from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf
     mt = main_type.upper()
     llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None
     mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))
     r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
-                    progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
+                    progress=show, modelfile=not no_modelfile,
                     llama_type=llama_type)
     gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
     click.echo(f"wrote {r.arch.value} GGUF: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) "

@@ -29,7 +29,8 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int, seed: int,
                 device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None) -> None:
-    """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s."""
+    """Generate text from CKPT (any checkpoint the runtime loads, or an ONNX export directory, run through
+    onnxruntime) and report prefill/decode tokens/s."""
     import torch
 
     from v4convert.checkpoint import Checkpoint
@@ -50,8 +51,12 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
             with Checkpoint.open(ckpt) as ck:
                 k_max = ck.arch.top_k
         dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
-    model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
-                 simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed)
+    if (ckpt / "model.onnx").is_file():              # an ONNX export: generate through onnxruntime
+        from v4convert.artifacts.onnx import OnnxLM
+        model = OnnxLM(ckpt, max_seq_len)
+    else:
+        model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
+                     simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed)
 
     def write(s: str) -> None:
         sys.stdout.write(s)

@@ -81,3 +81,18 @@ class OnnxRunner:
     def close(self) -> None:
         self.cache = {}
         self.sess = None
+
+
+class OnnxLM:
+    """The ``model(ids [1, T], start_pos) -> logits [1, T, V]`` interface ``runtime.generate`` drives, over onnxruntime."""
+
+    def __init__(self, path: Path, max_seq_len: int) -> None:
+        self.runner = OnnxRunner(path)
+        self.max_seq_len = max_seq_len
+
+    def __call__(self, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        return self.runner.forward(ids, start_pos)[None]
+
+    def parameters(self):
+        """One CPU tensor, so callers can ask for the device (``next(model.parameters()).device``)."""
+        return iter([torch.empty(0)])
