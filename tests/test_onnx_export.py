@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
+from v4convert.runtime import load
 
 from v4convert.artifacts.onnx import OnnxRunner
 from v4convert.checkpoint import Checkpoint
@@ -23,7 +24,6 @@ from v4convert.export.onnx import Options, WeightType, export
 from v4convert.export.onnx.quant import dequantize_int4, quantize_int4
 from v4convert.export.onnx.v3 import int4_reference_weights
 from v4convert.roles import Role
-from v4convert.runtime import load
 
 FIXTURE = Path(__file__).resolve().parents[1] / "v4convert" / "data" / "tiny-v3"
 PROMPT_LEN = 64

@@ -97,13 +97,14 @@ def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
     return a
 
 
-def export(src: Path, out: Path, opts: Options = Options(), *, progress: bool = False) -> ExportResult:
+def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool = False) -> ExportResult:
     """Write ``out/model.onnx`` (+ ``model.onnx.data``, config and tokenizer files) from checkpoint ``src``.
 
     ``out`` is a directory (created); a path ending in ``.onnx`` names the model file itself.
     """
     from .v3 import V3Graph
 
+    opts = opts or Options()
     t0 = time.perf_counter()
     try:
         ck = Checkpoint.open(src)
@@ -152,10 +153,10 @@ def export(src: Path, out: Path, opts: Options = Options(), *, progress: bool = 
         n_mtp = b.a.arch.n_mtp
         notes = [f"{data.n_tensors} external tensors; weights {opts.weights.value}"
                  + (f" block {opts.block_size}" if opts.weights is WeightType.INT4 else ""),
-                 "KV cache: one latent head per layer past_key_values.N.key / present.N.key [B, 1, S, "
-                 f"{b.a.arch.kv_lora + b.a.arch.rope}] (no .value tensors: absorbed MLA reads the latent for both)",
-                 "no genai_config.json: onnxruntime-genai needs a past/present value cache of the key's head size "
-                 "and a model type it knows; this graph has a single latent cache"]
+                 ("KV cache: one latent head per layer past_key_values.N.key / present.N.key [B, 1, S, "
+                  f"{b.a.arch.kv_lora + b.a.arch.rope}] (no .value tensors: absorbed MLA reads the latent for both)"),
+                 ("no genai_config.json: onnxruntime-genai needs a past/present value cache of the key's head size "
+                  "and a model type it knows; this graph has a single latent cache")]
         if n_mtp:
             notes.append(f"{n_mtp} MTP block(s) not exported (the graph never runs them)")
         if opts.weights is WeightType.INT4:

@@ -38,7 +38,7 @@ class ExternalData:
 
     def __init__(self, tmp_path: Path, location: str) -> None:
         self.location = location
-        self.f: BinaryIO = open(tmp_path, "wb")
+        self.f: BinaryIO = open(tmp_path, "wb")    # noqa: SIM115 (held across the export; closed by close())
         self.end = 0
         self.n_tensors = 0
 

@@ -23,7 +23,7 @@ Per decoder block (shapes: B batch, T new tokens, P past tokens, S = P + T, H he
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
