@@ -23,10 +23,11 @@ from v4convert.checkpoint import Checkpoint
 from v4convert.export.onnx import Options, WeightType, export
 from v4convert.export.onnx.quant import dequantize_int4, quantize_int4
 from v4convert.export.onnx.v3 import int4_reference_weights
-from v4convert.roles import Role
+from v4convert.roles import Family, Group, Role
 
 FIXTURE = Path(__file__).resolve().parents[1] / "v4convert" / "data" / "tiny-v3"
 PROMPT_LEN = 64
+SOURCES = ["synth", "synth-v32", "trained"]
 
 
 def _kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def _kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sources(tiny_ckpts) -> dict[str, Path]:
-    return {"synth": tiny_ckpts["v3-tiny"], "trained": FIXTURE}
+    return {"synth": tiny_ckpts["v3-tiny"], "synth-v32": tiny_ckpts["v32-tiny"], "trained": FIXTURE}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _prompt(vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("src", ["synth", "trained"])
+@pytest.mark.parametrize("src", SOURCES)
 def test_int4_matches_runtime_on_same_weights(src, sources, exports):
     ck = Checkpoint.open(sources[src])
     model = load(sources[src], max_seq_len=PROMPT_LEN)
@@ -59,10 +60,12 @@ def test_int4_matches_runtime_on_same_weights(src, sources, exports):
     for name, w in int4_reference_weights(ck, Options().block_size):
         model.get_parameter(name).copy_(w)
         replaced.add(name)
-    # the recipe: every main-model linear is 4-bit except the absorbed kv_b, the router and the head
+    # the recipe: every main-model linear is 4-bit except the absorbed kv_b, the router, the head and the indexer
     assert replaced == {i.name for i in ck.infos() if i.role.is_linear and not i.mtp
-                        and i.role not in (Role.ATTN_KV_B, Role.ROUTER, Role.HEAD)}
+                        and i.role not in (Role.ATTN_KV_B, Role.ROUTER, Role.HEAD) and i.role.group is not Group.INDEXER}
     ids = _prompt(ck.arch.vocab)
+    if ck.family is Family.V32:
+        assert ck.config["index_topk"] < PROMPT_LEN          # the sparse selection really drops keys
     ref = model(ids, 0)[0]
     got = OnnxRunner(exports[(src, "int4")]).forward(ids, 0)
     kld = _kld(ref, got)
@@ -70,16 +73,16 @@ def test_int4_matches_runtime_on_same_weights(src, sources, exports):
     assert torch.equal(ref.argmax(-1), got.argmax(-1))
 
 
-@pytest.mark.parametrize("src", ["synth", "trained"])
+@pytest.mark.parametrize("src", SOURCES)
 def test_fp32_matches_original(src, sources, exports):
-    ids = _prompt(611 if src == "synth" else 1000, seed=1)
+    ids = _prompt(1000 if src == "trained" else 611, seed=1)
     ref = load(sources[src], max_seq_len=PROMPT_LEN)(ids, 0)[0]
     got = OnnxRunner(exports[(src, "fp32")]).forward(ids, 0)
     assert _kld(ref, got).mean() <= 1e-6
     assert torch.equal(ref.argmax(-1), got.argmax(-1))
 
 
-@pytest.mark.parametrize("src", ["synth", "trained"])
+@pytest.mark.parametrize("src", SOURCES)
 def test_kv_cache_greedy_equals_prefill(src, exports):
     r = OnnxRunner(exports[(src, "int4")])
     prompt = _prompt(r.vocab_size, seed=2)[:, :12]
@@ -94,18 +97,21 @@ def test_kv_cache_greedy_equals_prefill(src, exports):
     assert prefill[prompt.shape[1] - 1:-1].argmax(-1).tolist() == toks
 
 
-def test_graph_is_valid_and_complete(sources, exports):
-    path = exports[("synth", "int4")]
+@pytest.mark.parametrize("src", ["synth", "synth-v32"])
+def test_graph_is_valid_and_complete(src, sources, exports):
+    path = exports[(src, "int4")]
     onnx.checker.check_model(str(path), full_check=True)            # loads the external data
     m = onnx.load(str(path), load_external_data=False)
     used = {i for n in m.graph.node for i in n.input}
     unused = [t.name for t in m.graph.initializer if t.name not in used]
     assert unused == []
     names = [i.name for i in m.graph.input]
-    ck = Checkpoint.open(sources["synth"])
+    ck = Checkpoint.open(sources[src])
     L = ck.arch.n_layers
-    assert names == ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.key" for i in range(L)]
-    assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.key" for i in range(L)]
+    caches = ["key"] + (["indexer_key"] if ck.family is Family.V32 else [])
+    assert names == ["input_ids", "attention_mask", "position_ids"] + \
+        [f"past_key_values.{i}.{c}" for c in caches for i in range(L)]
+    assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{c}" for c in caches for i in range(L)]
     qmoe = [n for n in m.graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == L - ck.arch.first_dense
     # every expert's rows are present and are the codes of that expert's own weights
@@ -205,3 +211,10 @@ def test_cli_export_and_verify(sources, exports, tmp_path):
              "--ctx", "64", "--gen-prompts", "1", "--gen-tokens", "4", "--json", str(tmp_path / "v.json"))
     assert r.exit_code == 0, r.output
     assert "onnx" in r.output and "KL divergence" in r.output
+
+
+def test_v4_refused_before_any_file(tiny_ckpts, tmp_path):
+    out = tmp_path / "o"
+    r = _cli("export", str(tiny_ckpts["v4-flash-tiny"]), "--onnx", "--out", str(out))
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "deepseek_v4" in r.output
+    assert not out.exists()

@@ -6,8 +6,8 @@ few hundred KB. Files are written under temporary names and renamed at the end (
 no ``model.onnx`` exists under its final name unless it is complete. Every unsupported combination is refused
 before any file is written.
 
-Family support: ``deepseek_v3`` (V3, R1, V3.1) — see ``v3.py`` for the graph. ``deepseek_v32`` and ``deepseek_v4``
-are refused with a one-line error (not built yet).
+Family support: ``deepseek_v3`` (V3, R1, V3.1) and ``deepseek_v32`` (plus the lightning indexer and top-k sparse
+attention from standard ops) — see ``v3.py`` for the graph. ``deepseek_v4`` is refused with a one-line error.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from onnx import helper
 from v4convert.checkpoint import Checkpoint, CheckpointError
 from v4convert.errors import UserError
 from v4convert.layout import LayoutError
-from v4convert.roles import Family
 from v4convert.runtime.args import ConfigError, ModelArgs
 
 from .graph import ExternalData
@@ -70,8 +69,8 @@ class ExportResult:
 def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
     """All refusals happen here, before any output file exists."""
     src = str(ck.root / "config.json")
-    if ck.family is not Family.V3:
-        raise OnnxExportError(f"{src}: export --onnx supports deepseek_v3 (V3/R1/V3.1) only so far; "
+    if not ck.family.is_v3_like:
+        raise OnnxExportError(f"{src}: export --onnx supports deepseek_v3 (V3/R1/V3.1) and deepseek_v32 so far; "
                               f"{ck.family.value} is not implemented yet")
     try:
         a = ModelArgs.from_config(ck.config, src)
@@ -128,7 +127,7 @@ def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool 
                         tick=(lambda n: bar.update(1)) if bar else (lambda n: None))
             inputs, outputs = b.build()
             data.close()
-            graph = helper.make_graph(b.g.nodes, "deepseek_v3", inputs, outputs, initializer=b.g.initializers)
+            graph = helper.make_graph(b.g.nodes, ck.family.value, inputs, outputs, initializer=b.g.initializers)
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                             helper.make_opsetid("com.microsoft", 1)],
                                       producer_name="v4convert")

@@ -1,4 +1,4 @@
-"""DeepSeek V3 / R1 / V3.1 (``deepseek_v3``) as an onnxruntime graph.
+"""DeepSeek V3 / R1 / V3.1 (``deepseek_v3``) and V3.2 (``deepseek_v32``) as an onnxruntime graph.
 
 Per decoder block (shapes: B batch, T new tokens, P past tokens, S = P + T, H heads, D hidden):
 
@@ -18,6 +18,8 @@ Per decoder block (shapes: B batch, T new tokens, P past tokens, S = P + T, H he
   In FP32 mode (no float QMoE takes ``router_weights``) the routed experts are composed from batched MatMuls over
   all experts, weighted by a dense ``[N, E]`` weight tensor (zero off the top-k): exact, O(E) compute, meant as
   a reference export.
+* V3.2: the lightning indexer picks ``index_topk`` keys per query (``V3Graph.indexer``), composed from MatMul,
+  Relu, LayerNormalization, TopK and ScatterElements; its keys are a second cache ``past_key_values.L.indexer_key``.
 * Linears (q_a, q_b, kv_a, o, dense MLP, shared expert): ``com.microsoft.MatMulNBits`` 4-bit, or MatMul on FP32.
   Router, embedding and head stay float32. The MTP block is not part of the graph (nothing runs it).
 """
@@ -30,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.roles import Role
+from v4convert.roles import Family, Role
 from v4convert.runtime.args import ModelArgs
 from v4convert.runtime.common import rope_inv_freq, yarn_softmax_scale
 
@@ -104,10 +106,12 @@ class V3Graph:
         r = g.op1("Reciprocal", [g.op1("Sqrt", [g.op1("Add", [ms, g.const(eps, np.float32)])])])
         return g.op1("Mul", [self._f32(name, self._load(name)), g.op1("Mul", [x, r])])
 
-    def rope(self, x: str, cos: str, sin: str, rank: int) -> str:
-        """Rotate ``x [..., rope]`` (rank ``rank``) by ``cos/sin`` broadcastable to ``[..., rope/2]``."""
+    def rope(self, x: str, cos: str, sin: str, rank: int, interleaved: bool | None = None) -> str:
+        """Rotate ``x [..., rope]`` (rank ``rank``) by ``cos/sin`` broadcastable to ``[..., rope/2]``; pairs
+        ``(2i, 2i+1)`` when ``interleaved`` (default: the config's main-attention style), else ``(i, i + rope/2)``."""
         g = self.g
-        if self.a.rope_interleave:
+        interleaved = self.a.rope_interleave if interleaved is None else interleaved
+        if interleaved:
             pairs = g.op1("Reshape", [x, g.const([0] * (rank - 1) + [-1, 2])])       # [..., rope/2, 2]
             a, b = g.op("Split", [pairs, g.const([1, 1])], n_out=2, axis=-1)
             c, s = (g.op1("Unsqueeze", [t, g.const([-1])]) for t in (cos, sin))
@@ -118,7 +122,7 @@ class V3Graph:
         ra = g.op1("Sub", [g.op1("Mul", [a, c]), g.op1("Mul", [b, s])])
         rb = g.op1("Add", [g.op1("Mul", [b, c]), g.op1("Mul", [a, s])])
         out = g.op1("Concat", [ra, rb], axis=-1)
-        if self.a.rope_interleave:
+        if interleaved:
             out = g.op1("Reshape", [out, g.const([0] * (rank - 1) + [-1])])
         return out
 
@@ -131,7 +135,7 @@ class V3Graph:
         return self.linear(h, f"{prefix}.down_proj.weight")
 
     # ------------------------------------------------------------------ blocks
-    def attention(self, x: str, L: int, cos: str, sin: str, mask: str) -> str:
+    def attention(self, x: str, L: int, cos: str, sin: str, mask: str, causal: str) -> str:
         g, ar = self.g, self.a.arch
         H, nope, rope, v, kvl = ar.n_heads, ar.nope, ar.rope, ar.v_head, ar.kv_lora
         p = f"model.layers.{L}.self_attn"
@@ -153,11 +157,58 @@ class V3Graph:
         scores = g.op1("MatMul", [qf, g.op1("Transpose", [present], perm=[0, 1, 3, 2])])      # [B,H,T,S]
         scale = yarn_softmax_scale(nope + rope, self.a.yarn)
         scores = g.op1("Add", [g.op1("Mul", [scores, g.const(scale, np.float32)]), mask])
+        if self.a.family is Family.V32:
+            scores = g.op1("Add", [scores, self.indexer(x, qr, L, cos, sin, causal)])
         prob = g.op1("Softmax", [scores], axis=-1)
         kv_c = g.op1("Slice", [present, g.const([0]), g.const([kvl]), g.const([3])])          # [B,1,S,kv_lora]
         o = g.op1("MatMul", [g.op1("MatMul", [prob, kv_c]), w_uv])                              # [B,H,T,v]
         o = g.op1("Reshape", [g.op1("Transpose", [o], perm=[0, 2, 1, 3]), g.const([0, 0, H * v])])
         return self.linear(o, f"{p}.o_proj.weight")
+
+    def indexer(self, x: str, qr: str, L: int, cos: str, sin: str, causal: str) -> str:
+        """V3.2 lightning indexer (``runtime.deepseek_v3.Indexer``) -> additive sparse mask ``[B, 1, T, S]``.
+
+        ``index[b,s,t] = sum_h w[b,s,h] Hi^-0.5 relu(Di^-0.5 q[b,s,h] . k[b,t]) + causal``; the ``min(index_topk, S)``
+        best keys per query stay (ONNX ``TopK`` breaks ties towards the lower index, like the runtime's stable
+        sort), the rest get -inf. Keys cached in ``past_key_values.L.indexer_key [B, 1, P, Di]``. The indexer's
+        weights stay FP32 in every export (a near-tie flip in a 4-bit top-k selection changes which keys exist).
+        """
+        g, ar = self.g, self.a.arch
+        Hi, Di, rope = ar.index_heads, ar.index_dim, ar.rope
+        p = f"model.layers.{L}.self_attn.indexer"
+        cos4, sin4 = (g.op1("Unsqueeze", [t, g.const([2])]) for t in (cos, sin))
+
+        def part_rope(t: str, c: str, s_: str, rank: int) -> str:
+            head, tail = g.op("Split", [t, g.const([rope, Di - rope])], n_out=2, axis=-1)
+            return g.op1("Concat", [self.rope(head, c, s_, rank, interleaved=False), tail], axis=-1)
+
+        q = g.op1("Reshape", [self.dense_linear(qr, f"{p}.wq_b.weight"), g.const([0, 0, Hi, Di])])
+        q = part_rope(q, cos4, sin4, 4)                                                          # [B,T,Hi,Di]
+        k = g.op1("LayerNormalization", [self.dense_linear(x, f"{p}.wk.weight"),
+                                         self._f32(f"{p}.k_norm.weight", self._load(f"{p}.k_norm.weight")),
+                                         self._f32(f"{p}.k_norm.bias", self._load(f"{p}.k_norm.bias"))],
+                  axis=-1, epsilon=1e-6)
+        k = g.op1("Unsqueeze", [part_rope(k, cos, sin, 3), g.const([1])])                           # [B,1,T,Di]
+        keys = g.op1("Concat", [f"past_key_values.{L}.indexer_key", k], axis=2, outputs=[f"present.{L}.indexer_key"])
+        qt = g.op1("Transpose", [q], perm=[0, 2, 1, 3])                                            # [B,Hi,T,Di]
+        sc = g.op1("MatMul", [qt, g.op1("Transpose", [keys], perm=[0, 1, 3, 2])])                 # [B,Hi,T,S]
+        sc = g.op1("Relu", [g.op1("Mul", [sc, g.const(Di ** -0.5, np.float32)])])
+        w = g.op1("Mul", [self.dense_linear(x, f"{p}.weights_proj.weight"), g.const(Hi ** -0.5, np.float32)])
+        w = g.op1("Unsqueeze", [g.op1("Transpose", [w], perm=[0, 2, 1]), g.const([-1])])          # [B,Hi,T,1]
+        index = g.op1("Add", [g.op1("ReduceSum", [g.op1("Mul", [sc, w]), g.const([1])], keepdims=0), causal])
+        S = g.op1("Shape", [index], start=-1)
+        kk = g.op1("Min", [S, g.const([self.a.index_topk])])
+        top = g.op("TopK", [index, kk], n_out=2, axis=-1, largest=1, sorted=1)[1]                  # [B,T,k]
+        zero = helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])
+        ninf = helper.make_tensor("n", TensorProto.FLOAT, [1], [NEG_INF])
+        full = g.op1("ConstantOfShape", [g.op1("Shape", [index])], value=ninf)
+        sparse = g.op1("ScatterElements", [full, top, g.op1("ConstantOfShape", [g.op1("Shape", [top])], value=zero)],
+                       axis=-1)
+        return g.op1("Unsqueeze", [sparse, g.const([1])])
+
+    def dense_linear(self, x: str, name: str) -> str:
+        """``x @ W^T`` with ``W`` kept FP32 whatever the export's weight type."""
+        return self.g.op1("MatMul", [x, self._f32(name + ".T", self._load(name).T)])
 
     def router(self, flat: str, p: str) -> tuple[str, str, str]:
         """``(router_probs, router_weights, chosen [N, k])``: DeepSeek noaux_tc group-limited routing."""
@@ -261,12 +312,12 @@ class V3Graph:
         causal = g.op1("LessOrEqual", [kpos, g.op1("Unsqueeze", ["position_ids", g.const([-1])])])   # [B, T, S]
         valid = g.op1("Cast", [g.op1("Unsqueeze", ["attention_mask", g.const([1])])], to=TensorProto.BOOL)
         keep = g.op1("And", [causal, valid])
-        mask = g.op1("Unsqueeze", [g.op1("Where", [keep, g.const(0.0, np.float32), g.const(NEG_INF, np.float32)]),
-                                   g.const([1])])
+        causal_add = g.op1("Where", [keep, g.const(0.0, np.float32), g.const(NEG_INF, np.float32)])     # [B, T, S]
+        mask = g.op1("Unsqueeze", [causal_add, g.const([1])])
         for L in range(ar.n_layers):
             p = f"model.layers.{L}"
             h = g.op1("Add", [h, self.attention(self.rms(h, f"{p}.input_layernorm.weight", a.rms_norm_eps),
-                                                L, cos, sin, mask)])
+                                                L, cos, sin, mask, causal_add)])
             x = self.rms(h, f"{p}.post_attention_layernorm.weight", a.rms_norm_eps)
             h = g.op1("Add", [h, self.moe(x, L) if ar.is_moe(L) else self.swiglu(x, f"{p}.mlp")])
         h = self.rms(h, "model.norm.weight", a.rms_norm_eps)
@@ -278,7 +329,15 @@ class V3Graph:
         inputs += [helper.make_tensor_value_info(f"past_key_values.{L}.key", F,
                                                  ["batch_size", 1, "past_sequence_length", W])
                    for L in range(ar.n_layers)]
+        if a.family is Family.V32:
+            inputs += [helper.make_tensor_value_info(f"past_key_values.{L}.indexer_key", F,
+                                                     ["batch_size", 1, "past_sequence_length", ar.index_dim])
+                       for L in range(ar.n_layers)]
         outputs = [helper.make_tensor_value_info("logits", F, ["batch_size", "sequence_length", ar.vocab])]
         outputs += [helper.make_tensor_value_info(f"present.{L}.key", F, ["batch_size", 1, "total_sequence_length", W])
                     for L in range(ar.n_layers)]
+        if a.family is Family.V32:
+            outputs += [helper.make_tensor_value_info(f"present.{L}.indexer_key", F,
+                                                      ["batch_size", 1, "total_sequence_length", ar.index_dim])
+                        for L in range(ar.n_layers)]
         return inputs, outputs
