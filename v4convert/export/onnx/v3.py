@@ -70,10 +70,14 @@ class V3Graph:
     def __init__(self, ck: Checkpoint, data: ExternalData, int4: bool, block: int, accuracy_level: int,
                  tick: Callable[[str], None]) -> None:
         self.ck, self.data, self.int4, self.block, self.acc = ck, data, int4, block, accuracy_level
-        self.a = ModelArgs.from_config(ck.config, str(ck.root / "config.json"))
+        self.a = self.parse_args(ck)
         self.g = Graph()
         self.tick = tick
         self.bytes_read = 0
+
+    @staticmethod
+    def parse_args(ck: Checkpoint):
+        return ModelArgs.from_config(ck.config, str(ck.root / "config.json"))
 
     # ------------------------------------------------------------------ weights
     def _load(self, name: str) -> torch.Tensor:
@@ -86,11 +90,13 @@ class V3Graph:
     def _f32(self, name: str, t: torch.Tensor) -> str:
         return self.g.init(self.data.add(name, t.to(torch.float32).contiguous()))
 
+    int4_roles = INT4_ROLES
+
     def linear(self, x: str, name: str) -> str:
         """``x [..., K] @ W^T`` for checkpoint weight ``name [N, K]``."""
         w = self._load(name)
         N, K = w.shape
-        if not self.int4 or self.ck.tensor_info(name).role not in INT4_ROLES:
+        if not self.int4 or self.ck.tensor_info(name).role not in self.int4_roles:
             return self.g.op1("MatMul", [x, self._f32(name + ".T", w.T)])
         q = quantize_int4(w, self.block)
         codes = self.g.init(self.data.add(name + ".qweight", q.codes))
@@ -126,13 +132,22 @@ class V3Graph:
             out = g.op1("Reshape", [out, g.const([0] * (rank - 1) + [-1])])
         return out
 
-    def swiglu(self, x: str, prefix: str) -> str:
-        """``down(silu(gate(x)) * up(x))`` for ``prefix.{gate,up,down}_proj.weight``."""
+    def clamp(self, gate: str, up: str, limit: float | None) -> tuple[str, str]:
+        """V4 SwiGLU clamp: ``gate <= limit``, ``-limit <= up <= limit`` (``None`` or <= 0: unchanged)."""
+        if limit is None or limit <= 0:
+            return gate, up
+        g, lim = self.g, float(limit)
+        return (g.op1("Clip", [gate, "", g.const(lim, np.float32)]),
+                g.op1("Clip", [up, g.const(-lim, np.float32), g.const(lim, np.float32)]))
+
+    def swiglu(self, x: str, prefix: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+               limit: float | None = None) -> str:
+        """``down(silu(gate(x)) * up(x))`` for ``prefix.{gate,up,down}.weight`` (``names``), clamped by ``limit``."""
         g = self.g
-        gt = self.linear(x, f"{prefix}.gate_proj.weight")
-        up = self.linear(x, f"{prefix}.up_proj.weight")
+        gt, up = self.clamp(self.linear(x, f"{prefix}.{names[0]}.weight"), self.linear(x, f"{prefix}.{names[1]}.weight"),
+                            limit)
         h = g.op1("Mul", [g.op1("Mul", [gt, g.op1("Sigmoid", [gt])]), up])
-        return self.linear(h, f"{prefix}.down_proj.weight")
+        return self.linear(h, f"{prefix}.{names[2]}.weight")
 
     # ------------------------------------------------------------------ blocks
     def attention(self, x: str, L: int, cos: str, sin: str, mask: str, causal: str) -> str:
@@ -243,53 +258,64 @@ class V3Graph:
     def moe(self, x: str, L: int) -> str:
         g, ar = self.g, self.a.arch
         p = f"model.layers.{L}.mlp"
-        E, D, inter = ar.n_experts, ar.hidden, ar.moe_inter
-        flat = g.op1("Reshape", [x, g.const([-1, D])])
+        flat = g.op1("Reshape", [x, g.const([-1, ar.hidden])])
         probs, weights, chosen = self.router(flat, p)
+        names = lambda e: tuple(f"{p}.experts.{e}.{n}_proj.weight" for n in ("gate", "up", "down"))
         if self.int4:
-            blk = self.block
-            fc1 = self.data.reserve(f"{p}.experts.fc1.qweight", (E, 2 * inter, D // 2), np.uint8)
-            fc1s = self.data.reserve(f"{p}.experts.fc1.scales", (E, 2 * inter, D // blk), np.float32)
-            fc2 = self.data.reserve(f"{p}.experts.fc2.qweight", (E, D, inter // 2), np.uint8)
-            fc2s = self.data.reserve(f"{p}.experts.fc2.scales", (E, D, inter // blk), np.float32)
-            for e in range(E):
-                gate = quantize_int4(self._load(f"{p}.experts.{e}.gate_proj.weight"), blk)
-                up = quantize_int4(self._load(f"{p}.experts.{e}.up_proj.weight"), blk)
-                # swiglu_fusion=1: rows interleaved gate0, up0, gate1, up1, ...
-                self.data.fill(fc1, torch.stack((gate.codes.flatten(1), up.codes.flatten(1)), dim=1).flatten(0, 1))
-                self.data.fill(fc1s, torch.stack((gate.scales, up.scales), dim=1).flatten(0, 1))
-                down = quantize_int4(self._load(f"{p}.experts.{e}.down_proj.weight"), blk)
-                self.data.fill(fc2, down.codes.flatten(1))
-                self.data.fill(fc2s, down.scales)
-            for r in (fc1, fc1s, fc2, fc2s):
-                g.init(r.proto)
-            inputs = [flat, probs, fc1.proto.name, fc1s.proto.name, "", fc2.proto.name, fc2s.proto.name] + [""] * 7
-            routed = g.op1("QMoE", inputs + [weights], domain=MS, k=ar.top_k, activation_type="swiglu",
-                           swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4,
-                           block_size=blk, normalize_routing_weights=0, use_sparse_mixer=0, quant_type="int",
-                           accuracy_level=self.acc)
+            routed = self.qmoe(flat, probs, weights, p, names)
         else:
-            routed = self.dense_experts(flat, weights, chosen, p)
+            routed = self.dense_experts(flat, weights, chosen, p, names)
         shared = self.swiglu(flat, f"{p}.shared_experts")
         out = g.op1("Add", [routed, shared])
         return g.op1("Reshape", [out, g.op1("Shape", [x])])
 
-    def dense_experts(self, flat: str, weights: str, chosen: str, p: str) -> str:
+    def qmoe(self, flat: str, probs: str, weights: str, p: str, names: Callable[[int], tuple[str, str, str]],
+             limit: float | None = None) -> str:
+        """``com.microsoft.QMoE`` over int4 experts; ``names(e) -> (gate, up, down)`` checkpoint names.
+
+        Stacks are reserved in the data file and filled expert by expert (one expert's weights in memory).
+        ``limit``: SwiGLU clamp (V4 ``swiglu_limit``: gate <= limit, |up| <= limit; QMoE's ``swiglu_limit``)."""
+        g, ar, blk = self.g, self.a.arch, self.block
+        E, D, inter = ar.n_experts, ar.hidden, ar.moe_inter
+        fc1 = self.data.reserve(f"{p}.experts.fc1.qweight", (E, 2 * inter, D // 2), np.uint8)
+        fc1s = self.data.reserve(f"{p}.experts.fc1.scales", (E, 2 * inter, D // blk), np.float32)
+        fc2 = self.data.reserve(f"{p}.experts.fc2.qweight", (E, D, inter // 2), np.uint8)
+        fc2s = self.data.reserve(f"{p}.experts.fc2.scales", (E, D, inter // blk), np.float32)
+        for e in range(E):
+            gn, un, dn = names(e)
+            gate, up = quantize_int4(self._load(gn), blk), quantize_int4(self._load(un), blk)
+            # swiglu_fusion=1: rows interleaved gate0, up0, gate1, up1, ...
+            self.data.fill(fc1, torch.stack((gate.codes.flatten(1), up.codes.flatten(1)), dim=1).flatten(0, 1))
+            self.data.fill(fc1s, torch.stack((gate.scales, up.scales), dim=1).flatten(0, 1))
+            down = quantize_int4(self._load(dn), blk)
+            self.data.fill(fc2, down.codes.flatten(1))
+            self.data.fill(fc2s, down.scales)
+        for r in (fc1, fc1s, fc2, fc2s):
+            g.init(r.proto)
+        inputs = [flat, probs, fc1.proto.name, fc1s.proto.name, "", fc2.proto.name, fc2s.proto.name] + [""] * 7
+        extra = {} if limit is None else {"swiglu_limit": float(limit)}
+        return g.op1("QMoE", inputs + [weights], domain=MS, k=ar.top_k, activation_type="swiglu",
+                     swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=4,
+                     block_size=blk, normalize_routing_weights=0, use_sparse_mixer=0, quant_type="int",
+                     accuracy_level=self.acc, **extra)
+
+    def dense_experts(self, flat: str, weights: str, chosen: str, p: str,
+                      names: Callable[[int], tuple[str, str, str]], limit: float | None = None) -> str:
         """FP32 reference path: every expert on every token, weighted by ``[N, E]`` weights zero off the top-k."""
         g, ar = self.g, self.a.arch
         E, D, inter = ar.n_experts, ar.hidden, ar.moe_inter
         stacks = {k: self.data.reserve(f"{p}.experts.{k}", shp, np.float32)
                   for k, shp in (("w1", (E, D, inter)), ("w3", (E, D, inter)), ("w2", (E, inter, D)))}
         for e in range(E):
-            for k, proj in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                self.data.fill(stacks[k], self._load(f"{p}.experts.{e}.{proj}.weight").T.contiguous())
+            for k, name in zip(("w1", "w3", "w2"), names(e)):
+                self.data.fill(stacks[k], self._load(name).T.contiguous())
         w1, w3, w2 = (g.init(stacks[k].proto) for k in ("w1", "w3", "w2"))
         picked = g.op1("GatherElements", [weights, chosen], axis=1)
         zero = helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])
         dense = g.op1("ScatterElements", [g.op1("ConstantOfShape", [g.op1("Shape", [weights])], value=zero),
                                           chosen, picked], axis=1)                               # [N, E]
         x3 = g.op1("Unsqueeze", [flat, g.const([0])])                                              # [1, N, D]
-        gt, up = g.op1("MatMul", [x3, w1]), g.op1("MatMul", [x3, w3])                             # [E, N, I]
+        gt, up = self.clamp(g.op1("MatMul", [x3, w1]), g.op1("MatMul", [x3, w3]), limit)          # [E, N, I]
         y = g.op1("MatMul", [g.op1("Mul", [g.op1("Mul", [gt, g.op1("Sigmoid", [gt])]), up]), w2])  # [E, N, D]
         wt = g.op1("Unsqueeze", [g.op1("Transpose", [dense], perm=[1, 0]), g.const([-1])])        # [E, N, 1]
         return g.op1("ReduceSum", [g.op1("Mul", [y, wt]), g.const([0])], keepdims=0)
