@@ -17,17 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 from v4convert.runtime import load
+from v4convert.runtime.deepseek_v4 import model_name
+from v4convert.runtime.v4_args import V4Args
 
 from v4convert.artifacts.onnx import OnnxRunner
 from v4convert.checkpoint import Checkpoint
-from v4convert.export.onnx import Options, WeightType, export
+from v4convert.export.onnx import Options, WeightType, export, int4_reference_weights
 from v4convert.export.onnx.quant import dequantize_int4, quantize_int4
-from v4convert.export.onnx.v3 import int4_reference_weights
+from v4convert.export.onnx.v4 import cache_widths
 from v4convert.roles import Family, Group, Role
 
-FIXTURE = Path(__file__).resolve().parents[1] / "v4convert" / "data" / "tiny-v3"
+DATA = Path(__file__).resolve().parents[1] / "v4convert" / "data"
 PROMPT_LEN = 64
-SOURCES = ["synth", "synth-v32", "trained"]
+SOURCES = ["synth", "synth-v32", "trained", "synth-v4", "trained-v4"]
 
 
 def _kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,19 @@ def _kld(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sources(tiny_ckpts) -> dict[str, Path]:
-    return {"synth": tiny_ckpts["v3-tiny"], "synth-v32": tiny_ckpts["v32-tiny"], "trained": FIXTURE}
+    return {"synth": tiny_ckpts["v3-tiny"], "synth-v32": tiny_ckpts["v32-tiny"], "trained": DATA / "tiny-v3",
+            "synth-v4": tiny_ckpts["v4-flash-tiny"], "trained-v4": DATA / "tiny-v4"}
+
+
+def _reference(path: Path):
+    """Our runtime in float32; V4's CSA indexer resolves exact score ties to the lowest entry, as ONNX TopK does
+    (``stable_ties``; runtime/DEVIATIONS.md V4 #15)."""
+    from v4convert.runtime.v4_attention import Indexer
+    model = load(path, max_seq_len=PROMPT_LEN)
+    for m in model.modules():
+        if isinstance(m, Indexer):
+            m.stable_ties = True
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +69,18 @@ def _prompt(vocab: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("src", SOURCES)
 def test_int4_matches_runtime_on_same_weights(src, sources, exports):
     ck = Checkpoint.open(sources[src])
-    model = load(sources[src], max_seq_len=PROMPT_LEN)
+    model = _reference(sources[src])
     replaced = set()
     for name, w in int4_reference_weights(ck, Options().block_size):
         model.get_parameter(name).copy_(w)
         replaced.add(name)
-    # the recipe: every main-model linear is 4-bit except the absorbed kv_b, the router, the head and the indexer
-    assert replaced == {i.name for i in ck.infos() if i.role.is_linear and not i.mtp
-                        and i.role not in (Role.ATTN_KV_B, Role.ROUTER, Role.HEAD) and i.role.group is not Group.INDEXER}
+    # the recipe: every main-model linear is 4-bit except the absorbed kv_b / grouped wo_a, the router, the head,
+    # the indexer and the V4 compressors
+    rename = model_name if ck.family is Family.V4 else (lambda n: n)
+    want = {rename(i.name) for i in ck.infos() if i.role.is_linear and not i.mtp
+            and i.role not in (Role.ATTN_KV_B, Role.ATTN_O_A, Role.ROUTER, Role.HEAD)
+            and i.role.group not in (Group.INDEXER, Group.COMPRESSOR)}
+    assert replaced == want
     ids = _prompt(ck.arch.vocab)
     if ck.family is Family.V32:
         assert ck.config["index_topk"] < PROMPT_LEN          # the sparse selection really drops keys
@@ -75,8 +93,8 @@ def test_int4_matches_runtime_on_same_weights(src, sources, exports):
 
 @pytest.mark.parametrize("src", SOURCES)
 def test_fp32_matches_original(src, sources, exports):
-    ids = _prompt(1000 if src == "trained" else 611, seed=1)
-    ref = load(sources[src], max_seq_len=PROMPT_LEN)(ids, 0)[0]
+    ids = _prompt(1000 if src.startswith("trained") else 611, seed=1)
+    ref = _reference(sources[src])(ids, 0)[0]
     got = OnnxRunner(exports[(src, "fp32")]).forward(ids, 0)
     assert _kld(ref, got).mean() <= 1e-6
     assert torch.equal(ref.argmax(-1), got.argmax(-1))
@@ -97,7 +115,7 @@ def test_kv_cache_greedy_equals_prefill(src, exports):
     assert prefill[prompt.shape[1] - 1:-1].argmax(-1).tolist() == toks
 
 
-@pytest.mark.parametrize("src", ["synth", "synth-v32"])
+@pytest.mark.parametrize("src", ["synth", "synth-v32", "synth-v4"])
 def test_graph_is_valid_and_complete(src, sources, exports):
     path = exports[(src, "int4")]
     onnx.checker.check_model(str(path), full_check=True)            # loads the external data
@@ -108,10 +126,14 @@ def test_graph_is_valid_and_complete(src, sources, exports):
     names = [i.name for i in m.graph.input]
     ck = Checkpoint.open(sources[src])
     L = ck.arch.n_layers
-    caches = ["key"] + (["indexer_key"] if ck.family is Family.V32 else [])
-    assert names == ["input_ids", "attention_mask", "position_ids"] + \
-        [f"past_key_values.{i}.{c}" for c in caches for i in range(L)]
-    assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{c}" for c in caches for i in range(L)]
+    if ck.family is Family.V4:
+        a = V4Args.from_config(ck.config)
+        caches = [(i, c) for i in range(L) for c in cache_widths(a, i)]
+        assert {c for _, c in caches} >= {"key", "compressor_kv", "indexer_compressor_gate"}
+    else:
+        caches = [(i, c) for c in ["key"] + (["indexer_key"] if ck.family is Family.V32 else []) for i in range(L)]
+    assert names == ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{c}" for i, c in caches]
+    assert [o.name for o in m.graph.output] == ["logits"] + [f"present.{i}.{c}" for i, c in caches]
     qmoe = [n for n in m.graph.node if n.op_type == "QMoE"]
     assert len(qmoe) == L - ck.arch.first_dense
     # every expert's rows are present and are the codes of that expert's own weights
@@ -121,12 +143,12 @@ def test_graph_is_valid_and_complete(src, sources, exports):
     for node in qmoe:
         fc1, fc2 = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[5]])
         assert fc1.shape[0] == fc2.shape[0] == ck.arch.n_experts
-        layer = node.input[2].split(".")[2]
+        prefix = node.input[2][: -len(".experts.fc1.qweight")]
         for e in range(ck.arch.n_experts):
-            p = f"model.layers.{layer}.mlp.experts.{e}"
-            gate = quantize_int4(ck.dequantize(f"{p}.gate_proj.weight"), blk).codes.flatten(1).numpy()
-            up = quantize_int4(ck.dequantize(f"{p}.up_proj.weight"), blk).codes.flatten(1).numpy()
-            down = quantize_int4(ck.dequantize(f"{p}.down_proj.weight"), blk).codes.flatten(1).numpy()
+            p = f"{prefix}.experts.{e}"
+            proj = ("w1", "w3", "w2") if ck.family is Family.V4 else ("gate_proj", "up_proj", "down_proj")
+            gate, up, down = (quantize_int4(ck.dequantize(f"{p}.{w}.weight"), blk).codes.flatten(1).numpy()
+                              for w in proj)
             np.testing.assert_array_equal(fc1[e, 0::2], gate)
             np.testing.assert_array_equal(fc1[e, 1::2], up)
             np.testing.assert_array_equal(fc2[e], down)
@@ -213,8 +235,3 @@ def test_cli_export_and_verify(sources, exports, tmp_path):
     assert "onnx" in r.output and "KL divergence" in r.output
 
 
-def test_v4_refused_before_any_file(tiny_ckpts, tmp_path):
-    out = tmp_path / "o"
-    r = _cli("export", str(tiny_ckpts["v4-flash-tiny"]), "--onnx", "--out", str(out))
-    assert r.exit_code == 2 and r.output.startswith("error: ") and "deepseek_v4" in r.output
-    assert not out.exists()

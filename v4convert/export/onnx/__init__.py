@@ -25,7 +25,9 @@ from onnx import helper
 from v4convert.checkpoint import Checkpoint, CheckpointError
 from v4convert.errors import UserError
 from v4convert.layout import LayoutError
+from v4convert.roles import Family
 from v4convert.runtime.args import ConfigError, ModelArgs
+from v4convert.runtime.v4_args import V4Args
 
 from .graph import ExternalData
 
@@ -66,14 +68,27 @@ class ExportResult:
     notes: list[str]
 
 
+def int4_reference_weights(ck: Checkpoint, block: int):
+    """Yield ``(runtime parameter name, float32 weight)`` for every tensor an int4 export quantizes: exactly the
+    values onnxruntime computes with (``(q - 8) * scale``). Assign them into our runtime (``load(ck.root)``) to get
+    the reference model of the same 4-bit weights."""
+    from v4convert.runtime.deepseek_v4 import model_name
+
+    from .quant import fake_quant_int4
+    from .v3 import INT4_ROLES
+    from .v4 import V4_INT4_ROLES
+    v4 = ck.family is Family.V4
+    roles = V4_INT4_ROLES if v4 else INT4_ROLES
+    for info in ck.infos():
+        if info.role in roles and not info.mtp:
+            yield (model_name(info.name) if v4 else info.name), fake_quant_int4(ck.dequantize(info.name), block)
+
+
 def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
     """All refusals happen here, before any output file exists."""
     src = str(ck.root / "config.json")
-    if not ck.family.is_v3_like:
-        raise OnnxExportError(f"{src}: export --onnx supports deepseek_v3 (V3/R1/V3.1) and deepseek_v32 so far; "
-                              f"{ck.family.value} is not implemented yet")
     try:
-        a = ModelArgs.from_config(ck.config, src)
+        a = V4Args.from_config(ck.config, src) if ck.family is Family.V4 else ModelArgs.from_config(ck.config, src)
     except ConfigError as e:
         raise OnnxExportError(str(e)) from None
     if not isinstance(opts.weights, WeightType):
@@ -88,8 +103,9 @@ def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
         for what, n in (("hidden_size", ar.hidden), ("moe_intermediate_size", ar.moe_inter)):
             if n % b:
                 raise OnnxExportError(f"{src}: QMoE int4 needs {what} ({n}) to be a multiple of the block size {b}")
-    if ar.rope % 2:
-        raise OnnxExportError(f"{src}: qk_rope_head_dim {ar.rope} must be even")
+    rope = a.rope_dim if ck.family is Family.V4 else ar.rope
+    if rope % 2:
+        raise OnnxExportError(f"{src}: qk_rope_head_dim {rope} must be even")
     missing = [s for s in ck.missing() if not s.mtp]
     if missing:
         raise OnnxExportError(f"{src}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0].name}")
@@ -102,6 +118,7 @@ def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool 
     ``out`` is a directory (created); a path ending in ``.onnx`` names the model file itself.
     """
     from .v3 import V3Graph
+    from .v4 import V4Graph
 
     opts = opts or Options()
     t0 = time.perf_counter()
@@ -123,7 +140,7 @@ def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool 
             bar = tqdm(total=len(ck.names()), unit="tensor", desc="export onnx")
         data = ExternalData(tmp_data, data_name)
         try:
-            b = V3Graph(ck, data, opts.weights is WeightType.INT4, opts.block_size, opts.accuracy_level,
+            b = (V4Graph if ck.family is Family.V4 else V3Graph)(ck, data, opts.weights is WeightType.INT4, opts.block_size, opts.accuracy_level,
                         tick=(lambda n: bar.update(1)) if bar else (lambda n: None))
             inputs, outputs = b.build()
             data.close()
@@ -150,20 +167,24 @@ def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool 
                 shutil.copyfile(Path(src) / name, model_path.parent / name)
                 paths.append(model_path.parent / name)
         n_mtp = b.a.arch.n_mtp
+        v4 = ck.family is Family.V4
         notes = [f"{data.n_tensors} external tensors; weights {opts.weights.value}"
                  + (f" block {opts.block_size}" if opts.weights is WeightType.INT4 else ""),
-                 ("KV cache: one latent head per layer past_key_values.N.key / present.N.key [B, 1, S, "
+                 ("KV cache: past_key_values.N.key = the shared K=V head plus raw compressor projections "
+                  "(full history; compressed entries recomputed per call)" if v4 else
+                  "KV cache: one latent head per layer past_key_values.N.key / present.N.key [B, 1, S, "
                   f"{b.a.arch.kv_lora + b.a.arch.rope}] (no .value tensors: absorbed MLA reads the latent for both)"),
                  ("no genai_config.json: onnxruntime-genai needs a past/present value cache of the key's head size "
-                  "and a model type it knows; this graph has a single latent cache")]
+                  "and a model type it knows; this graph has other caches")]
+        if v4 and opts.weights is WeightType.INT4 and ck.arch.expert_storage.value == "mxfp4":
+            notes.append("MXFP4 experts re-quantized to int4 RTN (onnxruntime CPU QMoE has no fp4 kernel): lossy")
         if n_mtp:
             notes.append(f"{n_mtp} MTP block(s) not exported (the graph never runs them)")
         if opts.weights is WeightType.INT4:
             notes.append("routed experts: QMoE router_weights carry DeepSeek's weights; exact on onnxruntime CPU "
                          "(the CUDA QMoE kernel ignores router_weights)")
         meta = {"format": "v4convert-onnx", "family": ck.family.value, "weights": opts.weights.value,
-                "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "latent_width":
-                b.a.arch.kv_lora + b.a.arch.rope, "vocab_size": b.a.arch.vocab}
+                "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "vocab_size": b.a.arch.vocab}
         (model_path.parent / (model_path.stem + ".v4convert.json")).write_text(json.dumps(meta, indent=2))
         paths.append(model_path.parent / (model_path.stem + ".v4convert.json"))
         return ExportResult(paths, data.n_tensors, b.bytes_read, time.perf_counter() - t0, notes)

@@ -37,26 +37,18 @@ from v4convert.runtime.args import ModelArgs
 from v4convert.runtime.common import rope_inv_freq, yarn_softmax_scale
 
 from .graph import ExternalData, Graph
-from .quant import fake_quant_int4, quantize_int4
+from .quant import quantize_int4
 
 MS = "com.microsoft"
 NEG_INF = float("-inf")
 
 
 # Roles stored as 4-bit blocks in an int4 export (everything else: FP32). One table: the graph builder and
-# ``int4_reference_weights`` (what tests compare against) both read it.
+# ``export.onnx.int4_reference_weights`` (what tests compare against) both read it.
 INT4_ROLES = frozenset({Role.ATTN_Q_A, Role.ATTN_Q_B, Role.ATTN_KV_A, Role.ATTN_O,
                         Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN,
                         Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN,
                         Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN})
-
-
-def int4_reference_weights(ck: Checkpoint, block: int):
-    """Yield ``(name, float32 weight)`` for every tensor an int4 export quantizes: exactly the values onnxruntime
-    computes with (``(q - 8) * scale``). Load them into our runtime to get the reference of the same 4-bit model."""
-    for info in ck.infos():
-        if info.role in INT4_ROLES and not info.mtp:
-            yield info.name, fake_quant_int4(ck.dequantize(info.name), block)
 
 
 def latent_width(a: ModelArgs) -> int:
@@ -112,24 +104,28 @@ class V3Graph:
         r = g.op1("Reciprocal", [g.op1("Sqrt", [g.op1("Add", [ms, g.const(eps, np.float32)])])])
         return g.op1("Mul", [self._f32(name, self._load(name)), g.op1("Mul", [x, r])])
 
+    def rope_width(self) -> int:
+        return self.a.arch.rope
+
     def rope(self, x: str, cos: str, sin: str, rank: int, interleaved: bool | None = None) -> str:
         """Rotate ``x [..., rope]`` (rank ``rank``) by ``cos/sin`` broadcastable to ``[..., rope/2]``; pairs
         ``(2i, 2i+1)`` when ``interleaved`` (default: the config's main-attention style), else ``(i, i + rope/2)``."""
         g = self.g
         interleaved = self.a.rope_interleave if interleaved is None else interleaved
         if interleaved:
-            pairs = g.op1("Reshape", [x, g.const([0] * (rank - 1) + [-1, 2])])       # [..., rope/2, 2]
+            width = self.rope_width()
+            pairs = g.op1("Reshape", [x, g.const([0] * (rank - 1) + [width // 2, 2])])   # [..., rope/2, 2]
             a, b = g.op("Split", [pairs, g.const([1, 1])], n_out=2, axis=-1)
             c, s = (g.op1("Unsqueeze", [t, g.const([-1])]) for t in (cos, sin))
         else:
-            half = self.a.arch.rope // 2
+            half = self.rope_width() // 2
             a, b = g.op("Split", [x, g.const([half, half])], n_out=2, axis=-1)
             c, s = cos, sin
         ra = g.op1("Sub", [g.op1("Mul", [a, c]), g.op1("Mul", [b, s])])
         rb = g.op1("Add", [g.op1("Mul", [b, c]), g.op1("Mul", [a, s])])
         out = g.op1("Concat", [ra, rb], axis=-1)
         if interleaved:
-            out = g.op1("Reshape", [out, g.const([0] * (rank - 1) + [-1])])
+            out = g.op1("Reshape", [out, g.const([0] * (rank - 1) + [width])])     # no -1: rows may be 0
         return out
 
     def clamp(self, gate: str, up: str, limit: float | None) -> tuple[str, str]:
