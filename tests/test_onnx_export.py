@@ -113,6 +113,10 @@ def test_kv_cache_greedy_equals_prefill(src, exports):
     full = torch.cat([prompt, torch.tensor([toks])], dim=1)
     prefill = OnnxRunner(exports[(src, "int4")]).forward(full, 0)
     assert prefill[prompt.shape[1] - 1:-1].argmax(-1).tolist() == toks
+    # a multi-token chunk on top of the cache (chunked prefill) equals the same rows of one prefill
+    chunked = OnnxRunner(exports[(src, "int4")])
+    chunked.forward(full[:, :20], 0)
+    torch.testing.assert_close(chunked.forward(full[:, 20:], 20), prefill[20:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("src", ["synth", "synth-v32", "synth-v4"])

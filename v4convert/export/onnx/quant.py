@@ -29,14 +29,19 @@ class Int4Blocks:
 
 
 def quantize_int4(w: torch.Tensor, block: int) -> Int4Blocks:
-    """RTN-quantize ``w [N, K]`` (float) per ``block`` along K; see the module doc for the exact rule."""
+    """RTN-quantize ``w [N, K]`` (float) per ``block`` along K; see the module doc for the exact rule.
+
+    One float temporary of ``w``'s size (the scaled values, rounded and clamped in place); no padding copy when
+    ``K`` is a multiple of ``block``."""
     N, K = w.shape
     pad = (-K) % block
-    wf = torch.nn.functional.pad(w.float(), (0, pad)).view(N, (K + pad) // block, block)
-    scale = wf.abs().amax(-1) / Q_MAX                                          # [N, k_blocks]
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (wf / safe[..., None]).round().clamp(-8, Q_MAX).to(torch.int16) + ZERO_POINT
-    q = q.to(torch.uint8)
+    wf = w.float()
+    if pad:
+        wf = torch.nn.functional.pad(wf, (0, pad))
+    wf = wf.reshape(N, (K + pad) // block, block)
+    scale = torch.maximum(wf.amax(-1), wf.amin(-1).neg_()).div_(Q_MAX)                       # [N, k_blocks]
+    inv = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.div(wf, inv[..., None]).round_().clamp_(-8, Q_MAX).add_(ZERO_POINT).to(torch.uint8)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
     return Int4Blocks(packed.contiguous(), scale.contiguous(), K, block)
 
