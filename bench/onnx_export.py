@@ -50,9 +50,10 @@ def bench_layer(src: Path, layer: int, out: Path, block: int) -> None:
 
 
 def bench_decode(src: Path, tokens: int, threads: int) -> None:
+    from v4convert.runtime import load
+
     from v4convert.artifacts.onnx import OnnxRunner
     from v4convert.export.onnx import Options, export
-    from v4convert.runtime import load
 
     torch.set_num_threads(threads)
     prompt = torch.arange(1, 17)[None]
