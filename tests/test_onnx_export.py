@@ -25,7 +25,7 @@ from v4convert.checkpoint import Checkpoint
 from v4convert.export.onnx import Options, WeightType, export, int4_reference_weights
 from v4convert.export.onnx.quant import dequantize_int4, quantize_int4
 from v4convert.export.onnx.v4 import cache_widths
-from v4convert.roles import Family, Group, Role
+from v4convert.families.roles import Family, Group, Role
 
 DATA = Path(__file__).resolve().parents[1] / "v4convert" / "data"
 PROMPT_LEN = 64
@@ -239,3 +239,31 @@ def test_cli_export_and_verify(sources, exports, tmp_path):
     assert "onnx" in r.output and "KL divergence" in r.output
 
 
+
+
+def test_cli_flags_registry_and_run(sources, tmp_path):
+    """``export --onnx`` comes from the registry (its Options are the ``--onnx-*`` flags); the API takes the weight
+    type by name; ``run DIR`` generates through onnxruntime and refuses runtime-only options."""
+    import json
+
+    from v4convert import api
+    out = tmp_path / "cli"
+    r = _cli("export", str(sources["trained"]), "--onnx", "--out", str(out), "--onnx-weights", "INT4",
+             "--onnx-block-size", "16", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("wrote deepseek_v3 ONNX: ") and "weights int4 block 16" in r.output
+    meta = json.loads((out / "model.v4convert.json").read_text())
+    assert (meta["weights"], meta["block_size"]) == ("int4", 16)
+    bad = _cli("export", str(sources["trained"]), "--onnx", "--out", str(tmp_path / "b"), "--onnx-weights", "int3")
+    assert bad.exit_code == 2 and "int3" in bad.output and not (tmp_path / "b").exists()
+    bad = _cli("export", str(sources["trained"]), "--onnx", "--out", str(tmp_path / "b"), "--type", "q8_0")
+    assert bad.exit_code == 2 and "--type is not an option of --onnx" in bad.output
+    res = api.export(api.ExportArgs(src=sources["trained"], out=tmp_path / "api", format="onnx",
+                                    options=Options(weights="FP32")))
+    assert json.loads((tmp_path / "api" / "model.v4convert.json").read_text())["weights"] == "fp32"
+    assert res.label == "deepseek_v3 ONNX" and res.paths[0] == tmp_path / "api" / "model.onnx"
+    run = _cli("run", str(out), "--prompt", "Hello", "--max-new-tokens", "4")
+    assert run.exit_code == 0, run.output
+    assert "prefill: " in run.output and "decode: " in run.output and "tok/s" in run.output
+    run = _cli("run", str(out), "--prompt", "Hello", "--packed")
+    assert run.exit_code == 2 and "ONNX export" in run.output

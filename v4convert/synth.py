@@ -25,16 +25,17 @@ import torch
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
-from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
-from .roles import Family, Role, Storage
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
+from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
+from v4convert.errors import UserError
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
 CHUNK_ELEMS = 1 << 24      # rows per generated chunk are sized to ~16M elements
 
 
-class SynthError(ValueError):
+class SynthError(UserError):
     pass
 
 
@@ -69,12 +70,30 @@ def _v4_tiny(base: bool) -> dict:
     return cfg
 
 
+def _tp_tiny(cfg: dict) -> dict:
+    """A tiny preset widened so that every split of ``export --sharded --tp 2`` falls on whole 128-blocks
+    (heads 4 x 128 rows, MLP/expert widths 256, V4 output groups of 128): the sharded layout keeps FP8/FP4
+    packed and refuses splits that cut a block, which the plain tiny shapes do."""
+    if cfg["model_type"] == "deepseek_v4":
+        cfg.update(head_dim=64, o_lora_rank=128, moe_intermediate_size=256)
+    else:
+        cfg.update(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, intermediate_size=256,
+                   moe_intermediate_size=256)
+        if cfg["model_type"] == "deepseek_v32":
+            cfg.update(index_head_dim=128)      # > the (widened) rope dim, as published (64 of 128)
+    cfg.update(vocab_size=612)      # divisible by 2 and 4 (DeepSeek's ParallelEmbedding for --deepseek-mp)
+    return cfg
+
+
 # name -> (config factory, default shard size in bytes)
 PRESETS: dict[str, tuple[Callable[[], dict], int]] = {
     "v3-tiny": (lambda: _v3_tiny(False), 2 << 20),
     "v32-tiny": (lambda: _v3_tiny(True), 2 << 20),
     "v4-flash-tiny": (lambda: _v4_tiny(False), 2 << 20),
     "v4-flash-base-tiny": (lambda: _v4_tiny(True), 2 << 20),
+    "v3-tp-tiny": (lambda: _tp_tiny(_v3_tiny(False)), 2 << 20),
+    "v32-tp-tiny": (lambda: _tp_tiny(_v3_tiny(True)), 2 << 20),
+    "v4-flash-tp-tiny": (lambda: _tp_tiny(_v4_tiny(False)), 2 << 20),
     "v3-671b": (lambda: _ref_config("deepseek-v3-671b.config.json"), 5 << 30),
     "v4-flash": (lambda: _ref_config("deepseek-v4-flash.config.json"), 5 << 30),
     "v4-pro": (lambda: _ref_config("deepseek-v4-pro.config.json"), 5 << 30),

@@ -12,11 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v4convert.errors import UserError
+from . import ArtifactError, ArtifactKind
 
 
-class OnnxArtifactError(UserError):
+class OnnxArtifactError(ArtifactError):
     """An ONNX artifact this runner cannot open (no model file, no onnxruntime, unexpected inputs)."""
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or :class:`OnnxArtifactError` saying to install it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise OnnxArtifactError(f"ONNX artifacts run through onnxruntime: pip install onnxruntime ({e})") from None
+    return onnxruntime
 
 
 def model_file(path: Path) -> Path:
@@ -31,15 +40,18 @@ def model_file(path: Path) -> Path:
 class OnnxRunner:
     """``forward(ids [1, T], start_pos) -> float32 logits [T, V]`` through ``onnxruntime.InferenceSession``."""
 
+    require = staticmethod(require_onnxruntime)   # checked by artifacts.check_runnable before any work
+
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, max_seq_len: int = 0,
                  threads: int = 0) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise OnnxArtifactError("onnxruntime is not installed (pip install onnxruntime)") from None
-        from v4convert.artifact import ArtifactKind
-
         self.path, self.kind = Path(path), ArtifactKind.ONNX
+        if torch.device(device).type != "cpu":
+            raise OnnxArtifactError(f"{path}: the ONNX runner uses onnxruntime's CPU execution provider "
+                                    f"(got --device {device})")
+        if dtype != torch.float32:
+            raise OnnxArtifactError(f"{path}: the ONNX graph computes in float32; --dtype must stay float32 "
+                                    f"(got {str(dtype).replace('torch.', '')})")
+        ort = require_onnxruntime()
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
@@ -86,8 +98,8 @@ class OnnxRunner:
 class OnnxLM:
     """The ``model(ids [1, T], start_pos) -> logits [1, T, V]`` interface ``runtime.generate`` drives, over onnxruntime."""
 
-    def __init__(self, path: Path, max_seq_len: int) -> None:
-        self.runner = OnnxRunner(path)
+    def __init__(self, path: Path, max_seq_len: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.runner = OnnxRunner(path, device=device, dtype=dtype)
         self.max_seq_len = max_seq_len
 
     def __call__(self, ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:

@@ -7,7 +7,10 @@ no ``model.onnx`` exists under its final name unless it is complete. Every unsup
 before any file is written.
 
 Family support: ``deepseek_v3`` (V3, R1, V3.1) and ``deepseek_v32`` (plus the lightning indexer and top-k sparse
-attention from standard ops) — see ``v3.py`` for the graph. ``deepseek_v4`` is refused with a one-line error.
+attention from standard ops) — see ``v3.py`` for the graph; ``deepseek_v4`` (hyper-connections, sliding window and
+compressed attention with sinks, hash routing) — see ``v4.py``.
+
+The exporter contract of ``v4convert.export``: :class:`Options` (the CLI's ``--onnx-*`` options) and :func:`export`.
 """
 from __future__ import annotations
 
@@ -19,17 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-from onnx import helper
-
 from v4convert.checkpoint import Checkpoint, CheckpointError
 from v4convert.errors import UserError
-from v4convert.layout import LayoutError
-from v4convert.roles import Family
+from v4convert.export import ExportResult
+from v4convert.families.layout import LayoutError
+from v4convert.families.roles import Family
 from v4convert.runtime.args import ConfigError, ModelArgs
 from v4convert.runtime.v4_args import V4Args
-
-from .graph import ExternalData
 
 OPSET = 21                # ai.onnx opset (ReduceMean/ReduceSum with axes inputs, Range, ScatterElements)
 MODEL_FILE = "model.onnx"
@@ -41,31 +40,38 @@ class OnnxExportError(UserError):
     """An input or option combination this exporter does not support (raised before any file is written)."""
 
 
-class WeightType(enum.Enum):
+class WeightType(enum.StrEnum):
     """How linear and expert weights are stored."""
     INT4 = "int4"         # MatMulNBits / QMoE 4-bit blocks, symmetric RTN (zero point 8); see quant.py
     FP32 = "fp32"         # exact dequantized weights, float32 MatMul (reference export)
 
 
+BLOCK_SIZES = (16, 32, 64, 128)     # block sizes along K that MatMulNBits / QMoE accept
+
+
 @dataclass
 class Options:
+    """``export --onnx`` options (the CLI spells them ``--onnx-weights``, ``--onnx-block-size``,
+    ``--onnx-accuracy-level``)."""
     weights: WeightType = field(default=WeightType.INT4, metadata={
+        "cli": "--onnx-weights", "choices": [w.value for w in WeightType],
         "help": "int4: 4-bit MatMulNBits for attention/dense/shared linears and QMoE for routed experts "
                 "(router, embedding, head and the absorbed kv_b stay FP32); fp32: every weight exact in FP32."})
     block_size: int = field(default=32, metadata={
+        "cli": "--onnx-block-size",
         "help": "int4 block size along K (16, 32, 64 or 128; hidden and moe_intermediate sizes must be multiples)."})
     accuracy_level: int = field(default=0, metadata={
+        "cli": "--onnx-accuracy-level",
         "help": "MatMulNBits/QMoE accuracy_level: 0 keeps FP32 activations (exact); 4 lets onnxruntime quantize "
                 "activations to int8 (faster on CPU, less accurate)."})
 
-
-@dataclass
-class ExportResult:
-    paths: list[Path]
-    n_tensors: int
-    n_bytes: int           # bytes of source tensors read
-    seconds: float
-    notes: list[str]
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, WeightType):       # the CLI and the API may pass the name
+            try:
+                self.weights = WeightType(str(self.weights).lower())
+            except ValueError:
+                raise OnnxExportError(f"--onnx-weights {self.weights}: not one of "
+                                      f"{', '.join(w.value for w in WeightType)}") from None
 
 
 def int4_reference_weights(ck: Checkpoint, block: int):
@@ -91,14 +97,12 @@ def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
         a = V4Args.from_config(ck.config, src) if ck.family is Family.V4 else ModelArgs.from_config(ck.config, src)
     except ConfigError as e:
         raise OnnxExportError(str(e)) from None
-    if not isinstance(opts.weights, WeightType):
-        raise OnnxExportError(f"unknown weight type {opts.weights!r} (choose {', '.join(w.value for w in WeightType)})")
     if opts.accuracy_level not in (0, 1, 2, 3, 4):
         raise OnnxExportError(f"accuracy_level must be 0..4, got {opts.accuracy_level}")
     ar = a.arch
     if opts.weights is WeightType.INT4:
         b = opts.block_size
-        if b not in (16, 32, 64, 128):
+        if b not in BLOCK_SIZES:
             raise OnnxExportError(f"block size {b} is not supported by MatMulNBits/QMoE (16, 32, 64 or 128)")
         for what, n in (("hidden_size", ar.hidden), ("moe_intermediate_size", ar.moe_inter)):
             if n % b:
@@ -112,15 +116,19 @@ def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
     return a
 
 
-def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool = False) -> ExportResult:
+def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> ExportResult:
     """Write ``out/model.onnx`` (+ ``model.onnx.data``, config and tokenizer files) from checkpoint ``src``.
 
     ``out`` is a directory (created); a path ending in ``.onnx`` names the model file itself.
+    ``ExportResult.n_bytes`` counts the source tensor bytes read.
     """
+    import onnx                 # imported on use: the CLI reads Options of every exporter at start-up
+    from onnx import helper
+
+    from .graph import ExternalData
     from .v3 import V3Graph
     from .v4 import V4Graph
 
-    opts = opts or Options()
     t0 = time.perf_counter()
     try:
         ck = Checkpoint.open(src)
@@ -187,6 +195,7 @@ def export(src: Path, out: Path, opts: Options | None = None, *, progress: bool 
                 "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "vocab_size": b.a.arch.vocab}
         (model_path.parent / (model_path.stem + ".v4convert.json")).write_text(json.dumps(meta, indent=2))
         paths.append(model_path.parent / (model_path.stem + ".v4convert.json"))
-        return ExportResult(paths, data.n_tensors, b.bytes_read, time.perf_counter() - t0, notes)
+        return ExportResult(paths, data.n_tensors, b.bytes_read, time.perf_counter() - t0, notes,
+                            label=f"{ck.family.value} ONNX")
     finally:
         ck.close()

@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.roles import Family, Role
+from v4convert.families.roles import Family, Role
 from v4convert.runtime.args import ModelArgs
 from v4convert.runtime.common import rope_inv_freq, yarn_softmax_scale
 
@@ -256,7 +256,10 @@ class V3Graph:
         p = f"model.layers.{L}.mlp"
         flat = g.op1("Reshape", [x, g.const([-1, ar.hidden])])
         probs, weights, chosen = self.router(flat, p)
-        names = lambda e: tuple(f"{p}.experts.{e}.{n}_proj.weight" for n in ("gate", "up", "down"))
+
+        def names(e: int) -> tuple[str, str, str]:         # expert e's gate, up, down tensor names
+            return tuple(f"{p}.experts.{e}.{n}_proj.weight" for n in ("gate", "up", "down"))
+
         if self.int4:
             routed = self.qmoe(flat, probs, weights, p, names)
         else:

@@ -24,7 +24,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.roles import Role
+from v4convert.families.roles import Role
 from v4convert.runtime.common import rope_inv_freq
 from v4convert.runtime.v4_args import AttnKind, V4Args
 
@@ -250,7 +250,10 @@ class V4Graph(V3Graph):
         picked = g.op1("GatherElements", [scores, chosen], axis=1)
         denom = g.op1("Add", [g.op1("ReduceSum", [picked, g.const([-1])], keepdims=1), g.const(1e-20, np.float32)])
         weights = g.op1("Mul", [g.op1("Div", [scores, denom]), g.const(a.router.routed_scaling_factor, np.float32)])
-        names = lambda e: tuple(f"{p}.experts.{e}.{w}.weight" for w in _W)
+
+        def names(e: int) -> tuple[str, ...]:              # expert e's w1, w3, w2 tensor names
+            return tuple(f"{p}.experts.{e}.{w}.weight" for w in _W)
+
         if self.int4:
             routed = self.qmoe(flat, probs, weights, p, names, limit=a.swiglu_limit)
         else:

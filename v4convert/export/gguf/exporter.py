@@ -1,0 +1,270 @@
+"""``v4convert export CKPT --gguf``: a DeepSeek checkpoint (as published, or our FP4 artifact) -> GGUF.
+
+Reads tensors one at a time from the checkpoint, maps each role to llama.cpp's tensor name
+(``export/gguf/names.py``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
+re-packs MXFP4 losslessly, and streams the file (``formats.gguf_writer``). Metadata keys follow
+llama.cpp's loaders (``src/models/deepseek2.cpp``, ``deepseek32.cpp``, ``deepseek4.cpp``) and its
+converter (``conversion/deepseek.py``); the tokenizer comes from ``tokenizer.json`` /
+``tokenizer_config.json``. An Ollama ``Modelfile`` is written beside the GGUF.
+
+``gguf_as_checkpoint`` goes the other way (GGUF values, dequantized by gguf-py, back under the
+checkpoint's names) so our runtime can run exactly the weights llama.cpp runs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from v4convert.formats import gguf_quants
+from v4convert.export.gguf.names import GGUFArch, Kind, entry
+from v4convert.formats.gguf_writer import TensorSpec, write_gguf
+
+from v4convert.checkpoint import Checkpoint, TensorInfo
+from v4convert.families.layout import Arch, Slot
+from v4convert.families.roles import Role, Storage
+
+from .metadata import _write_modelfile, add_tokenizer, build_metadata
+from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
+                    GGUFType, LlamaQuant, TypeMix, llama_quantize)
+
+
+# ------------------------------------------------------------------------------------------- tensors
+def skip_reason(ck: Checkpoint, info: TensorInfo, arch: GGUFArch, keep_mtp: bool) -> str | None:
+    """Why a checkpoint tensor has no place in the GGUF (None: it is exported)."""
+    return slot_skip_reason(ck.arch, info, arch, keep_mtp)
+
+
+def slot_skip_reason(a: Arch, info: Slot | TensorInfo, arch: GGUFArch, keep_mtp: bool) -> str | None:
+    """``skip_reason`` from the family's layout alone (``inspect`` projects with it)."""
+    if info.mtp and arch is GGUFArch.DEEPSEEK4:
+        # llama.cpp's converter writes V4's MTP block only into a separate draft GGUF (--mtp), whose
+        # root hc_head tensors replace the model's; one file cannot carry both.
+        return "V4 MTP block (llama.cpp loads it only from a separate draft GGUF)"
+    if info.mtp and not keep_mtp:
+        return "MTP block dropped (--no-mtp)"
+    if arch is GGUFArch.DEEPSEEK4 and info.role is Role.ROUTER_BIAS and info.layer is not None \
+            and info.layer < a.n_hash:
+        return "hash-routed layer: llama.cpp routes by tid2eid and loads no selection bias"
+    return None
+
+
+def gguf_types(a: Arch, arch: GGUFArch, role: Role, name: str, shape: tuple[int, ...], mix: TypeMix
+               ) -> list[tuple[tuple[int, ...], Q]]:
+    """The GGUF tensors (shape, GGML type) one checkpoint tensor becomes: THE type choice of the exporter
+    (``plan_tensors`` writes it; ``inspect`` projects sizes with it). Routed experts: one member's share of the
+    stacked ``[E, out, in]`` tensor; MLA ``kv_b``: ``attn_k_b [H, r, nope]`` and ``attn_v_b [H, v, r]``."""
+    e = entry(arch, role, name)
+    if e.kind is Kind.KV_B:
+        H, nope, v, r = a.n_heads, a.nope, a.v_head, shape[1]
+        return [((H, r, nope), mix.resolve(e, nope)), ((H, v, r), mix.resolve(e, r))]
+    if e.kind is Kind.INT32:
+        return [(tuple(shape), Q.I32)]
+    return [(tuple(shape), mix.resolve(e, shape[-1]))]
+
+
+def _float(ck: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    return ck.dequantize(info.name)
+
+
+def _encode(ck: Checkpoint, info: TensorInfo, q: Q) -> torch.Tensor:
+    """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing."""
+    if q == Q.MXFP4 and info.storage is Storage.MXFP4:
+        raw = ck.raw(info.name)
+        return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
+    return gguf_quants.quantize(_float(ck, info), q, info.name)
+
+
+def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True
+                 ) -> tuple[list[TensorSpec], list[str], list[str]]:
+    """GGUF tensor specs in checkpoint order (experts stacked per layer and projection).
+
+    Returns (specs, names re-packed losslessly from MXFP4, checkpoint names skipped with reasons).
+    """
+    a = ck.arch
+    specs: list[TensorSpec] = []
+    repacked: list[str] = []
+    skipped: list[str] = []
+    experts: dict[tuple[int, Role], list[TensorInfo]] = {}
+    for info in ck.infos():
+        if info.expert is not None:
+            experts.setdefault((info.layer, info.role), []).append(info)
+    done: set[tuple[int, Role]] = set()
+    for info in ck.infos():
+        why = skip_reason(ck, info, arch, keep_mtp)
+        if why is not None:
+            skipped.append(f"{info.name}: {why}")
+            continue
+        e = entry(arch, info.role, info.name)
+        L = info.layer
+        if e.kind is Kind.EXPERTS:
+            key = (L, info.role)
+            if key in done:
+                continue
+            done.add(key)
+            members = sorted(experts[key], key=lambda m: m.expert)
+            if [m.expert for m in members] != list(range(a.n_experts)):
+                have = [m.expert for m in members]
+                raise ExportError(f"{ck.root}: layer {L} {info.role.name}: experts {have[:8]}... present, "
+                                  f"need all {a.n_experts}")
+            out_f, in_f = info.shape
+            ((_, q),) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
+            (name,) = e.format(L)
+            if q == Q.MXFP4 and all(m.storage is Storage.MXFP4 for m in members):
+                repacked.append(name)
+            specs.append(TensorSpec(name, (a.n_experts, out_f, in_f), q,
+                                    lambda ms=members, q=q: (_encode(ck, m, q) for m in ms)))
+        elif e.kind is Kind.KV_B:
+            H, nope, v, r = a.n_heads, a.nope, a.v_head, info.shape[1]
+            if info.shape[0] != H * (nope + v):
+                raise ExportError(f"{ck.root}: tensor {info.name}: {info.shape[0]} rows, expected heads x (nope + v) "
+                                  f"= {H * (nope + v)}")
+            kb_name, vb_name = e.format(L)
+            (_, qk), (_, qv) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
+
+            def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
+                w = _float(ck, info).view(H, nope + v, r)
+                return gguf_quants.quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
+
+            def v_b(info=info, q=qv, H=H, nope=nope, v=v, r=r):
+                w = _float(ck, info).view(H, nope + v, r)
+                return gguf_quants.quantize(w[:, nope:].contiguous(), q, info.name)
+            specs.append(TensorSpec(kb_name, (H, r, nope), qk, k_b))
+            specs.append(TensorSpec(vb_name, (H, v, r), qv, v_b))
+        elif e.kind is Kind.INT32:
+            (name,) = e.format(L)
+            specs.append(TensorSpec(name, info.shape, Q.I32,
+                                    lambda info=info: ck.raw(info.name)["weight"].to(torch.int32)))
+        else:
+            (name,) = e.format(L)
+            ((_, q),) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
+            if q == Q.MXFP4 and info.storage is Storage.MXFP4:
+                repacked.append(name)
+            specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q)))
+    return specs, repacked, skipped
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
+                split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
+                name: str | None = None, llama_type: LlamaQuant | None = None) -> ExportResult:
+    """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
+
+    ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
+    intermediate file in which those tensors are BF16 and everything else is already final (experts in
+    ``mix.expert``, k_b / v_b Q8_0, F32 tensors), pinned so llama.cpp copies them unchanged.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ExportError(f"{out}: the output file name must end in .gguf")
+    if not out.parent.is_dir():
+        raise ExportError(f"{out.parent}: output directory does not exist")
+    if llama_type is not None:
+        if split_max_size:
+            raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
+        tmp = out.with_name(out.stem + ".intermediate.gguf")
+        mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
+        inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
+                            progress=progress, modelfile=False, name=name)
+        pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype),
+                                                       (LLAMA_PIN_EXPERTS, mix.expert.qtype)]
+        try:
+            llama_quantize(tmp, out, llama_type, pins)
+        finally:
+            tmp.unlink(missing_ok=True)
+        res = ExportResult([out], inter.arch, inter.n_tensors, out.stat().st_size, time.perf_counter() - t0,
+                           inter.repacked, inter.skipped, None)
+        if modelfile:
+            res.modelfile = _write_modelfile(ckpt, out, [out])
+        return res
+    with Checkpoint.open(ckpt) as ck:
+        arch = ARCH_OF[ck.family]
+        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp)
+        n_mtp = len({int(s.name.split(".")[1]) for s in specs
+                     if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
+        md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
+        special = add_tokenizer(md, ck.root, ck.arch.vocab)
+        total = sum(s.nbytes for s in specs)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {arch.value}")
+        try:
+            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+        mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
+    return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
+
+
+# ------------------------------------------------------------------------------ GGUF -> checkpoint
+def read_gguf_tensors(paths: list[Path]) -> dict[str, tuple[np.ndarray, Q]]:
+    """name -> (raw data as stored, GGML type) over all splits (memory-mapped by gguf-py's reader)."""
+    from gguf import GGUFReader
+    out: dict[str, tuple[np.ndarray, Q]] = {}
+    for p in paths:
+        for t in GGUFReader(p).tensors:
+            out[t.name] = (t.data, Q(int(t.tensor_type)))
+    return out
+
+
+def gguf_values(data: np.ndarray, q: Q, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 values (or int64 for I32) of one GGUF tensor in torch ``shape``, via gguf-py's dequantizers."""
+    if q == Q.I32:
+        return torch.from_numpy(np.asarray(data).astype(np.int64)).reshape(shape)
+    vals = gguf_quants.dequantize(np.ascontiguousarray(data), q)
+    return torch.from_numpy(np.array(vals, dtype=np.float32, copy=True)).reshape(shape)
+
+
+def gguf_as_checkpoint(gguf_paths: list[Path], ckpt: str | Path, out_dir: str | Path, keep_mtp: bool = True) -> Path:
+    """Write a float32 checkpoint with ``ckpt``'s names and config holding the values of the GGUF.
+
+    Tensors the GGUF does not carry (see ``skip_reason``) keep the checkpoint's own values. The
+    result is what our runtime must compute to match llama.cpp on the same file.
+    """
+    import shutil
+
+    from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    tensors = read_gguf_tensors([Path(p) for p in gguf_paths])
+    with Checkpoint.open(ckpt) as ck:
+        arch = ARCH_OF[ck.family]
+        a = ck.arch
+        planned: list[PlannedTensor] = []
+        stacked: dict = {}                          # the last stacked expert tensor, dequantized
+
+        def values(info: TensorInfo) -> torch.Tensor:
+            if skip_reason(ck, info, arch, keep_mtp) is not None:
+                return ck.dequantize(info.name)
+            e = entry(arch, info.role, info.name)
+            names = e.format(info.layer)
+            if e.kind is Kind.KV_B:
+                H, nope, v, r = a.n_heads, a.nope, a.v_head, info.shape[1]
+                k = gguf_values(*tensors[names[0]], (H, r, nope)).transpose(1, 2)
+                vv = gguf_values(*tensors[names[1]], (H, v, r))
+                return torch.cat([k, vv], dim=1).reshape(info.shape).contiguous()
+            if e.kind is Kind.EXPERTS:              # dequantize each stacked tensor once (experts come in order)
+                if stacked.get("name") != names[0]:
+                    stacked.update(name=names[0], vals=gguf_values(*tensors[names[0]], (a.n_experts, *info.shape)))
+                return stacked["vals"][info.expert].clone()
+            return gguf_values(*tensors[names[0]], info.shape)
+
+        for info in ck.infos():
+            dt = "I64" if info.storage is Storage.I64 else "F32"
+            planned.append(PlannedTensor(info.name, dt, info.shape, lambda info=info: values(info)))
+        write_streaming(out_dir / "model.safetensors", planned, {"format": "pt"})
+        cfg = dict(ck.config)
+        cfg.pop("quantization_config", None)
+        cfg.pop("expert_dtype", None)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (ck.root / f).is_file():
+                shutil.copy(ck.root / f, out_dir / f)
+    return out_dir

@@ -1,0 +1,410 @@
+"""What a worker does with one work unit: read source bytes, encode, write at planned offsets.
+
+Each function reads its source tensors with ``os.preadv`` (a short read names the shard and tensor:
+a shard truncated under us is an error, not a SIGBUS from a memory map) and writes its output with
+``os.pwrite`` at the byte offsets the plan fixed, so units can finish in any order and a redone unit
+rewrites exactly the same bytes. Large tensors are processed in row chunks (``CHUNK_ELEMS``
+elements, a multiple of 128 rows) so a worker holds a few chunks, never a whole 132 MB FP8 matrix
+in float32. NVFP4 global amax is computed first (cheap: from FP8 magnitude bytes and block scales),
+shared by fused partners, then every chunk is encoded with it: bytes equal a whole-tensor encode.
+"""
+from __future__ import annotations
+
+import errno
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from v4convert.formats import fp8
+from v4convert.formats.blocks import FP8_BLOCK
+from v4convert.formats.containers import Container, Part
+from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
+from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
+
+from .plan import Action, Options, QuantizeError, TensorPlan, Unit
+
+CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
+E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
+COPY_BYTES = 64 << 20          # verbatim copies stream in 64 MB pieces
+
+
+class DiskFullError(QuantizeError):
+    """ENOSPC while writing the output; the partial directory is left for a resume after freeing space."""
+
+
+class SourceReadError(QuantizeError):
+    """A source shard shorter than its header says (truncated or replaced during the run)."""
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    index: int
+    bytes_in: int
+    repack_blocks: int = 0
+    repack_inexact: int = 0
+    kernel: str = ""           # FP8 -> NVFP4 RTN hot path kernel used ("native" / "torch"), "" if none ran
+
+
+def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) -> (Kernel, str)
+    """Hot-path kernel for FP8 -> NVFP4 RTN and a one-line reason (same bytes either way).
+
+    ``requested`` None: the native C kernel when it compiles and ``device`` is CPU, else torch (the
+    reason says why). ``Kernel.NATIVE`` that cannot build or runs on a non-CPU device raises."""
+    from v4convert.kernels.native import Kernel, native_status
+    if requested is Kernel.TORCH:
+        return Kernel.TORCH, "torch kernel (requested)"
+    if device != "cpu":
+        if requested is Kernel.NATIVE:
+            raise QuantizeError(f"--kernel native runs on the CPU; device {device!r} needs --kernel torch")
+        return Kernel.TORCH, f"torch kernel (device {device})"
+    ok, why = native_status()
+    if requested is Kernel.NATIVE and not ok:
+        raise QuantizeError(why)
+    return (Kernel.NATIVE, why) if ok else (Kernel.TORCH, f"torch kernel ({why})")
+
+
+# ------------------------------------------------------------------------------------ raw I/O
+def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a stored tensor as a fresh torch tensor of its stored dtype."""
+    rows = e.shape[0] if e.shape else 1
+    r1 = rows if r1 is None else r1
+    row_b = e.nbytes // rows if rows else 0
+    n = (r1 - r0) * row_b
+    buf = torch.empty(n, dtype=torch.uint8)        # not zero-filled (a bytearray would be)
+    mv = memoryview(buf.numpy())
+    got = 0
+    with open(e.path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        while got < n:
+            k = os.preadv(fd, [mv[got:]], e.start + r0 * row_b + got)
+            if k == 0:
+                raise SourceReadError(f"{e.path}: tensor {e.name}: short read at byte {e.start + r0 * row_b + got} "
+                                      f"of {e.end} (shard truncated during the run?)")
+            got += k
+    tdtype = ST_DTYPES[e.dtype][0]
+    t = buf
+    shape = ((r1 - r0),) + tuple(e.shape[1:]) if e.shape else ()
+    return t.view(tdtype).reshape(shape)
+
+
+class Writer:
+    """``pwrite`` into one output shard; ENOSPC becomes :class:`DiskFullError` naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, offset: int, data: torch.Tensor | bytes | memoryview, what: str) -> int:
+        buf = memoryview(data) if isinstance(data, (bytes, memoryview)) else tensor_bytes(data)
+        buf = buf.cast("B") if buf.format != "B" else buf
+        done = 0
+        while done < buf.nbytes:
+            try:
+                done += os.pwrite(self.fd, buf[done:], offset + done)
+            except OSError as ex:
+                if ex.errno == errno.ENOSPC:
+                    raise DiskFullError(f"{self.path}: disk full while writing {what} "
+                                        f"({buf.nbytes - done:,} bytes left); free space and rerun the same "
+                                        f"command to resume") from None
+                raise
+        return done
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# ------------------------------------------------------------------------------------ decoding
+def _rows_per_chunk(k: int) -> int:
+    return max(FP8_BLOCK, (CHUNK_ELEMS // max(k, 1)) // FP8_BLOCK * FP8_BLOCK)
+
+
+def _chunks(n: int, k: int):
+    step = _rows_per_chunk(k)
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _scale_f32(t: TensorPlan, s: torch.Tensor) -> torch.Tensor:
+    if t.src["scale"].dtype == "F8_E8M0":
+        return fp8.e8m0_to_float32(s.view(torch.uint8))
+    return s.to(torch.float32)
+
+
+def _decode_chunk(t: TensorPlan, r0: int, r1: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """Exact float32 rows ``[r0, r1)`` of an FP8-block or plain-float tensor."""
+    w = read_rows(t.src["weight"], r0, r1)
+    if scale is None:
+        if not w.is_floating_point():
+            raise QuantizeError(f"tensor {t.name}: cannot quantize a {t.src['weight'].dtype} tensor")
+        return w.to(torch.float32)
+    b0, b1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
+    s = scale[b0:b1].repeat_interleave(FP8_BLOCK, 0)[: r1 - r0].repeat_interleave(FP8_BLOCK, 1)[:, : w.shape[1]]
+    return E4M3_TABLE[w.view(torch.uint8).long()] * s
+
+
+def fp8_amax(t: TensorPlan, scale: torch.Tensor) -> torch.Tensor:
+    """``max|fp8 * scale|`` (float32 0-dim, exact) from magnitude bytes: E4M3 magnitude is monotonic in
+    ``byte & 0x7F`` and the scales are positive. NaN bytes (``0x7F``) raise naming the tensor."""
+    n, k = t.shape
+    best = torch.zeros((), dtype=torch.float32)
+    bk = -(-k // FP8_BLOCK)
+    for r0, r1 in _chunks(n, k):
+        mag = read_rows(t.src["weight"], r0, r1).view(torch.uint8) & 0x7F
+        if bool((mag == 0x7F).any()):
+            raise NonFiniteInputError(f"tensor {t.name}: {int((mag == 0x7F).sum())} NaN FP8 values "
+                                      f"(rows {r0}..{r1}); refusing to quantize")
+        r = r1 - r0
+        mag = torch.nn.functional.pad(mag, (0, bk * FP8_BLOCK - k, 0, -(-r // FP8_BLOCK) * FP8_BLOCK - r))
+        blk = mag.view(-1, FP8_BLOCK, bk, FP8_BLOCK).amax(dim=(1, 3))
+        vals = E4M3_TABLE[blk.long()] * scale[r0 // FP8_BLOCK: r0 // FP8_BLOCK + blk.shape[0]]
+        best = torch.maximum(best, vals.amax())
+    if not bool(torch.isfinite(best)):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
+    return best
+
+
+def float_amax(t: TensorPlan) -> torch.Tensor:
+    n, k = t.shape
+    best = torch.zeros((), dtype=torch.float32)
+    for r0, r1 in _chunks(n, k):
+        a = _decode_chunk(t, r0, r1, None).abs().amax()
+        if not bool(torch.isfinite(a)):
+            raise NonFiniteInputError(f"tensor {t.name}: NaN/Inf values (rows {r0}..{r1}); refusing to quantize")
+        best = torch.maximum(best, a)
+    return best
+
+
+# ------------------------------------------------------------------------------------ actions
+def _out(unit: Unit, t: TensorPlan, part: Part) -> tuple[int, int]:
+    """(offset, bytes per row) of ``t``'s output entry ``part``."""
+    e = next(e for e in t.out if e.part is part)
+    nb = ST_DTYPES[e.dtype][1] * math.prod(e.shape)
+    rows = e.shape[0] if len(e.shape) >= 2 else 1
+    return unit.offsets[e.name], nb // rows
+
+
+_PART_SRC = {Part.WEIGHT: "weight", Part.SCALE: "scale"}
+
+
+def _copy(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    """Stored bytes verbatim (only names and the dtype label may change, e.g. I8 -> U8, E8M0 -> U8)."""
+    for e in t.out:
+        src = t.src[_PART_SRC[e.part]]
+        off = unit.offsets[e.name]
+        rows = src.shape[0] if src.shape else 1
+        row_b = src.nbytes // rows if rows else 0
+        step = max(1, COPY_BYTES // max(row_b, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            data = read_rows(src, r0, r1) if src.shape else read_rows(src)
+            w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
+
+
+def _fp8_rewrap(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    # weight bytes verbatim; the block scale re-encoded as F32 (E8M0 / BF16 -> F32 is exact)
+    wt = TensorPlan(t.name, t.role, t.action, t.codec, t.src_storage, t.src, t.shape,
+                    tuple(e for e in t.out if e.part is Part.WEIGHT))
+    _copy(unit, wt, w)
+    off, _ = _out(unit, t, Part.SCALE)
+    w.write(off, _scale_f32(t, read_rows(t.src["scale"])).contiguous(), t.name)
+
+
+def _fp8_to_bf16(unit: Unit, t: TensorPlan, w: Writer) -> None:
+    n, k = t.shape
+    scale = _scale_f32(t, read_rows(t.src["scale"]))
+    off, row_b = _out(unit, t, Part.WEIGHT)
+    for r0, r1 in _chunks(n, k):
+        w.write(off + r0 * row_b, _decode_chunk(t, r0, r1, scale).to(torch.bfloat16), t.name)
+
+
+def _conv(opts: Options):
+    from v4convert.formats.nvfp4 import NVFP4Convention
+    return NVFP4Convention.MODELOPT if opts.container is Container.MODELOPT else NVFP4Convention.COMPRESSED_TENSORS
+
+
+@dataclass
+class _FP8Prepared:
+    """One FP8-block tensor read once: raw bytes, per-16 scale factors and per-16 block amax."""
+    raw: torch.Tensor          # uint8 [N, K]
+    s16: torch.Tensor          # float32 [N, K/16]: the 128-block scale of each 16-block
+    block_amax: torch.Tensor   # float32 [N, K/16]
+    amax: torch.Tensor         # float32 0-dim
+    scale: torch.Tensor | None = None  # native kernel: 128-block scale, F32 or E8M0 bytes [B(N), B(K)]
+
+
+def _fp8_prepare_native(t: TensorPlan) -> _FP8Prepared:
+    """``_fp8_prepare`` on the native C kernel (same block amax and amax, bit for bit)."""
+    from v4convert.kernels.native import fp8_block_amax_native
+    raw = read_rows(t.src["weight"]).view(torch.uint8)
+    s = read_rows(t.src["scale"])
+    s = s.view(torch.uint8) if t.src["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
+    block_amax, amax = fp8_block_amax_native(raw, s, threads=torch.get_num_threads(), name=f"tensor {t.name}")
+    return _FP8Prepared(raw, None, block_amax, amax.reshape(()), s)
+
+
+def _fp8_prepare(t: TensorPlan, device: torch.device) -> _FP8Prepared:
+    """First half of ``fp8_block_to_nvfp4`` (the codec's own stage functions, same order): it lets fused
+    partners share a global amax without reading and reducing each weight twice. Bytes are checked
+    against ``nvfp4_quantize`` in tests/test_quantize.py."""
+    from v4convert.formats.fp8_block import expand_block_scale
+    from v4convert.formats.nvfp4 import fp8_block_amax_from_mag, fp8_block_mag_max
+    n, k = t.shape
+    raw = read_rows(t.src["weight"]).view(torch.uint8).to(device)
+    s = _scale_f32(t, read_rows(t.src["scale"])).to(device)
+    if not bool(torch.isfinite(s).all()):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite FP8 block scale; refusing to quantize")
+    mag = fp8_block_mag_max(raw)                               # uint8 [N, K/16]
+    if bool((mag == 0x7F).any()):
+        bad = int(((raw & 0x7F) == 0x7F).sum())
+        raise NonFiniteInputError(f"tensor {t.name}: {bad} NaN FP8 values; refusing to quantize")
+    s16 = expand_block_scale(s, n, k, 16).contiguous()         # float32 [N, K/16]
+    block_amax, amax = fp8_block_amax_from_mag(mag, s16)
+    if not bool(torch.isfinite(amax)):
+        raise NonFiniteInputError(f"tensor {t.name}: non-finite block amax; refusing to quantize")
+    return _FP8Prepared(raw, s16, block_amax, amax.reshape(()))
+
+
+def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Options, unit: Unit, w: Writer) -> None:
+    """Second half of ``fp8_block_to_nvfp4`` with the shared global amax; rows encoded in chunks."""
+    from v4convert.formats.nvfp4 import encode_fp8_blocks_to_packed, nvfp4_global_scale, nvfp4_rtn_scales_from_block_amax
+    conv = _conv(opts)
+    n, k = t.shape
+    gscale = nvfp4_global_scale(shared, conv)
+    woff, wrow = _out(unit, t, Part.WEIGHT)
+    soff, _ = _out(unit, t, Part.SCALE)
+    goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+    if p.scale is not None:  # native kernel: whole tensor in one call (the raw bytes are already in memory)
+        from v4convert.kernels.native import fp8_encode_native
+        packed, ws = fp8_encode_native(p.raw, p.scale, p.block_amax, gscale, conv,
+                                       threads=torch.get_num_threads(), name=f"tensor {t.name}")
+        w.write(woff, packed, t.name)
+        w.write(soff, ws.view(torch.uint8), t.name)
+        w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
+        return
+    ws, safe = nvfp4_rtn_scales_from_block_amax(p.block_amax, gscale, conv)
+    for r0, r1 in _chunks(n, k):
+        packed = encode_fp8_blocks_to_packed(p.raw[r0:r1], p.s16[r0:r1], safe[r0:r1])
+        w.write(woff + r0 * wrow, packed.cpu(), t.name)
+    w.write(soff, ws.view(torch.uint8).cpu(), t.name)
+    w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
+
+
+def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device,
+              kernel=None) -> str:
+    """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
+    from v4convert.kernels.native import Kernel
+
+    from .methods import get as get_method
+    conv = _conv(opts)
+    method = get_method(opts.scale_method)
+    if method.fp8_hot_path and all("scale" in t.src for t in ts):
+        # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
+        k, _ = choose_kernel(kernel, device.type)
+        if k is Kernel.NATIVE:
+            prepared = [_fp8_prepare_native(t) for t in ts]
+        else:
+            prepared = [_fp8_prepare(t, device) for t in ts]
+        shared = torch.stack([p.amax for p in prepared]).amax()
+        for t, p in zip(ts, prepared):
+            _fp8_encode(t, p, shared, opts, unit, w)
+        return k.value
+    scales = {t.name: (_scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None) for t in ts}
+    amaxes = [fp8_amax(t, scales[t.name]) if scales[t.name] is not None else float_amax(t) for t in ts]
+    shared = torch.stack(amaxes).amax()      # fused partners share one global scale
+    for t in ts:
+        n, k = t.shape
+        s = scales[t.name]
+        woff, wrow = _out(unit, t, Part.WEIGHT)
+        soff, srow = _out(unit, t, Part.SCALE)
+        goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+        gscale = None
+        for r0, r1 in ([(0, n)] if method.whole_tensor else _chunks(n, k)):
+            q = method.nvfp4(_decode_chunk(t, r0, r1, s), convention=conv, global_amax=shared, name=t.name)
+            w.write(woff + r0 * wrow, q.packed, t.name)
+            w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
+            g = q.global_scale.to(torch.float32).reshape(1)
+            if gscale is not None and not torch.equal(g, gscale):
+                raise QuantizeError(f"tensor {t.name}: global scale differs between row chunks (codec bug)")
+            gscale = g
+        w.write(goff, gscale, t.name)
+    return ""
+
+
+def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> tuple[int, int]:
+    """Re-pack native MXFP4 to NVFP4. Partners are concatenated along rows so the codec picks one
+    power-of-two global scale for all of them (rows are independent otherwise)."""
+    from v4convert.formats.mxfp4 import mxfp4_from_deepseek_native, mxfp4_to_nvfp4
+    conv = _conv(opts)
+    ks = {t.shape[1] for t in ts}
+    if len(ks) != 1:
+        raise QuantizeError(f"tensors {[t.name for t in ts]}: fused partners with different in-features")
+    packed = torch.cat([read_rows(t.src["weight"]).view(torch.uint8) for t in ts])
+    scale = torch.cat([read_rows(t.src["scale"]).view(torch.uint8) for t in ts])
+    name = " + ".join(t.name for t in ts)
+    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), conv, name)
+    r0 = 0
+    for t in ts:
+        n = t.shape[0]
+        woff, _ = _out(unit, t, Part.WEIGHT)
+        soff, _ = _out(unit, t, Part.SCALE)
+        goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
+        w.write(woff, q.packed[r0:r0 + n].contiguous(), t.name)
+        w.write(soff, q.block_scale[r0:r0 + n].contiguous().view(torch.uint8), t.name)
+        w.write(goff, q.global_scale.to(torch.float32).reshape(1), t.name)
+        r0 += n
+    return rep.blocks, rep.inexact_blocks
+
+
+def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
+    from v4convert.formats.mxfp4 import mxfp4_quantize
+    rule = opts.mx_rule
+    n, k = t.shape
+    s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
+    woff, wrow = _out(unit, t, Part.WEIGHT)
+    soff, srow = _out(unit, t, Part.SCALE)
+    for r0, r1 in _chunks(n, k):
+        q = mxfp4_quantize(_decode_chunk(t, r0, r1, s), rule=rule, name=t.name)
+        w.write(woff + r0 * wrow, q.packed, t.name)
+        w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
+
+
+def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kernel=None) -> UnitResult:
+    """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
+
+    ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
+    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
+    Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
+    w = Writer(out_dir / unit.shard)
+    blocks = inexact = 0
+    used = ""
+    try:
+        a = unit.tensors[0].action
+        if a is Action.TO_NVFP4:
+            used = _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device), kernel)
+        elif a is Action.MXFP4_TO_NVFP4:
+            blocks, inexact = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts)
+        else:
+            for t in unit.tensors:
+                if t.action in (Action.COPY, Action.MXFP4_REWRAP):
+                    _copy(unit, t, w)
+                elif t.action is Action.FP8_REWRAP:
+                    _fp8_rewrap(unit, t, w)
+                elif t.action is Action.FP8_TO_BF16:
+                    _fp8_to_bf16(unit, t, w)
+                elif t.action is Action.TO_MXFP4:
+                    _to_mxfp4(unit, t, w, opts)
+                else:
+                    raise QuantizeError(f"tensor {t.name}: action {t.action.value} outside its unit kind")
+    except CodecInputError as e:
+        raise QuantizeError(str(e)) from None
+    finally:
+        w.close()
+    return UnitResult(unit.index, unit.bytes_in, blocks, inexact, used)
+
+
+def init_worker(threads: int) -> None:
+    """Pool initializer: one intra-op thread per worker process (workers = cores)."""
+    torch.set_num_threads(max(1, threads))
