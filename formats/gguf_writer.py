@@ -180,8 +180,10 @@ def plan_splits(tensors: Sequence[TensorSpec], max_bytes: int | None) -> list[li
 
 
 def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
-               split_max_size: int | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
+               split_max_size: int | None = None, progress: Callable[[int], None] | None = None,
+               every_split: Sequence[KV] = ()) -> list[Path]:
     """Write ``metadata`` and ``tensors`` to ``path`` (or its splits); returns the final file paths.
+    ``every_split``: KVs written into every split (the first gets them with ``metadata``).
 
     Tensor infos of a file are all written before its first data byte; each tensor's ``produce`` is
     called once, in order, and its result is dropped after writing. ``progress(n)`` gets byte counts.
@@ -197,7 +199,7 @@ def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[Te
     temps = [p.with_name(p.name + ".partial") for p in finals]
     try:
         for i, (group, tmp) in enumerate(zip(groups, temps)):
-            kvs = metadata.entries() if i == 0 else []
+            kvs = metadata.entries() if i == 0 else list(every_split)
             if len(groups) > 1:
                 kvs = kvs + [KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, len(groups)),
                              KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]

@@ -26,8 +26,10 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import UserError
 
-class ArtifactError(ValueError):
+
+class ArtifactError(UserError):
     """An artifact verify cannot open or run (unknown kind, runner not available)."""
 
 

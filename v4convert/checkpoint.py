@@ -26,11 +26,16 @@ from v4convert.formats.safetensors_io import FormatError, MappedFile, TensorEntr
 
 from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
 from .roles import Family, Role, Storage
+from .errors import UserError
 
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read as claimed; the message names the file and tensor."""
+
+
+class MissingTensorsError(CheckpointError):
+    """Tensors the config implies are absent (``--allow-missing`` overrides)."""
 
 
 # Stored-name suffix -> (component). Order matters: longest suffix first. The logical name is the
@@ -136,6 +141,22 @@ class Checkpoint:
     def missing(self) -> list[Slot]:
         """Tensors the config implies but the checkpoint lacks (e.g. MTP dropped by transformers)."""
         return [s for s in inventory(self.arch) if s.name not in self._infos]
+
+    def check_complete(self, allow_missing: bool = False) -> dict:
+        """Refuse a checkpoint that lacks tensors its config implies (one line: the first few names and
+        the count) unless ``allow_missing``. A wholly absent MTP block is accepted: transformers drops it
+        when saving. Returns what to record in an output's metadata (empty when nothing is absent)."""
+        missing = [s.name for s in self.missing()]
+        if not missing:
+            return {}
+        if all(s.mtp for s in self.missing()) and not any(i.mtp for i in self.infos()):
+            return {"mtp_absent": True}
+        if not allow_missing:
+            first = ", ".join(missing[:3])
+            raise MissingTensorsError(
+                f"{self.root}: {len(missing)} tensors the config implies are missing (e.g. {first}); "
+                f"incomplete download? pass --allow-missing to write an incomplete artifact anyway")
+        return {"allowed_missing": {"count": len(missing), "first": missing[:10]}}
 
     def shards(self) -> list[Path]:
         return sorted({e.path for i in self._infos.values() for e in i.parts.values()})

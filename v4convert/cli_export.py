@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from .errors import UserError
 
 
 class ExportFormat(enum.Enum):
@@ -19,7 +20,7 @@ class ExportFormat(enum.Enum):
     SHARDED = "sharded"
 
 
-class NotImplementedFormat(ValueError):
+class NotImplementedFormat(UserError):
     """An export format the tool names but does not write yet."""
 
 
@@ -70,8 +71,14 @@ def _main_types() -> list[str]:
               "much tensor data (e.g. 50G).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert export (GGUF files, Modelfile) once the "
+              "new one is complete. Files v4convert did not write are never replaced.")
+@click.option("--allow-missing", is_flag=True, help="Export although the checkpoint lacks tensors its config implies "
+              "(recorded in the GGUF metadata).")
+@click.option("--allow-nonfinite", is_flag=True, help="Export NaN/Inf values instead of refusing.")
 def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
-                   split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
+                   split_max_size: str | None, no_modelfile: bool, progress: bool | None, overwrite: bool,
+                   allow_missing: bool, allow_nonfinite: bool) -> None:
     """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
 
     GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
@@ -89,7 +96,8 @@ def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, exper
     mix = TypeMix(GGUFType.Q8_0 if llama_type else GGUFType(mt), GGUFType(expert_type.upper()))
     r = export_gguf(ckpt, out, mix, keep_mtp=keep_mtp, split_max_size=parse_size(split_max_size),
                     progress=sys.stderr.isatty() if progress is None else progress, modelfile=not no_modelfile,
-                    llama_type=llama_type)
+                    llama_type=llama_type, overwrite=overwrite, allow_missing=allow_missing,
+                    allow_nonfinite=allow_nonfinite)
     gbps = r.n_bytes / max(r.seconds, 1e-9) / 1e9
     click.echo(f"wrote {r.arch.value} GGUF: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) "
                f"in {r.seconds:.1f} s ({gbps:.2f} GB/s): {', '.join(str(p) for p in r.paths)}")

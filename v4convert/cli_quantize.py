@@ -6,6 +6,7 @@ Errors from bad input surface as one line through the main group's error handler
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,12 +17,18 @@ from v4convert.formats.containers import Container
 from .recipes import RecipeName
 
 
-def _parse_size(text: str) -> int:
-    t = text.strip().upper().replace(" ", "")
-    for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
-        if t.endswith(suf):
-            return int(float(t[: -len(suf)]) * mult)
-    return int(t)
+_SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)([KMG]?)B?$")
+_SIZE_MULT = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _parse_size(text: str, option: str) -> int:
+    """``5GB`` / ``500MB`` / ``300KB`` / ``1000`` -> bytes (decimal units); anything else is a usage error."""
+    m = _SIZE.match(text.strip().upper().replace(" ", ""))
+    n = int(float(m.group(1)) * _SIZE_MULT[m.group(2)]) if m else 0
+    if n <= 0:
+        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB, 300KB or a byte count)",
+                                 param_hint=option)
+    return n
 
 
 @click.command("quantize")
@@ -43,7 +50,11 @@ def _parse_size(text: str) -> int:
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT (only once the new one is "
+              "complete). Never deletes a directory v4convert did not write, nor the source.")
+@click.option("--allow-missing", is_flag=True, help="Write an artifact although the checkpoint lacks tensors its "
+              "config implies (recorded in the output's metadata).")
+@click.option("--allow-nonfinite", is_flag=True, help="Copy NaN/Inf in tensors kept as stored instead of refusing.")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
 @click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
@@ -53,6 +64,7 @@ def _parse_size(text: str) -> int:
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
+                     allow_missing: bool, allow_nonfinite: bool,
                      plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
@@ -66,13 +78,21 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     from .engine import OutputExistsError, execute
     from .quantize import MXRule, Options, ScaleChoice, make_plan
     from .recipes import RuleSet, preset
+    from .devices import check_device
 
-    if out.exists() and not overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    from . import outputs
+    if device is not None:
+        check_device(device)
+    outputs.recover(out)
+    try:                                 # fail before reading any header
+        outputs.claim(out, sources=[ckpt], overwrite=overwrite)
+    except outputs.OutputError as e:
+        raise OutputExistsError(str(e)) from None
     rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
     container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
     opts = Options(container=container, scale_method=ScaleChoice(scale_method), mx_rule=MXRule(mx_rule),
-                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size))
+                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size, "--shard-size"),
+                   allow_missing=allow_missing, allow_nonfinite=allow_nonfinite)
     rules = RuleSet(preset(rname), keep=keep, overrides=override)
     with Checkpoint.open(ckpt) as ck:
         plan = make_plan(ck, rules, opts)
@@ -85,7 +105,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     # default: one in-process worker feeds a CUDA device; on CPU one process per core
     n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
     r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
-                sync_bytes=_parse_size(sync_every), device=device,
+                sync_bytes=_parse_size(sync_every, "--sync-every"), device=device,
                 kernel=Kernel(kernel) if kernel else None)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
     click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
+from .errors import UserError
 
 DATA = Path(__file__).parent / "data"
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     pass
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,15 @@ from gguf import GGMLQuantizationType as Q, GGUFValueType as VT, LlamaFileType
 
 from v4convert.formats import gguf_quants
 from v4convert.formats.gguf_names import Entry, GGUFArch, Kind, Precision, entry
-from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
+from v4convert.formats.gguf_writer import KV, Metadata, TensorSpec, plan_splits, split_names, write_gguf
 
+from . import __version__, outputs
 from .checkpoint import Checkpoint, TensorInfo
 from .roles import Family, Role, Storage
+from .errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint or option the GGUF exporter cannot honour (message names the file/tensor)."""
 
 
@@ -193,6 +196,7 @@ def build_metadata(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, n_mtp: int, nam
     md = Metadata()
     md.str("general.architecture", A)
     md.str("general.name", name)
+    md.str(outputs.GGUF_MARKER_KEY, __version__)      # marks the file as ours (outputs.is_ours)
     md.u32("general.file_type", int(mix.file_type()))
     md.u32("general.quantization_version", 2)
     md.u32(f"{A}.block_count", a.n_layers + n_mtp)
@@ -319,7 +323,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
 def modelfile_text(gguf_name: str, special: dict[str, str], gen: dict) -> str:
     """Ollama ``Modelfile`` for the DeepSeek chat format (``<｜User｜>`` / ``<｜Assistant｜>``)."""
     eos = special.get("eos_token", "<｜end▁of▁sentence｜>")
-    lines = [f"FROM ./{gguf_name}",
+    lines = [outputs.MODELFILE_MARK, f"FROM ./{gguf_name}",
              'TEMPLATE """{{- if .System }}{{ .System }}{{ end }}',
              "{{- range $i, $_ := .Messages }}",
              '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}',
@@ -349,20 +353,33 @@ def skip_reason(ck: Checkpoint, info: TensorInfo, arch: GGUFArch, keep_mtp: bool
     return None
 
 
-def _float(ck: Checkpoint, info: TensorInfo) -> torch.Tensor:
-    return ck.dequantize(info.name)
+def _nonfinite_error(info: TensorInfo, bad: int) -> ExportError:
+    return ExportError(f"{info.parts['weight'].path}: tensor {info.name}: {bad} NaN/Inf values; "
+                       f"pass --allow-nonfinite to export them anyway")
 
 
-def _encode(ck: Checkpoint, info: TensorInfo, q: Q) -> torch.Tensor:
+def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> torch.Tensor:
+    w = ck.dequantize(info.name)
+    if not allow_nonfinite and w.is_floating_point():
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            raise _nonfinite_error(info, bad)
+    return w
+
+
+def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
     """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing."""
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         raw = ck.raw(info.name)
+        bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
+        if bad and not allow_nonfinite:
+            raise _nonfinite_error(info, bad)
         return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
-    return gguf_quants.quantize(_float(ck, info), q, info.name)
+    return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
 
 
-def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True
-                 ) -> tuple[list[TensorSpec], list[str], list[str]]:
+def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True,
+                 allow_nonfinite: bool = False) -> tuple[list[TensorSpec], list[str], list[str]]:
     """GGUF tensor specs in checkpoint order (experts stacked per layer and projection).
 
     Returns (specs, names re-packed losslessly from MXFP4, checkpoint names skipped with reasons).
@@ -399,7 +416,7 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             if q == Q.MXFP4 and all(m.storage is Storage.MXFP4 for m in members):
                 repacked.append(name)
             specs.append(TensorSpec(name, (a.n_experts, out_f, in_f), q,
-                                    lambda ms=members, q=q: (_encode(ck, m, q) for m in ms)))
+                                    lambda ms=members, q=q: (_encode(ck, m, q, allow_nonfinite) for m in ms)))
         elif e.kind is Kind.KV_B:
             H, nope, v, r = a.n_heads, a.nope, a.v_head, info.shape[1]
             if info.shape[0] != H * (nope + v):
@@ -409,11 +426,11 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             qk, qv = mix.resolve(e, nope), mix.resolve(e, r)
 
             def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
-                w = _float(ck, info).view(H, nope + v, r)
+                w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
                 return gguf_quants.quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
 
             def v_b(info=info, q=qv, H=H, nope=nope, v=v, r=r):
-                w = _float(ck, info).view(H, nope + v, r)
+                w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
                 return gguf_quants.quantize(w[:, nope:].contiguous(), q, info.name)
             specs.append(TensorSpec(kb_name, (H, r, nope), qk, k_b))
             specs.append(TensorSpec(vb_name, (H, v, r), qv, v_b))
@@ -426,13 +443,22 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             q = mix.resolve(e, info.shape[-1])
             if q == Q.MXFP4 and info.storage is Storage.MXFP4:
                 repacked.append(name)
-            specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q)))
+            specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q, allow_nonfinite)))
     return specs, repacked, skipped
+
+
+def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> None:
+    """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch
+    and the Modelfile; refused before anything is written."""
+    also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else [])
+    outputs.claim(finals[0], sources=[src], overwrite=overwrite, also=also,
+                  scratch=[p.with_name(p.name + ".partial") for p in finals])
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
-                name: str | None = None, llama_type: LlamaQuant | None = None) -> ExportResult:
+                name: str | None = None, llama_type: LlamaQuant | None = None, overwrite: bool = False,
+                allow_missing: bool = False, allow_nonfinite: bool = False) -> ExportResult:
     """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
 
     ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
@@ -449,15 +475,20 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
         tmp = out.with_name(out.stem + ".intermediate.gguf")
+        _claim(Path(ckpt), [out], modelfile, overwrite)
         mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
         inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
-                            progress=progress, modelfile=False, name=name)
+                            progress=progress, modelfile=False, name=name, overwrite=True,
+                            allow_missing=allow_missing, allow_nonfinite=allow_nonfinite)
         pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype),
                                                        (LLAMA_PIN_EXPERTS, mix.expert.qtype)]
+        part = out.with_name(out.name + ".partial")
         try:
-            llama_quantize(tmp, out, llama_type, pins)
+            llama_quantize(tmp, part, llama_type, pins)
+            os.replace(part, out)             # write new, then swap
         finally:
             tmp.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
         res = ExportResult([out], inter.arch, inter.n_tensors, out.stat().st_size, time.perf_counter() - t0,
                            inter.repacked, inter.skipped, None)
         if modelfile:
@@ -465,10 +496,15 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
-        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp)
+        absent = ck.check_complete(allow_missing)
+        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp, allow_nonfinite)
+        _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
                      if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
         md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
+        if absent.get("allowed_missing"):
+            md.u32("v4convert.allowed_missing.count", absent["allowed_missing"]["count"])
+            md.arr("v4convert.allowed_missing.first", absent["allowed_missing"]["first"], VT.STRING)
         special = add_tokenizer(md, ck.root, ck.arch.vocab)
         total = sum(s.nbytes for s in specs)
         bar = None
@@ -476,7 +512,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {arch.value}")
         try:
-            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None)
+            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None,
+                               every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)])
         finally:
             if bar:
                 bar.close()
@@ -494,7 +531,9 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     gen_path = root / "generation_config.json"
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     mf = out.with_name("Modelfile")
-    mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    tmp = mf.with_name(mf.name + ".partial")
+    tmp.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    os.replace(tmp, mf)                   # the old Modelfile (ours: checked by _claim) goes only now
     return mf
 
 
@@ -502,8 +541,14 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
 def read_gguf_tensors(paths: list[Path]) -> dict[str, tuple[np.ndarray, Q]]:
     """name -> (raw data as stored, GGML type) over all splits (memory-mapped by gguf-py's reader)."""
     from gguf import GGUFReader
+
+    from v4convert.formats.gguf_reader import GGUFFormatError, read_gguf_header
     out: dict[str, tuple[np.ndarray, Q]] = {}
     for p in paths:
+        try:
+            read_gguf_header(p)          # validated before gguf-py's reader trusts it
+        except GGUFFormatError as e:
+            raise ExportError(str(e)) from None
         for t in GGUFReader(p).tensors:
             out[t.name] = (t.data, Q(int(t.tensor_type)))
     return out

@@ -22,9 +22,10 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Protocol
 
 from .roles import Group, Role
+from .errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe, pattern or codec request that cannot be applied; the message names the tensor."""
 
 

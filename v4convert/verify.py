@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .artifact import ArtifactKind, Runner, check_runnable, open_runner
+from .errors import UserError
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ DP_PERCENTILES = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 KLD_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError):
     """Bad verify input: too little data, a reference cache that does not match, mismatched vocabularies."""
 
 
@@ -306,6 +307,9 @@ def artifact_pass(runner: Runner, ref: RefRecord, opts: VerifyOptions, progress=
     t_pre, n_pre = 0.0, 0
     hidden: list[torch.Tensor] = []
     W = ref.windows.shape[0]
+    if runner.vocab_size != ref.meta["vocab"]:     # before any forward: a smaller vocab would index past its embedding
+        raise VerifyError(f"{runner.path}: the artifact's vocabulary has {runner.vocab_size} tokens, the reference's "
+                          f"{ref.meta['vocab']}; verify compares models with the same tokenizer")
     for w in range(W):
         runner_capture(runner, w == 0)
         t = time.perf_counter()
