@@ -19,7 +19,6 @@ class with this interface and moving its row to :data:`RUNNERS`.
 from __future__ import annotations
 
 import enum
-import json
 import os
 from pathlib import Path
 from typing import Callable, Protocol
@@ -81,7 +80,8 @@ class RuntimeRunner:
         self.path, self.kind = Path(path), ArtifactKind.RUNTIME
         self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len)
         self.device = torch.device(device)
-        cfg = json.loads((self.path / "config.json").read_text())
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(self.path, "config.json")
         self.vocab_size = int(cfg["vocab_size"])
         self._captured: list[torch.Tensor | None] = []
         self._hooks = []

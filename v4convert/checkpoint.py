@@ -12,7 +12,6 @@ pairs every weight with its scale tensors wherever they sit, maps every name to 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,14 +23,13 @@ import torch
 from v4convert.formats import fp4, fp8
 from v4convert.formats.safetensors_io import FormatError, MappedFile, TensorEntry, read_header
 
+from .paths import CheckpointError, checkpoint_file, read_json
 from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
 from .roles import Family, Role, Storage
-from .errors import UserError
 
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read as claimed; the message names the file and tensor."""
+MAX_CONFIG_BYTES = 16 << 20      # a published config.json is a few KB
 
 
 class MissingTensorsError(CheckpointError):
@@ -82,16 +80,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _safe_shard_path(root: Path, shard: str, index_path: Path) -> Path:
-    """Resolve ``shard`` inside ``root``; names with separators, ``..`` or absolute paths raise."""
-    if not shard or os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", "..") or ".." in Path(shard).parts:
-        raise CheckpointError(f"{index_path}: shard name {shard!r} escapes the checkpoint directory")
-    p = (root / shard).resolve()
-    if p.parent != root.resolve():
-        raise CheckpointError(f"{index_path}: shard name {shard!r} escapes the checkpoint directory")
-    return p
-
-
 class Checkpoint:
     """A DeepSeek checkpoint directory opened lazily (headers parsed, data memory-mapped on demand)."""
 
@@ -106,13 +94,12 @@ class Checkpoint:
     @staticmethod
     def open(path: str | os.PathLike) -> "Checkpoint":
         root = Path(path)
-        cfg_path = root / "config.json"
-        if not cfg_path.is_file():
+        if not (root / "config.json").is_file():
             raise CheckpointError(f"{root}: no config.json (not a checkpoint directory)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        cfg_path = checkpoint_file(root, "config.json")
+        config = read_json(cfg_path, "config.json", MAX_CONFIG_BYTES)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{root / 'config.json'}: not a JSON object")
         try:
             arch = Arch.from_config(config, str(cfg_path))
         except LayoutError as e:
@@ -259,15 +246,18 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
     single = root / "model.safetensors"
     entries: dict[str, TensorEntry] = {}
     if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: {e})") from None
+        body = read_json(checkpoint_file(root, index.name), "safetensors index")
+        wm = body.get("weight_map") if isinstance(body, dict) else None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{index}: not a safetensors index (needs an object 'weight_map': "
+                                  f"tensor name -> shard file name)")
         by_file: dict[Path, list[str]] = {}
+        shard_of: dict[str, Path] = {}
         for name, shard in wm.items():
             if not isinstance(shard, str):
                 raise CheckpointError(f"{index}: tensor {name}: shard name is not a string")
-            by_file.setdefault(_safe_shard_path(root, shard, index), []).append(name)
+            p = shard_of[name] = checkpoint_file(root, shard, index, "shard name")
+            by_file.setdefault(p, []).append(name)
         for path, names in sorted(by_file.items()):
             try:
                 found, _ = read_header(path)
@@ -277,12 +267,12 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
                 if n not in found:
                     raise CheckpointError(f"{path}: tensor {n} is listed in {index.name} but not in the shard")
             for n, e in found.items():
-                if wm.get(n) is None or _safe_shard_path(root, wm[n], index) != path:
+                if shard_of.get(n) != path:
                     raise CheckpointError(f"{path}: tensor {n} is in the shard but the index maps it elsewhere")
                 entries[n] = e
     elif single.is_file():
         try:
-            entries, _ = read_header(single)
+            entries, _ = read_header(checkpoint_file(root, single.name))
         except FormatError as e:
             raise CheckpointError(str(e)) from None
     else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from v4convert.formats.containers import Container, OutKind, compressed_tensors_config, modelopt_configs
 
 from . import __version__, outputs
+from .paths import checkpoint_file
 from .quantize import Action, Plan, QuantizeError, Unit
 from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
@@ -307,7 +308,7 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors") \
                 and not p.name.startswith("."):
-            shutil.copyfile(p, dst / p.name)
+            shutil.copyfile(checkpoint_file(src, p.name), dst / p.name)   # never a link out of the source
             copied.append(p.name)
     return copied
 

@@ -31,6 +31,7 @@ from v4convert.formats.gguf_writer import KV, Metadata, TensorSpec, plan_splits,
 
 from . import __version__, outputs
 from .checkpoint import Checkpoint, TensorInfo
+from .paths import read_checkpoint_json
 from .roles import Family, Role, Storage
 from .errors import UserError
 
@@ -277,7 +278,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     tj_path = root / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{root}: no tokenizer.json (GGUF needs the tokenizer)")
-    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    tj = read_checkpoint_json(root, tj_path.name)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not BPE")
@@ -297,7 +298,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     md.arr("tokenizer.ggml.token_type", ttypes, VT.INT32)
     md.arr("tokenizer.ggml.merges", merges, VT.STRING)
     tc_path = root / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc = read_checkpoint_json(root, tc_path.name) if tc_path.is_file() else {}
     tok_to_id = {t: i for i, t in enumerate(tokens)}
     special: dict[str, str] = {}
     for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
@@ -525,11 +526,11 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     root = Path(root)
     if special is None:
         tc_path = root / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        tc = read_checkpoint_json(root, tc_path.name) if tc_path.is_file() else {}
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
                    if k in ("bos_token", "eos_token") and v is not None}
     gen_path = root / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen = read_checkpoint_json(root, gen_path.name) if gen_path.is_file() else {}
     mf = out.with_name("Modelfile")
     tmp = mf.with_name(mf.name + ".partial")
     tmp.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")

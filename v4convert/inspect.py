@@ -6,7 +6,6 @@ byte without downloading it.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -120,7 +119,8 @@ def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(path.parent, path.name, "config.json", 16 << 20)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []

@@ -406,7 +406,8 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         opts = opts or VerifyOptions()
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
-        cfg = json.loads((ref_path / "config.json").read_text())
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(ref_path, "config.json")
         meta = {"ref": str(ref_path), "ref_config_sha256": _config_sha(ref_path), "data": str(data),
                 "data_sha256": sha256_file(data), "vocab": int(cfg["vocab_size"]), "options": opts.__dict__.copy()}
     max_seq = max(opts.ctx, opts.prompt_len + opts.gen_tokens)
