@@ -452,8 +452,9 @@ def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> N
     """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch
     and the Modelfile; refused before anything is written."""
     also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else [])
-    outputs.claim(finals[0], sources=[src], overwrite=overwrite, also=also,
-                  scratch=[p.with_name(p.name + ".partial") for p in finals])
+    resuming = outputs.swap_pending(finals[0])     # a kill while renaming our files into place
+    outputs.claim(finals[0], sources=[src], overwrite=overwrite or resuming, also=also,
+                  scratch=[p.with_name(p.name + ".partial") for p in finals + also] + [outputs.swap_journal(finals[0])])
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
@@ -486,6 +487,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         part = out.with_name(out.name + ".partial")
         try:
             llama_quantize(tmp, part, llama_type, pins)
+            outputs.begin_swap(out, [out] + ([out.with_name("Modelfile")] if modelfile else []))
             os.replace(part, out)             # write new, then swap
         finally:
             tmp.unlink(missing_ok=True)
@@ -494,6 +496,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
                            inter.repacked, inter.skipped, None)
         if modelfile:
             res.modelfile = _write_modelfile(ckpt, out, [out])
+        outputs.end_swap(out)
         return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
@@ -513,12 +516,19 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {arch.value}")
         try:
+            finals = split_names(out, len(plan_splits(specs, split_max_size)))
+
+            def step(what: str, path: Path) -> None:
+                if what == "written":
+                    outputs.begin_swap(finals[0], finals + ([out.with_name("Modelfile")] if modelfile else []))
+                outputs.kill_point(f"gguf:{what}")
             paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None,
-                               every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)])
+                               every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)], on_step=step)
         finally:
             if bar:
                 bar.close()
         mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
+        outputs.end_swap(paths[0])
     return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
 
 
@@ -534,6 +544,7 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     mf = out.with_name("Modelfile")
     tmp = mf.with_name(mf.name + ".partial")
     tmp.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    outputs.kill_point("modelfile:written")
     os.replace(tmp, mf)                   # the old Modelfile (ours: checked by _claim) goes only now
     return mf
 

@@ -104,6 +104,8 @@ def is_ours(path: Path) -> bool:
     if not path.is_file():
         return False
     name = path.name.removesuffix(".partial")        # our own scratch files carry the same marks
+    if name.endswith(".v4convert-swap"):
+        return swap_pending(path.with_name(name.removesuffix(".v4convert-swap")))
     if name == "Modelfile":
         with open(path, "rb") as f:
             return f.read(len(MODELFILE_MARK) + 1).decode("utf-8", "replace").rstrip("\r\n") == MODELFILE_MARK
@@ -203,6 +205,35 @@ def swap_in(new: Path, out: Path) -> None:
     kill_point("swap:new-in-place")
     if old.exists():
         shutil.rmtree(old)
+
+
+def swap_journal(out: Path) -> Path:
+    """A multi-file output (GGUF splits + Modelfile) being renamed into place: lists its files."""
+    out = absolute(out)
+    return out.with_name(out.name + ".v4convert-swap")
+
+
+def begin_swap(out: Path, finals: list[Path]) -> None:
+    """Record that ``finals`` are about to replace their old versions one by one; a rerun that finds
+    this record knows the files under those names are its own unfinished output (no --overwrite needed)."""
+    j = swap_journal(out)
+    tmp = j.with_name(j.name + ".tmp")
+    tmp.write_text(json.dumps({"tool": "v4convert", "files": [p.name for p in finals]}) + "\n")
+    os.replace(tmp, j)
+
+
+def end_swap(out: Path) -> None:
+    swap_journal(out).unlink(missing_ok=True)
+
+
+def swap_pending(out: Path) -> bool:
+    """Whether a kill interrupted ``begin_swap`` .. ``end_swap`` for ``out`` (the record is ours)."""
+    j = swap_journal(out)
+    try:
+        return j.is_file() and not j.is_symlink() and j.stat().st_size < _MARKER_MAX_BYTES \
+            and json.loads(j.read_bytes()).get("tool") == "v4convert"
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
 
 
 _kill_calls: Counter[str] = Counter()
