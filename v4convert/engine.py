@@ -118,6 +118,8 @@ def _prepare(plan: Plan, out: Path, overwrite: bool) -> tuple[Path, Journal, dic
     if part.exists():
         marker = outputs.read_marker(part) or {}
         if marker.get("state") == "complete" and marker.get("fingerprint") == plan.fingerprint:
+            if (part / JOURNAL_DIR).exists():      # killed between steps 5 and 6 of the finish
+                shutil.rmtree(part / JOURNAL_DIR)
             return None
         if j.fingerprint() != plan.fingerprint:
             if not overwrite:

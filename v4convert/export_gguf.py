@@ -13,9 +13,11 @@ checkpoint's names) so our runtime can run exactly the weights llama.cpp runs.
 from __future__ import annotations
 
 import enum
+import glob
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,13 +450,26 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
     return specs, repacked, skipped
 
 
-def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> None:
-    """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch
-    and the Modelfile; refused before anything is written."""
-    also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else [])
+def _stale(out: Path, finals: list[Path]) -> list[Path]:
+    """Files of an earlier export to the same ``out`` that this one does not rewrite (``X.gguf`` when
+    now split, or splits of another count); replaced like the rest: ours only, with --overwrite."""
+    stem = out.name[:-5]
+    pat = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.gguf")
+    old = [p for p in out.parent.glob(f"{glob.escape(stem)}-*-of-*.gguf") if pat.fullmatch(p.name)]
+    return sorted(p for p in {*old, out} if (p.exists() or p.is_symlink()) and p not in finals)
+
+
+def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> list[Path]:
+    """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch,
+    the Modelfile and stale files of an earlier export; refused before anything is written. Returns the
+    stale files (removed once the new export is in place)."""
+    out = finals[0] if len(finals) == 1 else finals[0].with_name(finals[0].name.split("-00001-of-")[0] + ".gguf")
+    stale = _stale(out, finals)
+    also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else []) + stale
     resuming = outputs.swap_pending(finals[0])     # a kill while renaming our files into place
     outputs.claim(finals[0], sources=[src], overwrite=overwrite or resuming, also=also,
                   scratch=[p.with_name(p.name + ".partial") for p in finals + also] + [outputs.swap_journal(finals[0])])
+    return stale
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
@@ -477,7 +492,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
         tmp = out.with_name(out.stem + ".intermediate.gguf")
-        _claim(Path(ckpt), [out], modelfile, overwrite)
+        stale = _claim(Path(ckpt), [out], modelfile, overwrite)
         mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
         inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
                             progress=progress, modelfile=False, name=name, overwrite=True,
@@ -496,13 +511,15 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
                            inter.repacked, inter.skipped, None)
         if modelfile:
             res.modelfile = _write_modelfile(ckpt, out, [out])
+        for p in stale:
+            outputs.remove_ours(p)
         outputs.end_swap(out)
         return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
         absent = ck.check_complete(allow_missing)
         specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp, allow_nonfinite)
-        _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
+        stale = _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
                      if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
         md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
@@ -520,7 +537,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
 
             def step(what: str, path: Path) -> None:
                 if what == "written":
-                    outputs.begin_swap(finals[0], finals + ([out.with_name("Modelfile")] if modelfile else []))
+                    outputs.begin_swap(finals[0], finals + stale + ([out.with_name("Modelfile")] if modelfile else []))
                 outputs.kill_point(f"gguf:{what}")
             paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None,
                                every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)], on_step=step)
@@ -528,6 +545,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             if bar:
                 bar.close()
         mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
+        for p in stale:
+            outputs.remove_ours(p)
         outputs.end_swap(paths[0])
     return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
 
