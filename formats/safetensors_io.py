@@ -184,13 +184,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 f"{path}: tensor {name}: data ends at byte {base + e} but the file has {size} bytes "
                 f"(truncated shard?)")
         entries[name] = TensorEntry(name, path, dtype, tuple(shape), base + b, base + e)
-    pos, prev = base, None
-    for t in sorted(entries.values(), key=lambda t: (t.start, t.end)):
+    order = sorted(entries.values(), key=lambda t: (t.start, t.end))
+    for prev, t in zip(order, order[1:]):          # overlap first: the most dangerous defect
+        if t.start < prev.end:
+            raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} overlaps "
+                              f"tensor {prev.name} {[prev.start - base, prev.end - base]}")
+    pos, after = base, "the header"
+    for t in order:                                # then the tiling: no gap, nothing after the last
         if t.start != pos:
-            what = (f"overlaps tensor {prev.name}" if t.start < pos else
-                    f"leaves a gap of {t.start - pos} bytes after {prev.name if prev else 'the header'}")
-            raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} {what}")
-        pos, prev = t.end, t
+            raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} leave a "
+                              f"gap of {t.start - pos} bytes after {after}")
+        pos, after = t.end, f"tensor {t.name}"
     if pos != size:
         raise FormatError(f"{path}: {size - pos} bytes after the last tensor that no tensor covers")
     return entries, meta

@@ -114,6 +114,12 @@ PROJECTIONS: dict[str, tuple[str, Callable[[Slot], int | None]]] = {
 }
 
 
+def _architecture(cfg: dict) -> str | None:
+    """``architectures[0]`` when it is a list of strings (it is informational; anything else is ignored)."""
+    a = cfg.get("architectures")
+    return a[0] if isinstance(a, list) and a and isinstance(a[0], str) else None
+
+
 # --------------------------------------------------------------------------------------------
 def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
@@ -150,7 +156,7 @@ def build_report(path: Path) -> dict:
         storages[e.slot.storage.value] += 1
     return {
         "source": source, "path": str(path), "family": a.family.value,
-        "architecture": (cfg.get("architectures") or [None])[0],
+        "architecture": _architecture(cfg),
         "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
         "routed_experts": a.n_experts, "experts_per_token": a.top_k, "shared_experts": a.n_shared,
         "parameters": {**params, "total": params["main"] + params["mtp"]},
