@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
@@ -264,3 +265,26 @@ def test_item3_one_line_errors(tiny_ckpts, tmp_path):
     small = synth_config({**cfg, "vocab_size": 600}, tmp_path / "small")
     one_line_error(["verify", str(src), str(small), "--tokens", "130", "--ctx", "64", "--gen-prompts", "1",
                     "--gen-tokens", "2"], "vocabulary", "600", "611")
+
+
+# ------------------------------------------------------------------ missing or degenerate config keys
+@pytest.mark.parametrize("preset,key,value,words", [
+    ("v4-flash-tiny", "sliding_window", None, "sliding_window"),
+    ("v3-tiny", "rope_scaling.original_max_position_embeddings", None, "original_max_position_embeddings"),
+    ("v3-tiny", "n_group", 0, "n_group 0"),
+    ("v3-tiny", "rope_scaling", "yarn", "rope_scaling must be an object"),
+    ("v3-tiny", "rms_norm_eps", "1e-6", "rms_norm_eps must be a finite number"),
+    ("v4-flash-tiny", "hc_eps", None, "hc_eps"),
+])
+def test_degenerate_config_keys_one_line(tiny_ckpts, tmp_path, preset, key, value, words):
+    root = copy(tiny_ckpts[preset], tmp_path / "c")
+    cfg = json.loads((root / "config.json").read_text())
+    tgt, k = (cfg[key.split(".")[0]], key.split(".")[1]) if "." in key else (cfg, key)
+    if value is None:
+        del tgt[k]
+    else:
+        tgt[k] = value
+    (root / "config.json").write_text(json.dumps(cfg))
+    one_line_error(["export", str(root), "--gguf", "--out", str(tmp_path / "m.gguf")], "config.json", words)
+    one_line_error(["run", str(root), "--prompt", "hi", "--max-new-tokens", "1"], "config.json", words)
+    assert not list(tmp_path.glob("*.gguf"))

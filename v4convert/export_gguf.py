@@ -459,6 +459,14 @@ def _stale(out: Path, finals: list[Path]) -> list[Path]:
     return sorted(p for p in {*old, out} if (p.exists() or p.is_symlink()) and p not in finals)
 
 
+def _check_runtime_config(ck: Checkpoint) -> None:
+    """The GGUF metadata carries what the runtime needs (rope, router groups, V4 window, ...): validate it
+    the way the runtime does, so a broken config is one line here, not a KeyError mid-metadata."""
+    from v4convert.runtime.args import ModelArgs
+    from v4convert.runtime.v4_args import V4Args
+    (V4Args if ck.family is Family.V4 else ModelArgs).from_config(ck.config, str(ck.root / "config.json"))
+
+
 def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> list[Path]:
     """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch,
     the Modelfile and stale files of an earlier export; refused before anything is written. Returns the
@@ -518,6 +526,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
         absent = ck.check_complete(allow_missing)
+        _check_runtime_config(ck)
         specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp, allow_nonfinite)
         stale = _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
