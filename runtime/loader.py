@@ -43,6 +43,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         raise RuntimeLoadError(f"max_seq_len and max_batch_size must be >= 1 (got {max_seq_len}, {max_batch_size})")
     ck = Checkpoint.open(path)
     try:
+        ck.check_complete()      # a model with absent layers cannot run (one line: count and first names)
         fq = FakeQuant.NONE
         if simulate_quant:
             qc = ck.config.get("quantization_config") or {}

@@ -227,6 +227,8 @@ def test_missing_tensors_refused_unless_allowed(tiny_ckpts, tmp_path):
     msg = one_line_error(quantize(root, tmp_path / "q"), f"{n} tensors", "model.layers.2.", "--allow-missing")
     assert msg.count("model.layers.2.") == 3            # the first few, not all of them
     one_line_error(["export", str(root), "--gguf", "--out", str(tmp_path / "m.gguf")], f"{n} tensors")
+    one_line_error(["run", str(root), "--prompt", "hi"], f"{n} tensors")          # the runtime refuses too
+    one_line_error(["verify", str(src), str(root)], f"{n} tensors")
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob("*.gguf"))
     ok(quantize(root, tmp_path / "q", "--allow-missing"))
     meta = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())["metadata"]["v4convert"]
