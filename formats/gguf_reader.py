@@ -127,10 +127,9 @@ def read_gguf_header(path: str | os.PathLike, *, tensors: bool = True) -> GGUFHe
     path = Path(path)
     try:
         size = path.stat().st_size
-        f = open(path, "rb")
     except OSError as e:
         raise GGUFFormatError(f"{path}: cannot open ({e.strerror})") from None
-    with f:
+    with open(path, "rb") as f:
         c = _Cursor(f, size, path)
         if c.left() < 24 or c.take(4, "magic") != MAGIC:
             raise GGUFFormatError(f"{path}: not a GGUF file (no GGUF magic)")

@@ -10,6 +10,7 @@ tensor name, and so that we can write a file tensor by tensor (header first, dat
 """
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
@@ -185,7 +186,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 f"(truncated shard?)")
         entries[name] = TensorEntry(name, path, dtype, tuple(shape), base + b, base + e)
     order = sorted(entries.values(), key=lambda t: (t.start, t.end))
-    for prev, t in zip(order, order[1:]):          # overlap first: the most dangerous defect
+    for prev, t in itertools.pairwise(order):          # overlap first: the most dangerous defect
         if t.start < prev.end:
             raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} overlaps "
                               f"tensor {prev.name} {[prev.start - base, prev.end - base]}")

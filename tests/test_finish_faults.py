@@ -64,7 +64,7 @@ def run(args: list[str], kill: str | None = None) -> Done:
             except click.ClickException as e:
                 e.show()
                 code = 2
-            except BaseException:
+            except BaseException:   # noqa: BLE001 -- the forked child must report any failure and _exit
                 traceback.print_exc()
                 code = 1
             finally:

@@ -20,19 +20,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import deserialize
 from safetensors.torch import save
-
-from v4convert.checkpoint import Checkpoint, CheckpointError, MissingTensorsError
-from v4convert.errors import UserError
 from v4convert.formats.gguf_reader import GGUFFormatError, read_gguf_header
 from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 from v4convert.formats.safetensors_io import FormatError, read_header
+
+from v4convert.checkpoint import Checkpoint, CheckpointError, MissingTensorsError
+from v4convert.errors import UserError
 from v4convert.inspect import build_report
 
 # Fixed profile: derandomized (same cases every run), no example database, no deadline (2 busy cores).
 N_HEADER, N_INDEX, N_CONFIG, N_GGUF = 300, 120, 200, 250
-FUZZ = dict(derandomize=True, database=None, deadline=None, print_blob=False,
-            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                   HealthCheck.data_too_large])
+FUZZ = {"derandomize": True, "database": None, "deadline": None, "print_blob": False,
+        "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                  HealthCheck.data_too_large]}
 
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
                         st.text(max_size=8))
@@ -123,7 +123,7 @@ def test_safetensors_header_fuzz(raw, tmp_path):
     p = tmp_path / "x.safetensors"
     p.write_bytes(raw)
     try:
-        entries, meta = read_header(p)
+        entries, _ = read_header(p)
     except FormatError as e:
         assert str(e).startswith(str(p)) and "\n" not in str(e)
         return

@@ -5,6 +5,7 @@ written under the output's final name.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import struct
@@ -47,7 +48,7 @@ def copy(src: Path, dst: Path) -> Path:
 
 
 def first_shard(root: Path) -> Path:
-    return sorted(root.glob("model-*.safetensors"))[0]
+    return min(root.glob("model-*.safetensors"))
 
 
 def rewrite_header(shard: Path, mutate) -> None:
@@ -115,9 +116,9 @@ def test_shared_and_overlapping_byte_ranges_refused(tiny_ckpts, tmp_path):
         root = copy(src, tmp_path / f"c{i}")
         shard = first_shard(root)
 
-        def mutate(h):
+        def mutate(h, how=how):
             names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
-            a, b = next((x, y) for x, y in zip(names, names[1:])
+            a, b = next((x, y) for x, y in itertools.pairwise(names)
                         if h[x]["dtype"] == h[y]["dtype"] and h[x]["shape"] == h[y]["shape"])
             if how == "share":          # b reads a's bytes: quantize would convert the wrong tensor
                 h[b]["data_offsets"] = list(h[a]["data_offsets"])
@@ -155,7 +156,7 @@ def test_pathological_sizes_bounded_memory(tiny_ckpts, tmp_path):
     rewrite_header(first_shard(huge), lambda hd: hd[next(k for k in hd if k != "__metadata__")].update(
         shape=[2**40, 2**40], dtype="U8"))
     r = subprocess.run([sys.executable, "-c", HOSTILE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["codes"] == [2, 2, 2, 2]
@@ -248,7 +249,7 @@ def _all(src: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(src.glob("model-*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 -- safe_open is not a dict
     return out
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
 from .errors import UserError
+from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
 
 DATA = Path(__file__).parent / "data"
 

@@ -33,9 +33,9 @@ from v4convert.formats.gguf_writer import KV, Metadata, TensorSpec, plan_splits,
 
 from . import __version__, outputs
 from .checkpoint import Checkpoint, TensorInfo
+from .errors import UserError
 from .paths import read_checkpoint_json
 from .roles import Family, Role, Storage
-from .errors import UserError
 
 
 class ExportError(UserError):

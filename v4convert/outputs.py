@@ -27,8 +27,8 @@ import os
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from . import __version__
 from .errors import UserError

@@ -23,9 +23,9 @@ from v4convert.formats.sharding import split_in_order
 
 from . import __version__
 from .checkpoint import Checkpoint, TensorInfo
+from .errors import UserError
 from .recipes import Codec, RecipeError, RuleSet
 from .roles import Family, Role, Storage
-from .errors import UserError
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"

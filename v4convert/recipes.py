@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Protocol
 
-from .roles import Group, Role
 from .errors import UserError
+from .roles import Group, Role
 
 
 class RecipeError(UserError):

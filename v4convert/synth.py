@@ -25,11 +25,11 @@ import torch
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
+from .errors import UserError
 from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
 from .roles import Family, Role, Storage
 from .tokenizer_data import write_tokenizer
 from . import outputs
-from .errors import UserError
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
