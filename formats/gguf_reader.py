@@ -131,8 +131,10 @@ def read_gguf_header(path: str | os.PathLike, *, tensors: bool = True) -> GGUFHe
         raise GGUFFormatError(f"{path}: cannot open ({e.strerror})") from None
     with open(path, "rb") as f:
         c = _Cursor(f, size, path)
-        if c.left() < 24 or c.take(4, "magic") != MAGIC:
+        if c.take(min(4, size), "magic") != MAGIC:
             raise GGUFFormatError(f"{path}: not a GGUF file (no GGUF magic)")
+        if size < 24:
+            raise GGUFFormatError(f"{path}: truncated GGUF file ({size} bytes; the fixed header has 24)")
         version = c.scalar("<I", 4, "version")
         if version not in VERSIONS:
             raise GGUFFormatError(f"{path}: unsupported GGUF version {version} (reads {VERSIONS})")
