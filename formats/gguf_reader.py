@@ -19,6 +19,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from v4convert.errors import UserError
+
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 MAX_DIMS = 4                     # GGML_MAX_DIMS
@@ -34,7 +36,7 @@ _STRING, _ARRAY = 8, 9
 _MIN_SIZE = {**{t: s for t, (_, s) in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 
 
-class GGUFFormatError(ValueError):
+class GGUFFormatError(UserError):
     """A GGUF file that breaks the format; the message names the file (and key or tensor)."""
 
 

@@ -23,11 +23,9 @@ import torch
 from v4convert.formats import fp4, fp8
 from v4convert.formats.safetensors_io import FormatError, MappedFile, TensorEntry, read_header
 
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
+from .families.roles import Family, Role, Storage
 from .paths import CheckpointError, checkpoint_file, read_json
-from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
-from .roles import Family, Role, Storage
-
-
 
 MAX_CONFIG_BYTES = 16 << 20      # a published config.json is a few KB
 

@@ -15,8 +15,8 @@ from typing import Callable
 from v4convert.formats.safetensors_io import ST_DTYPES
 
 from .checkpoint import Checkpoint
-from .layout import Arch, Slot, inventory, stored_tensors
-from .roles import Group, Role, Storage
+from .families.layout import Arch, Slot, inventory, stored_tensors
+from .families.roles import Group, Role
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ import torch
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
-from .errors import UserError
-from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
-from .roles import Family, Role, Storage
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
+from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
+from v4convert.errors import UserError
 from . import outputs
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights

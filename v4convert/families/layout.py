@@ -18,8 +18,8 @@ from typing import Callable, Iterator
 
 from v4convert.formats.safetensors_io import ST_DTYPES
 
-from .errors import UserError
 from .roles import Family, Group, Role, Storage
+from v4convert.errors import UserError
 
 FP8_BLOCK = 128      # DeepSeek FP8 weight block (rows and columns)
 MXFP4_BLOCK = 32     # V4 FP4 expert scale block along K

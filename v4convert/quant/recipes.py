@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Protocol
 
-from .errors import UserError
-from .roles import Group, Role
+from ..families.roles import Group, Role
+from v4convert.errors import UserError
 
 
 class RecipeError(UserError):

@@ -1,7 +1,7 @@
 """``v4convert export CKPT --gguf``: a DeepSeek checkpoint (as published, or our FP4 artifact) -> GGUF.
 
 Reads tensors one at a time from the checkpoint, maps each role to llama.cpp's tensor name
-(``formats.gguf_names``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
+(``export/gguf/names.py``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
 re-packs MXFP4 losslessly, and streams the file (``formats.gguf_writer``). Metadata keys follow
 llama.cpp's loaders (``src/models/deepseek2.cpp``, ``deepseek32.cpp``, ``deepseek4.cpp``) and its
 converter (``conversion/deepseek.py``); the tokenizer comes from ``tokenizer.json`` /
@@ -15,27 +15,25 @@ from __future__ import annotations
 import enum
 import glob
 import json
-import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, GGUFValueType as VT, LlamaFileType
 
 from v4convert.formats import gguf_quants
-from v4convert.formats.gguf_names import Entry, GGUFArch, Kind, Precision, entry
+from v4convert.export.gguf.names import Entry, GGUFArch, Kind, Precision, entry
 from v4convert.formats.gguf_writer import KV, Metadata, TensorSpec, plan_splits, split_names, write_gguf
 
-from . import __version__, outputs
-from .checkpoint import Checkpoint, TensorInfo
-from .errors import UserError
-from .paths import read_checkpoint_json
-from .roles import Family, Role, Storage
+from v4convert.checkpoint import Checkpoint, TensorInfo
+from v4convert.families.roles import Family, Role, Storage
+from v4convert.errors import UserError
+from v4convert import __version__, outputs
+from v4convert.paths import read_checkpoint_json
 
 
 class ExportError(UserError):

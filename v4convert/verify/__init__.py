@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactKind, Runner, check_runnable, open_runner
-from .errors import UserError
+from ..artifacts import ArtifactKind, Runner, check_runnable, open_runner
+from v4convert.errors import UserError
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
-DEFAULT_DATA = Path(__file__).parent / "data" / "corpus" / "heldout.txt"
+DEFAULT_DATA = Path(__file__).parents[1] / "data" / "corpus" / "heldout.txt"
 DP_PERCENTILES = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 KLD_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
@@ -406,7 +406,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         opts = opts or VerifyOptions()
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
-        from .paths import read_checkpoint_json
+        from ..paths import read_checkpoint_json
         cfg = read_checkpoint_json(ref_path, "config.json")
         meta = {"ref": str(ref_path), "ref_config_sha256": _config_sha(ref_path), "data": str(data),
                 "data_sha256": sha256_file(data), "vocab": int(cfg["vocab_size"]), "options": opts.__dict__.copy()}
