@@ -119,7 +119,7 @@ def test_tokenizer_and_modelfile(gguf_ckpts, tmp_path) -> None:
     assert kv["tokenizer.ggml.add_bos_token"] is True and "<｜Assistant｜>" in kv["tokenizer.chat_template"]
     assert kv["deepseek32.attention.indexer.top_k"] == 8 and "blk.0.indexer.k_norm.bias" in t
     mf = (tmp_path / "Modelfile").read_text()
-    assert mf.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in mf
+    assert mf.startswith("# written by v4convert\nFROM ./m.gguf\n") and 'PARAMETER stop "<｜end▁of▁sentence｜>"' in mf
 
 
 def test_v4_experts_repacked_losslessly_and_metadata(gguf_ckpts, tmp_path) -> None:

@@ -47,6 +47,8 @@ class QuantizeArgs:
     shard_bytes: int = 5 * 10**9
     workers: int | None = None
     overwrite: bool = False
+    allow_missing: bool = False                 # write although tensors the config implies are absent
+    allow_nonfinite: bool = False               # copy NaN/Inf in tensors kept as stored
     plan_only: bool = False
     sync_bytes: int = 10**9
     device: str | None = None
@@ -64,13 +66,22 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     from .quant.plan import MXRule, Options, ScaleChoice, make_plan
     from .quant.recipes import RuleSet, preset
 
+    from . import outputs
+    from .devices import check_device
+
     src, out = Path(a.src), Path(a.out)
-    if out.exists() and not a.overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    if a.device is not None:
+        check_device(a.device)
+    outputs.recover(out)
+    try:                                 # the output rule, before reading any header
+        outputs.claim(out, sources=[src], overwrite=a.overwrite)
+    except outputs.OutputError as e:
+        raise OutputExistsError(str(e)) from None
     rname = a.recipe or ("nvfp4-experts" if a.scheme == "nvfp4" else "mxfp4-experts")
     container = Container(a.container) if a.container else Container.COMPRESSED_TENSORS
     opts = Options(container=container, scale_method=ScaleChoice(a.scale_method), mx_rule=MXRule(a.mx_rule),
-                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes)
+                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes,
+                   allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite)
     rules = RuleSet(preset(rname), keep=a.keep, overrides=a.overrides)
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, rules, opts)
@@ -154,10 +165,11 @@ class SynthArgs:
     shard_size: int | None = None
     with_embed: bool | None = None
     progress: bool = False
+    overwrite: bool = False
 
 
 def synth(a: SynthArgs) -> "SynthResult":
     """Write a synthetic checkpoint in the exact published layout of ``a.preset``."""
     from .synth import synth as run_synth
     return run_synth(a.preset, Path(a.out), seed=a.seed, layers=a.layers, shard_size=a.shard_size,
-                     with_embed=a.with_embed, progress=a.progress)
+                     with_embed=a.with_embed, progress=a.progress, overwrite=a.overwrite)

@@ -20,7 +20,6 @@ from v4convert.formats import gguf_quants
 
 from .checkpoint import Checkpoint
 from .export.gguf.exporter import ARCH_OF, GGUFType, TypeMix, gguf_types, slot_skip_reason
-from .errors import read_json
 from .families.layout import Arch, Slot, inventory, stored_tensors
 from .families.roles import Group, Role
 
@@ -133,12 +132,19 @@ PROJECTIONS: dict[str, tuple[str, Callable[[Arch, Slot], int | None]]] = {
 }
 
 
+def _architecture(cfg: dict) -> str | None:
+    """``architectures[0]`` when it is a list of strings (it is informational; anything else is ignored)."""
+    a = cfg.get("architectures")
+    return a[0] if isinstance(a, list) and a and isinstance(a[0], str) else None
+
+
 # --------------------------------------------------------------------------------------------
 def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
     if path.is_file():
-        cfg = read_json(path)
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(path.parent, path.name, "config.json", 16 << 20)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []
@@ -168,7 +174,7 @@ def build_report(path: Path) -> dict:
         storages[e.slot.storage.value] += 1
     return {
         "source": source, "path": str(path), "family": a.family.value,
-        "architecture": (cfg.get("architectures") or [None])[0],
+        "architecture": _architecture(cfg),
         "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
         "routed_experts": a.n_experts, "experts_per_token": a.top_k, "shared_experts": a.n_shared,
         "parameters": {**params, "total": params["main"] + params["mtp"]},

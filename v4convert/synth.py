@@ -29,6 +29,7 @@ from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stor
 from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
 from v4convert.errors import UserError
+from . import outputs
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
@@ -247,7 +248,7 @@ def preset_config(preset: str) -> dict:
 
 
 def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shard_size: int | None = None,
-          with_embed: bool | None = None, progress: bool = False) -> SynthResult:
+          with_embed: bool | None = None, progress: bool = False, overwrite: bool = False) -> SynthResult:
     """Write a checkpoint of ``preset`` into ``out`` (created; must not exist or be empty).
 
     Full-size presets need ``layers`` (writing 688 GB by accident helps no one); ``with_embed``
@@ -263,13 +264,15 @@ def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shar
         with_embed = sel is None
     shard_size = shard_size or PRESETS[preset][1]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SynthError(f"{out}: output directory exists and is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    outputs.recover(out)
+    try:
+        outputs.claim(out, overwrite=overwrite)
+    except outputs.OutputError as e:
+        raise SynthError(str(e)) from None
+    tmp = outputs.partial_path(out)
+    outputs.remove_ours(tmp)                 # a killed earlier run's scratch (claim checked it is ours)
     tmp.mkdir(parents=True)
+    outputs.write_marker(tmp, "synth", "writing")
     planned = planned_tensors(a, sel, with_embed, seed)
     shards = assign_shards(planned, shard_size)
     total = sum(t.nbytes for t in planned)
@@ -291,7 +294,6 @@ def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shar
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    outputs.write_marker(tmp, "synth", "complete", preset=preset, seed=seed)
+    outputs.swap_in(tmp, out)
     return SynthResult(out, len(planned), total, n)

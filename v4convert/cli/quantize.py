@@ -36,7 +36,11 @@ from .sizes import SIZE
 @click.option("--shard-size", type=SIZE, default="5G", show_default=True,
               help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT (only once the new one is "
+              "complete). Never deletes a directory v4convert did not write, nor the source.")
+@click.option("--allow-missing", is_flag=True, help="Write an artifact although the checkpoint lacks tensors its "
+              "config implies (recorded in the output's metadata).")
+@click.option("--allow-nonfinite", is_flag=True, help="Copy NaN/Inf in tensors kept as stored instead of refusing.")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", type=SIZE, default="1G", show_default=True,
               help="Journal (fsync) after this much output (binary units).")
@@ -47,6 +51,7 @@ from .sizes import SIZE
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
                      keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     allow_missing: bool, allow_nonfinite: bool,
                      plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
@@ -66,7 +71,8 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     r = api.quantize(api.QuantizeArgs(
         src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
         scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
-        shard_bytes=shard_size, workers=workers, overwrite=overwrite, plan_only=plan_only,
+        shard_bytes=shard_size, workers=workers, overwrite=overwrite,
+        allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, plan_only=plan_only,
         sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),
         on_plan=on_plan))
     if r is None:

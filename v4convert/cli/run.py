@@ -48,6 +48,8 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
         if threads < 1:
             raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
         torch.set_num_threads(threads)
+    from v4convert.devices import check_device
+    check_device(device)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights
     ids = tok.encode(prompt)
     if len(ids) > max_seq_len:

@@ -63,6 +63,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
 
     if threads:
         torch.set_num_threads(threads)
+    from ..devices import check_device
+    check_device(device)
     if save_ref_logits and ref_logits:
         raise VerifyError("--save-ref-logits and --ref-logits exclude each other")
     if plot_out is not None:

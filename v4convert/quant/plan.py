@@ -61,6 +61,8 @@ class Options:
     mx_rule: MXRule = MXRule.FLOOR
     keep_native_fp4: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    allow_missing: bool = False          # write an artifact although tensors the config implies are absent
+    allow_nonfinite: bool = False        # copy NaN/Inf in tensors kept as stored instead of refusing
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Plan:
     family: Family
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # extra keys for the index's v4convert metadata
 
     @property
     def bytes_in(self) -> int:
@@ -202,6 +205,7 @@ def _tensor_plan(info: TensorInfo, codec: Codec, opts: Options) -> TensorPlan:
 
 def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
     """Decide every tensor's action and output placement from headers only."""
+    absent = ck.check_complete(opts.allow_missing)
     infos = sorted(ck.infos(), key=lambda i: (str(i.parts["weight"].path), i.parts["weight"].start))
     plans: dict[str, TensorPlan] = {}
     for info in infos:
@@ -262,7 +266,10 @@ def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
                 raise QuantizeError(f"tensor {t.name}: output name {e.name} collides with {seen[e.name]}")
             seen[e.name] = t.name
     plan = Plan(ck.root, opts, rules.describe(), [u for u in units if u is not None], shards, headers,
-                ck.config, ck.family)
+                ck.config, ck.family, metadata=absent)
+    if absent.get("allowed_missing"):
+        plan.notes.append(f"--allow-missing: {absent['allowed_missing']['count']} tensors the config implies "
+                          f"are absent; the artifact is incomplete")
     plan.fingerprint = fingerprint(plan)
     return plan
 
