@@ -229,7 +229,7 @@ def test_failure_midway_leaves_no_model(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(v3.V3Graph, "moe", boom)
     with pytest.raises(RuntimeError, match="injected"):
         export(sources["synth"], tmp_path / "o", Options())
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # neither o/ nor o.partial/
 
 
 def test_cli_export_and_verify(sources, exports, tmp_path):
@@ -262,6 +262,24 @@ def test_cli_flags_registry_and_run(sources, tmp_path):
                                     options=Options(weights="FP32")))
     assert json.loads((tmp_path / "api" / "model.v4convert.json").read_text())["weights"] == "fp32"
     assert res.label == "deepseek_v3 ONNX" and res.paths[0] == tmp_path / "api" / "model.onnx"
+    # the output rule (v4convert.outputs): an export of ours is replaced only with --overwrite; a source or a
+    # directory we did not write never
+    again = ["export", str(sources["trained"]), "--onnx", "--out", str(out), "--onnx-weights", "fp32"]
+    r = _cli(*again)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert json.loads((out / "model.v4convert.json").read_text())["weights"] == "int4"
+    r = _cli(*again, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "model.v4convert.json").read_text())["weights"] == "fp32"
+    assert not (tmp_path / "cli.partial").exists() and not (tmp_path / "cli.old").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    r = _cli("export", str(sources["trained"]), "--onnx", "--out", str(foreign / "m.onnx"), "--overwrite")
+    assert r.exit_code == 2 and "not written by v4convert" in r.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    r = _cli("export", str(sources["trained"]), "--onnx", "--out", str(sources["trained"] / "onnx"))
+    assert r.exit_code == 2 and "inside the source" in r.output
     run = _cli("run", str(out), "--prompt", "Hello", "--max-new-tokens", "4")
     assert run.exit_code == 0, run.output
     assert "prefill: " in run.output and "decode: " in run.output and "tok/s" in run.output

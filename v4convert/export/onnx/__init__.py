@@ -2,9 +2,9 @@
 
 The graph is built directly with ``onnx.helper`` (``torch.onnx.export`` fails on, or silently drops experts of,
 data-dependent MoE routing). Weights stream tensor by tensor into the external data file; the graph itself is a
-few hundred KB. Files are written under temporary names and renamed at the end (data first, then the graph), so
-no ``model.onnx`` exists under its final name unless it is complete. Every unsupported combination is refused
-before any file is written.
+few hundred KB. The export directory is built as ``DIR.partial`` and swapped in when complete
+(``v4convert.outputs``), so no ``DIR/model.onnx`` exists unless it is complete. Every unsupported combination is
+refused before any file is written.
 
 Family support: ``deepseek_v3`` (V3, R1, V3.1) and ``deepseek_v32`` (plus the lightning indexer and top-k sparse
 attention from standard ops) — see ``v3.py`` for the graph; ``deepseek_v4`` (hyper-connections, sliding window and
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from v4convert import outputs
 from v4convert.checkpoint import Checkpoint, CheckpointError
 from v4convert.errors import UserError
 from v4convert.export import ExportResult
@@ -32,7 +32,6 @@ from v4convert.runtime.v4_args import V4Args
 
 OPSET = 21                # ai.onnx opset (ReduceMean/ReduceSum with axes inputs, Range, ScatterElements)
 MODEL_FILE = "model.onnx"
-PARTIAL = ".partial"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -64,6 +63,9 @@ class Options:
         "cli": "--onnx-accuracy-level",
         "help": "MatMulNBits/QMoE accuracy_level: 0 keeps FP32 activations (exact); 4 lets onnxruntime quantize "
                 "activations to int8 (faster on CPU, less accurate)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a previous v4convert ONNX export in --out once the new one is complete; a directory "
+                "v4convert did not write is never replaced (v4convert.outputs)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, WeightType):       # the CLI and the API may pass the name
@@ -119,7 +121,9 @@ def _check(ck: Checkpoint, opts: Options) -> ModelArgs:
 def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> ExportResult:
     """Write ``out/model.onnx`` (+ ``model.onnx.data``, config and tokenizer files) from checkpoint ``src``.
 
-    ``out`` is a directory (created); a path ending in ``.onnx`` names the model file itself.
+    ``out`` is a directory; ``DIR/NAME.onnx`` names the model file inside directory ``DIR``. The directory follows
+    ``v4convert.outputs``' rule: built in ``DIR.partial`` and swapped in when complete; an existing export of ours is
+    replaced only with ``overwrite``; anything else (a source, a directory we did not write) is refused.
     ``ExportResult.n_bytes`` counts the source tensor bytes read.
     """
     import onnx                 # imported on use: the CLI reads Options of every exporter at start-up
@@ -130,50 +134,57 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
     from .v4 import V4Graph
 
     t0 = time.perf_counter()
+    out = Path(out)
+    out_dir, model_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, MODEL_FILE)
+    outputs.recover(out_dir)
     try:
         ck = Checkpoint.open(src)
     except (CheckpointError, LayoutError) as e:
         raise OnnxExportError(str(e)) from None
     try:
         _check(ck, opts)
-        out = Path(out)
-        model_path = out if out.suffix == ".onnx" else out / MODEL_FILE
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-        data_name = model_path.name + ".data"
-        data_path = model_path.with_name(data_name)
-        tmp_model, tmp_data = Path(str(model_path) + PARTIAL), Path(str(data_path) + PARTIAL)
+        outputs.claim(out_dir, sources=[ck.root], overwrite=opts.overwrite)
+        work = outputs.partial_path(out_dir)
+        outputs.remove_ours(work)                     # a killed run's scratch (claim checked it is ours)
+        work.mkdir(parents=True)
+        outputs.write_marker(work, "onnx", "writing")
+        data_name = model_name + ".data"
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(ck.names()), unit="tensor", desc="export onnx")
-        data = ExternalData(tmp_data, data_name)
+        data = ExternalData(work / data_name, data_name)
         try:
             b = (V4Graph if ck.family is Family.V4 else V3Graph)(ck, data, opts.weights is WeightType.INT4, opts.block_size, opts.accuracy_level,
                         tick=(lambda n: bar.update(1)) if bar else (lambda n: None))
-            inputs, outputs = b.build()
+            inputs, outs = b.build()
             data.close()
-            graph = helper.make_graph(b.g.nodes, ck.family.value, inputs, outputs, initializer=b.g.initializers)
+            graph = helper.make_graph(b.g.nodes, ck.family.value, inputs, outs, initializer=b.g.initializers)
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                             helper.make_opsetid("com.microsoft", 1)],
                                       producer_name="v4convert")
             model.ir_version = 10
-            onnx.save_model(model, tmp_model)
-            os.replace(tmp_data, data_path)
-            os.replace(tmp_model, model_path)
+            onnx.save_model(model, work / model_name)
+            names = [model_name, data_name]
+            for name in COPIED:
+                if (ck.root / name).is_file():
+                    shutil.copyfile(ck.root / name, work / name)
+                    names.append(name)
+            meta = {"format": "v4convert-onnx", "family": ck.family.value, "weights": opts.weights.value,
+                    "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "vocab_size": b.a.arch.vocab}
+            names.append(Path(model_name).stem + ".v4convert.json")
+            (work / names[-1]).write_text(json.dumps(meta, indent=2))
+            outputs.write_marker(work, "onnx", "complete", model=model_name)
         except BaseException:
             if not data.f.closed:
                 data.f.close()
-            for p in (tmp_model, tmp_data):
-                p.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)   # nothing of this run is kept (an export does not resume)
             raise
         finally:
             if bar:
                 bar.close()
-        paths = [model_path, data_path]
-        for name in COPIED:
-            if (Path(src) / name).is_file():
-                shutil.copyfile(Path(src) / name, model_path.parent / name)
-                paths.append(model_path.parent / name)
+        outputs.swap_in(work, out_dir)
+        paths = [outputs.absolute(out_dir) / n for n in names]
         n_mtp = b.a.arch.n_mtp
         v4 = ck.family is Family.V4
         notes = [f"{data.n_tensors} external tensors; weights {opts.weights.value}"
@@ -191,10 +202,6 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
         if opts.weights is WeightType.INT4:
             notes.append("routed experts: QMoE router_weights carry DeepSeek's weights; exact on onnxruntime CPU "
                          "(the CUDA QMoE kernel ignores router_weights)")
-        meta = {"format": "v4convert-onnx", "family": ck.family.value, "weights": opts.weights.value,
-                "block_size": opts.block_size, "n_layers": b.a.arch.n_layers, "vocab_size": b.a.arch.vocab}
-        (model_path.parent / (model_path.stem + ".v4convert.json")).write_text(json.dumps(meta, indent=2))
-        paths.append(model_path.parent / (model_path.stem + ".v4convert.json"))
         return ExportResult(paths, data.n_tensors, b.bytes_read, time.perf_counter() - t0, notes,
                             label=f"{ck.family.value} ONNX")
     finally:
