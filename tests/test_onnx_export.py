@@ -285,3 +285,16 @@ def test_cli_flags_registry_and_run(sources, tmp_path):
     assert "prefill: " in run.output and "decode: " in run.output and "tok/s" in run.output
     run = _cli("run", str(out), "--prompt", "Hello", "--packed")
     assert run.exit_code == 2 and "ONNX export" in run.output
+
+
+def test_unloadable_model_is_one_line(sources, tmp_path):
+    """A damaged model.onnx beside a tokenizer: `run` says so in one line, exit 2 (not a traceback)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.onnx").write_bytes(b"\x08\x07 not a protobuf")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bad / name).write_bytes((sources["trained"] / name).read_bytes())
+    r = _cli("run", str(bad), "--prompt", "Hello", "--max-new-tokens", "2")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "onnxruntime cannot load" in lines[0]

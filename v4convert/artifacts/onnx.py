@@ -55,7 +55,11 @@ class OnnxRunner:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(model_file(self.path)), so, providers=["CPUExecutionProvider"])
+        f = model_file(self.path)
+        try:
+            self.sess = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        except Exception as e:      # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no narrower base
+            raise OnnxArtifactError(f"{f}: onnxruntime cannot load this model ({str(e).splitlines()[0]})") from None
         ins = {i.name: i for i in self.sess.get_inputs()}
         for need in ("input_ids", "attention_mask", "position_ids"):
             if need not in ins:
