@@ -11,6 +11,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``[B, T, D]``; V4: ``model.layers[i]`` output, the hyper-connection streams ``[B, T, hc, D]``).
 * ``GGUF``: through llama.cpp itself (``v4convert.artifact_gguf``: llama-cpp-python ``Llama(path, logits_all=True)``,
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
+* ``VLLM``: vLLM serving the directory, in vLLM's own python (``v4convert.artifacts.vllm``); only when asked
+  (``--engine vllm``); log-probs from vLLM itself, no hidden states.
 * ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
 
 Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
@@ -35,6 +37,7 @@ class ArtifactKind(enum.Enum):
     RUNTIME = "runtime"
     GGUF = "gguf"
     ONNX = "onnx"
+    VLLM = "vllm"          # a checkpoint directory served by vLLM (explicit: --engine vllm / --kind vllm)
 
 
 class Runner(Protocol):
@@ -126,10 +129,16 @@ def _gguf_runner(path: Path, **kw) -> Runner:
     return GGUFRunner(path, **kw)
 
 
+def _vllm_runner(path: Path, **kw) -> Runner:
+    from .artifacts.vllm import VLLMRunner    # runs vLLM in its own python (v4convert/artifacts/vllm.py)
+    return VLLMRunner(path, **kw)
+
+
 # kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
 RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
     ArtifactKind.RUNTIME: RuntimeRunner,
     ArtifactKind.GGUF: _gguf_runner,
+    ArtifactKind.VLLM: _vllm_runner,
 }
 # kinds whose runner is still to be written -> how it will run
 PLANNED: dict[ArtifactKind, str] = {
@@ -146,6 +155,9 @@ def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) ->
     if k is ArtifactKind.GGUF:
         from .artifact_gguf import require_llama_cpp
         require_llama_cpp()
+    if k is ArtifactKind.VLLM:
+        from .artifacts.vllm import vllm_python
+        vllm_python()
     return k
 
 

@@ -40,6 +40,9 @@ def _parse_size(text: str) -> int:
               help="NVFP4 block-scale choice.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
+@click.option("--keep-bf16", is_flag=True,
+              help="Write kept FP8-block linears as BF16 (compressed-tensors; ModelOpt always does): for engines "
+                   "without FP8 block kernels, e.g. vLLM on a CPU without AMX.")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
@@ -52,7 +55,7 @@ def _parse_size(text: str) -> int:
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
-                     keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
+                     keep_bf16: bool, keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
                      plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
@@ -72,7 +75,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
     container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
     opts = Options(container=container, scale_method=ScaleChoice(scale_method), mx_rule=MXRule(mx_rule),
-                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size))
+                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size), keep_bf16=keep_bf16)
     rules = RuleSet(preset(rname), keep=keep, overrides=override)
     with Checkpoint.open(ckpt) as ck:
         plan = make_plan(ck, rules, opts)

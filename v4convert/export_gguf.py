@@ -29,7 +29,7 @@ from v4convert.formats.gguf_names import Entry, GGUFArch, Kind, Precision, entry
 from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 
 from .checkpoint import Checkpoint, TensorInfo
-from .roles import Family, Role, Storage
+from .roles import RELEASE_ROUTING, Family, Role, Storage
 
 
 class ExportError(ValueError):
@@ -164,7 +164,7 @@ def _rope(cfg: dict) -> tuple[float, dict]:
 
 
 # Router scoring when the config omits ``scoring_func`` (transformers 5 drops it): the family's own.
-DEFAULT_SCORING = {Family.V3: "sigmoid", Family.V32: "sigmoid", Family.V4: "sqrtsoftplus"}
+DEFAULT_SCORING = {f: r["scoring_func"] for f, r in RELEASE_ROUTING.items()}
 
 
 def _yarn(md: Metadata, arch: str, cfg: dict, log_mul: bool) -> None:
