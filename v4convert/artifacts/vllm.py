@@ -68,6 +68,16 @@ class VLLMEngine:
         self.shims: list[str] = list(info["shims"])
         self.vocab_size: int = int(info["vocab_size"])
 
+    @property
+    def alive(self) -> bool:
+        return getattr(self, "proc", None) is not None and self.proc.poll() is None
+
+    def load(self, path: Path) -> None:
+        """Serve another checkpoint in the same worker (saves vLLM's import time)."""
+        self.path = Path(path)
+        info = self.request(op="load", model=str(self.path))
+        self.vocab_size = int(info["vocab_size"])
+
     def log_tail(self, n: int = 40) -> str:
         """The last ``n`` lines vLLM wrote (its log goes to a temporary file)."""
         self._log.flush()
@@ -86,6 +96,8 @@ class VLLMEngine:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         r = self._read()
+        if "error" in r and r.get("kind") == "load":
+            raise ArtifactError(f"{self.path}: vLLM cannot load it: {r['error']}")
         if "error" in r:
             raise RuntimeError(f"vLLM worker: {r['error']}; its log ends:\n{self.log_tail()}")
         return r

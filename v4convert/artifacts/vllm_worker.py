@@ -14,6 +14,8 @@ prints goes to stderr). The first reply, unasked, is ``{"ready": true, "vllm": V
 * ``{"op": "logprobs", "ids": [ids], "out": PATH}`` -> writes float32 ``[T, V]`` log-probs of the next token
   after each position (rows 0..T-2 from ``prompt_logprobs``, row T-1 from one sampled step) to PATH;
   replies ``{"shape": [T, V]}``.
+* ``{"op": "load", "model": DIR}`` -> serve another checkpoint (the engine is rebuilt, vLLM stays imported);
+  replies like the ready message.
 * ``{"op": "tokenize", "texts": [str]}`` -> ``{"ids": [[ids]]}`` with vLLM's tokenizer (special tokens added
   the way vLLM adds them to a text prompt).
 """
@@ -76,17 +78,28 @@ def main() -> int:
         shims: list[str] = []
         if current_platform.is_cpu() and not args.no_shims:
             shims = _load_shims().install()
-        cfg = json.loads((Path(args.model) / "config.json").read_text())
-        vocab = int(cfg["vocab_size"])
-        llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
-                  max_num_seqs=1, seed=0, max_logprobs=vocab, enable_prefix_caching=False)
-        tok = llm.get_tokenizer()
     except Exception as e:       # reported to the client, which raises it with this text
         traceback.print_exc()
         reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
         return 1
-    reply({"ready": True, "vllm": vllm.__version__, "platform": str(current_platform.device_type),
-           "shims": shims, "vocab_size": vocab})
+
+    def load(model: str):
+        vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+        llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
+                  max_num_seqs=1, seed=0, max_logprobs=vocab, enable_prefix_caching=False)
+        return llm, llm.get_tokenizer(), vocab
+
+    def ready() -> dict:
+        return {"ready": True, "vllm": vllm.__version__, "platform": str(current_platform.device_type),
+                "shims": shims, "vocab_size": vocab}
+
+    try:
+        llm, tok, vocab = load(args.model)
+    except Exception as e:
+        traceback.print_exc()
+        reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
+        return 1
+    reply(ready())
 
     for line in sys.stdin:
         if not line.strip():
@@ -114,6 +127,18 @@ def main() -> int:
                     raise RuntimeError(f"vLLM returned {arr.shape[0]} log-prob rows for {len(ids)} tokens")
                 np.ascontiguousarray(arr).tofile(req["out"])
                 reply({"shape": list(arr.shape)})
+            elif op == "load":
+                import gc
+
+                del llm, tok
+                gc.collect()
+                try:
+                    llm, tok, vocab = load(req["model"])
+                except Exception as e:
+                    traceback.print_exc()
+                    reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
+                    return 1        # the engine is gone: this worker cannot serve anything now
+                reply(ready())
             elif op == "tokenize":
                 reply({"ids": [list(tok.encode(t)) for t in req["texts"]]})
             else:
