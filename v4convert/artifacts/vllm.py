@@ -54,7 +54,8 @@ class VLLMEngine:
     def __init__(self, path: Path, dtype: str = "float32", max_model_len: int = 512, python: str | None = None,
                  shims: bool = True) -> None:
         self.path = Path(path)
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="v4convert-vllm-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- open for the worker's life; closed in close()
+            "w+", prefix="v4convert-vllm-", suffix=".log", delete=False)
         cmd = [python or vllm_python(), str(WORKER), str(self.path), "--dtype", dtype,
                "--max-model-len", str(max_model_len)] + ([] if shims else ["--no-shims"])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,

@@ -14,6 +14,7 @@ Shims, each for a kernel vLLM 0.32 has only on CUDA (listed in ``SHIMS``, report
   vLLM's NVFP4 MoE method create and load its parameters as usual, then dequantizes ``w13``/``w2`` once with
   ``dequantize_to_dtype`` and hands the layer to vLLM's own unquantized MoE method (vLLM's CPU MoE kernel).
   vLLM's routing (grouped top-k, ``e_score_correction_bias``) is untouched: ``apply`` receives its top-k.
+  Weight-only (W4A16) only: a W4A4 MoE goes to vLLM's own backend choice (none on a CPU).
 * ``modelopt-fp4-float32``: vLLM's ModelOpt NVFP4 config lists bf16/fp16 activations only (the CUDA kernels'
   limit); the dequantized GEMM above runs float32, which the comparison at 1e-3 needs.
 """
@@ -95,7 +96,7 @@ def _moe_dequant_at_load(module, method_cls, weights) -> None:
     select = module.select_nvfp4_moe_backend
 
     def select_on_cpu(config, weight_key, activation_key):
-        if not current_platform.is_cpu():
+        if not current_platform.is_cpu() or activation_key is not None:   # W4A4 is not shimmed: vLLM decides
             return select(config, weight_key, activation_key)
         # placeholder until load: the emulation experts class only answers is_monolithic() (False)
         return NvFp4MoeBackend.EMULATION, backend_to_kernel_cls(NvFp4MoeBackend.EMULATION)[0]

@@ -78,7 +78,7 @@ def main() -> int:
         shims: list[str] = []
         if current_platform.is_cpu() and not args.no_shims:
             shims = _load_shims().install()
-    except Exception as e:       # reported to the client, which raises it with this text
+    except Exception as e:  # noqa: BLE001 -- any failure is reported to the client, which raises it
         traceback.print_exc()
         reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
         return 1
@@ -95,7 +95,7 @@ def main() -> int:
 
     try:
         llm, tok, vocab = load(args.model)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- reported to the client as a load failure
         traceback.print_exc()
         reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
         return 1
@@ -134,7 +134,7 @@ def main() -> int:
                 gc.collect()
                 try:
                     llm, tok, vocab = load(req["model"])
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 -- reported to the client as a load failure
                     traceback.print_exc()
                     reply({"error": f"{type(e).__name__}: {e}", "kind": "load"})
                     return 1        # the engine is gone: this worker cannot serve anything now
@@ -143,7 +143,7 @@ def main() -> int:
                 reply({"ids": [list(tok.encode(t)) for t in req["texts"]]})
             else:
                 reply({"error": f"unknown op {op!r}", "kind": "request"})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- reported to the client; the worker serves the next request
             traceback.print_exc()
             reply({"error": f"{type(e).__name__}: {e}", "kind": "request"})
     return 0
