@@ -24,12 +24,12 @@ from click.testing import CliRunner
 from v4convert.checkpoint import Checkpoint
 from v4convert.cli import main
 from v4convert.demo import bundled_model
-from v4convert.engine import output_config
+from v4convert.quant.engine import output_config
 from v4convert.formats.containers import Container, ContainerError, fused_modules, modelopt_configs
 from v4convert.inspect import build_report
-from v4convert.quantize import Options, QuantizeError, make_plan
-from v4convert.recipes import RuleSet, preset
-from v4convert.roles import RELEASE_ROUTING, Family
+from v4convert.quant.plan import Options, QuantizeError, make_plan
+from v4convert.quant.recipes import RuleSet, preset
+from v4convert.families.roles import RELEASE_ROUTING, Family
 
 
 def _plan(src: Path, recipe: str, container: Container, keep=(), **opts):

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from v4convert.artifact import ArtifactError
+from v4convert.artifacts import ArtifactError
 from v4convert.checkpoint import Checkpoint
-from v4convert.engine import execute
+from v4convert.quant.engine import execute
 from v4convert.formats.containers import Container
-from v4convert.quantize import Options, make_plan
-from v4convert.recipes import RuleSet, preset
+from v4convert.quant.plan import Options, make_plan
+from v4convert.quant.recipes import RuleSet, preset
 from v4convert.runtime import load
 from v4convert.runtime.generate import Tokenizer
 from v4convert.synth import synth

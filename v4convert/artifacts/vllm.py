@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v4convert.artifact import ArtifactError, ArtifactKind
+from v4convert.artifacts import ArtifactError, ArtifactKind
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
 CI_VENV_PYTHON = Path.home() / ".cache" / "v4convert-ci" / "vllm-venv" / "bin" / "python"
@@ -140,7 +140,11 @@ class VLLMEngine:
 
 
 class VLLMRunner:
-    """The verify :class:`~v4convert.artifact.Runner` for ``--engine vllm`` (CPU or GPU, as vLLM picks)."""
+    """The verify :class:`~v4convert.artifacts.Runner` for ``--engine vllm`` (CPU or GPU, as vLLM picks)."""
+
+    @staticmethod
+    def require() -> None:
+        vllm_python()
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 512) -> None:

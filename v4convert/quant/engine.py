@@ -23,9 +23,9 @@ from pathlib import Path
 
 from v4convert.formats.containers import Container, OutKind, check_fused, compressed_tensors_config, modelopt_configs
 
-from . import __version__
-from .quantize import Action, Plan, QuantizeError, Unit
-from .roles import RELEASE_ROUTING
+from .. import __version__
+from .plan import Action, Plan, QuantizeError, Unit
+from ..families.roles import RELEASE_ROUTING
 from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
