@@ -44,6 +44,7 @@ class QuantizeArgs:
     scale_method: str = "rtn"                   # rtn | mse | four-over-six
     mx_rule: str = "floor"                      # floor | round-up
     keep_native_fp4: bool = False
+    keep_bf16: bool = False                     # kept FP8-block linears written as BF16 (compressed-tensors)
     shard_bytes: int = 5 * 10**9
     workers: int | None = None
     overwrite: bool = False
@@ -80,7 +81,7 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     rname = a.recipe or ("nvfp4-experts" if a.scheme == "nvfp4" else "mxfp4-experts")
     container = Container(a.container) if a.container else Container.COMPRESSED_TENSORS
     opts = Options(container=container, scale_method=ScaleChoice(a.scale_method), mx_rule=MXRule(a.mx_rule),
-                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes,
+                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, keep_bf16=a.keep_bf16,
                    allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite)
     rules = RuleSet(preset(rname), keep=a.keep, overrides=a.overrides)
     with Checkpoint.open(src) as ck:

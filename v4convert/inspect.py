@@ -21,7 +21,7 @@ from v4convert.formats import gguf_quants
 from .checkpoint import Checkpoint
 from .export.gguf.exporter import ARCH_OF, GGUFType, TypeMix, gguf_types, slot_skip_reason
 from .families.layout import Arch, Slot, inventory, stored_tensors
-from .families.roles import Group, Role
+from .families.roles import RELEASE_ROUTING, Group, Role
 
 
 def gguf_bytes(numel: int, ggml_type: str) -> int:
@@ -139,6 +139,14 @@ def _architecture(cfg: dict) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+def config_warnings(cfg: dict, a: Arch) -> list[str]:
+    """What a source config lacks that consumers need: DeepSeek's release routing keys (vLLM builds
+    softmax routing without ``e_score_correction_bias`` when they are absent, and cannot load the model)."""
+    return [f"config.json lacks {k!r} (DeepSeek's release: {v!r}); vLLM cannot build the router without it. "
+            f"`v4convert quantize` writes it into its outputs; add it to serve this checkpoint as is."
+            for k, v in RELEASE_ROUTING[a.family].items() if k not in cfg]
+
+
 def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
@@ -181,7 +189,7 @@ def build_report(path: Path) -> dict:
         "logical_tensors": len(entries), "stored_tensors": n_stored, "total_bytes": total,
         "shards": shards, "missing_tensors": missing, "storage_counts": dict(storages),
         "bytes_by_role_dtype": {r: dict(d) for r, d in sorted(by_role.items())},
-        "projections": projections,
+        "projections": projections, "warnings": config_warnings(cfg, a),
     }
 
 
@@ -204,6 +212,8 @@ def format_report(r: dict) -> str:
     if r["missing_tensors"]:
         lines.append(f"  missing       {len(r['missing_tensors'])} tensors the config implies, e.g. "
                      f"{r['missing_tensors'][0]}")
+    for w in r["warnings"]:
+        lines.append(f"  warning       {w}")
     lines.append("  bytes by role and dtype:")
     for role, d in r["bytes_by_role_dtype"].items():
         lines.append(f"    {role:<26} " + "  ".join(f"{dt} {_gb(b)}" for dt, b in sorted(d.items())))

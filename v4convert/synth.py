@@ -58,6 +58,19 @@ def _v3_tiny(v32: bool) -> dict:
     return cfg
 
 
+def _v3_vllm_tiny() -> dict:
+    """A tiny V3 within vLLM's constraints: every linear dim a multiple of the 128 FP8 block (q_lora_rank 128),
+    MLA latent 512 + rope 64 (vLLM-CPU's MLA decode kernel supports only head size 576), YaRN rope (the
+    published kind; vLLM-CPU's rotary kernel for ``rope_type: default`` is wrong on 3-D q)."""
+    cfg = copy.deepcopy(_ref_config("deepseek-v3-671b.config.json"))
+    cfg.update(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=3,
+               first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128,
+               kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
+               n_group=4, topk_group=2, num_experts_per_tok=3, vocab_size=640, max_position_embeddings=4096)
+    cfg["rope_scaling"] = dict(cfg["rope_scaling"], factor=4, original_max_position_embeddings=1024)
+    return cfg
+
+
 def _v4_tiny(base: bool) -> dict:
     cfg = copy.deepcopy(_ref_config("deepseek-v4-flash.config.json"))
     cfg.update(hidden_size=160, moe_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -90,6 +103,7 @@ def _tp_tiny(cfg: dict) -> dict:
 PRESETS: dict[str, tuple[Callable[[], dict], int]] = {
     "v3-tiny": (lambda: _v3_tiny(False), 2 << 20),
     "v32-tiny": (lambda: _v3_tiny(True), 2 << 20),
+    "v3-vllm-tiny": (_v3_vllm_tiny, 4 << 20),
     "v4-flash-tiny": (lambda: _v4_tiny(False), 2 << 20),
     "v4-flash-base-tiny": (lambda: _v4_tiny(True), 2 << 20),
     "v3-tp-tiny": (lambda: _tp_tiny(_v3_tiny(False)), 2 << 20),

@@ -12,6 +12,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
 * ``ONNX``: through onnxruntime (``artifacts/onnx.py``: CPU execution provider, the graph's
   ``past_key_values.N.key`` inputs fed from the previous call's ``present.N.key`` outputs); no hidden states.
+* ``VLLM``: vLLM serving the directory, in vLLM's own python (``artifacts/vllm.py``); only when asked
+  (``--engine vllm``), never detected from the path; log-probs from vLLM itself, no hidden states.
 
 Registry: :data:`KINDS`, one row per kind (path detection + ``"module:Class"`` of its runner). Planned kinds
 (runner None) raise :class:`ArtifactError` before any work. A new runner = its module ``artifacts/NAME.py`` with
@@ -39,6 +41,7 @@ class ArtifactKind(enum.Enum):
     RUNTIME = "runtime"
     GGUF = "gguf"
     ONNX = "onnx"
+    VLLM = "vllm"          # a checkpoint directory served by vLLM (only when asked: --engine vllm / --kind vllm)
 
 
 class Runner(Protocol):
@@ -82,6 +85,7 @@ KINDS: list[KindRow] = [
     KindRow(ArtifactKind.ONNX, _is_onnx, "v4convert.artifacts.onnx:OnnxRunner"),
     KindRow(ArtifactKind.RUNTIME, lambda p: p.is_dir() and (p / "config.json").is_file(),
             "v4convert.artifacts.runtime:RuntimeRunner"),
+    KindRow(ArtifactKind.VLLM, lambda p: False, "v4convert.artifacts.vllm:VLLMRunner"),   # explicit only
 ]
 ROWS: dict[ArtifactKind, KindRow] = {r.kind: r for r in KINDS}
 

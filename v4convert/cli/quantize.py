@@ -32,6 +32,9 @@ from .sizes import SIZE
               help="NVFP4 block-scale choice.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
+@click.option("--keep-bf16", is_flag=True,
+              help="Write kept FP8-block linears as BF16 (compressed-tensors; ModelOpt always does): for engines "
+                   "without FP8 block kernels, e.g. vLLM on a CPU without AMX.")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", type=SIZE, default="5G", show_default=True,
               help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
@@ -50,7 +53,7 @@ from .sizes import SIZE
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
-                     keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
                      allow_missing: bool, allow_nonfinite: bool,
                      plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
@@ -70,7 +73,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
 
     r = api.quantize(api.QuantizeArgs(
         src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
-        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
+        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4, keep_bf16=keep_bf16,
         shard_bytes=shard_size, workers=workers, overwrite=overwrite,
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, plan_only=plan_only,
         sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),

@@ -21,12 +21,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from v4convert.formats.containers import Container, OutKind, compressed_tensors_config, modelopt_configs
+from v4convert.formats.containers import Container, OutKind, check_fused, compressed_tensors_config, modelopt_configs
 
 from .. import __version__
 from .. import outputs
 from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
+from ..families.roles import RELEASE_ROUTING
 from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
@@ -275,8 +276,15 @@ def _module(name: str) -> str:
 
 
 def output_config(plan: Plan) -> tuple[dict, dict | None]:
-    """(updated config.json, hf_quant_config.json body or None)."""
+    """(updated config.json, hf_quant_config.json body or None).
+
+    Raises ContainerError when a fused module of the serving engine would mix storage kinds (checked at
+    plan time too). Adds DeepSeek's release routing keys when the source config lacks them (transformers 5
+    drops them; vLLM needs them) with the values our runtime assumes for the family.
+    """
     cfg = json.loads(json.dumps(plan.config))
+    for k, v in RELEASE_ROUTING[plan.family].items():
+        cfg.setdefault(k, v)
     linears = [t for t in plan.tensors() if t.role.is_linear and len(t.shape) == 2]
     all_mod = [_module(t.name) for t in linears]
     kinds: dict[OutKind, list[str]] = {OutKind.NVFP4: [], OutKind.MXFP4: [], OutKind.FP8_BLOCK: []}
@@ -292,9 +300,11 @@ def output_config(plan: Plan) -> tuple[dict, dict | None]:
             plain.append(_module(t.name))
     c = plan.options.container
     hf = None
+    if c in (Container.COMPRESSED_TENSORS, Container.MODELOPT):
+        check_fused({m: k for k, ms in kinds.items() for m in ms} | {m: OutKind.PLAIN for m in plain})
     if c is Container.COMPRESSED_TENSORS:
         if any(kinds.values()):
-            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod)
+            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod, __version__)
         else:
             cfg.pop("quantization_config", None)
     elif c is Container.MODELOPT:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
+from v4convert.formats.containers import Container, ContainerError, Entry, OutKind, Part, entries
 from v4convert.formats.mxfp4 import MXScaleRule
 from v4convert.formats.nvfp4 import ScaleMethod
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
@@ -41,7 +41,7 @@ class Action(enum.Enum):
     """What a worker does with one tensor. Value = short label used in the plan summary."""
     COPY = "copy"                        # bytes verbatim (plain tensors; DeepSeek-container FP8 / MXFP4)
     FP8_REWRAP = "keep fp8 (scale->F32)"  # FP8 weight verbatim, block scale re-encoded as F32 (exact)
-    FP8_TO_BF16 = "fp8 -> bf16"          # ModelOpt keeps unquantized layers in BF16
+    FP8_TO_BF16 = "fp8 -> bf16"          # ModelOpt keeps unquantized layers in BF16 (CT too with keep_bf16)
     MXFP4_REWRAP = "keep mxfp4"          # MXFP4 codes/scales verbatim under container names
     TO_NVFP4 = "-> nvfp4"                # quantize (FP8 / BF16 source) to NVFP4
     MXFP4_TO_NVFP4 = "mxfp4 -> nvfp4 (re-pack)"
@@ -63,6 +63,7 @@ class Options:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     allow_missing: bool = False          # write an artifact although tensors the config implies are absent
     allow_nonfinite: bool = False        # copy NaN/Inf in tensors kept as stored instead of refusing
+    keep_bf16: bool = False      # kept FP8-block linears written as BF16 (compressed-tensors; ModelOpt always)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _action(info: TensorInfo, codec: Codec, opts: Options) -> tuple[Action, OutK
         if st is Storage.FP8_BLOCK:
             if c is Container.DEEPSEEK:
                 return Action.COPY, OutKind.FP8_BLOCK
-            if c is Container.MODELOPT:
+            if c is Container.MODELOPT or opts.keep_bf16:
                 return Action.FP8_TO_BF16, OutKind.BF16
             return Action.FP8_REWRAP, OutKind.FP8_BLOCK
         if st is Storage.MXFP4:
@@ -205,6 +206,9 @@ def _tensor_plan(info: TensorInfo, codec: Codec, opts: Options) -> TensorPlan:
 
 def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
     """Decide every tensor's action and output placement from headers only."""
+    if opts.keep_bf16 and opts.container is Container.DEEPSEEK:
+        raise QuantizeError("--keep-bf16: the DeepSeek container keeps FP8 blocks verbatim (use it with "
+                            "--format compressed-tensors; ModelOpt always keeps BF16)")
     absent = ck.check_complete(opts.allow_missing)
     infos = sorted(ck.infos(), key=lambda i: (str(i.parts["weight"].path), i.parts["weight"].start))
     plans: dict[str, TensorPlan] = {}
@@ -271,6 +275,11 @@ def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
         plan.notes.append(f"--allow-missing: {absent['allowed_missing']['count']} tensors the config implies "
                           f"are absent; the artifact is incomplete")
     plan.fingerprint = fingerprint(plan)
+    from .engine import output_config   # the config is decided now: a container conflict stops before any work
+    try:
+        output_config(plan)
+    except ContainerError as e:
+        raise QuantizeError(str(e)) from None
     return plan
 
 

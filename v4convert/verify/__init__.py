@@ -422,6 +422,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
             runner.close()
             del runner
     art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq)
+    notes = list(getattr(art, "notes", []))      # e.g. the vLLM runner: version, CPU kernel shims
     try:
         comp = artifact_pass(art, rec, opts, progress=(lambda i, n: progress("artifact", i, n)) if progress else None)
     finally:
@@ -431,7 +432,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         "reference": {"path": str(ref_path), "kind": ArtifactKind.RUNTIME.value, "from_cache": ref_cache is not None,
                       "ppl": comp["ppl"]["ref"], "prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s},
         "artifact": {"path": str(art_path), "kind": art_kind.value, "ppl": comp["ppl"]["art"],
-                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed},
+                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed, "notes": notes},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
         **comp,

@@ -10,7 +10,7 @@ from v4convert.export.gguf.names import GGUFArch
 from v4convert.formats.gguf_writer import Metadata
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.families.roles import Family
+from v4convert.families.roles import RELEASE_ROUTING
 from v4convert import __version__, outputs
 from v4convert.paths import read_checkpoint_json
 from .types import ARCH_OF, GATING, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, ExportError, TypeMix  # noqa: F401
@@ -27,7 +27,7 @@ def _rope(cfg: dict) -> tuple[float, dict]:
 
 
 # Router scoring when the config omits ``scoring_func`` (transformers 5 drops it): the family's own.
-DEFAULT_SCORING = {Family.V3: "sigmoid", Family.V32: "sigmoid", Family.V4: "sqrtsoftplus"}
+DEFAULT_SCORING = {f: r["scoring_func"] for f, r in RELEASE_ROUTING.items()}
 
 
 def _yarn(md: Metadata, arch: str, cfg: dict, log_mul: bool) -> None:
