@@ -51,6 +51,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
                                 simulate_quant=simulate_quant, dynamic_routing=dynamic_routing, packed=packed)
     ck = Checkpoint.open(path)
     try:
+        ck.check_complete()      # a model with absent layers cannot run (one line: count and first names)
         fq = FakeQuant.NONE
         if simulate_quant:
             qc = ck.config.get("quantization_config") or {}

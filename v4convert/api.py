@@ -44,9 +44,12 @@ class QuantizeArgs:
     scale_method: str | None = None             # rtn | mse | four-over-six (None: rtn); alias of a data-free method
     mx_rule: str = "floor"                      # floor | round-up
     keep_native_fp4: bool = False
+    keep_bf16: bool = False                     # kept FP8-block linears written as BF16 (compressed-tensors)
     shard_bytes: int = 5 * 10**9
     workers: int | None = None
     overwrite: bool = False
+    allow_missing: bool = False                 # write although tensors the config implies are absent
+    allow_nonfinite: bool = False               # copy NaN/Inf in tensors kept as stored
     plan_only: bool = False
     sync_bytes: int = 10**9
     device: str | None = None
@@ -78,9 +81,17 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     from .quant.plan import MXRule, Options, ScaleChoice, make_plan
     from .quant.recipes import RuleSet, preset
 
+    from . import outputs
+    from .devices import check_device
+
     src, out = Path(a.src), Path(a.out)
-    if out.exists() and not a.overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    if a.device is not None:
+        check_device(a.device)
+    outputs.recover(out)
+    try:                                 # the output rule, before reading any header
+        outputs.claim(out, sources=[src], overwrite=a.overwrite)
+    except outputs.OutputError as e:
+        raise OutputExistsError(str(e)) from None
     rname = a.recipe or ("nvfp4-experts" if a.scheme == "nvfp4" else "mxfp4-experts")
     container = Container(a.container) if a.container else Container.COMPRESSED_TENSORS
     from .calib.method import MethodError
@@ -95,7 +106,8 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
         a.calib_seq_len, a.propagate, a.calib_all_experts, a.min_expert_tokens, a.gptq_damp, a.gptq_act_order,
         a.gptq_scales)
     opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(a.mx_rule),
-                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, calib=copts)
+                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, keep_bf16=a.keep_bf16,
+                   allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite, calib=copts)
     rules = RuleSet(preset(rname), keep=a.keep, overrides=a.overrides)
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, rules, opts)
@@ -193,10 +205,11 @@ class SynthArgs:
     shard_size: int | None = None
     with_embed: bool | None = None
     progress: bool = False
+    overwrite: bool = False
 
 
 def synth(a: SynthArgs) -> "SynthResult":
     """Write a synthetic checkpoint in the exact published layout of ``a.preset``."""
     from .synth import synth as run_synth
     return run_synth(a.preset, Path(a.out), seed=a.seed, layers=a.layers, shard_size=a.shard_size,
-                     with_embed=a.with_embed, progress=a.progress)
+                     with_embed=a.with_embed, progress=a.progress, overwrite=a.overwrite)

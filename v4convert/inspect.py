@@ -20,9 +20,8 @@ from v4convert.formats import gguf_quants
 
 from .checkpoint import Checkpoint
 from .export.gguf.exporter import ARCH_OF, GGUFType, TypeMix, gguf_types, slot_skip_reason
-from .errors import read_json
 from .families.layout import Arch, Slot, inventory, stored_tensors
-from .families.roles import Group, Role
+from .families.roles import RELEASE_ROUTING, Group, Role
 
 
 def gguf_bytes(numel: int, ggml_type: str) -> int:
@@ -133,12 +132,27 @@ PROJECTIONS: dict[str, tuple[str, Callable[[Arch, Slot], int | None]]] = {
 }
 
 
+def _architecture(cfg: dict) -> str | None:
+    """``architectures[0]`` when it is a list of strings (it is informational; anything else is ignored)."""
+    a = cfg.get("architectures")
+    return a[0] if isinstance(a, list) and a and isinstance(a[0], str) else None
+
+
 # --------------------------------------------------------------------------------------------
+def config_warnings(cfg: dict, a: Arch) -> list[str]:
+    """What a source config lacks that consumers need: DeepSeek's release routing keys (vLLM builds
+    softmax routing without ``e_score_correction_bias`` when they are absent, and cannot load the model)."""
+    return [f"config.json lacks {k!r} (DeepSeek's release: {v!r}); vLLM cannot build the router without it. "
+            f"`v4convert quantize` writes it into its outputs; add it to serve this checkpoint as is."
+            for k, v in RELEASE_ROUTING[a.family].items() if k not in cfg]
+
+
 def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
     if path.is_file():
-        cfg = read_json(path)
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(path.parent, path.name, "config.json", 16 << 20)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []
@@ -168,14 +182,14 @@ def build_report(path: Path) -> dict:
         storages[e.slot.storage.value] += 1
     return {
         "source": source, "path": str(path), "family": a.family.value,
-        "architecture": (cfg.get("architectures") or [None])[0],
+        "architecture": _architecture(cfg),
         "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
         "routed_experts": a.n_experts, "experts_per_token": a.top_k, "shared_experts": a.n_shared,
         "parameters": {**params, "total": params["main"] + params["mtp"]},
         "logical_tensors": len(entries), "stored_tensors": n_stored, "total_bytes": total,
         "shards": shards, "missing_tensors": missing, "storage_counts": dict(storages),
         "bytes_by_role_dtype": {r: dict(d) for r, d in sorted(by_role.items())},
-        "projections": projections,
+        "projections": projections, "warnings": config_warnings(cfg, a),
     }
 
 
@@ -198,6 +212,8 @@ def format_report(r: dict) -> str:
     if r["missing_tensors"]:
         lines.append(f"  missing       {len(r['missing_tensors'])} tensors the config implies, e.g. "
                      f"{r['missing_tensors'][0]}")
+    for w in r["warnings"]:
+        lines.append(f"  warning       {w}")
     lines.append("  bytes by role and dtype:")
     for role, d in r["bytes_by_role_dtype"].items():
         lines.append(f"    {role:<26} " + "  ".join(f"{dt} {_gb(b)}" for dt, b in sorted(d.items())))

@@ -54,11 +54,18 @@ from .sizes import SIZE
               help="GPTQ block scales: from the original weights, or re-derived from the updated ones per block.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
+@click.option("--keep-bf16", is_flag=True,
+              help="Write kept FP8-block linears as BF16 (compressed-tensors; ModelOpt always does): for engines "
+                   "without FP8 block kernels, e.g. vLLM on a CPU without AMX.")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", type=SIZE, default="5G", show_default=True,
               help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT (only once the new one is "
+              "complete). Never deletes a directory v4convert did not write, nor the source.")
+@click.option("--allow-missing", is_flag=True, help="Write an artifact although the checkpoint lacks tensors its "
+              "config implies (recorded in the output's metadata).")
+@click.option("--allow-nonfinite", is_flag=True, help="Copy NaN/Inf in tensors kept as stored instead of refusing.")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
 @click.option("--sync-every", type=SIZE, default="1G", show_default=True,
               help="Journal (fsync) after this much output (binary units).")
@@ -71,7 +78,8 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
                      calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
                      calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float,
                      gptq_act_order: bool, gptq_scales: str, mx_rule: str,
-                     keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     allow_missing: bool, allow_nonfinite: bool,
                      plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
@@ -90,8 +98,9 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
 
     r = api.quantize(api.QuantizeArgs(
         src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
-        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
-        shard_bytes=shard_size, workers=workers, overwrite=overwrite, plan_only=plan_only,
+        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4, keep_bf16=keep_bf16,
+        shard_bytes=shard_size, workers=workers, overwrite=overwrite,
+        allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, plan_only=plan_only,
         sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),
         on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
         calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,

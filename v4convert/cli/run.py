@@ -32,7 +32,8 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int, seed: int,
                 device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None, tp: int | None, ep: int | None) -> None:
-    """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s.
+    """Generate text from CKPT (any checkpoint the runtime loads, or an ONNX export directory, run through
+    onnxruntime) and report prefill/decode tokens/s.
 
     Distributed: `torchrun --nproc-per-node N -m v4convert run DIR ...` on a sharded layout (export --sharded)
     or on any checkpoint with --tp/--ep; every rank loads its part, rank 0 prints.
@@ -47,10 +48,16 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
         if threads < 1:
             raise click.BadParameter(f"must be >= 1, got {threads}", param_hint="--threads")
         torch.set_num_threads(threads)
+    from v4convert.devices import check_device
+    check_device(device)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights
     ids = tok.encode(prompt)
     if len(ids) > max_seq_len:
         raise GenerationError(f"prompt is {len(ids)} tokens, longer than --max-seq-len {max_seq_len}")
+    onnx = (ckpt / "model.onnx").is_file()           # an ONNX export: generate through onnxruntime
+    if onnx and (tp or ep or packed or simulate_quant or dynamic_top_p is not None):
+        raise click.UsageError("--tp/--ep/--packed/--simulate-quant/--dynamic-top-p are runtime options; "
+                               f"{ckpt} is an ONNX export (run through onnxruntime)")
     dynamic = None
     if dynamic_top_p is not None:
         if k_max is None:
@@ -62,8 +69,12 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
                 with Checkpoint.open(ckpt) as ck:
                     k_max = ck.arch.top_k
         dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
-    model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
-                 simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed, tp=tp, ep=ep)
+    if onnx:
+        from v4convert.artifacts.onnx import OnnxLM
+        model = OnnxLM(ckpt, max_seq_len, device=device, dtype=getattr(torch, dtype))
+    else:
+        model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
+                     simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed, tp=tp, ep=ep)
     lead = getattr(model, "rank", 0) == 0            # distributed: every rank runs, rank 0 prints
 
     def write(s: str) -> None:

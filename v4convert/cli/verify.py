@@ -42,6 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
               help="Use a stored reference pass instead of running REF (REF is then only checked against it).")
 @click.option("--kind", type=click.Choice([k.value for k in ArtifactKind]), default=None,
               help="Artifact runner (default: from the path).")
+@click.option("--engine", type=click.Choice(["vllm"]), default=None,
+              help="Score ARTIFACT as this serving engine runs it (vllm: vLLM in its own python, see "
+                   "V4C_VLLM_PYTHON; same as --kind vllm).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for both models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute dtype of the artifact (the reference always runs in float32).")
@@ -50,7 +53,7 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
                    top_k: int | None, gen_tokens: int | None, gen_prompts: int | None, json_out: Path | None,
                    plot_out: Path | None, max_kld: float | None, min_top1: float | None,
                    max_ppl_ratio: float | None, save_ref_logits: Path | None, ref_logits: Path | None,
-                   kind: str | None, device: str, dtype: str, threads: int | None) -> None:
+                   kind: str | None, engine: str | None, device: str, dtype: str, threads: int | None) -> None:
     """Accuracy and speed of ARTIFACT against the reference checkpoint REF.
 
     Both run on the same token windows: KL divergence per token (mean, median, p99, max), top-1 agreement,
@@ -63,6 +66,12 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
 
     if threads:
         torch.set_num_threads(threads)
+    from ..devices import check_device
+    check_device(device)
+    if engine is not None:
+        if kind is not None and kind != engine:
+            raise VerifyError(f"--engine {engine} and --kind {kind} exclude each other")
+        kind = engine
     if save_ref_logits and ref_logits:
         raise VerifyError("--save-ref-logits and --ref-logits exclude each other")
     if plot_out is not None:

@@ -50,6 +50,7 @@ class Exporter:
 
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in [
     Exporter("gguf", "v4convert.export.gguf", "GGUF for llama.cpp / Ollama."),
+    Exporter("onnx", "v4convert.export.onnx", "ONNX for onnxruntime (--out DIR, or DIR/NAME.onnx)."),
     Exporter("sharded", "v4convert.export.sharded", "Our per-rank layout for torchrun (--tp/--ep; --out is a directory)."),
 ]}
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import ArtifactKind, Runner, check_runnable, open_runner
-from v4convert.errors import UserError, read_json
+from v4convert.errors import UserError
 
 from .report import COMPARE_COLUMNS, format_comparison, format_report  # noqa: F401 (re-exported)
 
@@ -309,6 +309,9 @@ def artifact_pass(runner: Runner, ref: RefRecord, opts: VerifyOptions, progress=
     t_pre, n_pre = 0.0, 0
     hidden: list[torch.Tensor] = []
     W = ref.windows.shape[0]
+    if runner.vocab_size != ref.meta["vocab"]:     # before any forward: a smaller vocab would index past its embedding
+        raise VerifyError(f"{runner.path}: the artifact's vocabulary has {runner.vocab_size} tokens, the reference's "
+                          f"{ref.meta['vocab']}; verify compares models with the same tokenizer")
     for w in range(W):
         runner_capture(runner, w == 0)
         t = time.perf_counter()
@@ -405,7 +408,8 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         opts = opts or VerifyOptions()
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
-        cfg = read_json(ref_path / "config.json")
+        from ..paths import read_checkpoint_json
+        cfg = read_checkpoint_json(ref_path, "config.json")
         meta = {"ref": str(ref_path), "ref_config_sha256": _config_sha(ref_path), "data": str(data),
                 "data_sha256": sha256_file(data), "vocab": int(cfg["vocab_size"]), "options": opts.__dict__.copy()}
     max_seq = max(opts.ctx, opts.prompt_len + opts.gen_tokens)
@@ -418,6 +422,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
             runner.close()
             del runner
     art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq)
+    notes = list(getattr(art, "notes", []))      # e.g. the vLLM runner: version, CPU kernel shims
     try:
         comp = artifact_pass(art, rec, opts, progress=(lambda i, n: progress("artifact", i, n)) if progress else None)
     finally:
@@ -427,7 +432,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         "reference": {"path": str(ref_path), "kind": ArtifactKind.RUNTIME.value, "from_cache": ref_cache is not None,
                       "ppl": comp["ppl"]["ref"], "prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s},
         "artifact": {"path": str(art_path), "kind": art_kind.value, "ppl": comp["ppl"]["art"],
-                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed},
+                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed, "notes": notes},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
         **comp,

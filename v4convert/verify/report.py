@@ -17,6 +17,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"reference {r['reference']['path']}{' (cached logits)' if r['reference']['from_cache'] else ''}",
         f"artifact  {r['artifact']['path']} ({r['artifact']['kind']}, {r['artifact']['dtype']})",
+        *(f"          {n}" for n in r["artifact"].get("notes", [])),
         f"data      {r['data']['path']}: {s['windows']} windows x {s['ctx']} tokens = {s['scored_tokens']} scored, "
         f"reference top-{s['top_k']}{' (exact KL)' if s['kld_exact'] else ' + rest'}",
         "",

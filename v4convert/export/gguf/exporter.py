@@ -12,21 +12,25 @@ checkpoint's names) so our runtime can run exactly the weights llama.cpp runs.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as Q, GGUFValueType as VT
 
 from v4convert.formats import gguf_quants
 from v4convert.export.gguf.names import GGUFArch, Kind, entry
-from v4convert.formats.gguf_writer import TensorSpec, write_gguf
+from v4convert.formats.gguf_writer import KV, TensorSpec, plan_splits, split_names, write_gguf
 
 from v4convert.checkpoint import Checkpoint, TensorInfo
 from v4convert.families.layout import Arch, Slot
-from v4convert.families.roles import Role, Storage
+from v4convert.families.roles import Family, Role, Storage
+from v4convert import __version__, outputs
 
 from .metadata import _write_modelfile, add_tokenizer, build_metadata
 from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
@@ -67,20 +71,33 @@ def gguf_types(a: Arch, arch: GGUFArch, role: Role, name: str, shape: tuple[int,
     return [(tuple(shape), mix.resolve(e, shape[-1]))]
 
 
-def _float(ck: Checkpoint, info: TensorInfo) -> torch.Tensor:
-    return ck.dequantize(info.name)
+def _nonfinite_error(info: TensorInfo, bad: int) -> ExportError:
+    return ExportError(f"{info.parts['weight'].path}: tensor {info.name}: {bad} NaN/Inf values; "
+                       f"pass --allow-nonfinite to export them anyway")
 
 
-def _encode(ck: Checkpoint, info: TensorInfo, q: Q) -> torch.Tensor:
+def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> torch.Tensor:
+    w = ck.dequantize(info.name)
+    if not allow_nonfinite and w.is_floating_point():
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            raise _nonfinite_error(info, bad)
+    return w
+
+
+def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
     """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing."""
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         raw = ck.raw(info.name)
+        bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
+        if bad and not allow_nonfinite:
+            raise _nonfinite_error(info, bad)
         return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
-    return gguf_quants.quantize(_float(ck, info), q, info.name)
+    return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
 
 
-def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True
-                 ) -> tuple[list[TensorSpec], list[str], list[str]]:
+def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True,
+                 allow_nonfinite: bool = False) -> tuple[list[TensorSpec], list[str], list[str]]:
     """GGUF tensor specs in checkpoint order (experts stacked per layer and projection).
 
     Returns (specs, names re-packed losslessly from MXFP4, checkpoint names skipped with reasons).
@@ -117,7 +134,7 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             if q == Q.MXFP4 and all(m.storage is Storage.MXFP4 for m in members):
                 repacked.append(name)
             specs.append(TensorSpec(name, (a.n_experts, out_f, in_f), q,
-                                    lambda ms=members, q=q: (_encode(ck, m, q) for m in ms)))
+                                    lambda ms=members, q=q: (_encode(ck, m, q, allow_nonfinite) for m in ms)))
         elif e.kind is Kind.KV_B:
             H, nope, v, r = a.n_heads, a.nope, a.v_head, info.shape[1]
             if info.shape[0] != H * (nope + v):
@@ -127,11 +144,11 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             (_, qk), (_, qv) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
 
             def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
-                w = _float(ck, info).view(H, nope + v, r)
+                w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
                 return gguf_quants.quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
 
             def v_b(info=info, q=qv, H=H, nope=nope, v=v, r=r):
-                w = _float(ck, info).view(H, nope + v, r)
+                w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
                 return gguf_quants.quantize(w[:, nope:].contiguous(), q, info.name)
             specs.append(TensorSpec(kb_name, (H, r, nope), qk, k_b))
             specs.append(TensorSpec(vb_name, (H, v, r), qv, v_b))
@@ -144,13 +161,44 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             ((_, q),) = gguf_types(a, arch, info.role, info.name, info.shape, mix)
             if q == Q.MXFP4 and info.storage is Storage.MXFP4:
                 repacked.append(name)
-            specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q)))
+            specs.append(TensorSpec(name, info.shape, q, lambda info=info, q=q: _encode(ck, info, q, allow_nonfinite)))
     return specs, repacked, skipped
+
+
+def _stale(out: Path, finals: list[Path]) -> list[Path]:
+    """Files of an earlier export to the same ``out`` that this one does not rewrite (``X.gguf`` when
+    now split, or splits of another count); replaced like the rest: ours only, with --overwrite."""
+    stem = out.name[:-5]
+    pat = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.gguf")
+    old = [p for p in out.parent.glob(f"{glob.escape(stem)}-*-of-*.gguf") if pat.fullmatch(p.name)]
+    return sorted(p for p in {*old, out} if (p.exists() or p.is_symlink()) and p not in finals)
+
+
+def _check_runtime_config(ck: Checkpoint) -> None:
+    """The GGUF metadata carries what the runtime needs (rope, router groups, V4 window, ...): validate it
+    the way the runtime does, so a broken config is one line here, not a KeyError mid-metadata."""
+    from v4convert.runtime.args import ModelArgs
+    from v4convert.runtime.v4_args import V4Args
+    (V4Args if ck.family is Family.V4 else ModelArgs).from_config(ck.config, str(ck.root / "config.json"))
+
+
+def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> list[Path]:
+    """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch,
+    the Modelfile and stale files of an earlier export; refused before anything is written. Returns the
+    stale files (removed once the new export is in place)."""
+    out = finals[0] if len(finals) == 1 else finals[0].with_name(finals[0].name.split("-00001-of-")[0] + ".gguf")
+    stale = _stale(out, finals)
+    also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else []) + stale
+    resuming = outputs.swap_pending(finals[0])     # a kill while renaming our files into place
+    outputs.claim(finals[0], sources=[src], overwrite=overwrite or resuming, also=also,
+                  scratch=[p.with_name(p.name + ".partial") for p in finals + also] + [outputs.swap_journal(finals[0])])
+    return stale
 
 
 def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, keep_mtp: bool = True,
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
-                name: str | None = None, llama_type: LlamaQuant | None = None) -> ExportResult:
+                name: str | None = None, llama_type: LlamaQuant | None = None, overwrite: bool = False,
+                allow_missing: bool = False, allow_nonfinite: bool = False) -> ExportResult:
     """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
 
     ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
@@ -167,26 +215,41 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
         tmp = out.with_name(out.stem + ".intermediate.gguf")
+        stale = _claim(Path(ckpt), [out], modelfile, overwrite)
         mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
         inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, mix.expert, mla), keep_mtp=keep_mtp,
-                            progress=progress, modelfile=False, name=name)
+                            progress=progress, modelfile=False, name=name, overwrite=True,
+                            allow_missing=allow_missing, allow_nonfinite=allow_nonfinite)
         pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype),
                                                        (LLAMA_PIN_EXPERTS, mix.expert.qtype)]
+        part = out.with_name(out.name + ".partial")
         try:
-            llama_quantize(tmp, out, llama_type, pins)
+            llama_quantize(tmp, part, llama_type, pins)
+            outputs.begin_swap(out, [out] + ([out.with_name("Modelfile")] if modelfile else []))
+            os.replace(part, out)             # write new, then swap
         finally:
             tmp.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
         res = ExportResult([out], inter.arch, inter.n_tensors, out.stat().st_size, time.perf_counter() - t0,
                            inter.repacked, inter.skipped, None)
         if modelfile:
             res.modelfile = _write_modelfile(ckpt, out, [out])
+        for p in stale:
+            outputs.remove_ours(p)
+        outputs.end_swap(out)
         return res
     with Checkpoint.open(ckpt) as ck:
         arch = ARCH_OF[ck.family]
-        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp)
+        absent = ck.check_complete(allow_missing)
+        _check_runtime_config(ck)
+        specs, repacked, skipped = plan_tensors(ck, arch, mix, keep_mtp, allow_nonfinite)
+        stale = _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
                      if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
         md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
+        if absent.get("allowed_missing"):
+            md.u32("v4convert.allowed_missing.count", absent["allowed_missing"]["count"])
+            md.arr("v4convert.allowed_missing.first", absent["allowed_missing"]["first"], VT.STRING)
         special = add_tokenizer(md, ck.root, ck.arch.vocab)
         total = sum(s.nbytes for s in specs)
         bar = None
@@ -194,11 +257,21 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {arch.value}")
         try:
-            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None)
+            finals = split_names(out, len(plan_splits(specs, split_max_size)))
+
+            def step(what: str, path: Path) -> None:
+                if what == "written":
+                    outputs.begin_swap(finals[0], finals + stale + ([out.with_name("Modelfile")] if modelfile else []))
+                outputs.kill_point(f"gguf:{what}")
+            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None,
+                               every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)], on_step=step)
         finally:
             if bar:
                 bar.close()
         mf = _write_modelfile(ck.root, out, paths, special) if modelfile else None
+        for p in stale:
+            outputs.remove_ours(p)
+        outputs.end_swap(paths[0])
     return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf)
 
 
@@ -206,8 +279,14 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
 def read_gguf_tensors(paths: list[Path]) -> dict[str, tuple[np.ndarray, Q]]:
     """name -> (raw data as stored, GGML type) over all splits (memory-mapped by gguf-py's reader)."""
     from gguf import GGUFReader
+
+    from v4convert.formats.gguf_reader import GGUFFormatError, read_gguf_header
     out: dict[str, tuple[np.ndarray, Q]] = {}
     for p in paths:
+        try:
+            read_gguf_header(p)          # validated before gguf-py's reader trusts it
+        except GGUFFormatError as e:
+            raise ExportError(str(e)) from None
         for t in GGUFReader(p).tensors:
             out[t.name] = (t.data, Q(int(t.tensor_type)))
     return out

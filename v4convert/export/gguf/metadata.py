@@ -1,6 +1,7 @@
 """GGUF export: metadata keys per arch (llama.cpp's loaders), tokenizer and the Ollama Modelfile."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gguf import GGUFValueType as VT
@@ -9,8 +10,9 @@ from v4convert.export.gguf.names import GGUFArch
 from v4convert.formats.gguf_writer import Metadata
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.families.roles import Family
-from v4convert.errors import read_json
+from v4convert.families.roles import RELEASE_ROUTING
+from v4convert import __version__, outputs
+from v4convert.paths import read_checkpoint_json
 from .types import ARCH_OF, GATING, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, ExportError, TypeMix  # noqa: F401
 
 
@@ -25,7 +27,7 @@ def _rope(cfg: dict) -> tuple[float, dict]:
 
 
 # Router scoring when the config omits ``scoring_func`` (transformers 5 drops it): the family's own.
-DEFAULT_SCORING = {Family.V3: "sigmoid", Family.V32: "sigmoid", Family.V4: "sqrtsoftplus"}
+DEFAULT_SCORING = {f: r["scoring_func"] for f, r in RELEASE_ROUTING.items()}
 
 
 def _yarn(md: Metadata, arch: str, cfg: dict, log_mul: bool) -> None:
@@ -54,6 +56,7 @@ def build_metadata(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, n_mtp: int, nam
     md = Metadata()
     md.str("general.architecture", A)
     md.str("general.name", name)
+    md.str(outputs.GGUF_MARKER_KEY, __version__)      # marks the file as ours (outputs.is_ours)
     md.u32("general.file_type", int(mix.file_type()))
     md.u32("general.quantization_version", 2)
     md.u32(f"{A}.block_count", a.n_layers + n_mtp)
@@ -134,7 +137,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     tj_path = root / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{root}: no tokenizer.json (GGUF needs the tokenizer)")
-    tj = read_json(tj_path)
+    tj = read_checkpoint_json(root, tj_path.name)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not BPE")
@@ -154,7 +157,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     md.arr("tokenizer.ggml.token_type", ttypes, VT.INT32)
     md.arr("tokenizer.ggml.merges", merges, VT.STRING)
     tc_path = root / "tokenizer_config.json"
-    tc = read_json(tc_path) if tc_path.is_file() else {}
+    tc = read_checkpoint_json(root, tc_path.name) if tc_path.is_file() else {}
     tok_to_id = {t: i for i, t in enumerate(tokens)}
     special: dict[str, str] = {}
     for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
@@ -180,7 +183,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
 def modelfile_text(gguf_name: str, special: dict[str, str], gen: dict) -> str:
     """Ollama ``Modelfile`` for the DeepSeek chat format (``<｜User｜>`` / ``<｜Assistant｜>``)."""
     eos = special.get("eos_token", "<｜end▁of▁sentence｜>")
-    lines = [f"FROM ./{gguf_name}",
+    lines = [outputs.MODELFILE_MARK, f"FROM ./{gguf_name}",
              'TEMPLATE """{{- if .System }}{{ .System }}{{ end }}',
              "{{- range $i, $_ := .Messages }}",
              '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}',
@@ -199,11 +202,14 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     root = Path(root)
     if special is None:
         tc_path = root / "tokenizer_config.json"
-        tc = read_json(tc_path) if tc_path.is_file() else {}
+        tc = read_checkpoint_json(root, tc_path.name) if tc_path.is_file() else {}
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
                    if k in ("bos_token", "eos_token") and v is not None}
     gen_path = root / "generation_config.json"
-    gen = read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_checkpoint_json(root, gen_path.name) if gen_path.is_file() else {}
     mf = out.with_name("Modelfile")
-    mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    tmp = mf.with_name(mf.name + ".partial")
+    tmp.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
+    outputs.kill_point("modelfile:written")
+    os.replace(tmp, mf)                   # the old Modelfile (ours: checked by _claim) goes only now
     return mf
