@@ -298,6 +298,8 @@ def fingerprint(plan: Plan) -> str:
     tensor its source bytes' location and its output placement."""
     h = hashlib.sha256()
     opts = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(plan.options).items()}
+    if opts.get("calib"):      # the statistics file's location (derived from OUT) does not change bytes
+        opts["calib"] = {k: v for k, v in opts["calib"].items() if k != "stats"}
     h.update(json.dumps({"version": __version__, "options": opts, "rules": plan.rules,
                          "config": plan.config}, sort_keys=True).encode())
     for u in plan.units:
