@@ -11,6 +11,8 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``[B, T, D]``; V4: ``model.layers[i]`` output, the hyper-connection streams ``[B, T, hc, D]``).
 * ``GGUF``: through llama.cpp itself (``v4convert.artifact_gguf``: llama-cpp-python ``Llama(path, logits_all=True)``,
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
+* ``MLX``: an mlx-lm model directory (``config.json`` with ``quantization`` or our ``v4convert_artifact: mlx``
+  marker), through mlx-lm itself (``v4convert.artifacts.mlx``, a worker process); no hidden states.
 * ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
 
 Planned kinds (:data:`PLANNED`) raise :class:`ArtifactError` before any work; adding one means writing a
@@ -21,8 +23,9 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -35,6 +38,7 @@ class ArtifactKind(enum.Enum):
     RUNTIME = "runtime"
     GGUF = "gguf"
     ONNX = "onnx"
+    MLX = "mlx"
 
 
 class Runner(Protocol):
@@ -62,7 +66,9 @@ def detect_kind(path: Path) -> ArtifactKind:
     if p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file()):
         return ArtifactKind.ONNX
     if p.is_dir() and (p / "config.json").is_file():
-        return ArtifactKind.RUNTIME
+        cfg = json.loads((p / "config.json").read_text())
+        return ArtifactKind.MLX if "quantization" in cfg or cfg.get("v4convert_artifact") == "mlx" \
+            else ArtifactKind.RUNTIME
     if not p.exists():
         raise ArtifactError(f"{p}: no such file or directory")
     raise ArtifactError(f"{p}: not an artifact verify can run (expected a checkpoint directory with config.json, "
@@ -122,14 +128,22 @@ class RuntimeRunner:
 
 
 def _gguf_runner(path: Path, **kw) -> Runner:
-    from .artifact_gguf import GGUFRunner     # imported on use: llama-cpp-python is optional
+    from .artifact_gguf import (
+        GGUFRunner,  # imported on use: llama-cpp-python is optional
+    )
     return GGUFRunner(path, **kw)
+
+
+def _mlx_runner(path: Path, **kw) -> Runner:
+    from .artifacts.mlx import MLXRunner  # runs mlx-lm in a worker process
+    return MLXRunner(path, **kw)
 
 
 # kind -> factory(path, device=, dtype=, max_seq_len=) -> Runner
 RUNNERS: dict[ArtifactKind, Callable[..., Runner]] = {
     ArtifactKind.RUNTIME: RuntimeRunner,
     ArtifactKind.GGUF: _gguf_runner,
+    ArtifactKind.MLX: _mlx_runner,
 }
 # kinds whose runner is still to be written -> how it will run
 PLANNED: dict[ArtifactKind, str] = {
@@ -146,6 +160,9 @@ def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) ->
     if k is ArtifactKind.GGUF:
         from .artifact_gguf import require_llama_cpp
         require_llama_cpp()
+    if k is ArtifactKind.MLX:
+        from .artifacts.mlx import find_mlx_python
+        find_mlx_python()
     return k
 
 

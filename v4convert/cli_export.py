@@ -1,6 +1,6 @@
-"""``v4convert export CKPT --gguf|--onnx|--sharded --out PATH``: artifacts other than FP4 checkpoints.
+"""``v4convert export CKPT --gguf|--mlx|--onnx|--sharded --out PATH``: artifacts other than FP4 checkpoints.
 
-Only ``--gguf`` is implemented so far; the other formats are accepted by the parser and refused with
+``--gguf`` and ``--mlx`` are implemented; the other formats are accepted by the parser and refused with
 a clear error, so scripts get a stable interface.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ class ExportFormat(enum.Enum):
     GGUF = "gguf"
     ONNX = "onnx"
     SHARDED = "sharded"
+    MLX = "mlx"
 
 
 class NotImplementedFormat(ValueError):
@@ -55,6 +56,7 @@ def _main_types() -> list[str]:
 @click.option("--gguf", "fmt", flag_value=ExportFormat.GGUF.value, help="GGUF for llama.cpp / Ollama.")
 @click.option("--onnx", "fmt", flag_value=ExportFormat.ONNX.value, help="ONNX for onnxruntime (not yet).")
 @click.option("--sharded", "fmt", flag_value=ExportFormat.SHARDED.value, help="Our sharded layout (not yet).")
+@click.option("--mlx", "fmt", flag_value=ExportFormat.MLX.value, help="An mlx-lm model directory (Apple silicon).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output file (GGUF: NAME.gguf).")
 @click.option("--type", "main_type", default="Q8_0", show_default=True,
               type=click.Choice(_main_types(), case_sensitive=False),
@@ -69,20 +71,40 @@ def _main_types() -> list[str]:
 @click.option("--split-max-size", default=None, help="Split into NAME-0000k-of-0000N.gguf files of at most this "
               "much tensor data (e.g. 50G).")
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
+@click.option("--mlx-quant", default="affine8", show_default=True,
+              help="MLX: quantization of embedding, head, dense MLP, shared experts (affine4, affine8[-g32|-g64|-g128], "
+                   "mxfp4, nvfp4, none).")
+@click.option("--mlx-attention", default=None, help="MLX: quantization of attention projections (default: --mlx-quant).")
+@click.option("--mlx-experts", default="mxfp4", show_default=True,
+              help="MLX: quantization of routed experts (MXFP4 sources are re-packed losslessly).")
+@click.option("--mlx-dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="MLX: dtype of unquantized tensors and affine scales.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def export_command(ckpt: Path, fmt: str | None, out: Path, main_type: str, expert_type: str, keep_mtp: bool,
-                   split_max_size: str | None, no_modelfile: bool, progress: bool | None) -> None:
+                   split_max_size: str | None, no_modelfile: bool, mlx_quant: str, mlx_attention: str | None,
+                   mlx_experts: str, mlx_dtype: str, progress: bool | None) -> None:
     """Export checkpoint CKPT (as published, or our FP4 artifact) to another runtime's format.
 
     GGUF: arch deepseek2 (V3/R1/V3.1), deepseek32 (V3.2) or deepseek4 (V4) with llama.cpp's metadata,
     tokenizer and tensor names, streamed tensor by tensor; default mix: experts MXFP4, attention and
     shared experts Q8_0, norms/router F32.
+
+    MLX: an mlx-lm model directory (V3/R1/V3.1, V3.2): experts mxfp4, the rest affine 8-bit (see --mlx-*).
     """
     if fmt is None:
-        raise click.UsageError("choose an output format: --gguf (or --onnx / --sharded, not yet implemented)")
+        raise click.UsageError("choose an output format: --gguf, --mlx (or --onnx / --sharded, not yet implemented)")
     f = ExportFormat(fmt)
+    if f is ExportFormat.MLX:
+        from .export.mlx import Options, export_mlx
+        r = export_mlx(ckpt, out, Options(mlx_quant, mlx_attention, mlx_experts, mlx_dtype),
+                       progress=sys.stderr.isatty() if progress is None else progress)
+        click.echo(f"wrote mlx-lm model: {r.n_tensors} tensors, {r.n_bytes:,} bytes in {len(r.paths)} file(s) in "
+                   f"{r.seconds:.1f} s ({r.n_bytes / max(r.seconds, 1e-9) / 1e9:.2f} GB/s): {out}")
+        for note in r.notes:
+            click.echo(f"  {note}")
+        return
     if f is not ExportFormat.GGUF:
-        raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf is)")
+        raise NotImplementedFormat(f"export --{f.value} is not implemented yet (only --gguf and --mlx are)")
     from .export_gguf import GGUFType, LlamaQuant, TypeMix, export_gguf
     mt = main_type.upper()
     llama_type = LlamaQuant[mt] if mt in LlamaQuant.__members__ else None

@@ -1,0 +1,1 @@
+"""Exporters, one module per output format (registry owned by the architecture)."""
