@@ -19,7 +19,7 @@ Affine rule (MLX's, which keeps 0 exactly representable): per group ``lo, hi = m
 else hi``; ``q0 = rint(edge / s)``; if ``q0 != 0``: ``s = edge / q0``, ``bias = edge`` else ``bias = 0``;
 ``q = clip(rint((w - bias) / s), 0, 2^b - 1)``. All in float32; ``scales``/``biases`` are then cast to the
 model dtype (MLX quantizes with the unrounded float32 scale and stores the rounded one).
-MX rule: ``mxfp4`` scale exponent ``ceil(log2(amax / 6))`` (round up: never clips); ``nvfp4`` scale
+MX rule (E2M1 ties toward zero, zeros +0: :func:`e2m1_encode_mlx`): ``mxfp4`` scale exponent ``ceil(log2(amax / 6))`` (round up: never clips); ``nvfp4`` scale
 ``e4m3(amax / 6)`` with no tensor scale (MLX's plain ``QuantizedLinear`` has none).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp4 import decode_fp4, e2m1_encode, pack_fp4
+from .fp4 import decode_fp4, pack_fp4
 from .fp8 import e4m3_to_float32, e8m0_to_float32
 from .mxfp4 import MXScaleRule, mxfp4_quantize
 
@@ -126,11 +126,29 @@ def affine_quantize(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dt
     return MLXPacked(pack_codes(q.reshape(w.shape), bits), s.to(dtype), bias.to(dtype))
 
 
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)     # midpoints between E2M1 magnitudes
+
+
+def e2m1_encode_mlx(x: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes as MLX rounds (measured against ``mx.quantize``, mlx 0.32.4): to nearest, ties toward
+    zero (0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3; IEEE/ml_dtypes round them to even), saturating at 6, and
+    every zero is +0 (code 0; ml_dtypes keeps -0)."""
+    a = x.abs()
+    idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for b in _E2M1_BOUNDS:
+        idx += a > b
+    neg = torch.signbit(x) & (idx > 0)
+    return idx | (neg.to(torch.uint8) << 3)
+
+
 def mxfp4_encode(w: torch.Tensor, name: str = "tensor") -> MLXPacked:
     """MLX ``mxfp4`` of float ``w`` ``[..., K]``: E8M0 exponent ``ceil(log2(amax/6))`` per 32, E2M1 codes."""
     _groups(w, MX_GROUP, name)
-    t = mxfp4_quantize(w.detach().to(torch.float32), rule=MXScaleRule.ROUND_UP, name=name)
-    return MLXPacked(t.packed.view(torch.uint8), t.scale.view(torch.uint8))
+    x = _groups(w.detach().to(torch.float32), MX_GROUP, name)
+    scale = mxfp4_quantize(w.detach().to(torch.float32), rule=MXScaleRule.ROUND_UP, name=name).scale
+    e = scale.view(torch.uint8).to(torch.int32) - 127
+    q = torch.ldexp(x, (-e)[..., None].to(torch.float32))          # exact: a power-of-two scaling
+    return MLXPacked(pack_fp4(e2m1_encode_mlx(q).reshape(w.shape)), scale.view(torch.uint8))
 
 
 def mxfp4_repack(packed: torch.Tensor, scale: torch.Tensor, name: str = "tensor") -> MLXPacked:
@@ -152,7 +170,7 @@ def nvfp4_encode(w: torch.Tensor, name: str = "tensor") -> MLXPacked:
     s8 = (amax / 6.0).clamp(max=448.0).to(torch.float8_e4m3fn)
     s = s8.to(torch.float32)[..., None]
     q = torch.where(s == 0, torch.zeros_like(x), x / torch.where(s == 0, 1.0, s))
-    codes = e2m1_encode(q, name).reshape(w.shape)
+    codes = e2m1_encode_mlx(q).reshape(w.shape)
     return MLXPacked(pack_fp4(codes), s8.view(torch.uint8))
 
 
@@ -173,9 +191,11 @@ def decode(p: MLXPacked, q: MLXQuant) -> torch.Tensor:
     if q.mode is MLXMode.AFFINE:
         if p.biases is None:
             raise MLXCodecError("affine parts need biases")
-        x = codes.to(torch.float32).reshape(*codes.shape[:-1], -1, g)
-        out = x * p.scales.to(torch.float32)[..., None] + p.biases.to(torch.float32)[..., None]
-        return out.reshape(codes.shape)
+        # in the scales' dtype, as MLX does (a bfloat16 model's weights are bfloat16: each op rounds)
+        dt = p.scales.dtype
+        x = codes.to(dt).reshape(*codes.shape[:-1], -1, g)
+        out = x * p.scales[..., None] + p.biases.to(dt)[..., None]
+        return out.reshape(codes.shape).to(torch.float32)
     sb = p.scales.view(torch.uint8)
     s = e8m0_to_float32(sb) if q.mode is MLXMode.MXFP4 else e4m3_to_float32(sb)
     return decode_fp4(pack_fp4(codes)) * s.repeat_interleave(g, -1)
