@@ -143,6 +143,11 @@ class MLXRunner:
         """Greedy tokens from mlx-lm's own generation loop (``generate_step``, temperature 0)."""
         return self.worker.call("generate", prompt_ids=[int(i) for i in prompt], max_tokens=int(max_tokens))["ids"]
 
+    def generate_text(self, prompt: str, max_tokens: int) -> tuple[str, list[int]]:
+        """``mlx_lm.generate`` (greedy) on ``prompt``: (generated text, the prompt's token ids)."""
+        r = self.worker.call("generate_text", prompt=prompt, max_tokens=int(max_tokens))
+        return r["text"], r["prompt_ids"]
+
     def hidden_states(self) -> list[torch.Tensor] | None:
         return None          # mlx-lm's forward does not expose per-layer outputs
 

@@ -4,11 +4,12 @@
 It imports nothing of v4convert (it is run by path). Arrays travel as ``.npy`` files in a directory the
 caller owns. Requests (``op``):
 
-* ``load`` ``{path}`` -> ``{vocab_size, model_type, mlx, mlx_lm}``: ``mlx_lm.load(path)`` (the consumer's
-  own loader: ``config.json`` ``quantization`` block, ``sanitize``, strict weight check).
+* ``load`` ``{path}`` -> ``{vocab_size, model_type, mlx, mlx_lm, n_params}``: ``mlx_lm.load(path)`` (the
+  consumer's own loader: ``config.json`` ``quantization`` block, ``sanitize``, strict weight check, tokenizer).
 * ``forward`` ``{ids, start_pos, out}`` -> ``{shape}``: logits float32 ``[T, V]`` saved to ``out``; a KV
   cache from ``mlx_lm.models.cache.make_prompt_cache`` (new at ``start_pos == 0``, trimmed back otherwise).
 * ``generate`` ``{prompt_ids, max_tokens}`` -> ``{ids}``: greedy ``mlx_lm.generate.generate_step`` tokens.
+* ``generate_text`` ``{prompt, max_tokens}`` -> ``{text, prompt_ids}``: ``mlx_lm.generate`` (greedy) on text.
 * ``quantize`` ``{w, mode, bits, group_size, dtype, out}`` -> ``mx.quantize`` of the float32 ``.npy``
   ``w`` cast to ``dtype``; saves ``{out}.weight.npy`` (uint8 bytes), ``.scales.npy`` and ``.biases.npy``
   (float32, or uint8 for mx modes).
@@ -32,8 +33,7 @@ class Worker:
     def load(self, path):
         import mlx_lm
         from mlx.utils import tree_flatten
-        from mlx_lm.utils import load_model
-        self.model, config = load_model(__import__("pathlib").Path(path))
+        self.model, self.tokenizer, config = mlx_lm.load(path, return_config=True)
         self.cache = None
         vocab = int(config.get("vocab_size") or self.model.args.vocab_size)
         n_params = sum(v.size for _, v in tree_flatten(self.model.parameters()))
@@ -81,6 +81,14 @@ class Worker:
             toks.append(int(tok))
         self.cache = None
         return {"ids": toks}
+
+    def generate_text(self, prompt, max_tokens):
+        import mlx_lm
+        from mlx_lm.sample_utils import make_sampler
+        text = mlx_lm.generate(self.model, self.tokenizer, prompt=prompt, max_tokens=max_tokens,
+                               sampler=make_sampler(temp=0.0))
+        self.cache = None
+        return {"text": text, "prompt_ids": [int(i) for i in self.tokenizer.encode(prompt)]}
 
     def quantize(self, w, mode, bits, group_size, dtype, out):
         x = mx.array(np.load(w)).astype(DTYPES[dtype])
