@@ -111,6 +111,8 @@ class Worker:
 
 
 def main():
+    replies = sys.stdout
+    sys.stdout = sys.stderr          # anything mlx / mlx-lm / transformers print must not corrupt the replies
     worker = Worker()
     for line in sys.stdin:
         if not line.strip():
@@ -121,8 +123,8 @@ def main():
             res = {"ok": True, **getattr(worker, op)(**req)}
         except Exception as e:  # noqa: BLE001 - any mlx error goes back to the caller, which raises it
             res = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        sys.stdout.write(json.dumps(res) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(res) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":
