@@ -55,6 +55,7 @@ def main() -> None:
                   "write_GBps": r.n_bytes / r.seconds / 1e9, "files": len(r.paths), **rss,
                   "peak_rss_bytes_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     shutil.rmtree(a.out)
+    print(json.dumps({"mlx": res["mlx"]}), flush=True)        # the MLX side on its own, before the GGUF run
     if not a.no_gguf:
         g_out = a.out.with_suffix(".gguf")
         g, rss = _run(lambda: export_gguf(a.ckpt, g_out, TypeMix(), progress=progress, modelfile=False))
