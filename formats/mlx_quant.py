@@ -31,7 +31,7 @@ import torch
 
 from .fp4 import decode_fp4, pack_fp4
 from .fp8 import e4m3_to_float32, e8m0_to_float32
-from .mxfp4 import MXScaleRule, mxfp4_quantize
+from .mxfp4 import MXScaleRule, mxfp4_block_exponents
 
 MX_GROUP = 32            # mxfp4 / mxfp8 group size (fixed by MLX)
 NV_GROUP = 16            # nvfp4 group size (fixed by MLX)
@@ -132,7 +132,7 @@ _E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)     # midpoints between E
 def e2m1_encode_mlx(x: torch.Tensor) -> torch.Tensor:
     """E2M1 codes as MLX rounds (measured against ``mx.quantize``, mlx 0.32.4): to nearest, ties toward
     zero (0.75 -> 0.5, 1.75 -> 1.5, 3.5 -> 3; IEEE/ml_dtypes round them to even), saturating at 6, and
-    every zero is +0 (code 0; ml_dtypes keeps -0)."""
+    every zero is +0 (code 0; ml_dtypes keeps -0). Magnitude index = number of bounds strictly below."""
     a = x.abs()
     idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for b in _E2M1_BOUNDS:
@@ -145,10 +145,12 @@ def mxfp4_encode(w: torch.Tensor, name: str = "tensor") -> MLXPacked:
     """MLX ``mxfp4`` of float ``w`` ``[..., K]``: E8M0 exponent ``ceil(log2(amax/6))`` per 32, E2M1 codes."""
     _groups(w, MX_GROUP, name)
     x = _groups(w.detach().to(torch.float32), MX_GROUP, name)
-    scale = mxfp4_quantize(w.detach().to(torch.float32), rule=MXScaleRule.ROUND_UP, name=name).scale
-    e = scale.view(torch.uint8).to(torch.int32) - 127
+    amax = x.abs().amax(-1)
+    if not bool(torch.isfinite(amax).all()):
+        raise MLXCodecError(f"{name}: non-finite values cannot be quantized")
+    e = mxfp4_block_exponents(amax, MXScaleRule.ROUND_UP)
     q = torch.ldexp(x, (-e)[..., None].to(torch.float32))          # exact: a power-of-two scaling
-    return MLXPacked(pack_fp4(e2m1_encode_mlx(q).reshape(w.shape)), scale.view(torch.uint8))
+    return MLXPacked(pack_fp4(e2m1_encode_mlx(q).reshape(w.shape)), (e + 127).to(torch.uint8))
 
 
 def mxfp4_repack(packed: torch.Tensor, scale: torch.Tensor, name: str = "tensor") -> MLXPacked:
