@@ -3,7 +3,7 @@
 Prints GB/s of FP8 input bytes (weight bytes only) for the fused path
 (:func:`v4convert.formats.fp8_block.fp8_block_to_nvfp4`) and, for comparison, the naive
 composition ``nvfp4_quantize(fp8_block_dequantize(t))``, and the native C kernel
-(:func:`v4convert.formats.native.fp8_block_to_nvfp4_native`, ``--threads`` pthreads); checks they
+(:func:`v4convert.kernels.native.fp8_block_to_nvfp4_native`, ``--threads`` pthreads); checks they
 are byte-identical.
 
     python bench/codec_speed.py --threads 2 [--rows 7168 --cols 2048 --repeats 5]
@@ -20,7 +20,7 @@ import time
 import torch
 
 from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat, fp8_block_dequantize, fp8_block_to_nvfp4
-from v4convert.formats.native import fp8_block_to_nvfp4_native, native_status
+from v4convert.kernels.native import fp8_block_to_nvfp4_native, native_status
 from v4convert.formats.nvfp4 import Backend, NVFP4Convention, nvfp4_quantize
 
 

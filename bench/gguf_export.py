@@ -67,7 +67,7 @@ class _RssSampler(threading.Thread):
 
 def bench_layer(ckpt: Path, out: Path) -> dict:
     from v4convert.checkpoint import Checkpoint
-    from v4convert.export_gguf import TypeMix, export_gguf
+    from v4convert.export.gguf.exporter import TypeMix, export_gguf
     with Checkpoint.open(ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
     sampler = _RssSampler()

@@ -86,9 +86,9 @@ def main() -> None:
 
     import torch
     from v4convert.checkpoint import Checkpoint
-    from v4convert.engine import execute
-    from v4convert.quantize import Options, make_plan
-    from v4convert.recipes import RuleSet, preset
+    from v4convert.quant.engine import execute
+    from v4convert.quant.plan import Options, make_plan
+    from v4convert.quant.recipes import RuleSet, preset
 
     if not (args.src / "config.json").is_file():
         print(f"creating {args.src} (synth --preset v3-671b --layers 3, ~11.5 GB)...", file=sys.stderr)

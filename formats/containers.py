@@ -21,6 +21,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
+from v4convert.errors import UserError
 
 FP8_BLOCK = 128
 NVFP4_GROUP = 16
@@ -28,7 +29,7 @@ MXFP4_GROUP = 32
 PRODUCER = "v4convert"
 
 
-class ContainerError(ValueError):
+class ContainerError(UserError):
     """A tensor kind a container cannot hold; the message names the tensor."""
 
 

@@ -7,6 +7,7 @@ Packing: byte ``j`` of a row holds element ``2j`` in the low nibble and ``2j+1``
 from __future__ import annotations
 
 import torch
+from v4convert.errors import UserError
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E2M1_MAX = 6.0
@@ -45,7 +46,7 @@ def decode_fp4(packed: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class CodecInputError(ValueError):
+class CodecInputError(UserError):
     """A tensor handed to a quantizer cannot be encoded (shape, dtype, or values)."""
 
 

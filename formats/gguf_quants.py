@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from v4convert.errors import UserError
 
 QK = 32                      # elements per block for Q8_0 / Q4_0 / MXFP4
 CHUNK_BLOCKS = 1 << 13       # blocks per chunk (256K elements, 1 MB float32): temporaries stay in cache
@@ -39,7 +40,7 @@ _MXFP4_NEG = len(_MXFP4_MAG)      # 33
 _MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
 
 
-class QuantError(ValueError):
+class QuantError(UserError):
     """Input a GGUF block quantizer cannot encode (wrong row length, non-finite values, bad scales)."""
 
 

@@ -26,6 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .sharding import group_in_order
+from v4convert.errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -35,7 +36,7 @@ ALIGNMENT = 32          # general.alignment default
 Buffer = torch.Tensor | np.ndarray | bytes
 
 
-class GGUFWriteError(ValueError):
+class GGUFWriteError(UserError):
     """A tensor or metadata entry that cannot be written as declared (message names the file and tensor)."""
 
 

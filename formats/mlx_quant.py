@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp4 import decode_fp4, pack_fp4
+from .fp4 import CodecInputError, decode_fp4, pack_fp4
 from .fp8 import e4m3_to_float32, e8m0_to_float32
 from .mxfp4 import MXScaleRule, mxfp4_block_exponents
 
@@ -47,8 +47,8 @@ class MLXMode(enum.Enum):
     NVFP4 = "nvfp4"
 
 
-class MLXCodecError(ValueError):
-    """A tensor that cannot be put in the requested MLX layout (shape / group mismatch)."""
+class MLXCodecError(CodecInputError):
+    """A tensor that cannot be put in the requested MLX layout (shape / group mismatch, non-finite values)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+from v4convert.errors import UserError
 
 # safetensors dtype string -> (torch dtype, bytes per element). F8_E8M0 is read as uint8
 # (raw exponent bytes); torch's float8_e8m0fnu is used only where a caller asks for it.
@@ -50,7 +51,7 @@ if hasattr(torch, "float8_e8m0fnu"):
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A file that is not what it claims to be. The message names the file and tensor."""
 
 

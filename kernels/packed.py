@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from v4convert.formats import fp4, fp8
-from v4convert.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
-from v4convert.roles import Storage
+from v4convert.families.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
+from v4convert.families.roles import Storage
+from v4convert.errors import UserError
 
 
-class PackedWeightError(ValueError):
+class PackedWeightError(UserError):
     """A packed weight or an input that does not fit it (shape, dtype, device, codec); names the tensor."""
 
 

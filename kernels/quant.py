@@ -22,7 +22,7 @@ import torch
 
 from v4convert.formats import fp4
 from v4convert.formats.fp8 import E4M3_MAX
-from v4convert.layout import NVFP4_BLOCK
+from v4convert.families.layout import NVFP4_BLOCK
 
 from .packed import PackedWeightError
 

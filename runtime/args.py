@@ -1,6 +1,6 @@
 """``ModelArgs``: the runtime's typed view of a checkpoint's ``config.json``.
 
-Shapes come from ``v4convert.layout.Arch`` (one source of shape facts); this module adds the numerics
+Shapes come from ``v4convert.families.layout.Arch`` (one source of shape facts); this module adds the numerics
 (norm eps, RoPE theta/YaRN/interleave, routing) and accepts both key styles:
 - published (DeepSeek HF release): ``rope_theta`` + ``rope_scaling {"type": "yarn", ...}``, ``scoring_func``;
 - transformers 5.x ``save_pretrained``: ``rope_parameters {"rope_type": "yarn", "rope_theta": ..., ...}``,
@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from v4convert.layout import Arch, LayoutError
-from v4convert.roles import Family
+from v4convert.families.layout import Arch, LayoutError
+from v4convert.families.roles import Family
 
 from .common import RouterSpec, ScoreFunc, Yarn
+from v4convert.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """``config.json`` lacks a field the runtime needs, or holds a value it does not support."""
 
 

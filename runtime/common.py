@@ -19,12 +19,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from v4convert.errors import UserError
 
 FP8_E4M3_MAX = 448.0
 ACT_BLOCK = 128          # DeepSeek act_quant block along the last dim
 
 
-class RuntimeLoadError(ValueError):
+class RuntimeLoadError(UserError):
     """A checkpoint that the runtime cannot build or fill (missing/unexpected tensor, bad config)."""
 
 
@@ -311,7 +312,7 @@ class DynamicRouting:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0 or not 1 <= self.k_min <= self.k_max:
-            raise ValueError(f"DynamicRouting needs 0 < top_p <= 1 and 1 <= k_min <= k_max, got {self}")
+            raise UserError(f"DynamicRouting needs 0 < top_p <= 1 and 1 <= k_min <= k_max, got {self}")
 
 
 def select_experts(scores: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None,

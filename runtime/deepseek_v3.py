@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4convert.roles import Family
+from v4convert.families.roles import Family
 
 from .args import ModelArgs
 from .common import (DynamicRouting, Linear, LoadOptions, RMSNorm, RopeStyle, RuntimeLoadError, SwiGLU,
                      apply_rope, fill_from_checkpoint, moe_dispatch, rope_inv_freq, route, yarn_softmax_scale)
+from v4convert.errors import UserError
 
 
-class SequenceTooLong(ValueError):
+class SequenceTooLong(UserError):
     """A forward call that would write past the preallocated KV cache."""
 
 

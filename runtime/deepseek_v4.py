@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from v4convert.roles import Family
+from v4convert.errors import UserError
+
+from v4convert.families.roles import Family
 
 from .common import (DynamicRouting, Linear, LoadOptions, RMSNorm, RouterSpec, RuntimeLoadError, SwiGLU,
                      fill_from_checkpoint, gather_weights, moe_dispatch, rope_cos_sin, rope_inv_freq, route)
@@ -217,7 +219,7 @@ class Transformer(nn.Module):
         if self._rope is None:
             raise RuntimeError("model caches are not allocated (build() allocates them)")
         if B > self.max_batch_size or start_pos < 0 or start_pos + T > self.max_seq_len:
-            raise ValueError(f"input [B={B}, T={T}] at start_pos {start_pos} exceeds max_batch_size "
+            raise UserError(f"input [B={B}, T={T}] at start_pos {start_pos} exceeds max_batch_size "
                              f"{self.max_batch_size} / max_seq_len {self.max_seq_len}")
         h = self.embed(input_ids)                                                # [B, T, D]
         x = h.unsqueeze(2).expand(B, T, self.args.arch.hc_mult, -1).contiguous()  # [B, T, hc, D]

@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from v4convert.errors import UserError
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """Bad generation input: no tokenizer, prompt too long, bad sampling parameters."""
 
 

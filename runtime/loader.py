@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.roles import Family
+from v4convert.families.roles import Family
 
 from .common import DynamicRouting, FakeQuant, LoadOptions, RuntimeLoadError, packed_linears
 

@@ -7,7 +7,7 @@ transformers 5.24 style (``save_pretrained``): ``layer_types`` + ``compress_rate
 ``mlp_layer_types`` (``hash_moe``/``moe``), ``partial_rotary_factor``, nested
 ``rope_parameters {"main": {...}, "compress": {...}}``.
 
-Shape facts (hidden, heads, ranks, experts) come from ``v4convert.layout.Arch``; the per-layer compression
+Shape facts (hidden, heads, ranks, experts) come from ``v4convert.families.layout.Arch``; the per-layer compression
 rates are read here because transformers' ``compress_rates`` may differ from the published 4/128.
 Source: transformers 5.24 ``configuration_deepseek_v4.py`` (``__post_init__``: YaRN only on the "compress"
 rope, ``attention_factor`` forced to 1.0, i.e. cos/sin not scaled).
@@ -18,8 +18,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
-from v4convert.layout import Arch, LayoutError
-from v4convert.roles import Family
+from v4convert.families.layout import Arch, LayoutError
+from v4convert.families.roles import Family
 
 from .args import ConfigError, need, rope_params
 from .common import RouterSpec, ScoreFunc, Yarn

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.layout import Arch, inventory
-from v4convert.roles import Family, Role, Storage
+from v4convert.families.layout import Arch, inventory
+from v4convert.families.roles import Family, Role, Storage
 from v4convert.synth import synth
 
 from .conftest import TINY_PRESETS

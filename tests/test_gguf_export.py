@@ -15,10 +15,10 @@ from gguf import GGUFReader
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.cli import main
-from v4convert.export_gguf import GGUFType, TypeMix, export_gguf, gguf_as_checkpoint, gguf_values
+from v4convert.export.gguf.exporter import GGUFType, TypeMix, export_gguf, gguf_as_checkpoint, gguf_values
 from v4convert.formats.gguf_writer import GGUFWriteError, Metadata, TensorSpec, write_gguf
 from v4convert.formats.safetensors_io import write_streaming
-from v4convert.layout import Arch
+from v4convert.families.layout import Arch
 from v4convert.synth import assign_shards, planned_tensors, preset_config, synth
 from v4convert.tokenizer_data import write_tokenizer
 

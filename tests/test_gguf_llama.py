@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from tests.test_gguf_export import synth_config, v32_llama_config, v4_llama_config
-from v4convert.export_gguf import GGUFType, TypeMix, export_gguf, gguf_as_checkpoint
+from v4convert.export.gguf.exporter import GGUFType, TypeMix, export_gguf, gguf_as_checkpoint
 from v4convert.runtime import load
 from v4convert.synth import preset_config
 
@@ -189,7 +189,7 @@ def test_k_quant_via_llama_cpp_quantizer_keeps_pinned_tensors(ckpts, tmp_path) -
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFReader
 
-    from v4convert.export_gguf import LlamaQuant
+    from v4convert.export.gguf.exporter import LlamaQuant
     ref = export_gguf(ckpts["v3"], tmp_path / "mx.gguf", TypeMix(GGUFType.Q8_0, GGUFType.MXFP4), modelfile=False)
     res = export_gguf(ckpts["v3"], tmp_path / "k.gguf", TypeMix(GGUFType.Q8_0, GGUFType.MXFP4), modelfile=False,
                       llama_type=LlamaQuant.Q4_K_M)

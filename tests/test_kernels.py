@@ -37,7 +37,7 @@ from v4convert.formats import fp4  # noqa: E402
 from v4convert.kernels import gemm, moe, moe_triton, quant, quant_triton  # noqa: E402
 from v4convert.kernels.packed import (Codec, PackedWeight, PackedWeightError, packed_linear,  # noqa: E402
                                       packed_linear_reference, stack_experts)
-from v4convert.roles import Storage  # noqa: E402
+from v4convert.families.roles import Storage  # noqa: E402
 from v4convert.kernels.packed import pack_from_parts  # noqa: E402
 from v4convert.kernels.quant_triton import _e2m1_rne, _e4m3_rne  # noqa: E402
 from v4convert.kernels.tl_codecs import e2m1_to_f32, e4m3_to_f32, e8m0_to_f32  # noqa: E402

@@ -18,7 +18,7 @@ from v4convert.formats.mlx_quant import MLXMode, MLXPacked, MLXQuant
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.export.mlx import MLXExportError, parse_spec
-from v4convert.roles import Storage
+from v4convert.families.roles import Storage
 
 TINY_V4 = Path(__file__).resolve().parents[1] / "v4convert" / "data" / "tiny-v4"
 

@@ -20,13 +20,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from v4convert.artifact import RuntimeRunner, detect_kind
+from v4convert.artifacts import detect_kind
+from v4convert.artifacts.runtime import RuntimeRunner
 from v4convert.artifacts.mlx import MLXRunner
 from v4convert.checkpoint import Checkpoint
 from v4convert.cli import main
 from v4convert.export.mlx import MLX_LM_CHECKED, Options, export_mlx
 from v4convert.export.mlx_read import MLXModel, mlx_as_checkpoint
-from v4convert.roles import Storage
+from v4convert.families.roles import Storage
 from v4convert.verify import DEFAULT_DATA, VerifyOptions, greedy, make_windows
 
 DATA = Path(__file__).resolve().parents[1] / "v4convert" / "data"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4convert.formats import native
+from v4convert.kernels import native
 from v4convert.formats.fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
 from v4convert.formats.fp8_block import (
     FP8BlockTensor,
@@ -13,7 +13,7 @@ from v4convert.formats.fp8_block import (
     fp8_block_quantize,
     fp8_block_to_nvfp4,
 )
-from v4convert.formats.native import (
+from v4convert.kernels.native import (
     NativeUnavailableError,
     fp8_block_amax_native,
     fp8_block_to_nvfp4_native,
@@ -172,7 +172,7 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
 ])
 def test_engine_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, preset_name, recipe, container) -> None:
     """The quantize engine writes the same bytes with ``Kernel.NATIVE`` and ``Kernel.TORCH``."""
-    from v4convert import engine, workers
+    from v4convert.quant import engine, workers
     from v4convert.formats.containers import Container
 
     from .test_quantize import run_quantize
@@ -198,8 +198,8 @@ def test_engine_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, preset
 
 
 def test_choose_kernel_is_explicit() -> None:
-    from v4convert.quantize import QuantizeError
-    from v4convert.workers import choose_kernel
+    from v4convert.quant.plan import QuantizeError
+    from v4convert.quant.workers import choose_kernel
     assert choose_kernel(native.Kernel.TORCH)[0] is native.Kernel.TORCH
     assert choose_kernel(None)[0] is native.Kernel.NATIVE  # default when it compiles
     assert choose_kernel(native.Kernel.NATIVE)[0] is native.Kernel.NATIVE

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.engine import execute
+from v4convert.quant.engine import execute
 from v4convert.formats.containers import Container
 from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_from_deepseek_native, mxfp4_quantize, mxfp4_to_nvfp4
 from v4convert.formats.nvfp4 import NVFP4Convention, ScaleMethod, nvfp4_from_stored, nvfp4_quantize
-from v4convert.quantize import Action, MXRule, Options, ScaleChoice, make_plan
-from v4convert.recipes import Codec, RuleSet, preset
-from v4convert.roles import Family, Role, Storage
+from v4convert.quant.plan import Action, MXRule, Options, ScaleChoice, make_plan
+from v4convert.quant.recipes import RuleSet, preset
+from v4convert.families.roles import Role, Storage
 
 from .conftest import TINY_PRESETS
 
@@ -221,7 +221,7 @@ def test_workers_pool_and_small_chunks_byte_identical(tiny_ckpts, tmp_path, monk
     """2 worker processes vs in-process, and 128-row chunks vs whole tensors: identical files."""
     src = tiny_ckpts["v3-tiny"]
     run_quantize(src, tmp_path / "a", workers=2)
-    import v4convert.workers as w
+    import v4convert.quant.workers as w
     monkeypatch.setattr(w, "CHUNK_ELEMS", 1)          # every chunk = 128 rows
     monkeypatch.setattr(w, "COPY_BYTES", 1000)
     run_quantize(src, tmp_path / "b", workers=1)
@@ -267,7 +267,7 @@ def test_compiled_codec_path_same_bytes(tiny_ckpts, tmp_path, monkeypatch):
     model, with the torch kernel (the native C kernel is the CPU default), so the engine's use of that
     path is checked against nvfp4_quantize too."""
     import v4convert.formats.nvfp4 as nv
-    from v4convert.formats.native import Kernel
+    from v4convert.kernels.native import Kernel
     monkeypatch.setattr(nv, "_use_compiled", lambda backend, t: t.device.type == "cpu")
     src = tiny_ckpts["v3-tiny"]
     plan, _ = run_quantize(src, tmp_path / "out", kernel=Kernel.TORCH)

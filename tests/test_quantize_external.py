@@ -13,7 +13,7 @@ from v4convert.formats.containers import Container
 from v4convert.formats.fp4 import decode_fp4
 from v4convert.formats.fp8 import e4m3_to_float32
 from v4convert.formats.nvfp4 import NVFP4Convention, nvfp4_from_stored
-from v4convert.roles import Role, Storage
+from v4convert.families.roles import Storage
 
 from .test_quantize import artifacts_cache  # noqa: F401  (session fixture shared with test_quantize)
 
@@ -38,7 +38,7 @@ class _Lazy:
 
 
 @pytest.fixture(scope="module")
-def artifacts(artifacts_cache) -> _Lazy:
+def artifacts(artifacts_cache) -> _Lazy:  # noqa: F811 (the fixture imported above)
     return _Lazy(artifacts_cache)
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from v4convert.checkpoint import Checkpoint, CheckpointError
-from v4convert.engine import OutputExistsError, execute, partial_dir
-from v4convert.quantize import Options, QuantizeError, make_plan
-from v4convert.recipes import Recipe, RecipeError, RecipeName, RuleSet, preset
-from v4convert.roles import Group
-from v4convert.workers import DiskFullError, SourceReadError
+from v4convert.quant.engine import OutputExistsError, execute, partial_dir
+from v4convert.quant.plan import Options, QuantizeError, make_plan
+from v4convert.quant.recipes import Recipe, RecipeError, RecipeName, RuleSet, preset
+from v4convert.families.roles import Group
+from v4convert.quant.workers import DiskFullError, SourceReadError
 
 from .test_quantize import run_quantize
 
@@ -93,7 +93,7 @@ def test_output_exists_and_foreign_partial(tiny_ckpts, tmp_path, reference):
 
 
 def test_disk_full_midway_then_resume(tiny_ckpts, tmp_path, reference, monkeypatch):
-    import v4convert.workers as w
+    import v4convert.quant.workers as w
     src = tiny_ckpts["v3-tiny"]
     out = tmp_path / "out"
     real = os.pwrite
@@ -117,7 +117,7 @@ def test_disk_full_midway_then_resume(tiny_ckpts, tmp_path, reference, monkeypat
 
 
 def test_not_enough_space_refused_before_work(tiny_ckpts, tmp_path, monkeypatch):
-    import v4convert.engine as eng
+    import v4convert.quant.engine as eng
     monkeypatch.setattr(eng.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(DiskFullError, match="only 0.00 GB is free"):
         run_quantize(tiny_ckpts["v3-tiny"], tmp_path / "out")

@@ -14,8 +14,8 @@ import torch
 
 import transformers
 
-from v4convert.runtime import DynamicRouting, RuntimeLoadError, load  # noqa: E402
-from v4convert.runtime.args import ConfigError, ModelArgs  # noqa: E402
+from v4convert.runtime import DynamicRouting, load  # noqa: E402
+from v4convert.runtime.args import ModelArgs  # noqa: E402
 
 SEQ = 44
 TOL = 1e-4

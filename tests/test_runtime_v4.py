@@ -201,7 +201,7 @@ def published(tmp_path_factory, single_thread):
     from safetensors.torch import load_file, save_file
 
     from v4convert.checkpoint import Checkpoint
-    from v4convert.layout import canonical_name
+    from v4convert.families.layout import canonical_name
     from v4convert.synth import synth
 
     root = tmp_path_factory.mktemp("v4pub")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from v4convert.cli import main
-from v4convert.demo import bundled_model, quantize_cli
+from v4convert.demo import bundled_model, quantize_variant
 from v4convert.verify import VerifyOptions, verify
 
 SMALL = ["--ctx", "64", "--tokens", "126", "--gen-tokens", "4", "--gen-prompts", "1"]
@@ -113,7 +113,7 @@ def test_v4_fp4_outputs_plausible(tmp_path, scheme):
     """V4's routed experts are MXFP4 already (re-packed or kept); shared experts go FP8 -> FP4: a real, small loss."""
     ref = bundled_model("v4")
     out = tmp_path / scheme
-    quantize_cli(ref, out, ("--scheme", scheme))
+    quantize_variant(ref, out, scheme)
     r = verify(ref, out, VerifyOptions(ctx=64, tokens=126, gen_tokens=4, gen_prompts=1))
     assert 0.0 < r["kld"]["mean"] < 0.05 and r["top1_agreement"] > 0.9
     assert 0.95 < r["ppl"]["ratio"] < 1.05

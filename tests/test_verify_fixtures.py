@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.demo import bundled_model
-from v4convert.layout import Arch, inventory
-from v4convert.roles import Family, Storage
+from v4convert.families.layout import Arch, inventory
+from v4convert.families.roles import Family, Storage
 
 DATA = Path(__file__).resolve().parents[1] / "v4convert" / "data"
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from v4convert.artifact import ArtifactError, open_runner
+from v4convert.artifacts import ArtifactError, open_runner
 from v4convert.cli import main
 from v4convert.demo import bundled_model
-from v4convert.export_gguf import GGUFType, TypeMix, export_gguf
+from v4convert.export.gguf.exporter import GGUFType, TypeMix, export_gguf
 
 SMALL = ["--ctx", "64", "--tokens", "126", "--gen-tokens", "4", "--gen-prompts", "1", "--threads", "1"]
 F32_MIX = TypeMix(GGUFType.F32, GGUFType.F32)

@@ -24,12 +24,13 @@ import torch
 from v4convert.formats import fp4, fp8
 from v4convert.formats.safetensors_io import FormatError, MappedFile, TensorEntry, read_header
 
-from .layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
-from .roles import Family, Role, Storage
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
+from .families.roles import Family, Role, Storage
+from v4convert.errors import UserError
 
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read as claimed; the message names the file and tensor."""
 
 

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import api
 from .verify import DEFAULT_DATA, VerifyOptions, format_comparison, json_report, verify
+from v4convert.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 
 
-class DemoError(ValueError):
+class DemoError(UserError):
     pass
 
 
@@ -24,7 +26,7 @@ def bundled_model(family: str) -> Path:
     p = DATA / f"tiny-{family}"
     if not (p / "config.json").is_file():
         raise DemoError(f"{p}: bundled trained model missing (reinstall v4convert, or run "
-                        f"python -m v4convert.train_tiny train --family {family})")
+                        f"python tools/train_tiny.py train --family {family})")
     return p
 
 
@@ -32,13 +34,13 @@ def bundled_model(family: str) -> Path:
 class Variant:
     label: str
     dirname: str
-    quantize_args: tuple[str, ...]
+    scheme: str                 # quantize's --scheme (its default recipe)
 
 
 # What the demo makes: the two default FP4 recipes of ``v4convert quantize``.
 VARIANTS: tuple[Variant, ...] = (
-    Variant("NVFP4 experts (RTN)", "nvfp4", ("--scheme", "nvfp4")),
-    Variant("MXFP4 experts (OCP floor)", "mxfp4", ("--scheme", "mxfp4")),
+    Variant("NVFP4 experts (RTN)", "nvfp4", "nvfp4"),
+    Variant("MXFP4 experts (OCP floor)", "mxfp4", "mxfp4"),
 )
 
 
@@ -46,14 +48,10 @@ def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
-    """Run ``v4convert quantize`` through its command (the stable CLI contract)."""
-    from .cli_quantize import quantize_command
-
-    argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", *args]
-    if out.exists():
-        argv.append("--overwrite")
-    quantize_command.main(argv, standalone_mode=False)
+def quantize_variant(src: Path, out: Path, scheme: str) -> None:
+    """Quantize ``src`` into ``out`` with ``scheme``'s default recipe through the Python API (one in-process
+    worker, replacing ``out``)."""
+    api.quantize(api.QuantizeArgs(src, out, scheme=scheme, workers=1, overwrite=True))
 
 
 def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print,
@@ -66,7 +64,7 @@ def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print
     for v in variants:
         step += 1
         echo(f"[{step}/{n}] quantize {ref.name} -> {v.label}: {out / v.dirname}")
-        quantize_cli(ref, out / v.dirname, v.quantize_args)
+        quantize_variant(ref, out / v.dirname, v.scheme)
     ref_logits = out / "ref-logits.safetensors"
     if ref_logits.exists():
         ref_logits.unlink()

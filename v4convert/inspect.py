@@ -6,7 +6,6 @@ byte without downloading it.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ from typing import Callable
 from v4convert.formats.safetensors_io import ST_DTYPES
 
 from .checkpoint import Checkpoint
-from .layout import Arch, Slot, inventory, stored_tensors
-from .roles import Group, Role, Storage
+from .errors import read_json
+from .families.layout import Arch, Slot, inventory, stored_tensors
+from .families.roles import Group, Role
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def build_report(path: Path) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report."""
     path = Path(path)
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        cfg = read_json(path)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []

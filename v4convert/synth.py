@@ -25,16 +25,17 @@ import torch
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
 
-from .layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
-from .roles import Family, Role, Storage
+from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stored_tensors
+from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
+from v4convert.errors import UserError
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
 CHUNK_ELEMS = 1 << 24      # rows per generated chunk are sized to ~16M elements
 
 
-class SynthError(ValueError):
+class SynthError(UserError):
     pass
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from v4convert.artifact import ArtifactError, ArtifactKind
+from . import ArtifactError, ArtifactKind
 
 WORKER = Path(__file__).with_name("mlx_worker.py")
 DEFAULT_VENV_PYTHON = Path.home() / ".cache" / "v4convert-ci" / "mlx-venv" / "bin" / "python"
@@ -103,6 +103,11 @@ class MLXWorkerError(ArtifactError):
 class MLXRunner:
     """mlx-lm on the MLX model directory ``path`` (CPU here; Metal on a Mac). ``dtype`` must be float32 (the
     stored weights fix mlx-lm's precision); ``device`` must be cpu; ``max_seq_len`` bounds positions."""
+
+    @staticmethod
+    def require() -> None:
+        """:class:`MLXUnavailable` before any work when no Python with mlx + mlx-lm is found."""
+        find_mlx_python()
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 512, python: str | None = None) -> None:

@@ -41,7 +41,8 @@ from v4convert.formats import mlx_quant as mq
 from v4convert.formats.mlx_quant import MLXMode, MLXPacked, MLXQuant
 from v4convert.formats.safetensors_io import TORCH_TO_ST, PlannedTensor, write_streaming
 from v4convert.formats.sharding import group_in_order
-from v4convert.roles import Family, Group, Role, Storage
+from v4convert.export import ExportResult
+from v4convert.families.roles import Family, Group, Role, Storage
 
 MLX_LM_CHECKED = "0.32.2"      # the mlx-lm release these names and layouts were checked against
 # our family -> mlx-lm model module (``mlx_lm/models/<name>.py``) in MLX_LM_CHECKED; None: it has none
@@ -85,23 +86,22 @@ def parse_spec(text: str) -> MLXQuant | None:
 @dataclass
 class Options:
     """What goes where. Specs: ``affine4``, ``affine8[-gN]``, ``mxfp4``, ``nvfp4``, ``none``."""
-    quant: str = field(default="affine8", metadata={"help": "Every quantizable module not named below: embedding, "
-                                                            "head, dense MLP, shared experts."})
-    attention: str | None = field(default=None, metadata={"help": "Attention projections (incl. MLA embed_q / "
-                                                                  "unembed_out and the V3.2 indexer); default: quant."})
-    experts: str = field(default="mxfp4", metadata={"help": "Routed experts (MXFP4 sources re-pack losslessly)."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Float dtype of unquantized tensors and affine "
-                                                             "scales/biases: bfloat16, float16 or float32."})
-    shard_bytes: int = field(default=SHARD_BYTES, metadata={"help": "Largest safetensors shard (mlx-lm: 5 GiB)."})
-
-
-@dataclass
-class ExportResult:
-    paths: list[Path]
-    n_tensors: int
-    n_bytes: int
-    seconds: float
-    notes: list[str]
+    quant: str = field(default="affine8", metadata={
+        "cli": "--mlx-quant",
+        "help": "MLX quantization of embedding, head, dense MLP and shared experts: affine4, "
+                "affine8[-g32|-g64|-g128], mxfp4, nvfp4 or none."})
+    attention: str | None = field(default=None, metadata={
+        "cli": "--mlx-attention",
+        "help": "MLX quantization of attention projections (incl. MLA embed_q / unembed_out and the V3.2 "
+                "indexer); default: --mlx-quant."})
+    experts: str = field(default="mxfp4", metadata={
+        "cli": "--mlx-experts", "help": "MLX quantization of routed experts (MXFP4 sources re-pack losslessly)."})
+    dtype: str = field(default="bfloat16", metadata={
+        "cli": "--mlx-dtype", "choices": list(DTYPES),
+        "help": "MLX dtype of unquantized tensors and affine scales/biases."})
+    shard_bytes: int | None = field(default=None, metadata={
+        "cli": "--mlx-shard-size", "size": True,
+        "help": "Largest MLX safetensors shard (e.g. 2G; default 5 GiB like mlx-lm)."})
 
 
 @dataclass
@@ -274,12 +274,10 @@ class _Planner:
         for which, name, shape in (("k", f"{base}.embed_q", (H, r, nope)), ("v", f"{base}.unembed_out", (H, v, r))):
             q = self.fit(name, spec, shape[-1])
             self.config_entries[name] = q
-            if q is None:
-                fn = (lambda which=which: iter([part(which).to(self.dtype)]))
-                mods.append(_Module(name, shape, None, fn, False, self.st_dtype))
-            else:
-                fn = (lambda which=which, q=q, name=name: iter([mq.encode(part(which), q, self.dtype, name)]))
-                mods.append(_Module(name, shape, q, fn, False, self.st_dtype))
+            def parts(which: str = which, q: MLXQuant | None = q, name: str = name) -> Iterator:
+                w = part(which)
+                yield w.to(self.dtype) if q is None else mq.encode(w, q, self.dtype, name)
+            mods.append(_Module(name, shape, q, parts, False, self.st_dtype))
         return mods
 
     def quantization_config(self) -> dict | None:
@@ -318,7 +316,7 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
         planner = _Planner(ck, opts)
         modules = planner.modules()
         planned = [t for m in modules for t in _planned(m)]
-        groups = group_in_order(planned, [t.nbytes for t in planned], opts.shard_bytes)
+        groups = group_in_order(planned, [t.nbytes for t in planned], opts.shard_bytes or SHARD_BYTES)
         n = len(groups)
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         total = sum(t.nbytes for t in planned)
@@ -360,7 +358,8 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
     notes = planner.notes
     if planner.repacked:
         notes.insert(0, f"{planner.repacked} stacked expert tensors re-packed losslessly from MXFP4")
-    return ExportResult([out / f for f in names], len(planned), total, time.perf_counter() - t0, notes)
+    return ExportResult([out / f for f in names], len(planned), total, time.perf_counter() - t0, notes,
+                        label="mlx-lm model")
 
 
 # the exporter contract's name

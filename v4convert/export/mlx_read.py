@@ -22,7 +22,7 @@ from v4convert.formats.safetensors_io import (
     read_header,
     write_streaming,
 )
-from v4convert.roles import Role, Storage
+from v4convert.families.roles import Role, Storage
 
 from .mlx import EXPERT_PROJ, MLXExportError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import ArtifactError, ArtifactKind
+from . import ArtifactError, ArtifactKind
 
 GGML_TYPE_F32 = 0        # ggml_type enum value (ggml.h) for type_k / type_v
 
@@ -35,6 +35,8 @@ class GGUFRunner:
     with ``n_gpu_layers=0``); ``dtype`` must be float32: the GGUF's tensor types fix the precision.
     ``n_threads``: llama.cpp threads (default: torch's intra-op thread count, which ``--threads`` sets).
     """
+
+    require = staticmethod(require_llama_cpp)     # checked by artifacts.check_runnable before any work
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  max_seq_len: int = 512, n_threads: int | None = None) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from v4convert.formats.containers import Container, OutKind, compressed_tensors_config, modelopt_configs
 
-from . import __version__
-from .quantize import Action, Plan, QuantizeError, Unit
+from .. import __version__
+from .plan import Action, Plan, QuantizeError, Unit
 from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"

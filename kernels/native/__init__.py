@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ..fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
-from ..fp8_block import FP8BlockTensor, FP8ScaleFormat
-from ..nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, nvfp4_global_scale
+from v4convert.formats.fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
+from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat
+from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, nvfp4_global_scale
 
 SOURCE = Path(__file__).with_name("fp8_nvfp4.c")
 CFLAGS = ("-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99")

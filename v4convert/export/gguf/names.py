@@ -14,10 +14,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from v4convert.roles import Role
+from v4convert.families.roles import Role
+from v4convert.errors import UserError
 
 
-class GGUFNameError(ValueError):
+class GGUFNameError(UserError):
     """A tensor that has no place in the target GGUF arch."""
 
 

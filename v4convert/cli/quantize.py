@@ -5,7 +5,6 @@ Errors from bad input surface as one line through the main group's error handler
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,15 +12,21 @@ import click
 
 from v4convert.formats.containers import Container
 
-from .recipes import RecipeName
+from ..quant.recipes import RecipeName
 
 
 def _parse_size(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
         if t.endswith(suf):
-            return int(float(t[: -len(suf)]) * mult)
-    return int(t)
+            t = t[: -len(suf)]
+            break
+    else:
+        mult = 1
+    try:
+        return int(float(t) * mult)
+    except ValueError:
+        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
 
 
 @click.command("quantize")
@@ -60,33 +65,23 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     to OUT when complete. A killed run restarted with the same command resumes where it stopped and
     produces byte-identical output.
     """
-    from v4convert.formats.native import Kernel
+    from .. import api
 
-    from .checkpoint import Checkpoint
-    from .engine import OutputExistsError, execute
-    from .quantize import MXRule, Options, ScaleChoice, make_plan
-    from .recipes import RuleSet, preset
+    n_shards = 0
 
-    if out.exists() and not overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
-    rname = recipe or ("nvfp4-experts" if scheme == "nvfp4" else "mxfp4-experts")
-    container = Container(fmt) if fmt else Container.COMPRESSED_TENSORS
-    opts = Options(container=container, scale_method=ScaleChoice(scale_method), mx_rule=MXRule(mx_rule),
-                   keep_native_fp4=keep_native_fp4, shard_bytes=_parse_size(shard_size))
-    rules = RuleSet(preset(rname), keep=keep, overrides=override)
-    with Checkpoint.open(ckpt) as ck:
-        plan = make_plan(ck, rules, opts)
-    click.echo(plan.summary(), err=True)
-    if plan_only:
+    def on_plan(plan) -> None:
+        nonlocal n_shards
+        n_shards = len(plan.shards)
+        click.echo(plan.summary(), err=True)
+
+    r = api.quantize(api.QuantizeArgs(
+        src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
+        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
+        shard_bytes=_parse_size(shard_size), workers=workers, overwrite=overwrite, plan_only=plan_only,
+        sync_bytes=_parse_size(sync_every), device=device, kernel=kernel, progress=sys.stderr.isatty(),
+        on_plan=on_plan))
+    if r is None:
         return
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # default: one in-process worker feeds a CUDA device; on CPU one process per core
-    n_workers = workers or (1 if device.startswith("cuda") else (os.cpu_count() or 1))
-    r = execute(plan, out, workers=n_workers, overwrite=overwrite, progress=sys.stderr.isatty(),
-                sync_bytes=_parse_size(sync_every), device=device,
-                kernel=Kernel(kernel) if kernel else None)
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
-    click.echo(f"wrote {r.bytes_out:,} bytes in {len(plan.shards)} shard(s) to {r.out}"
+    click.echo(f"wrote {r.bytes_out:,} bytes in {n_shards} shard(s) to {r.out}"
                f" ({r.resumed_units} of {r.units} units resumed{extra})")

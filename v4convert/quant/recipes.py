@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping, Protocol
 
-from .roles import Group, Role
+from ..families.roles import Group, Role
+from v4convert.errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe, pattern or codec request that cannot be applied; the message names the tensor."""
 
 

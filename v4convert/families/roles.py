@@ -1,6 +1,6 @@
 """Typed vocabulary of a DeepSeek checkpoint: families, tensor roles, and storage codecs.
 
-Every tensor name of every family maps to exactly one ``Role`` (see ``v4convert.layout``);
+Every tensor name of every family maps to exactly one ``Role`` (see ``v4convert.families.layout``);
 recipes, exporters and the runtime dispatch on these enums, never on name strings.
 """
 from __future__ import annotations

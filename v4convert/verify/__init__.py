@@ -33,16 +33,17 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactKind, Runner, check_runnable, open_runner
+from ..artifacts import ArtifactKind, Runner, check_runnable, open_runner
+from v4convert.errors import UserError, read_json
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
-DEFAULT_DATA = Path(__file__).parent / "data" / "corpus" / "heldout.txt"
+DEFAULT_DATA = Path(__file__).parents[1] / "data" / "corpus" / "heldout.txt"
 DP_PERCENTILES = (0.1, 1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9)
 KLD_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError):
     """Bad verify input: too little data, a reference cache that does not match, mismatched vocabularies."""
 
 
@@ -402,7 +403,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         opts = opts or VerifyOptions()
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
-        cfg = json.loads((ref_path / "config.json").read_text())
+        cfg = read_json(ref_path / "config.json")
         meta = {"ref": str(ref_path), "ref_config_sha256": _config_sha(ref_path), "data": str(data),
                 "data_sha256": sha256_file(data), "vocab": int(cfg["vocab_size"]), "options": opts.__dict__.copy()}
     max_seq = max(opts.ctx, opts.prompt_len + opts.gen_tokens)

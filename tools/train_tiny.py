@@ -18,11 +18,11 @@ trained for a few minutes on real text available offline. This script makes them
    held-out perplexity of the float model, of the released checkpoint run by ``v4convert.runtime``, and of a
    unigram baseline.
 
-Usage: ``python -m v4convert.train_tiny corpus`` then ``python -m v4convert.train_tiny train --family v3``
+Usage: ``python tools/train_tiny.py corpus`` then ``python tools/train_tiny.py train --family v3``
 (``--init-from DIR`` continues from a release; ``report --family F`` re-scores a release). The bundled
 releases: tiny-v3 = one run (its report was rebuilt by ``report`` from the training log after a crash in
 the final runtime check); tiny-v4 = one run plus one ``--init-from`` continuation (``continued_from``).
-Needs transformers (the ``test`` extra); the package never imports this module at run time.
+Needs transformers (the ``test`` extra); it sits outside the package (tools/), which never imports it.
 """
 from __future__ import annotations
 
@@ -40,16 +40,17 @@ from pathlib import Path
 
 import torch
 
+import v4convert
 from v4convert.formats.fp8_block import FP8ScaleFormat, fp8_block_dequantize, fp8_block_quantize
 from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_dequantize, mxfp4_quantize
 from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 
-from .layout import Arch, Slot, canonical_name, inventory, parse_name, stored_tensors
-from .roles import Storage
-from .synth import assign_shards
-from .tokenizer_data import BOS, EOS, write_tokenizer
+from v4convert.families.layout import Arch, Slot, canonical_name, inventory, parse_name, stored_tensors
+from v4convert.families.roles import Storage
+from v4convert.synth import assign_shards
+from v4convert.tokenizer_data import BOS, EOS, write_tokenizer
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(v4convert.__file__).parent / "data"        # the package's bundled data (written in place)
 CORPUS_DIR = DATA / "corpus"
 HELDOUT_EVERY, HELDOUT_AT = 10, 7          # sorted index % 10 == 7 -> held out
 HELDOUT_CHARS = 160_000                     # cap of the stored held-out text (characters)
@@ -175,7 +176,7 @@ def init_from_release(model, arch: Arch, ckpt: Path):
     ``save_pretrained`` gives the file names and layout, whose tensors are replaced by the release's."""
     from safetensors.torch import load_file, save_file
 
-    from .checkpoint import Checkpoint
+    from v4convert.checkpoint import Checkpoint
 
     with tempfile.TemporaryDirectory() as d, Checkpoint.open(ckpt) as ck:
         model.save_pretrained(d)
@@ -513,7 +514,7 @@ def evaluate_release(family: str, out: Path, threads: int, train_log: Path | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m v4convert.train_tiny", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/train_tiny.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("corpus", help="write data/corpus (manifest, held-out text, tokenizer)")
     t = sub.add_parser("train", help="train one family and write data/tiny-<family>")

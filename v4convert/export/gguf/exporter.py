@@ -1,7 +1,7 @@
 """``v4convert export CKPT --gguf``: a DeepSeek checkpoint (as published, or our FP4 artifact) -> GGUF.
 
 Reads tensors one at a time from the checkpoint, maps each role to llama.cpp's tensor name
-(``formats.gguf_names``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
+(``export/gguf/names.py``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
 re-packs MXFP4 losslessly, and streams the file (``formats.gguf_writer``). Metadata keys follow
 llama.cpp's loaders (``src/models/deepseek2.cpp``, ``deepseek32.cpp``, ``deepseek4.cpp``) and its
 converter (``conversion/deepseek.py``); the tokenizer comes from ``tokenizer.json`` /
@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q, GGUFValueType as VT, LlamaFileType
 
 from v4convert.formats import gguf_quants
-from v4convert.formats.gguf_names import Entry, GGUFArch, Kind, Precision, entry
+from v4convert.export.gguf.names import Entry, GGUFArch, Kind, Precision, entry
 from v4convert.formats.gguf_writer import Metadata, TensorSpec, write_gguf
 
-from .checkpoint import Checkpoint, TensorInfo
-from .roles import Family, Role, Storage
+from v4convert.checkpoint import Checkpoint, TensorInfo
+from v4convert.families.roles import Family, Role, Storage
+from v4convert.errors import UserError, read_json
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A checkpoint or option the GGUF exporter cannot honour (message names the file/tensor)."""
 
 
@@ -273,7 +272,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     tj_path = root / "tokenizer.json"
     if not tj_path.is_file():
         raise ExportError(f"{root}: no tokenizer.json (GGUF needs the tokenizer)")
-    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    tj = read_json(tj_path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"{tj_path}: tokenizer model {model.get('type')!r} is not BPE")
@@ -293,7 +292,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     md.arr("tokenizer.ggml.token_type", ttypes, VT.INT32)
     md.arr("tokenizer.ggml.merges", merges, VT.STRING)
     tc_path = root / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
     tok_to_id = {t: i for i, t in enumerate(tokens)}
     special: dict[str, str] = {}
     for key, gkey in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"),
@@ -488,11 +487,11 @@ def _write_modelfile(root: str | Path, out: Path, paths: list[Path], special: di
     root = Path(root)
     if special is None:
         tc_path = root / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        tc = read_json(tc_path) if tc_path.is_file() else {}
         special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tc.items()
                    if k in ("bos_token", "eos_token") and v is not None}
     gen_path = root / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     mf = out.with_name("Modelfile")
     mf.write_text(modelfile_text(paths[0].name, special, gen), encoding="utf-8")
     return mf

@@ -23,7 +23,7 @@ from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
-from .quantize import Action, MXRule, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
+from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
@@ -53,7 +53,7 @@ def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) 
 
     ``requested`` None: the native C kernel when it compiles and ``device`` is CPU, else torch (the
     reason says why). ``Kernel.NATIVE`` that cannot build or runs on a non-CPU device raises."""
-    from v4convert.formats.native import Kernel, native_status
+    from v4convert.kernels.native import Kernel, native_status
     if requested is Kernel.TORCH:
         return Kernel.TORCH, "torch kernel (requested)"
     if device != "cpu":
@@ -237,7 +237,7 @@ class _FP8Prepared:
 
 def _fp8_prepare_native(t: TensorPlan) -> _FP8Prepared:
     """``_fp8_prepare`` on the native C kernel (same block amax and amax, bit for bit)."""
-    from v4convert.formats.native import fp8_block_amax_native
+    from v4convert.kernels.native import fp8_block_amax_native
     raw = read_rows(t.src["weight"]).view(torch.uint8)
     s = read_rows(t.src["scale"])
     s = s.view(torch.uint8) if t.src["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
@@ -277,7 +277,7 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     soff, _ = _out(unit, t, Part.SCALE)
     goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
     if p.scale is not None:  # native kernel: whole tensor in one call (the raw bytes are already in memory)
-        from v4convert.formats.native import fp8_encode_native
+        from v4convert.kernels.native import fp8_encode_native
         packed, ws = fp8_encode_native(p.raw, p.scale, p.block_amax, gscale, conv,
                                        threads=torch.get_num_threads(), name=f"tensor {t.name}")
         w.write(woff, packed, t.name)
@@ -295,7 +295,7 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
 def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device,
               kernel=None) -> str:
     """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
-    from v4convert.formats.native import Kernel
+    from v4convert.kernels.native import Kernel
     from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
     conv = _conv(opts)
     method = ScaleMethod(opts.scale_method.value)

@@ -1,6 +1,6 @@
 """The ``v4convert`` command line. Each command's logic lives in its module; this file only wires.
 
-Errors from bad input are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
+Errors from bad input (``UserError``) are printed as one line (``error: FILE: tensor NAME: ...``) with exit code 2.
 """
 from __future__ import annotations
 
@@ -10,25 +10,22 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .checkpoint import CheckpointError
-from .cli_export import export_command
-from .cli_run import run_command
-from .cli_verify import verify_command
-from .cli_quantize import quantize_command
-from .layout import LayoutError
-from v4convert.formats.safetensors_io import FormatError
-
-USER_ERRORS = (CheckpointError, LayoutError, FormatError, FileNotFoundError, ValueError)
+from .. import __version__
+from ..errors import UserError
+from .export import export_command
+from .run import run_command
+from .verify import verify_command
+from .quantize import quantize_command
 
 
 class Group(click.Group):
-    """Turns known user errors into one clean line and exit code 2 instead of a traceback."""
+    """Turns user errors (``UserError``) into one clean line and exit code 2. Anything else is a bug of ours:
+    it keeps its traceback (exit 1)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
+        except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -53,8 +50,9 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     Reports family, layers, experts, parameters (main model and MTP), bytes by role and dtype,
     shards, and projected sizes of the NVFP4 / MXFP4 / GGUF outputs.
     """
-    from .inspect import build_report, format_report
-    report = build_report(path)
+    from .. import api
+    from ..inspect import format_report
+    report = api.inspect(api.InspectArgs(path))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -75,9 +73,9 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
     naming, index, config.json and a small byte-level BPE tokenizer. Values are random but sane
     and deterministic per seed; writing streams tensor by tensor.
     """
-    from .synth import synth
-    r = synth(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
-              progress=sys.stderr.isatty())
+    from .. import api
+    r = api.synth(api.SynthArgs(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
+                                progress=sys.stderr.isatty()))
     click.echo(f"wrote {r.n_tensors} tensors, {r.n_bytes:,} bytes in {r.n_shards} shard(s) to {r.out}")
 
 
@@ -93,8 +91,8 @@ def demo_cmd(out: Path, tokens: int, ctx: int, threads: int | None) -> None:
     Quantizes the bundled FP8 release (trained on Python stdlib text) to NVFP4 and MXFP4, verifies each
     against it on held-out text, and prints the comparison table and where the files are.
     """
-    from .demo import format_demo, run_demo
-    from .verify import VerifyOptions
+    from ..demo import format_demo, run_demo
+    from ..verify import VerifyOptions
     if threads:
         import torch
         torch.set_num_threads(threads)

@@ -5,7 +5,7 @@
 container's convention), bytes in and out; groups fused partners (gate/up, q_a/kv_a) into one work
 ``Unit`` so they can share one NVFP4 global scale; and assigns units to ~5 GB output shards with
 exact byte offsets. The plan is deterministic, so a restarted run recomputes the same plan and its
-fingerprint tells whether a ``.partial`` directory belongs to it. ``v4convert.engine`` executes it.
+fingerprint tells whether a ``.partial`` directory belongs to it. ``v4convert.quant.engine`` executes it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import enum
 import hashlib
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,16 +21,17 @@ from v4convert.formats.containers import Container, Entry, OutKind, Part, entrie
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
 from v4convert.formats.sharding import split_in_order
 
-from . import __version__
-from .checkpoint import Checkpoint, TensorInfo
+from .. import __version__
+from ..checkpoint import Checkpoint, TensorInfo
 from .recipes import Codec, RecipeError, RuleSet
-from .roles import Family, Role, Storage
+from ..families.roles import Family, Role, Storage
+from v4convert.errors import UserError
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """A quantize request that cannot be carried out; the message names the tensor or file."""
 
 

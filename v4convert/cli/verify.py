@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import torch
 
-from .artifact import ArtifactKind
+from ..artifacts import ArtifactKind
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,8 +57,9 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     perplexity of each and their ratio, delta-p of the correct token, per-layer hidden-state error, greedy
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
-    from .verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
-                         plot_report, require_matplotlib, verify)
+    from .. import api
+    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
+                         plot_report, require_matplotlib)
 
     if threads:
         torch.set_num_threads(threads)
@@ -78,10 +79,11 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
         if show:
             click.echo(f"\r{what}: window {i}/{n}", err=True, nl=(i == n))
 
-    r = verify(ref, artifact, opts=opts, data=data,
-               thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
-               save_ref=save_ref_logits, ref_cache=ref_logits, art_kind=ArtifactKind(kind) if kind else None,
-               device=device, dtype=DTYPES[dtype], progress=progress)
+    r = api.verify(api.VerifyArgs(
+        ref, artifact, opts=opts, data=data,
+        thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
+        save_ref=save_ref_logits, ref_cache=ref_logits, kind=ArtifactKind(kind) if kind else None,
+        device=device, dtype=DTYPES[dtype], progress=progress))
     click.echo(format_report(r))
     if json_out is not None:
         json_out.write_text(json.dumps(json_report(r), indent=2))

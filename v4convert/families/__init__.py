@@ -1,0 +1,1 @@
+"""Model families: tensor roles, published layouts and (later) typed configs, one row per family."""

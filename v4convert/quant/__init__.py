@@ -1,0 +1,1 @@
+"""Quantization: plan (headers only) -> engine (streaming, resumable) -> workers (one unit each), recipes."""
