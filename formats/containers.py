@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Iterable
 from v4convert.errors import UserError
 
-FP8_BLOCK = 128
-NVFP4_GROUP = 16
-MXFP4_GROUP = 32
+from .blocks import FP8_BLOCK, NVFP4_BLOCK as NVFP4_GROUP  # noqa: F401 (re-exported)
+from .blocks import MXFP4_BLOCK as MXFP4_GROUP  # noqa: F401
 PRODUCER = "v4convert"
 
 

@@ -22,7 +22,7 @@ from v4convert.quant.workers import DiskFullError, SourceReadError
 
 from .test_quantize import run_quantize
 
-SHARD = "300KB"
+SHARD = "300000"                    # bytes: the API runs below use shard_bytes=300_000
 
 
 def cli(*args: str) -> list[str]:

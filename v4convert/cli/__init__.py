@@ -16,6 +16,7 @@ from .export import export_command
 from .run import run_command
 from .verify import verify_command
 from .quantize import quantize_command
+from .sizes import SIZE
 
 
 class Group(click.Group):
@@ -62,7 +63,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist).")
 @click.option("--seed", default=0, show_default=True, help="Random seed; output is deterministic per seed.")
 @click.option("--layers", default=None, help="Blocks to write, e.g. '3', '0-1,mtp' or 'all' (default all).")
-@click.option("--shard-size", type=int, default=None, help="Max bytes per shard (default 2 MiB tiny, 5 GiB full).")
+@click.option("--shard-size", type=SIZE, default=None,
+              help="Max bytes per shard, e.g. 5G or 2000000 (binary units; default 2 MiB tiny, 5 GiB full).")
 @click.option("--with-embed/--no-embed", default=None,
               help="Also write embed/head/final norm (default: yes for whole models, no with --layers).")
 def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size: int | None,

@@ -13,20 +13,7 @@ import click
 from v4convert.formats.containers import Container
 
 from ..quant.recipes import RecipeName
-
-
-def _parse_size(text: str) -> int:
-    t = text.strip().upper().replace(" ", "")
-    for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
-        if t.endswith(suf):
-            t = t[: -len(suf)]
-            break
-    else:
-        mult = 1
-    try:
-        return int(float(t) * mult)
-    except ValueError:
-        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
+from .sizes import SIZE
 
 
 @click.command("quantize")
@@ -46,19 +33,21 @@ def _parse_size(text: str) -> int:
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
+@click.option("--shard-size", type=SIZE, default="5G", show_default=True,
+              help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
-@click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
+@click.option("--sync-every", type=SIZE, default="1G", show_default=True,
+              help="Journal (fsync) after this much output (binary units).")
 @click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
 @click.option("--kernel", type=click.Choice(["native", "torch"]), default=None,
               help="FP8->NVFP4 hot path: the native C kernel (default on CPU when a C compiler builds it) or "
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
-                     keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
-                     plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
+                     keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
     Reads the release as published (FP8 blocks, V4 MXFP4 experts), writes OUT.partial/ and renames it
@@ -77,8 +66,8 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
     r = api.quantize(api.QuantizeArgs(
         src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
         scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
-        shard_bytes=_parse_size(shard_size), workers=workers, overwrite=overwrite, plan_only=plan_only,
-        sync_bytes=_parse_size(sync_every), device=device, kernel=kernel, progress=sys.stderr.isatty(),
+        shard_bytes=shard_size, workers=workers, overwrite=overwrite, plan_only=plan_only,
+        sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),
         on_plan=on_plan))
     if r is None:
         return

@@ -58,8 +58,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
     from .. import api
-    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
-                         plot_report, require_matplotlib)
+    from ..verify import Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report
+    from ..verify.plot import plot_report, require_matplotlib
 
     if threads:
         torch.set_num_threads(threads)

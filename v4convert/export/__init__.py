@@ -6,7 +6,7 @@ An exporter is a module (or package) under ``v4convert/export/`` with
   ``v4convert export --NAME`` and its options from it: a ``bool`` field ``x`` becomes ``--x/--no-x`` (or the
   ``"cli"`` declaration in its metadata, e.g. ``"--mtp/--no-mtp"``), any other field ``--x VALUE``;
   metadata ``"choices"`` (a list, or a zero-argument callable returning one) restricts the value
-  (case-insensitively), ``"size": True`` parses ``50G`` / ``500M`` (binary units) to bytes.
+  (case-insensitively), ``"size": True`` parses ``50G`` / ``500M`` to bytes (binary units, ``cli/sizes.py``).
 * ``export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> ExportResult``.
 
 Adding an exporter = its module + ONE line in ``EXPORTERS`` below + its tests. Two exporters may have options of

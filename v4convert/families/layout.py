@@ -21,9 +21,7 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 from .roles import Family, Group, Role, Storage
 from v4convert.errors import UserError
 
-FP8_BLOCK = 128      # DeepSeek FP8 weight block (rows and columns)
-MXFP4_BLOCK = 32     # V4 FP4 expert scale block along K
-NVFP4_BLOCK = 16     # NVFP4 E4M3 scale block along K
+from v4convert.formats.blocks import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK  # noqa: F401 (re-exported)
 
 
 class LayoutError(UserError):

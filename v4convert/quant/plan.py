@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
+from v4convert.formats.mxfp4 import MXScaleRule
+from v4convert.formats.nvfp4 import ScaleMethod
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
 from v4convert.formats.sharding import split_in_order
 
@@ -46,15 +48,9 @@ class Action(enum.Enum):
     TO_MXFP4 = "-> mxfp4"                # quantize (FP8 / BF16 source) to MXFP4
 
 
-class ScaleChoice(enum.Enum):
-    RTN = "rtn"
-    MSE = "mse"
-    FOUR_OVER_SIX = "four-over-six"
-
-
-class MXRule(enum.Enum):
-    FLOOR = "floor"
-    ROUND_UP = "round-up"
+# One enum each with the codecs' (the names quantize's options have always used):
+ScaleChoice = ScaleMethod      # NVFP4 block-scale choice: rtn | mse | four-over-six
+MXRule = MXScaleRule           # MXFP4 exponent rule: floor | round-up
 
 
 @dataclass(frozen=True)

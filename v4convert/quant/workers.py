@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from v4convert.formats import fp8
+from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
-from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
+from .plan import Action, Options, QuantizeError, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
 COPY_BYTES = 64 << 20          # verbatim copies stream in 64 MB pieces
-FP8_BLOCK = 128
 
 
 class DiskFullError(QuantizeError):
@@ -296,10 +296,11 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
               kernel=None) -> str:
     """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
     from v4convert.kernels.native import Kernel
-    from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
+
+    from .methods import get as get_method
     conv = _conv(opts)
-    method = ScaleMethod(opts.scale_method.value)
-    if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
+    method = get_method(opts.scale_method)
+    if method.fp8_hot_path and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
         k, _ = choose_kernel(kernel, device.type)
         if k is Kernel.NATIVE:
@@ -320,9 +321,8 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
         soff, srow = _out(unit, t, Part.SCALE)
         goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
         gscale = None
-        for r0, r1 in _chunks(n, k):
-            q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
-                               global_amax=shared, name=t.name)
+        for r0, r1 in ([(0, n)] if method.whole_tensor else _chunks(n, k)):
+            q = method.nvfp4(_decode_chunk(t, r0, r1, s), convention=conv, global_amax=shared, name=t.name)
             w.write(woff + r0 * wrow, q.packed, t.name)
             w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
             g = q.global_scale.to(torch.float32).reshape(1)
@@ -359,8 +359,8 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
 
 
 def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
-    from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
-    rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+    from v4convert.formats.mxfp4 import mxfp4_quantize
+    rule = opts.mx_rule
     n, k = t.shape
     s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
     woff, wrow = _out(unit, t, Part.WEIGHT)
