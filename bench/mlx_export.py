@@ -42,7 +42,8 @@ def main() -> None:
 
     from v4convert.checkpoint import Checkpoint
     from v4convert.export.mlx import Options, export_mlx
-    from v4convert.export.gguf.exporter import TypeMix, export_gguf
+    from v4convert.export.gguf.exporter import export_gguf
+    from v4convert.export.gguf.types import TypeMix
     with Checkpoint.open(a.ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
     progress = sys.stderr.isatty()
