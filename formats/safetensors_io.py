@@ -33,6 +33,7 @@ ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BF16": (torch.bfloat16, 2),
     "I64": (torch.int64, 8),
     "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),     # MLX packed quantized weights (read as raw words)
     "I16": (torch.int16, 2),
     "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1),

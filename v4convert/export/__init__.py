@@ -52,6 +52,7 @@ EXPORTERS: dict[str, Exporter] = {e.name: e for e in [
     Exporter("gguf", "v4convert.export.gguf", "GGUF for llama.cpp / Ollama."),
     Exporter("onnx", "v4convert.export.onnx", "ONNX for onnxruntime (--out DIR, or DIR/NAME.onnx)."),
     Exporter("sharded", "v4convert.export.sharded", "Our per-rank layout for torchrun (--tp/--ep; --out is a directory)."),
+    Exporter("mlx", "v4convert.export.mlx", "An mlx-lm model directory (Apple silicon): V3/R1/V3.1, V3.2."),
 ]}
 
 
