@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Iterable
 from v4convert.errors import UserError
 
-FP8_BLOCK = 128
-NVFP4_GROUP = 16
-MXFP4_GROUP = 32
+from .blocks import FP8_BLOCK, NVFP4_BLOCK as NVFP4_GROUP  # noqa: F401 (re-exported)
+from .blocks import MXFP4_BLOCK as MXFP4_GROUP  # noqa: F401
 PRODUCER = "v4convert"
 
 
@@ -201,11 +200,75 @@ _CT_FORMAT = {OutKind.NVFP4: "nvfp4-pack-quantized", OutKind.MXFP4: "mxfp4-pack-
               OutKind.FP8_BLOCK: "float-quantized"}
 
 
-def compressed_tensors_config(groups: dict[OutKind, list[str]], ignore: list[str], all_modules: list[str]) -> dict:
+# ---------------------------------------------------------------------------------------------
+# Fused modules of the serving engine (vLLM 0.32 deepseek_v2.py: packed_modules_mapping, FusedMoE)
+# ---------------------------------------------------------------------------------------------
+# fused module (dotted suffix, replacing the members' own suffix) -> member suffixes in the checkpoint.
+# vLLM builds one linear per fused module, so its members must share one storage kind, and it matches
+# ModelOpt exclusions against the fused module's name (``fnmatch``), not the members'.
+FUSED_LINEARS: dict[str, tuple[str, ...]] = {
+    "self_attn.fused_qkv_a_proj": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # q_lora_rank set
+    "gate_up_proj": ("gate_proj", "up_proj"),            # mlp. and mlp.shared_experts.
+}
+# (V3.2's indexer.wk + indexer.weights_proj are fused too, but unquantized: vLLM upcasts an FP8 wk at load.)
+# Routed experts: one FusedMoE module per layer, ``PREFIX.mlp.experts`` (all experts, all projections).
+_EXPERT = re.compile(r"^(?P<moe>.*\.mlp\.experts)\.\d+\.(?:gate|up|down)_proj$")
+
+
+def fused_modules(modules: Iterable[str]) -> dict[str, list[str]]:
+    """Fused module name -> the given member modules it runs (only groups with a member present)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for m in modules:
+        e = _EXPERT.match(m)
+        if e:
+            out[e.group("moe")].append(m)
+            continue
+        for fused, members in FUSED_LINEARS.items():
+            for member in members:
+                if m.endswith("." + member):
+                    out[m[: -len(member)] + fused].append(m)
+    return dict(out)
+
+
+def check_fused(kind_of: dict[str, OutKind]) -> None:
+    """Raise if the members of one fused module are stored as different kinds (vLLM cannot load that).
+
+    ``kind_of``: every linear module -> its output kind (BF16 and PLAIN count as one: unquantized).
+    """
+    def k(m: str) -> OutKind:
+        return OutKind.PLAIN if kind_of[m] is OutKind.BF16 else kind_of[m]
+
+    for fused, members in sorted(fused_modules(kind_of).items()):
+        kinds = sorted({k(m).value for m in members})
+        if len(kinds) > 1:
+            first = {v: next(m for m in members if k(m).value == v) for v in kinds}
+            raise ContainerError(
+                f"tensor {first[kinds[0]]}.weight: vLLM runs {fused} as one module, but its members are stored as "
+                + " and ".join(f"{v} ({first[v]})" for v in kinds)
+                + "; give them one codec (extend the --keep / --override pattern to all of them)")
+
+
+def _fused_exclusions(exclude: list[str], all_modules: list[str]) -> list[str]:
+    """Fused modules whose members (as present in ``all_modules``) are all excluded."""
+    ex = set(exclude)
+    return [f for f, ms in fused_modules(all_modules).items() if all(m in ex for m in ms)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One table per container: the quantization_config keys as each consumer reads them
+# ---------------------------------------------------------------------------------------------
+def _producer(version: str) -> dict:
+    # vLLM 0.32 reads ``producer`` as a dict (``.get("name")``) in both containers.
+    return {"name": PRODUCER, "version": version}
+
+
+def compressed_tensors_config(groups: dict[OutKind, list[str]], ignore: list[str], all_modules: list[str],
+                              version: str) -> dict:
     """``quantization_config`` for config.json: one config group per quantized module set.
 
     ``groups``: kind -> module names (tensor names without ``.weight``); ``ignore``: linear modules
     left unquantized (BF16); ``all_modules``: every linear module (for compact patterns).
+    Weight-only (W4A16 / W8A8-dynamic for FP8 blocks): FP4 groups have ``input_activations: None``.
     """
     config_groups: dict[str, dict] = {}
     used = [k for k in (OutKind.NVFP4, OutKind.MXFP4, OutKind.FP8_BLOCK) if groups.get(k)]
@@ -224,17 +287,32 @@ def compressed_tensors_config(groups: dict[OutKind, list[str]], ignore: list[str
     return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
             "config_groups": config_groups, "ignore": compact_regexes(ignore, all_modules) if ignore else [],
             "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {},
-            "transform_config": {}, "producer": PRODUCER}
+            "transform_config": {}, "producer": _producer(version)}
 
 
-def modelopt_configs(exclude: list[str], all_modules: list[str], version: str) -> tuple[dict, dict]:
-    """(``hf_quant_config.json`` body, config.json ``quantization_config``) for ModelOpt NVFP4 W4A16.
+# ModelOpt quant_algo per activation scheme, as vLLM 0.32 spells it (modelopt.py LINEAR_ALGOS):
+# "NVFP4" is W4A4 (it then reads a static ``input_scale`` per linear); weight-only is "W4A16_NVFP4".
+MODELOPT_ALGO = {"w4a16": "W4A16_NVFP4", "w4a4": "NVFP4"}
 
-    ``exclude``: modules left in BF16 (ModelOpt ``exclude_modules`` globs). vLLM rejects a ModelOpt
-    config without ``group_size``, ``kv_cache_quant_algo`` and ``exclude_modules`` (DESIGN §5).
+
+def modelopt_configs(exclude: list[str], all_modules: list[str], version: str, *,
+                     activations: str = "w4a16") -> tuple[dict, dict]:
+    """(``hf_quant_config.json`` body, config.json ``quantization_config``) for ModelOpt NVFP4.
+
+    ``exclude``: modules left in BF16, written as ``fnmatch`` globs; every fused module (see
+    :data:`FUSED_LINEARS`) whose members are all excluded is named too. The legacy file spells the list
+    ``exclude_modules``; config.json's flat form ``ignore`` (vLLM reads only that key there) — we write
+    both there. vLLM rejects a ModelOpt config without ``group_size`` and ``kv_cache_quant_algo``.
+    ``activations``: "w4a16" (weight-only, what ``quantize`` writes) or "w4a4", which needs a calibrated
+    static ``input_scale`` per NVFP4 linear (the calibration step writes those; see issue 12).
     """
-    ex = [g for p in compact_regexes(exclude, all_modules) for g in regex_to_globs(p)] if exclude else []
-    quant = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": NVFP4_GROUP, "exclude_modules": ex}
-    hf = {"producer": {"name": PRODUCER, "version": version}, "quantization": quant}
-    cfg = {"quant_method": "modelopt", **quant, "producer": {"name": PRODUCER, "version": version}}
+    if activations not in MODELOPT_ALGO:
+        raise ContainerError(f"ModelOpt activations {activations!r}: expected one of {sorted(MODELOPT_ALGO)}")
+    mods = list(exclude) + _fused_exclusions(exclude, all_modules) if exclude else []
+    every = list(all_modules) + list(fused_modules(all_modules))
+    ex = [g for p in compact_regexes(mods, every) for g in regex_to_globs(p)] if mods else []
+    quant = {"quant_algo": MODELOPT_ALGO[activations], "kv_cache_quant_algo": None, "group_size": NVFP4_GROUP,
+             "exclude_modules": ex}
+    hf = {"producer": _producer(version), "quantization": quant}
+    cfg = {"quant_method": "modelopt", **quant, "ignore": ex, "producer": _producer(version)}
     return hf, cfg

@@ -34,7 +34,7 @@ from .nvfp4 import (
     nvfp4_global_scale,
 )
 
-FP8_BLOCK = 128
+from .blocks import FP8_BLOCK
 E4M3_NAN_MAG = 0x7F  # byte & 0x7F == 0x7F is NaN in E4M3 (no infinities)
 
 

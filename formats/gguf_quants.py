@@ -26,7 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from v4convert.errors import UserError
 
-QK = 32                      # elements per block for Q8_0 / Q4_0 / MXFP4
+from .blocks import GGUF_QK as QK   # elements per block for Q8_0 / Q4_0 / MXFP4
 CHUNK_BLOCKS = 1 << 13       # blocks per chunk (256K elements, 1 MB float32): temporaries stay in cache
 
 # MXFP4 code from k = ceil(2|x|/d) (d = the halved E8M0 scale, so 2|x|/d is exact): every decision

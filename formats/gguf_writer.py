@@ -181,8 +181,12 @@ def plan_splits(tensors: Sequence[TensorSpec], max_bytes: int | None) -> list[li
 
 
 def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
-               split_max_size: int | None = None, progress: Callable[[int], None] | None = None) -> list[Path]:
+               split_max_size: int | None = None, progress: Callable[[int], None] | None = None,
+               every_split: Sequence[KV] = (), on_step: Callable[[str, Path], None] | None = None) -> list[Path]:
     """Write ``metadata`` and ``tensors`` to ``path`` (or its splits); returns the final file paths.
+    ``every_split``: KVs written into every split (the first gets them with ``metadata``).
+    ``on_step(step, path)``: called with "written" once every ``.partial`` is complete (before the first
+    rename) and with "replaced" after each rename (the caller's journal and fault-injection hooks).
 
     Tensor infos of a file are all written before its first data byte; each tensor's ``produce`` is
     called once, in order, and its result is dropped after writing. ``progress(n)`` gets byte counts.
@@ -198,13 +202,17 @@ def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[Te
     temps = [p.with_name(p.name + ".partial") for p in finals]
     try:
         for i, (group, tmp) in enumerate(zip(groups, temps)):
-            kvs = metadata.entries() if i == 0 else []
+            kvs = metadata.entries() if i == 0 else list(every_split)
             if len(groups) > 1:
                 kvs = kvs + [KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, len(groups)),
                              KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
             _write_one(tmp, kvs, group, progress)
+        if on_step:
+            on_step("written", finals[0])
         for tmp, final in zip(temps, finals):
             os.replace(tmp, final)
+            if on_step:
+                on_step("replaced", final)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)

@@ -36,7 +36,7 @@ from .nvfp4 import (
     nvfp4_dequantize,
 )
 
-MXFP4_BLOCK = 32
+from .blocks import MXFP4_BLOCK
 E8M0_MIN_EXP = -127  # byte 0
 E8M0_MAX_EXP = 127  # byte 254 (255 is NaN)
 MX_MAX_FINITE_EXP = 125  # 6 * 2**125 is the largest block maximum that decodes finite in float32
@@ -45,8 +45,10 @@ E4M3_POW2_MAX_EXP = 8  # largest E4M3 power of two (256; 448 is not a power of t
 
 
 class MXScaleRule(enum.Enum):
-    OCP_FLOOR = "ocp-floor"
-    ROUND_UP = "round-up"
+    """The E8M0 exponent rule (values are quantize's ``--mx-rule`` spellings)."""
+    OCP_FLOOR = "floor"        # OCP MX v1.0: floor(log2 amax) - emax of E2M1 (may clip the block max)
+    ROUND_UP = "round-up"      # smallest exponent with no clipping
+    FLOOR = "floor"            # alias of OCP_FLOOR (the CLI's name)
 
 
 @dataclass(frozen=True)

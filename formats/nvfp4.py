@@ -39,7 +39,7 @@ from .fp4 import (
 )
 from .fp8 import E4M3_MAX, e4m3_to_float32
 
-NVFP4_BLOCK = 16
+from .blocks import NVFP4_BLOCK  # noqa: F401 (re-exported)
 FOUR_OVER_SIX_SCALE_MAX = 256.0  # E4M3 range used for the global scale by "four over six"
 DEFAULT_CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.00, 0.95, ... 0.50
 _E2M1_BOUNDS = _e2m1_rounding_bounds()

@@ -10,14 +10,17 @@ tensor name, and so that we can write a file tensor by tensor (header first, dat
 """
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from v4convert.errors import UserError
 
@@ -30,6 +33,7 @@ ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BF16": (torch.bfloat16, 2),
     "I64": (torch.int64, 8),
     "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),     # MLX packed quantized weights (read as raw words)
     "I16": (torch.int16, 2),
     "I8": (torch.int8, 1),
     "U8": (torch.uint8, 1),
@@ -76,8 +80,61 @@ class TensorEntry:
         return n
 
 
+# Header JSON nesting: {name: {"shape": [..]}} is 3 deep; anything deeper is not a safetensors header
+# (and a 200,000-deep one would exhaust the JSON parser's recursion limit).
+MAX_HEADER_DEPTH = 3
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')     # unrolled: linear, no per-char alternation
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text, without parsing it (strings skipped; linear time)."""
+    stripped = _JSON_STRING.sub(b"", raw)
+    a = np.frombuffer(stripped, dtype=np.uint8)
+    step = np.isin(a, (0x5B, 0x7B)).astype(np.int32) - np.isin(a, (0x5D, 0x7D)).astype(np.int32)
+    return int(np.cumsum(step).max()) if step.size else 0
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def load_json(raw: bytes, where: str, max_depth: int) -> object:
+    """Parse JSON from a file we read: invalid UTF-8/JSON, duplicate keys and nesting deeper than
+    ``max_depth`` raise :class:`FormatError` naming ``where`` (checked before the parser recurses)."""
+    if json_depth(raw) > max_depth:
+        raise FormatError(f"{where}: JSON nested deeper than {max_depth} levels (not a valid file of this kind)")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: invalid JSON ({e})") from None
+    except _DuplicateKey as e:
+        raise FormatError(f"{where}: key {e.args[0]!r} appears twice") from None
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate a safetensors header. Returns (entries by name, metadata)."""
+    """Parse and validate a safetensors header. Returns (entries by name, metadata).
+
+    The rules are the safetensors library's: an 8-byte length, a JSON object of at most MAX_HEADER
+    bytes starting with ``{``; each entry has a known dtype string, a shape of non-negative ints and
+    ``data_offsets`` of two ints with ``begin <= end``, ``end - begin = numel x dtype size``; sorted
+    by offset the tensors tile the data block exactly (contiguous, no overlap, no hole, nothing after);
+    ``__metadata__`` maps strings to strings. Every violation raises naming the file (and tensor).
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -90,23 +147,30 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if n > MAX_HEADER or 8 + n > size:
             raise FormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e.__class__.__name__}: {e})") from None
+    if not raw.startswith(b"{"):
+        raise FormatError(f"{path}: header does not start with '{{' (not a safetensors file)")
+    header = load_json(raw, f"{path}: header", MAX_HEADER_DEPTH)
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: __metadata__ must map strings to strings")
     base = 8 + n
     data_len = size - base
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if dtype not in ST_DTYPES:
-            raise FormatError(f"{path}: tensor {name}: unsupported dtype {dtype}")
+        if not isinstance(info, dict):
+            raise FormatError(f"{path}: tensor {name}: header entry is not an object")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise FormatError(f"{path}: tensor {name}: unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise FormatError(f"{path}: tensor {name}: shape {shape!r} is not a list of integers")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+            raise FormatError(f"{path}: tensor {name}: data_offsets {offs!r} is not a pair of integers")
+        b, e = offs
         numel = 1
         for d in shape:
             if d < 0:
@@ -122,7 +186,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise FormatError(
                 f"{path}: tensor {name}: data ends at byte {base + e} but the file has {size} bytes "
                 f"(truncated shard?)")
-        entries[name] = TensorEntry(name, path, dtype, shape, base + b, base + e)
+        entries[name] = TensorEntry(name, path, dtype, tuple(shape), base + b, base + e)
+    order = sorted(entries.values(), key=lambda t: (t.start, t.end))
+    for prev, t in itertools.pairwise(order):          # overlap first: the most dangerous defect
+        if t.start < prev.end:
+            raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} overlaps "
+                              f"tensor {prev.name} {[prev.start - base, prev.end - base]}")
+    pos, after = base, "the header"
+    for t in order:                                # then the tiling: no gap, nothing after the last
+        if t.start != pos:
+            raise FormatError(f"{path}: tensor {t.name}: data_offsets {[t.start - base, t.end - base]} leave a "
+                              f"gap of {t.start - pos} bytes after {after}")
+        pos, after = t.end, f"tensor {t.name}"
+    if pos != size:
+        raise FormatError(f"{path}: {size - pos} bytes after the last tensor that no tensor covers")
     return entries, meta
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from v4convert.formats import fp4, fp8
-from v4convert.families.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
+from v4convert.formats.blocks import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK
 from v4convert.families.roles import Storage
 from v4convert.errors import UserError
 

@@ -16,21 +16,20 @@ global scale float32 0-dim (in the form's own convention).
 """
 from __future__ import annotations
 
-import enum
 
 import torch
 
 from v4convert.formats import fp4
 from v4convert.formats.fp8 import E4M3_MAX
-from v4convert.families.layout import NVFP4_BLOCK
+from v4convert.formats.nvfp4 import NVFP4Convention
+from v4convert.formats.blocks import NVFP4_BLOCK
 
 from .packed import PackedWeightError
 
 
-class NVFP4Form(enum.Enum):
-    """Which global scale is produced (they are reciprocals)."""
-    MODELOPT = "modelopt"                       # weight_scale_2 = amax / (6 * 448), a multiplier
-    COMPRESSED_TENSORS = "compressed-tensors"   # weight_global_scale = 6 * 448 / amax, a divisor
+# Which global scale is produced (they are reciprocals): MODELOPT weight_scale_2 = amax / (6 * 448), a multiplier;
+# COMPRESSED_TENSORS weight_global_scale = 6 * 448 / amax, a divisor. One enum with the codec's.
+NVFP4Form = NVFP4Convention
 
 
 def global_scale(amax: torch.Tensor, form: NVFP4Form) -> torch.Tensor:

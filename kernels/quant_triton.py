@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4convert.families.layout import NVFP4_BLOCK
+from v4convert.formats.blocks import NVFP4_BLOCK
 
 from .gemm import check_device
 from .quant import NVFP4Form, check_quant_input, global_scale

@@ -382,6 +382,8 @@ class LoadOptions:
     fake_quant: FakeQuant = FakeQuant.NONE      # opt-in DeepSeek activation simulation on quantized linears
     dynamic_routing: DynamicRouting | None = None
     packed: bool = False                        # keep quantized linear weights packed (pass to fill_from_checkpoint)
+    # distributed (runtime/distributed.py): cuts the meta model to this rank's part before it is filled
+    shard: Callable[[nn.Module], None] | None = None
 
 
 def materialize(module: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype | None,

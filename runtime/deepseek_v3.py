@@ -293,6 +293,8 @@ def build(ck, device, dtype: torch.dtype, max_seq_len: int, opts: LoadOptions = 
     n_mtp = _mtp_blocks_present(ck, a.arch.n_layers)
     with torch.device("meta"):
         model = DeepseekV3(a, n_mtp)
+    if opts.shard is not None:      # distributed: this rank's part only (runtime/distributed.py)
+        opts.shard(model)
     fill_from_checkpoint(model, ck, lambda n: n, dtype, device, keep_dtype=FLOAT32_PARAMS, fake_quant=opts.fake_quant,
                          packed=opts.packed)
     if max_seq_len < 1:

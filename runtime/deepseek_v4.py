@@ -263,6 +263,8 @@ def build(ck, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                                f"is {a.arch.n_mtp}")
     with torch.device("meta"):
         model = Transformer(a, n_mtp)
+    if opts.shard is not None:      # distributed: this rank's part only (runtime/distributed.py)
+        opts.shard(model)
     fill_from_checkpoint(model, ck, model_name, dtype, device, keep_dtype=_KEEP_F32, fake_quant=opts.fake_quant,
                          packed=opts.packed)
     for mod in model.modules():

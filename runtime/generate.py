@@ -5,7 +5,6 @@ and ``model.max_seq_len``.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,11 @@ class Tokenizer:
         path = root / "tokenizer.json"
         if not path.is_file():
             raise GenerationError(f"{path}: no tokenizer.json in the checkpoint (needed to encode the prompt)")
+        from v4convert.paths import CheckpointPathError, checkpoint_file
+        try:
+            checkpoint_file(root, path.name)
+        except CheckpointPathError as e:
+            raise GenerationError(str(e)) from None
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:   # the tokenizers library raises plain Exception subclasses
@@ -62,12 +66,13 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
+    from v4convert.paths import CheckpointPathError, read_checkpoint_json
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GenerationError(f"{path}: invalid JSON ({e})") from None
+        return read_checkpoint_json(path.parent, path.name)
+    except CheckpointPathError as e:
+        raise GenerationError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.families.roles import Family
+from v4convert.sharded_layout import is_sharded_layout
 
 from .common import DynamicRouting, FakeQuant, LoadOptions, RuntimeLoadError, packed_linears
 
@@ -30,19 +31,27 @@ DEFAULT_MAX_SEQ_LEN = 4096
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          max_seq_len: int = DEFAULT_MAX_SEQ_LEN, *, max_batch_size: int = 1, simulate_quant: bool = False,
-         dynamic_routing: DynamicRouting | None = None, packed: bool = False) -> nn.Module:
+         dynamic_routing: DynamicRouting | None = None, packed: bool = False, tp: int | None = None,
+         ep: int | None = None) -> nn.Module:
     """Build the model of the checkpoint at ``path``.
 
     ``simulate_quant``: opt-in DeepSeek FP8 activation fake-quant on linears stored quantized (scale rounded to
     powers of two when the config says ``scale_fmt: ue8m0``). ``dynamic_routing``: opt-in variable experts per
     token. ``packed``: keep FP8/FP4 linear weights packed as stored and run them through
     ``v4convert.kernels.packed`` (Triton on CUDA, tiled on CPU) instead of dequantizing at load. Returns a module with ``model(input_ids [B,T], start_pos=0) -> float32 logits [B,T,V]``,
-    ``.max_seq_len``, ``.family``.
+    ``.max_seq_len``, ``.family``. ``tp``/``ep``: tensor/expert parallel (``runtime/distributed.py``; run under
+    torchrun); a sharded layout directory (``export --sharded``) always loads that way.
     """
     if max_seq_len < 1 or max_batch_size < 1:
         raise RuntimeLoadError(f"max_seq_len and max_batch_size must be >= 1 (got {max_seq_len}, {max_batch_size})")
+    # distributed (``tp``/``ep``, a sharded layout, or launched by torchrun): each rank builds its part
+    from . import distributed
+    if tp is not None or ep is not None or is_sharded_layout(path) or distributed.env_world_size() > 1:
+        return distributed.load(path, device, dtype, max_seq_len, tp=tp, ep=ep, max_batch_size=max_batch_size,
+                                simulate_quant=simulate_quant, dynamic_routing=dynamic_routing, packed=packed)
     ck = Checkpoint.open(path)
     try:
+        ck.check_complete()      # a model with absent layers cannot run (one line: count and first names)
         fq = FakeQuant.NONE
         if simulate_quant:
             qc = ck.config.get("quantization_config") or {}

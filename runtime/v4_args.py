@@ -82,17 +82,17 @@ class V4Args:
         # transformers' V4 routers always normalise the chosen weights (norm_topk_prob is not read).
         router = RouterSpec(n_experts=arch.n_experts, top_k=arch.top_k, score_func=score, n_group=1, topk_group=1,
                             norm_topk_prob=True,
-                            routed_scaling_factor=float(need(cfg, "routed_scaling_factor", source)))
+                            routed_scaling_factor=need(cfg, "routed_scaling_factor", source, float))
         if arch.o_groups <= 0 or (arch.n_heads * head_dim) % arch.o_groups:
             raise ConfigError(f"{source}: o_groups {arch.o_groups} does not divide heads*head_dim")
         return V4Args(arch=arch, kinds=kinds, ratios=ratios, hash_layers=hash_layers, rope_dim=rope_dim,
                       rope_theta=theta, compress_rope_theta=c_theta, yarn=yarn,
-                      window=int(need(cfg, "sliding_window", source)),
-                      index_topk=int(need(cfg, "index_topk", source)), router=router,
-                      swiglu_limit=float(need(cfg, "swiglu_limit", source)),
-                      hc_sinkhorn_iters=int(need(cfg, "hc_sinkhorn_iters", source)),
-                      hc_eps=float(need(cfg, "hc_eps", source)),
-                      rms_norm_eps=float(need(cfg, "rms_norm_eps", source)))
+                      window=need(cfg, "sliding_window", source, int),
+                      index_topk=need(cfg, "index_topk", source, int), router=router,
+                      swiglu_limit=need(cfg, "swiglu_limit", source, float),
+                      hc_sinkhorn_iters=need(cfg, "hc_sinkhorn_iters", source, int),
+                      hc_eps=need(cfg, "hc_eps", source, float),
+                      rms_norm_eps=need(cfg, "rms_norm_eps", source, float))
 
 
 def _layer_kinds(cfg: dict, n: int, n_blocks: int, source: str) -> tuple[tuple[AttnKind, ...], tuple[int, ...]]:
@@ -133,7 +133,7 @@ def _hash_layers(cfg: dict, n: int, source: str) -> tuple[bool, ...]:
         if unknown or len(types) != n:
             raise ConfigError(f"{source}: mlp_layer_types must be {n} entries of 'hash_moe'/'moe' (got {types})")
         return tuple(t == "hash_moe" for t in types)
-    n_hash = int(need(cfg, "num_hash_layers", source))
+    n_hash = need(cfg, "num_hash_layers", source, int)
     return tuple(i < n_hash for i in range(n))
 
 
@@ -149,7 +149,7 @@ def _v4_rope(cfg: dict, source: str) -> tuple[float, float, Yarn | None]:
         c_theta, yarn = rope_params({"rope_theta": comp.get("rope_theta"), "rope_scaling": comp},
                                     f"{source} rope_parameters.compress")
     else:
-        theta = float(need(cfg, "rope_theta", source))
+        theta = need(cfg, "rope_theta", source, float)
         scaling = cfg.get("rope_scaling") or (rp if isinstance(rp, dict) else None)
         c_theta, yarn = rope_params({"rope_theta": need(cfg, "compress_rope_theta", source),
                                      "rope_scaling": scaling}, source)

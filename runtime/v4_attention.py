@@ -147,6 +147,7 @@ class Indexer(nn.Module):
         self.wq_b = Linear(arch.q_lora, arch.index_heads * arch.index_dim)
         self.weights_proj = Linear(arch.hidden, arch.index_heads)
         self.compressor = Compressor(arch.hidden, arch.index_dim, ratio, True, a.rms_norm_eps)
+        self.stable_ties = False      # opt-in: resolve exact score ties to the lowest entry (ONNX TopK's rule)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, positions: torch.Tensor,
                 rope: RopeTables) -> torch.Tensor:
@@ -165,7 +166,11 @@ class Indexer(nn.Module):
         limit = (positions + 1) // self.ratio                        # entries < limit are complete for the query
         ent = torch.arange(n_c, device=x.device)
         score = score.masked_fill(ent[None, None, :] >= limit[None, :, None], float("-inf"))
-        top = score.topk(min(self.topk, n_c), dim=-1).indices                                 # [B, T, k]
+        k = min(self.topk, n_c)
+        if self.stable_ties:    # exact ties (ReLU zeroes every head) -> lowest entry, as ONNX TopK (DEVIATIONS.md)
+            top = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]               # [B, T, k]
+        else:                   # torch.topk, as transformers (tie order unspecified)
+            top = score.topk(k, dim=-1).indices
         valid = top < limit[None, :, None]
         return torch.zeros(B, T, n_c, dtype=torch.bool, device=x.device).scatter_(-1, top, valid)
 

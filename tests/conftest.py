@@ -22,3 +22,15 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
     from v4convert.synth import synth
     root = tmp_path_factory.mktemp("tiny")
     return {p: synth(p, root / p).out for p in TINY_PRESETS}
+
+
+@pytest.fixture(scope="session")
+def mlx_worker():
+    """One mlx-lm worker process (mlx + mlx-lm from PyPI, in the venv ``.ci/mlx_venv.sh`` creates)."""
+    from v4convert.artifacts.mlx import MLXUnavailable, MLXWorker
+    try:
+        w = MLXWorker()
+    except MLXUnavailable as e:
+        pytest.fail(f"{e} (run: bash .ci/mlx_venv.sh)")
+    yield w
+    w.close()

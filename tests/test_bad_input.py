@@ -167,7 +167,7 @@ def test_synth_refuses_nonempty_output_and_full_size_without_layers(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "f").write_text("keep me")
     r = CliRunner().invoke(main, ["synth", "--preset", "v3-tiny", "--out", str(tmp_path / "x")])
-    assert r.exit_code == 2 and "not empty" in r.output and (tmp_path / "x" / "f").exists()
+    assert r.exit_code == 2 and "non-empty directory" in r.output and (tmp_path / "x" / "f").exists()
     r = CliRunner().invoke(main, ["synth", "--preset", "v3-671b", "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "--layers" in r.output and not (tmp_path / "y").exists()
     r = CliRunner().invoke(main, ["synth", "--preset", "nope", "--out", str(tmp_path / "z")])

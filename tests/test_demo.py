@@ -18,10 +18,11 @@ def test_demo_quantizes_verifies_and_reports(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert r.exit_code == 0, r.output
-    for label in ("NVFP4 experts (RTN)", "MXFP4 experts (OCP floor)"):
+    for label in ("NVFP4 experts (RTN)", "MXFP4 experts (OCP floor)", "NVFP4 experts (GPTQ+4/6, calib)"):
         assert label in r.output
     assert "KLD mean" in r.output and str(out / "nvfp4") in r.output
-    for name in ("nvfp4", "mxfp4"):
+    assert json.loads((out / "nvfp4-gptq" / "calibration.json").read_text())["source"] == "bundled training split"
+    for name in ("nvfp4", "mxfp4", "nvfp4-gptq"):
         assert (out / name / "config.json").is_file()
         j = json.loads((out / f"verify-{name}.json").read_text())
         # FP4 experts of a trained model: a real but small loss

@@ -67,7 +67,8 @@ def _user_error_classes() -> list[type]:
     from v4convert.runtime.deepseek_v3 import SequenceTooLong
     from v4convert.runtime.generate import GenerationError
     from v4convert.synth import SynthError
-    from v4convert.verify import PlotUnavailable, VerifyError
+    from v4convert.verify import VerifyError
+    from v4convert.verify.plot import PlotUnavailable
     return [ArtifactError, CheckpointError, NotImplementedFormat, DemoError, ExportError, GGUFNameError, LayoutError,
             ContainerError, BlockShapeError, CodecInputError, NonFiniteInputError, QuantError, GGUFWriteError,
             FormatError, PackedWeightError, OutputExistsError, QuantizeError, RecipeError, DiskFullError,

@@ -180,8 +180,9 @@ def test_recipes_containers_scale_methods(tiny_ckpts, artifacts_cache, preset_na
     if container is Container.MODELOPT:
         hf = json.loads((out / "hf_quant_config.json").read_text())
         q = hf["quantization"]
-        assert q["quant_algo"] == "NVFP4" and q["group_size"] == 16 and "kv_cache_quant_algo" in q
+        assert q["quant_algo"] == "W4A16_NVFP4" and q["group_size"] == 16 and "kv_cache_quant_algo" in q
         assert any("lm_head" in m for m in q["exclude_modules"])
+        assert cfg["quantization_config"]["ignore"] == q["exclude_modules"]
         assert cfg["quantization_config"]["quant_method"] == "modelopt"
         assert counts["-> nvfp4"] > 0 and "keep fp8 (scale->F32)" not in counts
     elif container is Container.DEEPSEEK:

@@ -15,6 +15,7 @@ import torch
 
 from v4convert.checkpoint import Checkpoint, CheckpointError
 from v4convert.quant.engine import OutputExistsError, execute, partial_dir
+from v4convert.outputs import write_marker
 from v4convert.quant.plan import Options, QuantizeError, make_plan
 from v4convert.quant.recipes import Recipe, RecipeError, RecipeName, RuleSet, preset
 from v4convert.families.roles import Group
@@ -22,7 +23,7 @@ from v4convert.quant.workers import DiskFullError, SourceReadError
 
 from .test_quantize import run_quantize
 
-SHARD = "300KB"
+SHARD = "300000"                    # bytes: the API runs below use shard_bytes=300_000
 
 
 def cli(*args: str) -> list[str]:
@@ -74,7 +75,7 @@ def test_sigkill_and_resume_byte_identical(tiny_ckpts, tmp_path, reference):
 def test_output_exists_and_foreign_partial(tiny_ckpts, tmp_path, reference):
     src = tiny_ckpts["v3-tiny"]
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(reference, out)              # a previous output of ours: only with --overwrite
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_quantize(src, out)
     r = subprocess.run(cli(str(src), "--fp4", "--out", str(out), "--workers", "1"), capture_output=True, text=True)
@@ -83,9 +84,10 @@ def test_output_exists_and_foreign_partial(tiny_ckpts, tmp_path, reference):
         plan = make_plan(ck, RuleSet(preset("nvfp4-experts")), Options(shard_bytes=300_000))
     execute(plan, out, overwrite=True, log=lambda m: None)
     same_tree(out, reference)
-    # a .partial left by a run with other options is not silently reused
+    # a .partial left by our run with other options is not silently reused
     other = tmp_path / "o2"
     partial_dir(other).mkdir()
+    write_marker(partial_dir(other), "quantize", "writing", fingerprint="0" * 64)
     (partial_dir(other) / ".journal").mkdir()
     (partial_dir(other) / ".journal" / "plan.sha256").write_text("0" * 64)
     with pytest.raises(OutputExistsError, match="different plan"):

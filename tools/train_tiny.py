@@ -48,7 +48,7 @@ from v4convert.formats.safetensors_io import PlannedTensor, write_streaming
 from v4convert.families.layout import Arch, Slot, canonical_name, inventory, parse_name, stored_tensors
 from v4convert.families.roles import Storage
 from v4convert.synth import assign_shards
-from v4convert.tokenizer_data import BOS, EOS, write_tokenizer
+from v4convert.tokenizer_data import BOS, EOS, add_bos_post_processor, write_tokenizer
 
 DATA = Path(v4convert.__file__).parent / "data"        # the package's bundled data (written in place)
 CORPUS_DIR = DATA / "corpus"
@@ -90,6 +90,7 @@ def build_corpus(out: Path = CORPUS_DIR) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(train_texts, trainer=trainer)
+    add_bos_post_processor(tok)
     tok.save(str(out / "tokenizer.json"))
     manifest = {"python": sys.version.split()[0], "stdlib": str(root), "selection": "stdlib top-level *.py, sorted",
                 "heldout_rule": f"sorted index % {HELDOUT_EVERY} == {HELDOUT_AT}",
@@ -108,7 +109,8 @@ def load_tokens(split: str, corpus: Path = CORPUS_DIR) -> torch.Tensor:
 
     tok = Tokenizer.from_file(str(corpus / "tokenizer.json"))
     if split == "heldout":
-        return torch.tensor(tok.encode((corpus / "heldout.txt").read_text(encoding="utf-8")).ids, dtype=torch.long)
+        return torch.tensor(tok.encode((corpus / "heldout.txt").read_text(encoding="utf-8"),
+                                       add_special_tokens=False).ids, dtype=torch.long)
     man = json.loads((corpus / "MANIFEST.json").read_text())
     root = Path(man["stdlib"])
     eos = tok.token_to_id(EOS)
@@ -119,7 +121,7 @@ def load_tokens(split: str, corpus: Path = CORPUS_DIR) -> torch.Tensor:
         data = (root / f["path"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != f["sha256"]:
             raise SystemExit(f"{root / f['path']}: sha256 differs from {corpus / 'MANIFEST.json'} (other Python?)")
-        ids += tok.encode(data.decode("utf-8", errors="replace")).ids + [eos]
+        ids += tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False).ids + [eos]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -146,7 +148,9 @@ def v3_spec() -> TinySpec:
               n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, n_shared_experts=1,
               routed_scaling_factor=2.5, max_position_embeddings=1024, num_nextn_predict_layers=0,
               rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
-    return TinySpec(kw, {"quantization_config": dict(REF_QUANT)})
+    # DeepSeek's release routing keys (transformers 5 drops them; vLLM reads them to build the router)
+    return TinySpec(kw, {"quantization_config": dict(REF_QUANT), "topk_method": "noaux_tc",
+                         "scoring_func": "sigmoid"})
 
 
 V4_LAYER_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
@@ -164,7 +168,8 @@ def v4_spec() -> TinySpec:
               max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
               tie_word_embeddings=False)
     pub = {"compress_ratios": [V4_RATES[t] for t in V4_LAYER_TYPES], "num_hash_layers": 1,
-           "quantization_config": dict(REF_QUANT, scale_fmt="ue8m0"), "expert_dtype": "fp4"}
+           "quantization_config": dict(REF_QUANT, scale_fmt="ue8m0"), "expert_dtype": "fp4",
+           "topk_method": "noaux_tc"}
     return TinySpec(kw, pub)
 
 

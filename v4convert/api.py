@@ -41,18 +41,35 @@ class QuantizeArgs:
     container: "Container | str | None" = None
     keep: tuple[str, ...] = ()                  # fnmatch patterns kept as stored
     overrides: tuple[str, ...] = ()             # PATTERN=CODEC
-    scale_method: str = "rtn"                   # rtn | mse | four-over-six
+    scale_method: str | None = None             # rtn | mse | four-over-six (None: rtn); alias of a data-free method
     mx_rule: str = "floor"                      # floor | round-up
     keep_native_fp4: bool = False
+    keep_bf16: bool = False                     # kept FP8-block linears written as BF16 (compressed-tensors)
     shard_bytes: int = 5 * 10**9
     workers: int | None = None
     overwrite: bool = False
+    allow_missing: bool = False                 # write although tensors the config implies are absent
+    allow_nonfinite: bool = False               # copy NaN/Inf in tensors kept as stored
     plan_only: bool = False
     sync_bytes: int = 10**9
     device: str | None = None
     kernel: "Kernel | str | None" = None
     progress: bool = False
     on_plan: Callable[["Plan"], None] | None = field(default=None, repr=False)   # called before any work
+    # calibration (v4convert.calib): method = data-free base and/or gptq / awq joined by '+'
+    method: str | None = None                   # None: gptq with calib, else scale_method / rtn
+    calib: bool = False                         # calibrate (needs gptq or awq in method)
+    calib_data: Path | None = None              # .txt / .jsonl / directory; None: bundled training split
+    calib_tokens: int = 8192
+    calib_seq_len: int = 512
+    propagate: str = "quantized"                # quantized | original
+    calib_all_experts: bool = False
+    min_expert_tokens: int = 16
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_scales: str = "before"                 # before | during
+    plot: bool = False                          # calibration-coverage.png beside the artifact
+    log: Callable[[str], None] | None = field(default=None, repr=False)         # calibration messages
 
 
 def quantize(a: QuantizeArgs) -> "RunResult | None":
@@ -64,13 +81,33 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     from .quant.plan import MXRule, Options, ScaleChoice, make_plan
     from .quant.recipes import RuleSet, preset
 
+    from . import outputs
+    from .devices import check_device
+
     src, out = Path(a.src), Path(a.out)
-    if out.exists() and not a.overwrite:   # fail before reading any header
-        raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    if a.device is not None:
+        check_device(a.device)
+    outputs.recover(out)
+    try:                                 # the output rule, before reading any header
+        outputs.claim(out, sources=[src], overwrite=a.overwrite)
+    except outputs.OutputError as e:
+        raise OutputExistsError(str(e)) from None
     rname = a.recipe or ("nvfp4-experts" if a.scheme == "nvfp4" else "mxfp4-experts")
     container = Container(a.container) if a.container else Container.COMPRESSED_TENSORS
-    opts = Options(container=container, scale_method=ScaleChoice(a.scale_method), mx_rule=MXRule(a.mx_rule),
-                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes)
+    from .calib.method import MethodError
+    from .calib.run import calibration_options
+    if a.plot:
+        if not a.calib:
+            raise MethodError("--plot draws the calibration coverage; it needs --calib")
+        from .verify.plot import require_matplotlib
+        require_matplotlib()              # fail before any work
+    spec, copts, data = calibration_options(
+        src, out, a.scale_method, a.method, a.calib, Path(a.calib_data) if a.calib_data else None, a.calib_tokens,
+        a.calib_seq_len, a.propagate, a.calib_all_experts, a.min_expert_tokens, a.gptq_damp, a.gptq_act_order,
+        a.gptq_scales)
+    opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(a.mx_rule),
+                   keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, keep_bf16=a.keep_bf16,
+                   allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite, calib=copts)
     rules = RuleSet(preset(rname), keep=a.keep, overrides=a.overrides)
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, rules, opts)
@@ -86,8 +123,22 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     # explicit --workers shares the free cores (never oversubscribed: threads.split_threads)
     from .threads import split_threads
     n_workers, per_worker = split_threads(1 if device.startswith("cuda") and a.workers is None else a.workers)
-    return execute(plan, out, workers=n_workers, threads=per_worker, overwrite=a.overwrite, progress=a.progress,
-                   sync_bytes=a.sync_bytes, device=device, kernel=Kernel(a.kernel) if a.kernel else None)
+    extra: dict[str, str | bytes] = {}
+    if copts is not None:
+        import json
+
+        from .calib.run import REPORT_NAME, coverage_png, run_calibration
+        report = run_calibration(plan, data, copts, progress=a.progress, log=a.log or print)
+        extra[REPORT_NAME] = json.dumps(report, indent=1) + "\n"
+        if a.plot and report["coverage"]:
+            extra["calibration-coverage.png"] = coverage_png({int(k): v for k, v in report["coverage"].items()},
+                                                             copts.min_expert_tokens, src.name)
+    r = execute(plan, out, workers=n_workers, threads=per_worker, overwrite=a.overwrite, progress=a.progress,
+                sync_bytes=a.sync_bytes, device=device, kernel=Kernel(a.kernel) if a.kernel else None,
+                extra_files=extra)
+    if copts is not None:
+        Path(copts.stats).unlink(missing_ok=True)
+    return r
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -171,10 +222,11 @@ class SynthArgs:
     shard_size: int | None = None
     with_embed: bool | None = None
     progress: bool = False
+    overwrite: bool = False
 
 
 def synth(a: SynthArgs) -> "SynthResult":
     """Write a synthetic checkpoint in the exact published layout of ``a.preset``."""
     from .synth import synth as run_synth
     return run_synth(a.preset, Path(a.out), seed=a.seed, layers=a.layers, shard_size=a.shard_size,
-                     with_embed=a.with_embed, progress=a.progress)
+                     with_embed=a.with_embed, progress=a.progress, overwrite=a.overwrite)

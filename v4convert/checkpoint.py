@@ -12,7 +12,6 @@ pairs every weight with its scale tensors wherever they sit, maps every name to 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,12 +25,13 @@ from v4convert.formats.safetensors_io import FormatError, MappedFile, TensorEntr
 
 from .families.layout import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, Arch, LayoutError, Slot, inventory, parse_name
 from .families.roles import Family, Role, Storage
-from v4convert.errors import UserError
+from .paths import CheckpointError, checkpoint_file, read_json
+
+MAX_CONFIG_BYTES = 16 << 20      # a published config.json is a few KB
 
 
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read as claimed; the message names the file and tensor."""
+class MissingTensorsError(CheckpointError):
+    """Tensors the config implies are absent (``--allow-missing`` overrides)."""
 
 
 # Stored-name suffix -> (component). Order matters: longest suffix first. The logical name is the
@@ -78,16 +78,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _safe_shard_path(root: Path, shard: str, index_path: Path) -> Path:
-    """Resolve ``shard`` inside ``root``; names with separators, ``..`` or absolute paths raise."""
-    if not shard or os.path.isabs(shard) or "/" in shard or "\\" in shard or shard in (".", "..") or ".." in Path(shard).parts:
-        raise CheckpointError(f"{index_path}: shard name {shard!r} escapes the checkpoint directory")
-    p = (root / shard).resolve()
-    if p.parent != root.resolve():
-        raise CheckpointError(f"{index_path}: shard name {shard!r} escapes the checkpoint directory")
-    return p
-
-
 class Checkpoint:
     """A DeepSeek checkpoint directory opened lazily (headers parsed, data memory-mapped on demand)."""
 
@@ -102,13 +92,12 @@ class Checkpoint:
     @staticmethod
     def open(path: str | os.PathLike) -> "Checkpoint":
         root = Path(path)
-        cfg_path = root / "config.json"
-        if not cfg_path.is_file():
+        if not (root / "config.json").is_file():
             raise CheckpointError(f"{root}: no config.json (not a checkpoint directory)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        cfg_path = checkpoint_file(root, "config.json")
+        config = read_json(cfg_path, "config.json", MAX_CONFIG_BYTES)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{root / 'config.json'}: not a JSON object")
         try:
             arch = Arch.from_config(config, str(cfg_path))
         except LayoutError as e:
@@ -137,6 +126,22 @@ class Checkpoint:
     def missing(self) -> list[Slot]:
         """Tensors the config implies but the checkpoint lacks (e.g. MTP dropped by transformers)."""
         return [s for s in inventory(self.arch) if s.name not in self._infos]
+
+    def check_complete(self, allow_missing: bool = False) -> dict:
+        """Refuse a checkpoint that lacks tensors its config implies (one line: the first few names and
+        the count) unless ``allow_missing``. A wholly absent MTP block is accepted: transformers drops it
+        when saving. Returns what to record in an output's metadata (empty when nothing is absent)."""
+        missing = [s.name for s in self.missing()]
+        if not missing:
+            return {}
+        if all(s.mtp for s in self.missing()) and not any(i.mtp for i in self.infos()):
+            return {"mtp_absent": True}
+        if not allow_missing:
+            first = ", ".join(missing[:3])
+            raise MissingTensorsError(
+                f"{self.root}: {len(missing)} tensors the config implies are missing (e.g. {first}); "
+                f"incomplete download? pass --allow-missing to write an incomplete artifact anyway")
+        return {"allowed_missing": {"count": len(missing), "first": missing[:10]}}
 
     def shards(self) -> list[Path]:
         return sorted({e.path for i in self._infos.values() for e in i.parts.values()})
@@ -239,15 +244,18 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
     single = root / "model.safetensors"
     entries: dict[str, TensorEntry] = {}
     if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: {e})") from None
+        body = read_json(checkpoint_file(root, index.name), "safetensors index")
+        wm = body.get("weight_map") if isinstance(body, dict) else None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{index}: not a safetensors index (needs an object 'weight_map': "
+                                  f"tensor name -> shard file name)")
         by_file: dict[Path, list[str]] = {}
+        shard_of: dict[str, Path] = {}
         for name, shard in wm.items():
             if not isinstance(shard, str):
                 raise CheckpointError(f"{index}: tensor {name}: shard name is not a string")
-            by_file.setdefault(_safe_shard_path(root, shard, index), []).append(name)
+            p = shard_of[name] = checkpoint_file(root, shard, index, "shard name")
+            by_file.setdefault(p, []).append(name)
         for path, names in sorted(by_file.items()):
             try:
                 found, _ = read_header(path)
@@ -257,12 +265,12 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
                 if n not in found:
                     raise CheckpointError(f"{path}: tensor {n} is listed in {index.name} but not in the shard")
             for n, e in found.items():
-                if wm.get(n) is None or _safe_shard_path(root, wm[n], index) != path:
+                if shard_of.get(n) != path:
                     raise CheckpointError(f"{path}: tensor {n} is in the shard but the index maps it elsewhere")
                 entries[n] = e
     elif single.is_file():
         try:
-            entries, _ = read_header(single)
+            entries, _ = read_header(checkpoint_file(root, single.name))
         except FormatError as e:
             raise CheckpointError(str(e)) from None
     else:

@@ -35,23 +35,29 @@ class Variant:
     label: str
     dirname: str
     scheme: str                 # quantize's --scheme (its default recipe)
+    method: str | None = None   # a calibrated --method (on the bundled training split), None: data-free default
 
 
-# What the demo makes: the two default FP4 recipes of ``v4convert quantize``.
+# What the demo makes: the two default FP4 recipes of ``v4convert quantize``, and one calibrated row
+# (calibrated on the bundled training split, never the held-out text verify scores).
 VARIANTS: tuple[Variant, ...] = (
     Variant("NVFP4 experts (RTN)", "nvfp4", "nvfp4"),
     Variant("MXFP4 experts (OCP floor)", "mxfp4", "mxfp4"),
+    Variant("NVFP4 experts (GPTQ+4/6, calib)", "nvfp4-gptq", "nvfp4", "gptq+four-over-six"),
 )
+DEMO_CALIB_TOKENS, DEMO_CALIB_SEQ_LEN = 2048, 256
 
 
 def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def quantize_variant(src: Path, out: Path, scheme: str) -> None:
+def quantize_variant(src: Path, out: Path, scheme: str, method: str | None = None) -> None:
     """Quantize ``src`` into ``out`` with ``scheme``'s default recipe through the Python API (one in-process
-    worker, replacing ``out``)."""
-    api.quantize(api.QuantizeArgs(src, out, scheme=scheme, workers=1, overwrite=True))
+    worker, replacing ``out``); ``method``: calibrate with it on the bundled training split."""
+    calib = {} if method is None else {"method": method, "calib": True, "calib_tokens": DEMO_CALIB_TOKENS,
+                                       "calib_seq_len": DEMO_CALIB_SEQ_LEN, "log": lambda m: None}
+    api.quantize(api.QuantizeArgs(src, out, scheme=scheme, workers=1, overwrite=True, **calib))
 
 
 def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print,
@@ -64,7 +70,7 @@ def run_demo(out: Path, opts: VerifyOptions, echo: Callable[[str], None] = print
     for v in variants:
         step += 1
         echo(f"[{step}/{n}] quantize {ref.name} -> {v.label}: {out / v.dirname}")
-        quantize_variant(ref, out / v.dirname, v.scheme)
+        quantize_variant(ref, out / v.dirname, v.scheme, v.method)
     ref_logits = out / "ref-logits.safetensors"
     if ref_logits.exists():
         ref_logits.unlink()

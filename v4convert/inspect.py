@@ -14,21 +14,19 @@ from typing import Callable
 
 from v4convert.formats.safetensors_io import ST_DTYPES
 
+from gguf import GGMLQuantizationType
+
+from v4convert.formats import gguf_quants
+
 from .checkpoint import Checkpoint
-from .errors import read_json
+from .export.gguf.exporter import ARCH_OF, GGUFType, TypeMix, gguf_types, slot_skip_reason
 from .families.layout import Arch, Slot, inventory, stored_tensors
-from .families.roles import Group, Role
-
-
-# --------------------------------------------------------------------------------------------
-# GGUF block types: (weights per block, bytes per block) — ggml's type traits (ggml.c).
-# --------------------------------------------------------------------------------------------
-GGUF_BLOCK = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q4_0": (32, 18),
-              "Q4_K": (256, 144), "Q6_K": (256, 210), "MXFP4": (32, 17), "I32": (1, 4)}
+from .families.roles import RELEASE_ROUTING, Group, Role
 
 
 def gguf_bytes(numel: int, ggml_type: str) -> int:
-    per, nbytes = GGUF_BLOCK[ggml_type]
+    """Bytes of ``numel`` values in GGML type ``ggml_type`` (block sizes from gguf-py's table)."""
+    per, nbytes = gguf_quants.block_bytes(GGMLQuantizationType[ggml_type])
     return math.ceil(numel / per) * nbytes
 
 
@@ -89,8 +87,20 @@ def _proj_mxfp4_experts(s: Slot) -> int | None:
     return _mxfp4(s) if s.role.group in _FFN_GROUPS else None
 
 
-def _gguf(expert_type: str, other_type: str, head_type: str) -> Callable[[Slot], int]:
-    def f(s: Slot) -> int:
+def _gguf_export(mix: TypeMix) -> Callable[[Arch, Slot], int]:
+    """Bytes of ``s`` in the GGUF ``export --gguf`` writes with ``mix``: the exporter's own type choice
+    (``gguf_types``) and skip rule, so the projection cannot drift from the file."""
+    def f(a: Arch, s: Slot) -> int:
+        arch = ARCH_OF[a.family]
+        if slot_skip_reason(a, s, arch, keep_mtp=True) is not None:
+            return 0
+        return sum(gguf_bytes(math.prod(shape), q.name) for shape, q in gguf_types(a, arch, s.role, s.name, s.shape, mix))
+    return f
+
+
+def _gguf(expert_type: str, other_type: str, head_type: str) -> Callable[[Arch, Slot], int]:
+    """An estimate for types llama.cpp's own quantizer writes (K-quants): its choices are not ours."""
+    def f(a: Arch, s: Slot) -> int:
         n = s.numel
         if s.role is Role.HASH_TABLE:
             return gguf_bytes(n, "I32")
@@ -105,23 +115,45 @@ def _gguf(expert_type: str, other_type: str, head_type: str) -> Callable[[Slot],
     return f
 
 
-PROJECTIONS: dict[str, tuple[str, Callable[[Slot], int | None]]] = {
-    "nvfp4-experts": ("NVFP4 experts + dense/shared MLP, attention kept as stored (FP8)", _proj_nvfp4_experts),
-    "nvfp4-all-linear": ("NVFP4 on every attention and MLP linear (router/embed/head kept)", _proj_nvfp4_all),
-    "mxfp4-experts": ("MXFP4 experts + dense/shared MLP, attention kept as stored", _proj_mxfp4_experts),
-    "gguf-q8_0": ("GGUF Q8_0 everywhere (norms/router F32)", _gguf("Q8_0", "Q8_0", "Q8_0")),
-    "gguf-q4_k": ("GGUF Q4_K-class (Q4_K linears, Q6_K head)", _gguf("Q4_K", "Q4_K", "Q6_K")),
-    "gguf-mxfp4-moe": ("GGUF MXFP4 routed experts, Q8_0 elsewhere", _gguf("MXFP4", "Q8_0", "Q8_0")),
+def _stored(fn: Callable[[Slot], int | None]) -> Callable[[Arch, Slot], int | None]:
+    return lambda a, s: fn(s)
+
+
+# key -> (description, (arch, slot) -> bytes in that output, None = kept as stored)
+PROJECTIONS: dict[str, tuple[str, Callable[[Arch, Slot], int | None]]] = {
+    "nvfp4-experts": ("NVFP4 experts + dense/shared MLP, attention kept as stored (FP8)", _stored(_proj_nvfp4_experts)),
+    "nvfp4-all-linear": ("NVFP4 on every attention and MLP linear (router/embed/head kept)", _stored(_proj_nvfp4_all)),
+    "mxfp4-experts": ("MXFP4 experts + dense/shared MLP, attention kept as stored", _stored(_proj_mxfp4_experts)),
+    "gguf-q8_0": ("GGUF Q8_0 everywhere (norms/router F32)",
+                  _gguf_export(TypeMix(GGUFType.Q8_0, GGUFType.Q8_0))),
+    "gguf-q4_k": ("GGUF Q4_K-class (Q4_K linears, Q6_K head; estimate)", _gguf("Q4_K", "Q4_K", "Q6_K")),
+    "gguf-mxfp4-moe": ("GGUF MXFP4 routed experts, Q8_0 elsewhere (the default export --gguf)",
+                       _gguf_export(TypeMix())),
 }
 
 
+def _architecture(cfg: dict) -> str | None:
+    """``architectures[0]`` when it is a list of strings (it is informational; anything else is ignored)."""
+    a = cfg.get("architectures")
+    return a[0] if isinstance(a, list) and a and isinstance(a[0], str) else None
+
+
 # --------------------------------------------------------------------------------------------
+def config_warnings(cfg: dict, a: Arch) -> list[str]:
+    """What a source config lacks that consumers need: DeepSeek's release routing keys (vLLM builds
+    softmax routing without ``e_score_correction_bias`` when they are absent, and cannot load the model)."""
+    return [f"config.json lacks {k!r} (DeepSeek's release: {v!r}); vLLM cannot build the router without it. "
+            f"`v4convert quantize` writes it into its outputs; add it to serve this checkpoint as is."
+            for k, v in RELEASE_ROUTING[a.family].items() if k not in cfg]
+
+
 def build_report(path: Path, budget=None, kv_tokens: int = 32768) -> dict:
     """Inspect a checkpoint directory or a bare config.json; returns a JSON-able report. ``budget``
     (``memfit.Budget``) adds ``memory_fit``: each recipe's weights + a KV cache of ``kv_tokens``."""
     path = Path(path)
     if path.is_file():
-        cfg = read_json(path)
+        from .paths import read_checkpoint_json
+        cfg = read_checkpoint_json(path.parent, path.name, "config.json", 16 << 20)
         a = Arch.from_config(cfg, str(path))
         entries = _entries_from_config(a)
         source, shards, missing = "config", None, []
@@ -143,7 +175,7 @@ def build_report(path: Path, budget=None, kv_tokens: int = 32768) -> dict:
     for key, (desc, fn) in PROJECTIONS.items():
         b = 0
         for e in entries:
-            p = fn(e.slot)
+            p = fn(a, e.slot)
             b += e.nbytes if p is None else p
         projections[key] = {"bytes": b, "description": desc}
     storages = defaultdict(int)
@@ -156,14 +188,14 @@ def build_report(path: Path, budget=None, kv_tokens: int = 32768) -> dict:
     return {
         "memory_fit": fit,
         "source": source, "path": str(path), "family": a.family.value,
-        "architecture": (cfg.get("architectures") or [None])[0],
+        "architecture": _architecture(cfg),
         "layers": a.n_layers, "mtp_layers": a.n_mtp, "hidden_size": a.hidden, "vocab_size": a.vocab,
         "routed_experts": a.n_experts, "experts_per_token": a.top_k, "shared_experts": a.n_shared,
         "parameters": {**params, "total": params["main"] + params["mtp"]},
         "logical_tensors": len(entries), "stored_tensors": n_stored, "total_bytes": total,
         "shards": shards, "missing_tensors": missing, "storage_counts": dict(storages),
         "bytes_by_role_dtype": {r: dict(d) for r, d in sorted(by_role.items())},
-        "projections": projections,
+        "projections": projections, "warnings": config_warnings(cfg, a),
     }
 
 
@@ -186,6 +218,8 @@ def format_report(r: dict) -> str:
     if r["missing_tensors"]:
         lines.append(f"  missing       {len(r['missing_tensors'])} tensors the config implies, e.g. "
                      f"{r['missing_tensors'][0]}")
+    for w in r["warnings"]:
+        lines.append(f"  warning       {w}")
     lines.append("  bytes by role and dtype:")
     for role, d in r["bytes_by_role_dtype"].items():
         lines.append(f"    {role:<26} " + "  ".join(f"{dt} {_gb(b)}" for dt, b in sorted(d.items())))

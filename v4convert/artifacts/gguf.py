@@ -50,6 +50,11 @@ class GGUFRunner:
                                 f"(got {str(dtype).replace('torch.', '')})")
         if not self.path.is_file():
             raise ArtifactError(f"{path}: no such GGUF file")
+        from v4convert.formats.gguf_reader import GGUFFormatError, read_gguf_header
+        try:       # llama.cpp trusts its input: a damaged file is refused here, not crashed on there
+            read_gguf_header(self.path)
+        except GGUFFormatError as e:
+            raise ArtifactError(str(e)) from None
         llama_cpp = require_llama_cpp()
         self.n_ctx = int(max_seq_len)
         try:

@@ -16,6 +16,7 @@ from .export import export_command
 from .run import run_command
 from .verify import verify_command
 from .quantize import quantize_command
+from .sizes import SIZE
 
 RESUMABLE = {"quantize"}           # commands whose rerun resumes from a journal (quant/engine.py)
 
@@ -73,16 +74,19 @@ def inspect_cmd(path: Path, as_json: bool, memory: str | None, devices: str | No
 
 
 @main.command("synth")
-@click.option("--preset", required=True, help="v3-tiny, v32-tiny, v4-flash-tiny, v4-flash-base-tiny "
-              "(tests) or v3-671b, v4-flash, v4-pro (full size; needs --layers).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist).")
+@click.option("--preset", required=True, help="v3-tiny, v32-tiny, v4-flash-tiny, v4-flash-base-tiny, v3-vllm-tiny (tests; v3-vllm-tiny fits "
+              "vLLM's kernel constraints) or v3-671b, v4-flash, v4-pro (full size; needs --layers).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (absent, empty, or a previous synth output with --overwrite).")
 @click.option("--seed", default=0, show_default=True, help="Random seed; output is deterministic per seed.")
 @click.option("--layers", default=None, help="Blocks to write, e.g. '3', '0-1,mtp' or 'all' (default all).")
-@click.option("--shard-size", type=int, default=None, help="Max bytes per shard (default 2 MiB tiny, 5 GiB full).")
+@click.option("--shard-size", type=SIZE, default=None,
+              help="Max bytes per shard, e.g. 5G or 2000000 (binary units; default 2 MiB tiny, 5 GiB full).")
 @click.option("--with-embed/--no-embed", default=None,
               help="Also write embed/head/final norm (default: yes for whole models, no with --layers).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT once the new one is complete.")
 def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size: int | None,
-              with_embed: bool | None) -> None:
+              with_embed: bool | None, overwrite: bool) -> None:
     """Write a synthetic checkpoint in the exact published layout of a DeepSeek family.
 
     Same tensor names, dtypes (FP8 E4M3 + block scales, V4 FP4 experts), scale shapes, shard
@@ -91,7 +95,7 @@ def synth_cmd(preset: str, out: Path, seed: int, layers: str | None, shard_size:
     """
     from .. import api
     r = api.synth(api.SynthArgs(preset, out, seed=seed, layers=layers, shard_size=shard_size, with_embed=with_embed,
-                                progress=sys.stderr.isatty()))
+                                progress=sys.stderr.isatty(), overwrite=overwrite))
     click.echo(f"wrote {r.n_tensors} tensors, {r.n_bytes:,} bytes in {r.n_shards} shard(s) to {r.out}")
 
 

@@ -7,7 +7,6 @@ scripts get a stable interface.
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
@@ -16,29 +15,14 @@ import click
 from v4convert.errors import UserError
 from v4convert.export import EXPORTERS, Exporter
 
+from .sizes import parse_size
+
 # formats named by the CLI before they exist; an entry is inert once EXPORTERS has the name
 PLANNED = {"onnx": "ONNX for onnxruntime (not yet).", "sharded": "Our sharded layout (not yet)."}
 
 
 class NotImplementedFormat(UserError):
     """An export format the tool names but does not write yet."""
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-_SIZE_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str | None) -> int | None:
-    """``"50G"`` / ``"500M"`` / ``"1048576"`` -> bytes (binary units, like llama.cpp's gguf-split)."""
-    if text is None:
-        return None
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 50G, 500M, 1048576)")
-    n = int(float(m.group(1)) * _SIZE_UNIT[m.group(2).upper()])
-    if n <= 0:
-        raise click.BadParameter("size must be positive")
-    return n
 
 
 def _choices(f: dataclasses.Field) -> list[str] | None:

@@ -13,20 +13,7 @@ import click
 from v4convert.formats.containers import Container
 
 from ..quant.recipes import RecipeName
-
-
-def _parse_size(text: str) -> int:
-    t = text.strip().upper().replace(" ", "")
-    for suf, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 1)):
-        if t.endswith(suf):
-            t = t[: -len(suf)]
-            break
-    else:
-        mult = 1
-    try:
-        return int(float(t) * mult)
-    except ValueError:
-        raise click.BadParameter(f"cannot parse size {text!r} (use e.g. 5GB, 500MB)") from None
+from .sizes import SIZE
 
 
 @click.command("quantize")
@@ -41,25 +28,60 @@ def _parse_size(text: str) -> int:
               help="Output container (default: compressed-tensors; deepseek is MXFP4 only).")
 @click.option("--keep", multiple=True, metavar="PATTERN", help="Keep matching tensors as stored (fnmatch on names; repeatable).")
 @click.option("--override", multiple=True, metavar="PATTERN=CODEC", help="Force a codec (nvfp4, mxfp4, keep) on matching tensors.")
-@click.option("--scale-method", type=click.Choice(["rtn", "mse", "four-over-six"]), default="rtn", show_default=True,
-              help="NVFP4 block-scale choice.")
+@click.option("--scale-method", type=click.Choice(["rtn", "mse", "four-over-six"]), default=None,
+              help="NVFP4 block-scale choice (data-free; default rtn). Alias of --method for these three.")
+@click.option("--method", "method", default=None, metavar="M[+M...]",
+              help="Quantization method: rtn | mse | four-over-six (data-free) and/or gptq | awq (need --calib), "
+                   "joined with '+', e.g. gptq, awq+gptq, gptq+four-over-six. Default: gptq with --calib, else rtn.")
+@click.option("--calib", "calib", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Calibrate on PATH (.txt, .jsonl with a 'text' field, or a directory of them), tokenized with the "
+                   "checkpoint's tokenizer.json; without PATH: the bundled corpus's training split.")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True,
+              help="Calibration tokens (real models: 8192-131072 recommended).")
+@click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--propagate", type=click.Choice(["quantized", "original"]), default="quantized", show_default=True,
+              help="Feed each layer the outputs of the already quantized layers, or of the original model.")
+@click.option("--calib-all-experts", is_flag=True,
+              help="Send every calibration token through every routed expert for statistics (outputs still use "
+                   "the real routing).")
+@click.option("--min-expert-tokens", type=int, default=16, show_default=True,
+              help="Experts routed fewer calibration tokens fall back to the data-free method (with a warning).")
+@click.option("--plot", "plot", is_flag=True,
+              help="With --calib: also write DIR/calibration-coverage.png (experts x layers heat-map; needs matplotlib).")
+@click.option("--gptq-damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
+@click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
+              help="GPTQ block scales: from the original weights, or re-derived from the updated ones per block.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
+@click.option("--keep-bf16", is_flag=True,
+              help="Write kept FP8-block linears as BF16 (compressed-tensors; ModelOpt always does): for engines "
+                   "without FP8 block kernels, e.g. vLLM on a CPU without AMX.")
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Target output shard size (e.g. 5GB, 500MB).")
+@click.option("--shard-size", type=SIZE, default="5G", show_default=True,
+              help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: one per free core). The free cores are shared among them, so "
               "workers x threads never exceeds the cores not busy with other processes.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (or a foreign unfinished OUT.partial).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT (only once the new one is "
+              "complete). Never deletes a directory v4convert did not write, nor the source.")
+@click.option("--allow-missing", is_flag=True, help="Write an artifact although the checkpoint lacks tensors its "
+              "config implies (recorded in the output's metadata).")
+@click.option("--allow-nonfinite", is_flag=True, help="Copy NaN/Inf in tensors kept as stored instead of refusing.")
 @click.option("--plan-only", is_flag=True, help="Print the plan summary and exit.")
-@click.option("--sync-every", default="1GB", show_default=True, help="Journal (fsync) after this much output.")
+@click.option("--sync-every", type=SIZE, default="1G", show_default=True,
+              help="Journal (fsync) after this much output (binary units).")
 @click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
 @click.option("--kernel", type=click.Choice(["native", "torch"]), default=None,
               help="FP8->NVFP4 hot path: the native C kernel (default on CPU when a C compiler builds it) or "
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
-                     keep: tuple[str, ...], override: tuple[str, ...], scale_method: str, mx_rule: str,
-                     keep_native_fp4: bool, shard_size: str, workers: int | None, overwrite: bool,
-                     plan_only: bool, sync_every: str, device: str | None, kernel: str | None) -> None:
+                     keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
+                     calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
+                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float,
+                     gptq_act_order: bool, gptq_scales: str, mx_rule: str,
+                     keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
+                     allow_missing: bool, allow_nonfinite: bool,
+                     plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
     """Quantize a DeepSeek checkpoint to FP4, streaming, resumable.
 
     Reads the release as published (FP8 blocks, V4 MXFP4 experts), writes OUT.partial/ and renames it
@@ -77,10 +99,14 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
 
     r = api.quantize(api.QuantizeArgs(
         src=ckpt, out=out, scheme=scheme, recipe=recipe, container=fmt, keep=keep, overrides=override,
-        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4,
-        shard_bytes=_parse_size(shard_size), workers=workers, overwrite=overwrite, plan_only=plan_only,
-        sync_bytes=_parse_size(sync_every), device=device, kernel=kernel, progress=sys.stderr.isatty(),
-        on_plan=on_plan))
+        scale_method=scale_method, mx_rule=mx_rule, keep_native_fp4=keep_native_fp4, keep_bf16=keep_bf16,
+        shard_bytes=shard_size, workers=workers, overwrite=overwrite,
+        allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, plan_only=plan_only,
+        sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),
+        on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
+        calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
+        calib_all_experts=calib_all_experts, min_expert_tokens=min_expert_tokens, gptq_damp=gptq_damp,
+        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, plot=plot, log=lambda m: click.echo(m, err=True)))
     if r is None:
         return
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""

@@ -28,10 +28,18 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
               help="Opt-in dynamic expert routing: keep experts until their normalised weights reach this mass.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
 @click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
+@click.option("--tp", type=int, default=None, help="Tensor-parallel ranks when CKPT is an unsharded checkpoint (each "
+              "rank reads only its slices); run under torchrun. A sharded layout brings its own.")
+@click.option("--ep", type=int, default=None, help="Expert-parallel groups (see --tp); world size = max(tp, ep).")
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int | None, seed: int,
                 device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
-                k_max: int | None) -> None:
-    """Generate text from CKPT (any checkpoint the runtime loads) and report prefill/decode tokens/s."""
+                k_max: int | None, tp: int | None, ep: int | None) -> None:
+    """Generate text from CKPT (any checkpoint the runtime loads, or an ONNX export directory, run through
+    onnxruntime) and report prefill/decode tokens/s.
+
+    Distributed: `torchrun --nproc-per-node N -m v4convert run DIR ...` on a sharded layout (export --sharded)
+    or on any checkpoint with --tp/--ep; every rank loads its part, rank 0 prints.
+    """
     import torch
 
     from v4convert.checkpoint import Checkpoint
@@ -52,26 +60,45 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
     check_ctx(ckpt, max_seq_len, "--max-seq-len")
     from v4convert.threads import set_torch_threads
     set_torch_threads(threads)
+    from v4convert.devices import check_device
+    check_device(device)
     tok = Tokenizer.open(ckpt)                       # fails fast, before loading weights
     ids = tok.encode(prompt)
     if len(ids) > max_seq_len:
         raise GenerationError(f"prompt is {len(ids)} tokens, longer than --max-seq-len {max_seq_len}")
+    onnx = (ckpt / "model.onnx").is_file()           # an ONNX export: generate through onnxruntime
+    if onnx and (tp or ep or packed or simulate_quant or dynamic_top_p is not None):
+        raise click.UsageError("--tp/--ep/--packed/--simulate-quant/--dynamic-top-p are runtime options; "
+                               f"{ckpt} is an ONNX export (run through onnxruntime)")
     dynamic = None
     if dynamic_top_p is not None:
         if k_max is None:
-            with Checkpoint.open(ckpt) as ck:
-                k_max = ck.arch.top_k
+            from v4convert.families.layout import Arch
+            from v4convert.sharded_layout import Manifest, is_sharded_layout
+            if is_sharded_layout(ckpt):
+                k_max = Arch.from_config(Manifest.read(ckpt).config).top_k
+            else:
+                with Checkpoint.open(ckpt) as ck:
+                    k_max = ck.arch.top_k
         dynamic = DynamicRouting(top_p=dynamic_top_p, k_min=k_min, k_max=k_max)
-    model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
-                 simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed)
+    if onnx:
+        from v4convert.artifacts.onnx import OnnxLM
+        model = OnnxLM(ckpt, max_seq_len, device=device, dtype=getattr(torch, dtype))
+    else:
+        model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
+                     simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed, tp=tp, ep=ep)
+    lead = getattr(model, "rank", 0) == 0            # distributed: every rank runs, rank 0 prints
 
     def write(s: str) -> None:
-        sys.stdout.write(s)
-        sys.stdout.flush()
+        if lead:
+            sys.stdout.write(s)
+            sys.stdout.flush()
 
     streamer = TextStreamer(tok, write)
     res = generate(model, ids, max_new_tokens, temperature, tok.eos_ids, seed, on_token=streamer)
     streamer.flush()
+    if not lead:
+        return
     click.echo("")
     click.echo(f"prefill: {len(res.prompt_ids)} tokens in {res.prefill_s:.3f} s = {res.prefill_tok_s:.1f} tok/s; "
                f"decode: {len(res.new_ids) - 1} tokens in {res.decode_s:.3f} s = {res.decode_tok_s:.1f} tok/s "

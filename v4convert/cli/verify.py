@@ -48,6 +48,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
                    "experts per token; ARTIFACT may be REF itself to measure routing alone.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
 @click.option("--k-max", type=int, default=None, help="Dynamic routing: most experts per token (default: model top-k).")
+@click.option("--engine", type=click.Choice(["vllm"]), default=None,
+              help="Score ARTIFACT as this serving engine runs it (vllm: vLLM in its own python, see "
+                   "V4C_VLLM_PYTHON; same as --kind vllm).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for both models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute dtype of the artifact (the reference always runs in float32).")
@@ -56,8 +59,8 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
                    top_k: int | None, gen_tokens: int | None, gen_prompts: int | None, json_out: Path | None,
                    plot_out: Path | None, max_kld: float | None, min_top1: float | None,
                    max_ppl_ratio: float | None, save_ref_logits: Path | None, ref_logits: Path | None,
-                   kind: str | None, dynamic_top_p: float | None, k_min: int, k_max: int | None, device: str,
-                   dtype: str, threads: int | None) -> None:
+                   kind: str | None, engine: str | None, dynamic_top_p: float | None, k_min: int,
+                   k_max: int | None, device: str, dtype: str, threads: int | None) -> None:
     """Accuracy and speed of ARTIFACT against the reference checkpoint REF.
 
     Both run on the same token windows: KL divergence per token (mean, median, p99, max), top-1 agreement,
@@ -65,11 +68,17 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
     generation agreement, prefill/decode tokens per second. Exits 1 when a --max-*/--min-* threshold is crossed.
     """
     from .. import api
-    from ..verify import (Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report,
-                         plot_report, require_matplotlib)
+    from ..verify import Thresholds, VerifyError, VerifyOptions, cached_options, format_report, json_report
+    from ..verify.plot import plot_report, require_matplotlib
 
     from ..threads import set_torch_threads
     set_torch_threads(threads)
+    from ..devices import check_device
+    check_device(device)
+    if engine is not None:
+        if kind is not None and kind != engine:
+            raise VerifyError(f"--engine {engine} and --kind {kind} exclude each other")
+        kind = engine
     if save_ref_logits and ref_logits:
         raise VerifyError("--save-ref-logits and --ref-logits exclude each other")
     if plot_out is not None:
@@ -99,6 +108,9 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
         thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
         save_ref=save_ref_logits, ref_cache=ref_logits, kind=ArtifactKind(kind) if kind else None,
         device=device, dtype=DTYPES[dtype], progress=progress))
+    import torch.distributed as dist      # under torchrun every rank verifies its part; rank 0 reports
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        sys.exit(1 if r["thresholds"]["failures"] else 0)
     click.echo(format_report(r))
     if json_out is not None:
         json_out.write_text(json.dumps(json_report(r), indent=2))

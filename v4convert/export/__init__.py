@@ -6,7 +6,7 @@ An exporter is a module (or package) under ``v4convert/export/`` with
   ``v4convert export --NAME`` and its options from it: a ``bool`` field ``x`` becomes ``--x/--no-x`` (or the
   ``"cli"`` declaration in its metadata, e.g. ``"--mtp/--no-mtp"``), any other field ``--x VALUE``;
   metadata ``"choices"`` (a list, or a zero-argument callable returning one) restricts the value
-  (case-insensitively), ``"size": True`` parses ``50G`` / ``500M`` (binary units) to bytes.
+  (case-insensitively), ``"size": True`` parses ``50G`` / ``500M`` to bytes (binary units, ``cli/sizes.py``).
 * ``export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> ExportResult``.
 
 Adding an exporter = its module + ONE line in ``EXPORTERS`` below + its tests. Two exporters may have options of
@@ -51,6 +51,9 @@ class Exporter:
 
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in [
     Exporter("gguf", "v4convert.export.gguf", "GGUF for llama.cpp / Ollama."),
+    Exporter("onnx", "v4convert.export.onnx", "ONNX for onnxruntime (--out DIR, or DIR/NAME.onnx)."),
+    Exporter("sharded", "v4convert.export.sharded", "Our per-rank layout for torchrun (--tp/--ep; --out is a directory)."),
+    Exporter("mlx", "v4convert.export.mlx", "An mlx-lm model directory (Apple silicon): V3/R1/V3.1, V3.2."),
 ]}
 
 

@@ -21,9 +21,7 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 from .roles import Family, Group, Role, Storage
 from v4convert.errors import UserError
 
-FP8_BLOCK = 128      # DeepSeek FP8 weight block (rows and columns)
-MXFP4_BLOCK = 32     # V4 FP4 expert scale block along K
-NVFP4_BLOCK = 16     # NVFP4 E4M3 scale block along K
+from v4convert.formats.blocks import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK  # noqa: F401 (re-exported)
 
 
 class LayoutError(UserError):
@@ -40,6 +38,36 @@ def B(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 V4_LAYER_TYPE_RATIO = {"sliding_attention": 0, "compressed_sparse_attention": 4,
                        "heavily_compressed_attention": 128}
+
+
+# Upper bounds on what a config.json may declare (well above every DeepSeek release: V3 has 61 layers,
+# 256 experts, hidden 7168, vocab 129,280). Checked before anything is sized from them, so a damaged
+# config cannot make us allocate without bound. Keys absent here are bounded by DEFAULT_MAX.
+CONFIG_MAX: dict[str, int] = {
+    "num_hidden_layers": 1024, "num_nextn_predict_layers": 16, "n_routed_experts": 4096,
+    "num_experts_per_tok": 4096, "n_shared_experts": 64, "first_k_dense_replace": 1024, "num_hash_layers": 1024,
+    "vocab_size": 1 << 22, "num_attention_heads": 4096, "index_n_heads": 4096, "o_groups": 4096, "hc_mult": 64,
+}
+DEFAULT_MAX = 1 << 20                 # widths and ranks (hidden 7168, intermediate 18432)
+MAX_EXPERT_SLOTS = 1 << 17            # blocks x routed experts (V3: 62 x 256 = 15,872)
+# Keys whose value may be 0 (counts of optional parts); every other bounded key must be >= 1.
+CONFIG_MAY_BE_ZERO = {"num_nextn_predict_layers", "n_shared_experts", "first_k_dense_replace", "num_hash_layers"}
+
+
+def config_int(cfg: dict, key: str, source: str, default: int | None = None) -> int:
+    """``cfg[key]`` as a bounded int (one line naming the key when absent, mistyped or out of range)."""
+    v = cfg.get(key)
+    if v is None:
+        if default is not None:
+            return default
+        raise LayoutError(f"{source}: config is missing required field {key!r}")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise LayoutError(f"{source}: {key} must be an integer, got {type(v).__name__} {v!r:.40}")
+    lo = 0 if key in CONFIG_MAY_BE_ZERO else 1
+    hi = CONFIG_MAX.get(key, DEFAULT_MAX)
+    if not lo <= v <= hi:
+        raise LayoutError(f"{source}: {key} = {v} is outside [{lo}, {hi}]")
+    return v
 
 
 @dataclass(frozen=True)
@@ -86,20 +114,32 @@ class Arch:
             known = ", ".join(f.value for f in Family)
             raise LayoutError(f"{source}: unknown model_type {mt!r} (this tool reads {known})") from None
 
-        def need(key: str):
+        def need(key: str) -> int:
             if key not in cfg or cfg[key] is None:
                 raise LayoutError(f"{source}: {fam.value} config is missing required field {key!r}")
-            return cfg[key]
+            return config_int(cfg, key, source)
+
+        def opt(key: str) -> int:
+            return config_int(cfg, key, source, default=0)
 
         qc = cfg.get("quantization_config") or {}
+        if not isinstance(qc, dict):
+            raise LayoutError(f"{source}: quantization_config must be an object, got {type(qc).__name__}")
         common = dict(family=fam, hidden=need("hidden_size"), vocab=need("vocab_size"),
-                      n_layers=need("num_hidden_layers"), n_mtp=int(cfg.get("num_nextn_predict_layers") or 0),
+                      n_layers=need("num_hidden_layers"), n_mtp=opt("num_nextn_predict_layers"),
                       n_heads=need("num_attention_heads"), q_lora=need("q_lora_rank"),
                       n_experts=need("n_routed_experts"), moe_inter=need("moe_intermediate_size"),
-                      n_shared=int(cfg.get("n_shared_experts") or 0), top_k=need("num_experts_per_tok"),
+                      n_shared=opt("n_shared_experts"), top_k=need("num_experts_per_tok"),
                       scale_dtype="F8_E8M0" if qc.get("scale_fmt") == "ue8m0" and fam is Family.V4 else "F32")
+        blocks = common["n_layers"] + common["n_mtp"]
+        if blocks * common["n_experts"] > MAX_EXPERT_SLOTS:
+            raise LayoutError(f"{source}: {blocks} blocks x {common['n_experts']} experts is more than any real "
+                              f"model has (limit {MAX_EXPERT_SLOTS:,})")
+        if common["top_k"] > common["n_experts"]:
+            raise LayoutError(f"{source}: num_experts_per_tok {common['top_k']} > n_routed_experts "
+                              f"{common['n_experts']}")
         if fam.is_v3_like:
-            extra = dict(inter=need("intermediate_size"), first_dense=int(cfg.get("first_k_dense_replace", 0)),
+            extra = dict(inter=need("intermediate_size"), first_dense=opt("first_k_dense_replace"),
                          kv_lora=need("kv_lora_rank"), nope=need("qk_nope_head_dim"),
                          rope=need("qk_rope_head_dim"), v_head=need("v_head_dim"))
             if fam is Family.V32:
@@ -107,8 +147,17 @@ class Arch:
             return Arch(**common, **extra)
         # V4: published ``compress_ratios`` (+1 MTP entry) or transformers' ``layer_types``.
         n_layers, n_mtp = common["n_layers"], common["n_mtp"]
+        for key in ("compress_ratios", "layer_types", "mlp_layer_types"):
+            v = cfg.get(key)
+            if v is not None and (not isinstance(v, list) or len(v) > n_layers + n_mtp
+                                  or not all(isinstance(x, int if key == "compress_ratios" else str)
+                                             and not isinstance(x, bool) for x in v)):
+                raise LayoutError(f"{source}: {key} must be a list of at most {n_layers + n_mtp} "
+                                  f"{'integers' if key == 'compress_ratios' else 'strings'}")
+        if not isinstance(cfg.get("compress_rates") or {}, dict):
+            raise LayoutError(f"{source}: compress_rates must be an object")
         if cfg.get("compress_ratios") is not None:
-            ratios = tuple(int(r) for r in cfg["compress_ratios"])
+            ratios = tuple(cfg["compress_ratios"])
         elif cfg.get("layer_types") is not None:
             # transformers style: per-layer type names + a rate per type (``compress_rates``).
             rates = {**V4_LAYER_TYPE_RATIO, **(cfg.get("compress_rates") or {}), "sliding_attention": 0}
@@ -131,7 +180,7 @@ class Arch:
         if bad:
             raise LayoutError(f"{source}: compress_ratios has invalid entries {bad}")
         if cfg.get("num_hash_layers") is not None:
-            n_hash = int(cfg["num_hash_layers"])
+            n_hash = opt("num_hash_layers")
         elif cfg.get("mlp_layer_types") is not None:
             n_hash = sum(1 for t in cfg["mlp_layer_types"] if t == "hash_moe")
         else:

@@ -19,6 +19,15 @@ class Family(enum.Enum):
         return self in (Family.V3, Family.V32)
 
 
+# Router keys of DeepSeek's released config.json per family. transformers 5 drops them from the configs it
+# writes; vLLM reads them to build the router (without them: softmax routing, no e_score_correction_bias).
+RELEASE_ROUTING: dict[Family, dict[str, str]] = {
+    Family.V3: {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    Family.V32: {"topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    Family.V4: {"topk_method": "noaux_tc", "scoring_func": "sqrtsoftplus"},
+}
+
+
 class Group(enum.Enum):
     """Coarse grouping of roles; recipes are written per group with per-role overrides."""
     EMBED = "embed"

@@ -18,13 +18,16 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from v4convert.formats.containers import Container, OutKind, compressed_tensors_config, modelopt_configs
+from v4convert.formats.containers import Container, OutKind, check_fused, compressed_tensors_config, modelopt_configs
 
 from .. import __version__
+from .. import outputs
+from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
+from ..families.roles import RELEASE_ROUTING
 from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
@@ -50,7 +53,7 @@ class RunResult:
 
 
 def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
+    return outputs.partial_path(out)
 
 
 # ------------------------------------------------------------------------------------ journal
@@ -104,21 +107,28 @@ def _fsync_path(p: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ setup
-def _prepare(plan: Plan, out: Path, overwrite: bool) -> tuple[Path, Journal, dict[int, list[int]]]:
-    """Create or validate ``OUT.partial``; return it, its journal and the already-done units."""
+def _prepare(plan: Plan, out: Path, overwrite: bool) -> tuple[Path, Journal, dict[int, list[int]]] | None:
+    """Create or validate ``OUT.partial``; return it, its journal and the already-done units, or None
+    when ``OUT.partial`` already holds this plan's complete output (a kill during the finish)."""
     part = partial_dir(out)
-    if out.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out}: output directory exists; pass --overwrite to replace it")
+    outputs.recover(out)
+    try:
+        outputs.claim(out, sources=[plan.source], overwrite=overwrite)
+    except outputs.OutputError as e:
+        raise OutputExistsError(str(e)) from None
     j = Journal(part)
     if part.exists():
-        fp = j.fingerprint()
-        if fp != plan.fingerprint:
+        marker = outputs.read_marker(part) or {}
+        if marker.get("state") == "complete" and marker.get("fingerprint") == plan.fingerprint:
+            if (part / JOURNAL_DIR).exists():      # killed between steps 5 and 6 of the finish
+                shutil.rmtree(part / JOURNAL_DIR)
+            return None
+        if j.fingerprint() != plan.fingerprint:
             if not overwrite:
                 raise OutputExistsError(
                     f"{part}: holds an unfinished run of a different plan (other source, options or version); "
                     f"pass --overwrite to discard it")
-            shutil.rmtree(part)
+            outputs.remove_ours(part)
     done: dict[int, list[int]] = {}
     if part.exists():
         done = j.done()
@@ -140,6 +150,7 @@ def _prepare(plan: Plan, out: Path, overwrite: bool) -> tuple[Path, Journal, dic
             _create_shard(part / name, plan.shard_headers[name], plan.shards[name])
     else:
         part.mkdir(parents=True)
+        outputs.write_marker(part, "quantize", "writing", fingerprint=plan.fingerprint)
         j.start(plan.fingerprint)
         for name, size in plan.shards.items():
             _create_shard(part / name, plan.shard_headers[name], size)
@@ -163,17 +174,23 @@ def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
 # ------------------------------------------------------------------------------------ run
 def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = None, overwrite: bool = False,
             progress: bool = False,
-            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None) -> RunResult:
+            sync_bytes: int = DEFAULT_SYNC_BYTES, device: str = "cpu", kernel=None, log=None,
+            extra_files: dict[str, str | bytes] | None = None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (``threads`` torch threads, None:
     as set); more uses a process pool of lean workers (forked from a server that imported only
-    ``v4convert.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight.
+    ``v4convert.quant.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight.
     ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
-    kernel writes the same bytes, so it is not part of the plan."""
+    kernel writes the same bytes, so it is not part of the plan. ``extra_files``: name -> text written into the
+    output before the final rename (e.g. the calibration coverage report)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     kernel, why = choose_kernel(kernel, device.split(":")[0])
     log(f"hot path: {why}")
     out = Path(out)
-    part, journal, done = _prepare(plan, out, overwrite)
+    prepared = _prepare(plan, out, overwrite)
+    if prepared is None:
+        log(f"resuming: {partial_dir(out)} is complete; putting it in place")
+        return _swap(plan, out, partial_dir(out))
+    part, journal, done = prepared
     _check_space(part, plan, done)
     todo = [u for u in plan.units if u.index not in done]
     if done:
@@ -213,6 +230,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
                 torch.set_num_threads(threads)
             for u in todo:
                 finished(run_unit(u, part, plan.options, device, kernel))
+                outputs.kill_point("unit")
         else:
             _run_pool(todo, part, plan, workers, threads or 1, finished, device, kernel)
         flush()
@@ -223,7 +241,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         bar.close()
         for fd in fds.values():
             os.close(fd)
-    return _finish(plan, out, part, stats, len(done), log)
+    return _finish(plan, out, part, stats, len(done), log, extra_files or {})
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -259,6 +277,7 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: i
                 ready, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                 for f in ready:
                     finished(f.result())
+                    outputs.kill_point("unit")
         except BaseException:
             for f in inflight:
                 f.cancel()
@@ -283,8 +302,15 @@ def _module(name: str) -> str:
 
 
 def output_config(plan: Plan) -> tuple[dict, dict | None]:
-    """(updated config.json, hf_quant_config.json body or None)."""
+    """(updated config.json, hf_quant_config.json body or None).
+
+    Raises ContainerError when a fused module of the serving engine would mix storage kinds (checked at
+    plan time too). Adds DeepSeek's release routing keys when the source config lacks them (transformers 5
+    drops them; vLLM needs them) with the values our runtime assumes for the family.
+    """
     cfg = json.loads(json.dumps(plan.config))
+    for k, v in RELEASE_ROUTING[plan.family].items():
+        cfg.setdefault(k, v)
     linears = [t for t in plan.tensors() if t.role.is_linear and len(t.shape) == 2]
     all_mod = [_module(t.name) for t in linears]
     kinds: dict[OutKind, list[str]] = {OutKind.NVFP4: [], OutKind.MXFP4: [], OutKind.FP8_BLOCK: []}
@@ -300,9 +326,11 @@ def output_config(plan: Plan) -> tuple[dict, dict | None]:
             plain.append(_module(t.name))
     c = plan.options.container
     hf = None
+    if c in (Container.COMPRESSED_TENSORS, Container.MODELOPT):
+        check_fused({m: k for k, ms in kinds.items() for m in ms} | {m: OutKind.PLAIN for m in plain})
     if c is Container.COMPRESSED_TENSORS:
         if any(kinds.values()):
-            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod)
+            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod, __version__)
         else:
             cfg.pop("quantization_config", None)
     elif c is Container.MODELOPT:
@@ -319,12 +347,17 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors") \
                 and not p.name.startswith("."):
-            shutil.copyfile(p, dst / p.name)
+            shutil.copyfile(checkpoint_file(src, p.name), dst / p.name)   # never a link out of the source
             copied.append(p.name)
     return copied
 
 
-def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log) -> RunResult:
+def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log,
+            extra_files: dict[str, str | bytes]) -> RunResult:
+    """The finish protocol. Steps 1-4 rewrite files inside ``OUT.partial`` (a rerun repeats them, the
+    journal still says every unit is done); step 5 marks it complete; after step 6 a rerun finds the
+    complete marker and only swaps; ``outputs.swap_in`` keeps the old or the new output under OUT at
+    every instant. Each step ends in a ``kill_point`` (tests kill there and resume)."""
     shas = {name: _sha256(part / name) for name in sorted(plan.shards)}
     weight_map = {e.name: u.shard for u in plan.units for t in u.tensors for e in t.out}
     blocks = sum(v[0] for v in stats.values())
@@ -334,21 +367,41 @@ def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resu
                           "v4convert": {"version": __version__, "format": plan.options.container.value,
                                         **plan.rules, "scale_method": plan.options.scale_method.value,
                                         "mx_rule": plan.options.mx_rule.value,
-                                        "mxfp4_repacked_blocks": blocks, "mxfp4_repack_inexact_blocks": inexact}},
+                                        "mxfp4_repacked_blocks": blocks, "mxfp4_repack_inexact_blocks": inexact,
+                                        **plan.metadata,
+                                        **({"calibration": {k: v for k, v in asdict(plan.options.calib).items()
+                                                            if k != "stats"}} if plan.options.calib else {})}},
              "weight_map": dict(sorted(weight_map.items()))}
     (part / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    outputs.kill_point("finish:index")                                            # 1
     cfg, hf = output_config(plan)
     (part / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if hf is not None:
         (part / "hf_quant_config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    outputs.kill_point("finish:config")                                           # 2
     _copy_side_files(plan.source, part)
-    shutil.rmtree(part / JOURNAL_DIR)
+    for name, data in extra_files.items():       # e.g. the calibration report
+        (part / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    outputs.kill_point("finish:side-files")                                       # 3
     for p in part.iterdir():
-        _fsync_path(p)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(part, out)
+        if p.is_file():
+            _fsync_path(p)
+    outputs.kill_point("finish:fsync")                                            # 4
+    outputs.write_marker(part, "quantize", "complete", fingerprint=plan.fingerprint)
+    _fsync_path(part / outputs.MARKER)
+    outputs.kill_point("finish:marker")                                           # 5
+    shutil.rmtree(part / JOURNAL_DIR)
+    outputs.kill_point("finish:journal-removed")                                  # 6
     if blocks:
         log(f"mxfp4 -> nvfp4 re-pack: {inexact} of {blocks} 16-blocks not exactly representable")
-    return RunResult(out, resumed, len(plan.units),
-                     plan.bytes_in, plan.bytes_out, blocks, inexact)
+    r = _swap(plan, out, part)
+    r.resumed_units = resumed
+    return r
+
+
+def _swap(plan: Plan, out: Path, part: Path) -> RunResult:
+    """Step 7: swap the complete ``part`` in at ``out``; the counts come from its index."""
+    meta = json.loads((part / INDEX_NAME).read_text())["metadata"]["v4convert"]
+    outputs.swap_in(part, out)
+    return RunResult(out, len(plan.units), len(plan.units), plan.bytes_in, plan.bytes_out,
+                     meta["mxfp4_repacked_blocks"], meta["mxfp4_repack_inexact_blocks"])

@@ -16,8 +16,11 @@ import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from v4convert.formats.containers import Container, Entry, OutKind, Part, entries
+from v4convert.formats.containers import Container, ContainerError, Entry, OutKind, Part, entries
+from v4convert.formats.mxfp4 import MXScaleRule
+from v4convert.formats.nvfp4 import ScaleMethod
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, header_bytes
 from v4convert.formats.sharding import split_in_order
 
@@ -26,6 +29,14 @@ from ..checkpoint import Checkpoint, TensorInfo
 from .recipes import Codec, RecipeError, RuleSet
 from ..families.roles import Family, Role, Storage
 from v4convert.errors import UserError
+
+
+
+class CalibratedUnits(Protocol):
+    """What the workers need of a calibration (``v4convert.calib.apply.CalibOptions``, a layer above): write one
+    FP4 unit's parts with the calibrated method. Its fields are primitives (they enter the fingerprint)."""
+
+    def write_unit(self, unit: Unit, ts: tuple[TensorPlan, ...], w, opts: Options) -> None: ...
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -39,22 +50,16 @@ class Action(enum.Enum):
     """What a worker does with one tensor. Value = short label used in the plan summary."""
     COPY = "copy"                        # bytes verbatim (plain tensors; DeepSeek-container FP8 / MXFP4)
     FP8_REWRAP = "keep fp8 (scale->F32)"  # FP8 weight verbatim, block scale re-encoded as F32 (exact)
-    FP8_TO_BF16 = "fp8 -> bf16"          # ModelOpt keeps unquantized layers in BF16
+    FP8_TO_BF16 = "fp8 -> bf16"          # ModelOpt keeps unquantized layers in BF16 (CT too with keep_bf16)
     MXFP4_REWRAP = "keep mxfp4"          # MXFP4 codes/scales verbatim under container names
     TO_NVFP4 = "-> nvfp4"                # quantize (FP8 / BF16 source) to NVFP4
     MXFP4_TO_NVFP4 = "mxfp4 -> nvfp4 (re-pack)"
     TO_MXFP4 = "-> mxfp4"                # quantize (FP8 / BF16 source) to MXFP4
 
 
-class ScaleChoice(enum.Enum):
-    RTN = "rtn"
-    MSE = "mse"
-    FOUR_OVER_SIX = "four-over-six"
-
-
-class MXRule(enum.Enum):
-    FLOOR = "floor"
-    ROUND_UP = "round-up"
+# One enum each with the codecs' (the names quantize's options have always used):
+ScaleChoice = ScaleMethod      # NVFP4 block-scale choice: rtn | mse | four-over-six
+MXRule = MXScaleRule           # MXFP4 exponent rule: floor | round-up
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,10 @@ class Options:
     mx_rule: MXRule = MXRule.FLOOR
     keep_native_fp4: bool = False
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    allow_missing: bool = False          # write an artifact although tensors the config implies are absent
+    allow_nonfinite: bool = False        # copy NaN/Inf in tensors kept as stored instead of refusing
+    keep_bf16: bool = False      # kept FP8-block linears written as BF16 (compressed-tensors; ModelOpt always)
+    calib: CalibratedUnits | None = None   # calibrated FP4 (v4convert.calib.apply.CalibOptions); None = data-free
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class Plan:
     family: Family
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)  # extra keys for the index's v4convert metadata
 
     @property
     def bytes_in(self) -> int:
@@ -170,7 +180,7 @@ def _action(info: TensorInfo, codec: Codec, opts: Options) -> tuple[Action, OutK
         if st is Storage.FP8_BLOCK:
             if c is Container.DEEPSEEK:
                 return Action.COPY, OutKind.FP8_BLOCK
-            if c is Container.MODELOPT:
+            if c is Container.MODELOPT or opts.keep_bf16:
                 return Action.FP8_TO_BF16, OutKind.BF16
             return Action.FP8_REWRAP, OutKind.FP8_BLOCK
         if st is Storage.MXFP4:
@@ -206,6 +216,10 @@ def _tensor_plan(info: TensorInfo, codec: Codec, opts: Options) -> TensorPlan:
 
 def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
     """Decide every tensor's action and output placement from headers only."""
+    if opts.keep_bf16 and opts.container is Container.DEEPSEEK:
+        raise QuantizeError("--keep-bf16: the DeepSeek container keeps FP8 blocks verbatim (use it with "
+                            "--format compressed-tensors; ModelOpt always keeps BF16)")
+    absent = ck.check_complete(opts.allow_missing)
     infos = sorted(ck.infos(), key=lambda i: (str(i.parts["weight"].path), i.parts["weight"].start))
     plans: dict[str, TensorPlan] = {}
     for info in infos:
@@ -266,8 +280,16 @@ def make_plan(ck: Checkpoint, rules: RuleSet, opts: Options) -> Plan:
                 raise QuantizeError(f"tensor {t.name}: output name {e.name} collides with {seen[e.name]}")
             seen[e.name] = t.name
     plan = Plan(ck.root, opts, rules.describe(), [u for u in units if u is not None], shards, headers,
-                ck.config, ck.family)
+                ck.config, ck.family, metadata=absent)
+    if absent.get("allowed_missing"):
+        plan.notes.append(f"--allow-missing: {absent['allowed_missing']['count']} tensors the config implies "
+                          f"are absent; the artifact is incomplete")
     plan.fingerprint = fingerprint(plan)
+    from .engine import output_config   # the config is decided now: a container conflict stops before any work
+    try:
+        output_config(plan)
+    except ContainerError as e:
+        raise QuantizeError(str(e)) from None
     return plan
 
 
@@ -276,6 +298,8 @@ def fingerprint(plan: Plan) -> str:
     tensor its source bytes' location and its output placement."""
     h = hashlib.sha256()
     opts = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(plan.options).items()}
+    if opts.get("calib"):      # the statistics file's location (derived from OUT) does not change bytes
+        opts["calib"] = {k: v for k, v in opts["calib"].items() if k != "stats"}
     h.update(json.dumps({"version": __version__, "options": opts, "rules": plan.rules,
                          "config": plan.config}, sort_keys=True).encode())
     for u in plan.units:

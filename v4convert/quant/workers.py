@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 
 from v4convert.formats import fp8
+from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.containers import Container, Part
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
-from .plan import Action, MXRule, Options, QuantizeError, TensorPlan, Unit
+from ..families.roles import Storage
+from .plan import Action, Options, QuantizeError, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
 COPY_BYTES = 64 << 20          # verbatim copies stream in 64 MB pieces
-FP8_BLOCK = 128
 
 
 class DiskFullError(QuantizeError):
@@ -189,10 +190,39 @@ def _out(unit: Unit, t: TensorPlan, part: Part) -> tuple[int, int]:
 _PART_SRC = {Part.WEIGHT: "weight", Part.SCALE: "scale"}
 
 
-def _copy(unit: Unit, t: TensorPlan, w: Writer) -> None:
-    """Stored bytes verbatim (only names and the dtype label may change, e.g. I8 -> U8, E8M0 -> U8)."""
+def nonfinite(data: torch.Tensor, st_dtype: str, e8m0: bool = False) -> int:
+    """How many NaN/Inf values ``data`` (as stored, dtype string ``st_dtype``) holds. E4M3 has NaN at
+    magnitude byte 0x7F and no Inf; E5M2 has Inf/NaN at exponent 0x1F; E8M0 (also stored as U8 for
+    MXFP4 scales: ``e8m0``) has NaN at 0xFF; packed FP4 and integers have neither."""
+    if data.numel() == 0:
+        return 0
+    if st_dtype == "F8_E4M3":
+        return int(((data.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if st_dtype == "F8_E5M2":
+        return int(((data.view(torch.uint8) & 0x7C) == 0x7C).sum())
+    if st_dtype == "F8_E8M0" or (e8m0 and st_dtype == "U8"):
+        return int((data.view(torch.uint8) == 0xFF).sum())
+    if st_dtype in ("F64", "F32", "F16", "BF16"):
+        return int((~torch.isfinite(data)).sum())
+    return 0
+
+
+def _check_finite(t: TensorPlan, name: str, data: torch.Tensor, st_dtype: str, opts: Options | None,
+                  e8m0: bool = False) -> None:
+    if opts is not None and opts.allow_nonfinite:
+        return
+    bad = nonfinite(data, st_dtype, e8m0)
+    if bad:
+        raise NonFiniteInputError(f"{t.src['weight'].path}: tensor {name}: {bad} NaN/Inf values in a tensor "
+                                  f"kept as stored; pass --allow-nonfinite to copy them anyway")
+
+
+def _copy(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> None:
+    """Stored bytes verbatim (only names and the dtype label may change, e.g. I8 -> U8, E8M0 -> U8).
+    NaN/Inf in what we copy raise (``opts.allow_nonfinite`` copies them)."""
     for e in t.out:
         src = t.src[_PART_SRC[e.part]]
+        e8m0 = e.part is Part.SCALE and t.src_storage is Storage.MXFP4
         off = unit.offsets[e.name]
         rows = src.shape[0] if src.shape else 1
         row_b = src.nbytes // rows if rows else 0
@@ -200,24 +230,29 @@ def _copy(unit: Unit, t: TensorPlan, w: Writer) -> None:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             data = read_rows(src, r0, r1) if src.shape else read_rows(src)
+            _check_finite(t, src.name, data, src.dtype, opts, e8m0)
             w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
 
 
-def _fp8_rewrap(unit: Unit, t: TensorPlan, w: Writer) -> None:
+def _fp8_rewrap(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> None:
     # weight bytes verbatim; the block scale re-encoded as F32 (E8M0 / BF16 -> F32 is exact)
     wt = TensorPlan(t.name, t.role, t.action, t.codec, t.src_storage, t.src, t.shape,
                     tuple(e for e in t.out if e.part is Part.WEIGHT))
-    _copy(unit, wt, w)
+    _copy(unit, wt, w, opts)
     off, _ = _out(unit, t, Part.SCALE)
-    w.write(off, _scale_f32(t, read_rows(t.src["scale"])).contiguous(), t.name)
+    scale = _scale_f32(t, read_rows(t.src["scale"])).contiguous()
+    _check_finite(t, t.src["scale"].name, scale, "F32", opts)
+    w.write(off, scale, t.name)
 
 
-def _fp8_to_bf16(unit: Unit, t: TensorPlan, w: Writer) -> None:
+def _fp8_to_bf16(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> None:
     n, k = t.shape
     scale = _scale_f32(t, read_rows(t.src["scale"]))
     off, row_b = _out(unit, t, Part.WEIGHT)
     for r0, r1 in _chunks(n, k):
-        w.write(off + r0 * row_b, _decode_chunk(t, r0, r1, scale).to(torch.bfloat16), t.name)
+        vals = _decode_chunk(t, r0, r1, scale).to(torch.bfloat16)
+        _check_finite(t, t.name, vals, "BF16", opts)
+        w.write(off + r0 * row_b, vals, t.name)
 
 
 def _conv(opts: Options):
@@ -296,10 +331,14 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
               kernel=None) -> str:
     """Returns the hot-path kernel's name ("" when the unit took the generic path)."""
     from v4convert.kernels.native import Kernel
-    from v4convert.formats.nvfp4 import ScaleMethod, nvfp4_quantize
+
+    from .methods import get as get_method
+    if opts.calib is not None:      # calibrated method (v4convert.calib.apply.CalibOptions.write_unit)
+        opts.calib.write_unit(unit, ts, w, opts)
+        return ""
     conv = _conv(opts)
-    method = ScaleMethod(opts.scale_method.value)
-    if method is ScaleMethod.RTN and all("scale" in t.src for t in ts):
+    method = get_method(opts.scale_method)
+    if method.fp8_hot_path and all("scale" in t.src for t in ts):
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
         k, _ = choose_kernel(kernel, device.type)
         if k is Kernel.NATIVE:
@@ -320,9 +359,8 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
         soff, srow = _out(unit, t, Part.SCALE)
         goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
         gscale = None
-        for r0, r1 in _chunks(n, k):
-            q = nvfp4_quantize(_decode_chunk(t, r0, r1, s), convention=conv, method=method,
-                               global_amax=shared, name=t.name)
+        for r0, r1 in ([(0, n)] if method.whole_tensor else _chunks(n, k)):
+            q = method.nvfp4(_decode_chunk(t, r0, r1, s), convention=conv, global_amax=shared, name=t.name)
             w.write(woff + r0 * wrow, q.packed, t.name)
             w.write(soff + r0 * srow, q.block_scale.view(torch.uint8), t.name)
             g = q.global_scale.to(torch.float32).reshape(1)
@@ -359,8 +397,11 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
 
 
 def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
-    from v4convert.formats.mxfp4 import MXScaleRule, mxfp4_quantize
-    rule = MXScaleRule.OCP_FLOOR if opts.mx_rule is MXRule.FLOOR else MXScaleRule.ROUND_UP
+    from v4convert.formats.mxfp4 import mxfp4_quantize
+    if opts.calib is not None:      # calibrated method (v4convert.calib.apply.CalibOptions.write_unit)
+        opts.calib.write_unit(unit, (t,), w, opts)
+        return
+    rule = opts.mx_rule
     n, k = t.shape
     s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
     woff, wrow = _out(unit, t, Part.WEIGHT)
@@ -389,11 +430,11 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
         else:
             for t in unit.tensors:
                 if t.action in (Action.COPY, Action.MXFP4_REWRAP):
-                    _copy(unit, t, w)
+                    _copy(unit, t, w, opts)
                 elif t.action is Action.FP8_REWRAP:
-                    _fp8_rewrap(unit, t, w)
+                    _fp8_rewrap(unit, t, w, opts)
                 elif t.action is Action.FP8_TO_BF16:
-                    _fp8_to_bf16(unit, t, w)
+                    _fp8_to_bf16(unit, t, w, opts)
                 elif t.action is Action.TO_MXFP4:
                     _to_mxfp4(unit, t, w, opts)
                 else:

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 
 from ..artifacts import ArtifactKind, Runner, check_runnable, open_runner
-from v4convert.errors import UserError, read_json
+from v4convert.errors import UserError
+
+from .report import COMPARE_COLUMNS, format_comparison, format_report  # noqa: F401 (re-exported)
 
 FORMAT = "v4convert-ref-logits"
 FORMAT_VERSION = 1
@@ -307,6 +309,9 @@ def artifact_pass(runner: Runner, ref: RefRecord, opts: VerifyOptions, progress=
     t_pre, n_pre = 0.0, 0
     hidden: list[torch.Tensor] = []
     W = ref.windows.shape[0]
+    if runner.vocab_size != ref.meta["vocab"]:     # before any forward: a smaller vocab would index past its embedding
+        raise VerifyError(f"{runner.path}: the artifact's vocabulary has {runner.vocab_size} tokens, the reference's "
+                          f"{ref.meta['vocab']}; verify compares models with the same tokenizer")
     for w in range(W):
         runner_capture(runner, w == 0)
         t = time.perf_counter()
@@ -406,7 +411,8 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         check_ctx(ref_path, opts.ctx)
         data = Path(data) if data is not None else DEFAULT_DATA
         windows = make_windows(ref_path, data, opts)
-        cfg = read_json(ref_path / "config.json")
+        from ..paths import read_checkpoint_json
+        cfg = read_checkpoint_json(ref_path, "config.json")
         meta = {"ref": str(ref_path), "ref_config_sha256": _config_sha(ref_path), "data": str(data),
                 "data_sha256": sha256_file(data), "vocab": int(cfg["vocab_size"]), "options": opts.__dict__.copy()}
     max_seq = max(opts.ctx, opts.prompt_len + opts.gen_tokens)
@@ -420,6 +426,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
             del runner
     art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq,
                       dynamic_routing=dynamic_routing)
+    notes = list(getattr(art, "notes", []))      # e.g. the vLLM runner: version, CPU kernel shims
     routing = None
     try:
         comp = artifact_pass(art, rec, opts, progress=(lambda i, n: progress("artifact", i, n)) if progress else None)
@@ -437,7 +444,7 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         "reference": {"path": str(ref_path), "kind": ArtifactKind.RUNTIME.value, "from_cache": ref_cache is not None,
                       "ppl": comp["ppl"]["ref"], "prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s},
         "artifact": {"path": str(art_path), "kind": art_kind.value, "ppl": comp["ppl"]["art"],
-                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed},
+                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed, "notes": notes},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
         "routing": routing,
@@ -503,112 +510,3 @@ def check_cache(rec: RefRecord, ref_path: Path, opts: VerifyOptions | None, data
 
 def json_report(report: dict) -> dict:
     return {k: v for k, v in report.items() if not k.startswith("_")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-def _f(x: float, nd: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{nd}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{nd}f}"
-
-
-def format_report(r: dict) -> str:
-    s, k, p, dp, g, h = r["settings"], r["kld"], r["ppl"], r["delta_p"], r["greedy"], r["hidden"]
-    lines = [
-        f"reference {r['reference']['path']}{' (cached logits)' if r['reference']['from_cache'] else ''}",
-        f"artifact  {r['artifact']['path']} ({r['artifact']['kind']}, {r['artifact']['dtype']})",
-        f"data      {r['data']['path']}: {s['windows']} windows x {s['ctx']} tokens = {s['scored_tokens']} scored, "
-        f"reference top-{s['top_k']}{' (exact KL)' if s['kld_exact'] else ' + rest'}",
-        "",
-        f"{'':26s}{'reference':>14s}{'artifact':>14s}",
-        f"{'perplexity':26s}{p['ref']:14.4f}{p['art']:14.4f}   ratio {p['ratio']:.4f}",
-        f"{'prefill tokens/s':26s}{r['reference']['prefill_tok_s']:14.1f}{r['artifact']['prefill_tok_s']:14.1f}",
-        f"{'decode tokens/s':26s}{r['reference']['decode_tok_s']:14.1f}{r['artifact']['decode_tok_s']:14.1f}",
-        "",
-        f"KL divergence   mean {_f(k['mean'], 6)}  median {_f(k['median'], 6)}  p99 {_f(k['p99'], 6)}  "
-        f"max {_f(k['max'], 6)}",
-        f"top-1 agreement {r['top1_agreement'] * 100:.2f} %",
-        f"mean ln(PPL(art)/PPL(ref)) {_f(p['mean_ln_ratio'], 6)}",
-        f"delta-p         mean {dp['mean'] * 100:+.3f} %  rms {dp['rms'] * 100:.3f} %  "
-        f"p1 {dp['percentiles']['p1'] * 100:+.3f} %  median {dp['percentiles']['p50'] * 100:+.3f} %  "
-        f"p99 {dp['percentiles']['p99'] * 100:+.3f} %",
-        f"greedy          {g['prompts']} prompts x {g['tokens']} tokens: identical prefix "
-        f"{g['prefix_agreement'] * 100:.1f} %, same token {g['position_agreement'] * 100:.1f} %",
-    ]
-    if r.get("routing"):
-        ro = r["routing"]
-        lines.append(f"routed experts  {ro['experts_per_token']:.3f} per token with --dynamic-top-p {ro['top_p']} "
-                     f"(k {ro['k_min']}..{ro['k_max']}) vs static top-{ro['static_top_k']}: "
-                     f"{ro['compute_saved'] * 100:.1f} % fewer routed-expert FLOPs")
-    if h["available"]:
-        lines.append(f"hidden rel err  ({h['tokens']} tokens) " +
-                     "  ".join(f"L{i} {_f(e, 3)}" for i, e in enumerate(h["rel_err"])))
-    else:
-        lines.append(f"hidden rel err  n/a ({h['reason']})")
-    t = r.get("thresholds", {})
-    if t.get("failures"):
-        lines += [""] + [f"FAIL: {f}" for f in t["failures"]]
-    elif any(t.get(x) is not None for x in ("max_kld", "min_top1", "max_ppl_ratio")):
-        lines += ["", "PASS: all thresholds met"]
-    return "\n".join(lines)
-
-
-COMPARE_COLUMNS = ("artifact", "MB", "KLD mean", "KLD p99", "top-1 %", "PPL", "PPL ratio", "dp rms %", "greedy %",
-                   "decode tok/s")
-
-
-def format_comparison(rows: list[tuple[str, float | None, dict]]) -> str:
-    """One line per (label, size in bytes or None, report): the table ``demo`` and closing notes print."""
-    head = f"{COMPARE_COLUMNS[0]:28s}" + "".join(f"{c:>13s}" for c in COMPARE_COLUMNS[1:])
-    out = [head, "-" * len(head)]
-    for label, size, r in rows:
-        vals = [f"{size / 1e6:.2f}" if size else "", f"{r['kld']['mean']:.5f}", f"{r['kld']['p99']:.5f}",
-                f"{r['top1_agreement'] * 100:.2f}", f"{r['ppl']['art']:.3f}", f"{r['ppl']['ratio']:.4f}",
-                f"{r['delta_p']['rms'] * 100:.3f}", f"{r['greedy']['prefix_agreement'] * 100:.1f}",
-                f"{r['artifact']['decode_tok_s']:.1f}"]
-        out.append(f"{label:28s}" + "".join(f"{v:>13s}" for v in vals))
-    return "\n".join(out)
-
-
-def plot_report(r: dict, out: Path) -> None:
-    """PNG with the per-layer hidden-state error and the per-token KLD distribution (needs matplotlib)."""
-    plt = require_matplotlib()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    h = r["hidden"]
-    if h["available"]:
-        a1.bar(range(len(h["rel_err"])), h["rel_err"], color="tab:blue")
-        a1.set_xticks(range(len(h["rel_err"])))
-        a1.set_xlabel("layer")
-        a1.set_ylabel("relative error ||h_art - h_ref|| / ||h_ref||")
-    else:
-        a1.text(0.5, 0.5, "hidden states n/a\n" + h["reason"], ha="center", va="center", transform=a1.transAxes)
-    a1.set_title("per-layer hidden-state error")
-    kld = r["_per_token_kld"].clamp(min=1e-9).numpy()
-    import numpy as np
-    a2.hist(kld, bins=np.logspace(-9, np.log10(max(float(kld.max()), 1e-8)) + 0.01, 40), color="tab:orange")
-    a2.set_xscale("log")
-    a2.set_xlabel("KL(ref || art) per token (nats, floored at 1e-9)")
-    a2.set_ylabel("tokens")
-    a2.axvline(r["kld"]["mean"] if r["kld"]["mean"] > 0 else 1e-9, color="k", ls="--", label="mean")
-    a2.legend()
-    a2.set_title(f"KLD distribution ({r['settings']['scored_tokens']} tokens)")
-    fig.suptitle(f"{Path(r['artifact']['path']).name} vs {Path(r['reference']['path']).name}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-class PlotUnavailable(VerifyError):
-    pass
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib: pip install 'v4convert[plot]'") from None
-    return plt

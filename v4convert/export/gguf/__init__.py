@@ -44,6 +44,12 @@ class Options:
         "help": "Split into NAME-0000k-of-0000N.gguf files of at most this much tensor data (e.g. 50G)."})
     modelfile: bool = field(default=True, metadata={
         "cli": "--modelfile/--no-modelfile", "help": "Write an Ollama Modelfile beside the GGUF (default: yes)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a previous v4convert export (GGUF files, Modelfile) once the new one is complete; files "
+                "v4convert did not write are never replaced (v4convert.outputs)."})
+    allow_missing: bool = field(default=False, metadata={
+        "help": "Export although the checkpoint lacks tensors its config implies (recorded in the GGUF metadata)."})
+    allow_nonfinite: bool = field(default=False, metadata={"help": "Export NaN/Inf values instead of refusing."})
 
     def mix(self) -> tuple[TypeMix, LlamaQuant | None, bool]:
         """(the type mix we write, the llama.cpp quantizer's type for a K-quant / IQ ``main_type``, whether the
@@ -76,7 +82,9 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False,
     type mix before any tensor is written."""
     mix, llama_type, llama_experts = opts.mix()
     r = export_gguf(src, out, mix, keep_mtp=opts.keep_mtp, split_max_size=opts.split_max_size, progress=progress,
-                    modelfile=opts.modelfile, llama_type=llama_type, llama_experts=llama_experts, log=log)
+                    modelfile=opts.modelfile, llama_type=llama_type, overwrite=opts.overwrite,
+                    allow_missing=opts.allow_missing, allow_nonfinite=opts.allow_nonfinite,
+                    llama_experts=llama_experts, log=log)
     notes = []
     if r.repacked:
         notes.append(f"{len(r.repacked)} MXFP4 tensors re-packed losslessly")

@@ -1,0 +1,121 @@
+"""Calibrated vs data-free FP4 on the bundled trained tiny models, same held-out windows for every row.
+
+    python bench/calibration.py --out /tmp/calib-bench [--tokens 4096 --ctx 128 --calib-tokens 4096
+                                                        --calib-seq-len 256 --models v3,v4 --threads 1]
+
+For each model (tiny-v3, tiny-v4) and variant runs ``v4convert quantize`` (default recipes: nvfp4-experts /
+mxfp4-experts; calibration on the bundled *training* split) and ``verify`` against the release on the held-out
+text (one cached reference pass per model). Prints, per model, verify's KLD mean / p99, top-1, PPL ratio, the
+measured bits per FP4 weight (all stored parts of the FP4 linears over their element count) and each row's
+mean KLD as a ratio to its scheme's RTN row; writes OUT/calibration.json. Targets (issue 12): best calibrated
+NVFP4 mean KLD <= 0.7x RTN, best calibrated MXFP4 <= 0.6x RTN.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from v4convert.formats.safetensors_io import read_header
+
+from v4convert.cli.quantize import quantize_command
+from v4convert.demo import bundled_model
+from v4convert.verify import VerifyOptions, json_report, verify
+
+# (scheme, label, quantize args); the first row of each scheme is its RTN baseline.
+VARIANTS = (
+    ("nvfp4", "rtn", ("--scheme", "nvfp4", "--method", "rtn")),
+    ("nvfp4", "mse", ("--scheme", "nvfp4", "--method", "mse")),
+    ("nvfp4", "four-over-six", ("--scheme", "nvfp4", "--method", "four-over-six")),
+    ("nvfp4", "awq", ("--scheme", "nvfp4", "--method", "awq")),
+    ("nvfp4", "gptq", ("--scheme", "nvfp4", "--method", "gptq")),
+    ("nvfp4", "gptq scales-during", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-scales", "during")),
+    ("nvfp4", "gptq act-order", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-act-order")),
+    ("nvfp4", "awq+gptq", ("--scheme", "nvfp4", "--method", "awq+gptq")),
+    ("nvfp4", "gptq+four-over-six", ("--scheme", "nvfp4", "--method", "gptq+four-over-six")),
+    ("nvfp4", "gptq propagate=original", ("--scheme", "nvfp4", "--method", "gptq", "--propagate", "original")),
+    ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
+    ("mxfp4", "awq", ("--scheme", "mxfp4", "--method", "awq")),
+    ("mxfp4", "gptq", ("--scheme", "mxfp4", "--method", "gptq")),
+    ("mxfp4", "gptq act-order", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-act-order")),
+    ("mxfp4", "awq+gptq", ("--scheme", "mxfp4", "--method", "awq+gptq")),
+)
+FP4_WEIGHT = ("weight_packed", "weight")     # compressed-tensors packed FP4 entry names (U8)
+
+
+def quantize_cli(src: Path, out: Path, args: tuple[str, ...]) -> None:
+    """``v4convert quantize SRC --fp4 --out OUT --workers 1 ARGS`` through its click command."""
+    argv = [str(src), "--fp4", "--out", str(out), "--workers", "1", "--overwrite", *args]
+    quantize_command.main(argv, standalone_mode=False)
+
+
+def fp4_bits_per_weight(art: Path) -> float:
+    """Stored bits per element over the FP4 linears (codes + block scales + global scales)."""
+    entries = {}
+    for shard in sorted(art.glob("*.safetensors")):
+        entries.update(read_header(shard)[0])
+    bits = n = 0
+    for name, e in entries.items():
+        if name.endswith(".weight_packed"):
+            stem = name[: -len("weight_packed")]
+            n += e.shape[0] * e.shape[1] * 2
+            bits += 8 * sum(x.nbytes for k, x in entries.items() if k.startswith(stem) and k[len(stem):] in
+                            ("weight_packed", "weight_scale", "weight_global_scale"))
+    return bits / n if n else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", default="v3,v4")
+    ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    opts = VerifyOptions(ctx=a.ctx, tokens=a.tokens)
+    summary: dict[str, list] = {}
+    calib = ("--calib", "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", str(a.calib_seq_len))
+    only = set(a.only.split(",")) if a.only else None
+    for fam in a.models.split(","):
+        ref = bundled_model(fam)
+        d = a.out / f"tiny-{fam}"
+        d.mkdir(parents=True, exist_ok=True)
+        cache = d / "ref-logits.safetensors"
+        rows = []
+        for scheme, label, args in VARIANTS:
+            if only and label not in only and label != "rtn":
+                continue
+            name = f"{scheme}-{label}".replace(" ", "_").replace("+", "_").replace("=", "_")
+            t0 = time.time()
+            quantize_cli(ref, d / name, args + (calib if ("gptq" in label or "awq" in label) else ()))
+            tq = time.time() - t0
+            r = verify(ref, d / name, opts=None if cache.exists() else opts,
+                       save_ref=None if cache.exists() else cache, ref_cache=cache if cache.exists() else None)
+            (d / f"verify-{name}.json").write_text(json.dumps(json_report(r), indent=2))
+            row = {"scheme": scheme, "method": label, "kld_mean": r["kld"]["mean"], "kld_p99": r["kld"]["p99"],
+                   "top1": r["top1_agreement"], "ppl_ratio": r["ppl"]["ratio"],
+                   "bits_per_weight": fp4_bits_per_weight(d / name), "quantize_s": tq}
+            rows.append(row)
+            print(f"tiny-{fam} {scheme} {label}: KLD {row['kld_mean']:.5f} ({tq:.0f} s)", flush=True)
+        print(f"\ntiny-{fam}: {rows[0] and 'reference PPL'} {r['ppl']['ref']:.3f}, {r['settings']['scored_tokens']} "
+              f"held-out tokens, ctx {r['settings']['ctx']}; calibration {a.calib_tokens} tokens x "
+              f"{a.calib_seq_len} from the training split")
+        print(f"  {'scheme':<6} {'method':<24} {'KLD mean':>9} {'x RTN':>6} {'KLD p99':>8} {'top-1':>7} "
+              f"{'PPL ratio':>9} {'bits/w':>6}")
+        base = {x["scheme"]: x["kld_mean"] for x in rows if x["method"] == "rtn"}
+        for x in rows:
+            x["kld_vs_rtn"] = x["kld_mean"] / base[x["scheme"]]
+            print(f"  {x['scheme']:<6} {x['method']:<24} {x['kld_mean']:>9.5f} {x['kld_vs_rtn']:>6.3f} "
+                  f"{x['kld_p99']:>8.4f} {x['top1']:>7.4f} {x['ppl_ratio']:>9.4f} {x['bits_per_weight']:>6.3f}")
+        summary[f"tiny-{fam}"] = rows
+    (a.out / "calibration.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Load speed of the sharded layout vs the same tensors sliced from HF safetensors, against cold-cache disk speed,
+and per-rank peak RSS, side by side in one run (ratios, never timed assertions).
+
+    python bench/sharded_load.py --src /work/fullsize/v3-layer3 --tp 4 --ep 4 --work /tmp/shbench
+
+1. exports ``--src`` to the sharded layout (``--work/layout``; reused if present; removed unless ``--keep``);
+2. evicts every file from the page cache (``posix_fadvise(DONTNEED)``, no root needed) before each measure;
+3. per measured rank and loader: the disk's cold sequential speed (16 MiB reads of that rank file, the limit any
+   loader can reach; measured right before each load because the disk is shared and drifts), then in a fresh
+   process (one at a time, so loads do not share the disk) the time to bring that
+   rank's stored tensors into RAM (as packed as they are stored, what ``runtime.load(packed=True)`` holds):
+   a. sharded layout: ``RankView.raw`` (pread into owned tensors; O_DIRECT; with the SHA-256 check);
+   b. HF safetensors: the same slices through ``families.sharding.slice_stored`` on the mmapped shards + copy;
+   and the process's peak RSS against the rank's share of the bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def evict(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_read(path: Path, chunk: int = 16 << 20) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        while True:
+            k = f.readinto(buf)
+            if not k:
+                break
+            n += k
+    return n, time.perf_counter() - t0
+
+
+def _rank_job(kind: str, layout: str, src: str, rank: int, q) -> None:
+    torch.set_num_threads(1)
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.families.sharding import Part, slice_stored
+    from v4convert.sharded_layout import Manifest, RankView
+    man = Manifest.read(layout)
+    kept = []
+    n = 0
+    t0 = time.perf_counter()
+    if kind.startswith("layout"):
+        v = RankView(man, rank, verify=kind == "layout+sha", direct=kind == "layout-direct")
+        for name in v.names():
+            for t in v.raw(name).values():          # owned tensors (pread), nothing to copy
+                kept.append(t)
+                n += t.numel() * t.element_size()
+            v.release(name)
+        v.close()
+    else:
+        ck = Checkpoint.open(src)
+        for t in man.tensors:
+            if t["rank"] != rank:
+                continue
+            info = ck.tensor_info(t["name"])
+            sp = t["split"]
+            part = Part(sp["dim"], sp["start"], sp["stop"]) if sp else Part()
+            for s in slice_stored(info.storage, ck.raw(t["name"]), part, info.shape, t["name"]).values():
+                kept.append(s.contiguous().clone())
+                n += s.numel() * s.element_size()
+            ck.release(t["name"])
+        ck.close()
+    dt = time.perf_counter() - t0
+    q.put({"kind": kind, "rank": rank, "bytes": n, "s": dt,
+           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, required=True)
+    ap.add_argument("--tp", type=int, default=4)
+    ap.add_argument("--ep", type=int, default=4)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sharded-bench"))
+    ap.add_argument("--ranks", default="0", help="ranks to measure (comma list or 'all')")
+    ap.add_argument("--keep", action="store_true", help="keep the exported layout")
+    args = ap.parse_args()
+    from v4convert.export import sharded
+    from v4convert.sharded_layout import Manifest
+    layout = args.work / "layout"
+    if not layout.exists():
+        args.work.mkdir(parents=True, exist_ok=True)
+        r = sharded.export(args.src, layout, sharded.Options(tp=args.tp, ep=args.ep), progress=sys.stderr.isatty())
+        print(f"export: {r.n_bytes / 1e9:.2f} GB in {r.seconds:.1f} s ({r.n_bytes / r.seconds / 1e9:.2f} GB/s)")
+    man = Manifest.read(layout)
+    files = [layout / f["file"] for f in man.files.values()]
+    shards = sorted(args.src.glob("*.safetensors"))
+    ranks = range(man.world.size) if args.ranks == "all" else [int(x) for x in args.ranks.split(",")]
+    rows = []
+    ctx = mp.get_context("spawn")
+    print("each row: the disk's cold sequential read speed of that rank file measured just before (the limit; the "
+          "disk is shared, so it drifts), then the cold load")
+    for rank in ranks:
+        for kind in ("layout", "layout-direct", "layout+sha", "hf-slices"):
+            evict(files + shards)
+            n, dt = disk_read(files[rank])
+            disk = n / dt
+            evict(files + shards)
+            q = ctx.Queue()
+            p = ctx.Process(target=_rank_job, args=(kind, str(layout), str(args.src), rank, q))
+            p.start()
+            res = q.get()
+            p.join()
+            res["disk_Bps"] = disk
+            rows.append(res)
+            print(f"rank {rank} {kind:13s}: disk {disk / 1e9:5.2f} GB/s | {res['bytes'] / 1e9:6.2f} GB in "
+                  f"{res['s']:6.2f} s = {res['bytes'] / res['s'] / 1e9:5.2f} GB/s ({res['bytes'] / res['s'] / disk:.2f}x "
+                  f"disk), peak RSS {res['peak_rss'] / 1e9:.2f} GB ({res['peak_rss'] / max(res['bytes'], 1):.2f}x its "
+                  "bytes)", flush=True)
+    total = sum(f["bytes"] for f in man.files.values())
+    print(f"layer bytes (all ranks): {total / 1e9:.2f} GB; 1/{man.world.size} = {total / man.world.size / 1e9:.2f} GB")
+    print(json.dumps({"rows": rows}))
+    if not args.keep:
+        shutil.rmtree(layout)
+
+
+if __name__ == "__main__":
+    main()

