@@ -104,7 +104,7 @@ def fit_report(a: Arch, cfg: dict, entries: Iterable, projections: dict[str, Cal
                tokens: int, kv_elem: int = 2) -> dict:
     """Per recipe: weights, KV for ``tokens``, total, whether it fits ``b`` (and by how much), and the
     most KV tokens that would fit. ``entries``: inspect's entries (``.slot``, ``.nbytes``);
-    ``projections``: recipe -> slot -> projected bytes (None: kept as stored)."""
+    ``projections``: recipe -> (arch, slot) -> projected bytes (None: kept as stored)."""
     entries = list(entries)
     kl = kv_layers(a, cfg)
     kv_total = kv_bytes(kl, tokens, kv_elem)
@@ -116,7 +116,7 @@ def fit_report(a: Arch, cfg: dict, entries: Iterable, projections: dict[str, Cal
         layers = [0] * a.n_layers
         other = 0
         for e in entries:
-            p = fn(e.slot)
+            p = fn(a, e.slot)
             nb = e.nbytes if p is None else p
             if e.slot.mtp:
                 continue                       # not loaded for plain decoding
