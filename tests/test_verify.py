@@ -75,6 +75,16 @@ def test_damaged_expert_is_caught_and_cached_logits_give_the_same_report(tmp_pat
     assert ja == jb
 
 
+def test_no_greedy_prompts(tmp_path):
+    """``--gen-prompts 0`` skips the greedy comparison (its agreement is n/a) instead of crashing."""
+    ref = bundled_model("v3")
+    out = tmp_path / "r.json"
+    r = _cli(str(ref), str(ref), "--ctx", "64", "--tokens", "126", "--gen-prompts", "0", "--json", str(out))
+    assert r.exit_code == 0, r.output
+    g = json.loads(out.read_text())["greedy"]
+    assert g["prompts"] == 0 and g["tokens"] == 0
+
+
 def test_cache_with_other_settings_is_refused(tmp_path):
     ref = bundled_model("v3")
     cache = tmp_path / "ref.safetensors"

@@ -185,6 +185,11 @@ def _greedy_prompts(windows: torch.Tensor, opts: VerifyOptions) -> torch.Tensor:
     return windows[:g, : min(opts.prompt_len, windows.shape[1])].clone()
 
 
+def _token_rows(gen: list[list[int]]) -> torch.Tensor:
+    """Generated tokens as LongTensor ``[prompts, tokens]`` (``[0, 0]`` with ``--gen-prompts 0``)."""
+    return torch.tensor(gen, dtype=torch.long).reshape(len(gen), len(gen[0]) if gen else 0)
+
+
 def _hidden_slice(runner: Runner, opts: VerifyOptions) -> list[torch.Tensor]:
     hs = runner.hidden_states()
     return [h[: opts.hidden_tokens].contiguous() for h in hs] if hs else []
@@ -247,7 +252,7 @@ def reference_pass(runner: Runner, windows: torch.Tensor, opts: VerifyOptions, m
                     topk_logp=torch.stack([r["topk_logp"] for r in rows]),
                     rest_logp=torch.stack([r["rest_logp"] for r in rows]),
                     target_logp=torch.stack([r["target_logp"] for r in rows]), hidden=hidden,
-                    greedy_prompts=prompts, greedy_tokens=torch.tensor(gen, dtype=torch.long).view(len(gen), -1),
+                    greedy_prompts=prompts, greedy_tokens=_token_rows(gen),
                     prefill_tok_s=n_pre / t_pre if t_pre > 0 else float("nan"),
                     decode_tok_s=n_dec / t_dec if t_dec > 0 else float("nan"), meta=meta)
     if save is not None:
@@ -337,7 +342,7 @@ def artifact_pass(runner: Runner, ref: RefRecord, opts: VerifyOptions, progress=
         toks, dt, n = greedy(runner, p, ref.greedy_tokens.shape[1])
         gen.append(toks)
         t_dec, n_dec = t_dec + dt, n_dec + n
-    report["greedy"] = greedy_agreement(ref.greedy_tokens, torch.tensor(gen, dtype=torch.long).view(len(gen), -1))
+    report["greedy"] = greedy_agreement(ref.greedy_tokens, _token_rows(gen))
     report["_per_token_kld"] = tok["kld"]
     report["_speed"] = {"prefill_tok_s": n_pre / t_pre if t_pre > 0 else float("nan"),
                         "decode_tok_s": n_dec / t_dec if t_dec > 0 else float("nan")}
