@@ -16,7 +16,7 @@ Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/dat
   - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier, on a BF16 transformers copy we
     write with our reader (peers need this detour; we quantize the FP8 release directly).
 Every artifact is scored by ``v4convert.verify.verify`` against the release on the same held-out windows (one
-cached reference pass). Wall s / peak RSS are per tool subprocess (os.wait4), excluding verify.
+cached reference pass). Wall s / peak RSS (VmHWM, polled) are the tool's own process, excluding verify.
 bits/w = all stored bytes of the artifact's weight files x 8 / the model's parameter count (whole model,
 so it includes the unquantized embedding/head/norms at their stored width).
 """
@@ -60,17 +60,29 @@ ROWS = (
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
-    """Run ``cmd``; (wall s, peak RSS MiB of that process tree's largest member, '' or the last error line)."""
+    """Run ``cmd``; (wall s, peak RSS MiB of the process, '' or its last error line)."""
     t0 = time.time()
+    hwm = 0
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd="/tmp")
-        _, status, ru = os.wait4(p.pid, 0)
+        # VmHWM of the exec'd process itself, polled: the child's ru_maxrss would include this (large) bench
+        # process's RSS at fork time, which Linux carries across exec.
+        while True:
+            pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("VmHWM:"))
+                hwm = max(hwm, int(line.split()[1]))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.02)
     wall = time.time() - t0
     err = ""
     if os.waitstatus_to_exitcode(status) != 0:
         lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
         err = next((x for x in reversed(lines) if "Error" in x or "error" in x), lines[-1] if lines else "failed")
-    return wall, ru.ru_maxrss / 1024, err.strip()[:300]
+    return wall, hwm / 1024, err.strip()[:300]
 
 
 def write_bf16_copy(ref: Path, out: Path) -> None:
