@@ -1,0 +1,212 @@
+"""Side by side with other quantizers: one model, one held-out text, one verify (ours) for every row.
+
+    python bench/peers.py --out DIR [--json F] [--tokens 4096 --ctx 128 --calib-tokens 4096 --calib-seq-len 256]
+
+Setup for the llm-compressor rows (its own venv outside the repo, torch pinned to the CPU build already here):
+    python3 -m venv --system-site-packages ~/.cache/v4convert-ci/peers-venv
+    ~/.cache/v4convert-ci/peers-venv/bin/pip install llmcompressor torch==2.13.0
+(override with PEERS_PY=/path/to/python). Without it those rows stay in the table with their error.
+
+Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/data/tiny-v3). Rows:
+  - ours: ``v4convert quantize --fp4`` NVFP4 rtn / gptq+four-over-six (default recipe nvfp4-experts, and
+    nvfp4-all-linear, the recipe matching llm-compressor's targets), MXFP4 rtn / awq+gptq (calibration on the
+    bundled training split), straight from the FP8 release;
+  - llama.cpp: ``v4convert export --gguf`` Q8_0 / Q4_0 / MXFP4 (our writer: MXFP4 experts, the rest at --type)
+    and Q4_K_M (llama.cpp's own ``llama_model_quantize`` through llama-cpp-python);
+  - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier, on a BF16 transformers copy we
+    write with our reader (peers need this detour; we quantize the FP8 release directly).
+Every artifact is scored by ``v4convert.verify.verify`` against the release on the same held-out windows (one
+cached reference pass). Wall s / peak RSS (VmHWM, polled) are the tool's own process, excluding verify.
+bits/w = all stored bytes of the artifact's weight files x 8 / the model's parameter count (whole model,
+so it includes the unquantized embedding/head/norms at their stored width).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS_PY = Path(os.environ.get("PEERS_PY", Path.home() / ".cache/v4convert-ci/peers-venv/bin/python"))
+V4 = (sys.executable, "-m", "v4convert")
+CALIB = ("--calib", "--calib-tokens", "{ct}", "--calib-seq-len", "{cl}")
+
+# (tool, scheme, kind, args); kind: quantize | gguf | llmc
+ROWS = (
+    ("v4convert", "NVFP4 rtn", "quantize", ("--scheme", "nvfp4", "--method", "rtn")),
+    ("v4convert", "NVFP4 gptq+four-over-six", "quantize", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                            *CALIB)),
+    ("v4convert", "NVFP4 all-linear rtn", "quantize", ("--recipe", "nvfp4-all-linear", "--method", "rtn")),
+    ("v4convert", "NVFP4 all-linear gptq+four-over-six", "quantize", ("--recipe", "nvfp4-all-linear", "--method",
+                                                                       "gptq+four-over-six", *CALIB)),
+    ("v4convert", "MXFP4 rtn", "quantize", ("--scheme", "mxfp4", "--method", "rtn")),
+    ("v4convert", "MXFP4 awq+gptq", "quantize", ("--scheme", "mxfp4", "--method", "awq+gptq", *CALIB)),
+    ("llama.cpp (our GGUF writer)", "Q8_0", "gguf", ("--type", "q8_0", "--expert-type", "q8_0")),
+    ("llama.cpp (our GGUF writer)", "Q4_0", "gguf", ("--type", "q4_0", "--expert-type", "q4_0")),
+    ("llama.cpp (our GGUF writer)", "MXFP4_MOE (experts MXFP4, rest Q8_0)", "gguf",
+     ("--type", "q8_0", "--expert-type", "mxfp4")),
+    ("llama.cpp llama_model_quantize", "Q4_K_M (experts Q4_0)", "gguf", ("--type", "q4_k_m", "--expert-type", "q4_0")),
+    ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
+    ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
+)
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
+    """Run ``cmd``; (wall s, peak RSS MiB of the process, '' or its last error line)."""
+    t0 = time.time()
+    hwm = 0
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd="/tmp")
+        # VmHWM of the exec'd process itself, polled: the child's ru_maxrss would include this (large) bench
+        # process's RSS at fork time, which Linux carries across exec.
+        while True:
+            pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("VmHWM:"))
+                hwm = max(hwm, int(line.split()[1]))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.02)
+    wall = time.time() - t0
+    err = ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        err = next((x for x in reversed(lines) if "Error" in x or "error" in x), lines[-1] if lines else "failed")
+    return wall, hwm / 1024, err.strip()[:300]
+
+
+def write_bf16_copy(ref: Path, out: Path) -> None:
+    """The release dequantized by our reader into a plain BF16 transformers directory (what peers load)."""
+    from safetensors.torch import save_file
+
+    from v4convert.checkpoint import Checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    with Checkpoint.open(ref) as ck:
+        save_file({n: ck.dequantize(n).to(torch.bfloat16).contiguous() for n in ck.names()},
+                  str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((ref / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (ref / f).exists():
+            shutil.copy(ref / f, out / f)
+
+
+def stored_bytes(art: Path) -> int:
+    return sum(p.stat().st_size for p in ([art] if art.is_file() else [*art.glob("*.safetensors"),
+                                                                           *art.glob("*.gguf")]))
+
+
+def peer_version(py: Path, mod: str) -> str:
+    try:
+        return subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
+                              capture_output=True, text=True, timeout=120).stdout.strip() or "not installed"
+    except OSError:
+        return "not installed"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--json", type=Path, default=None, help="where to write the numbers (default OUT/peers.json)")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llmc; default all)")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    from v4convert.calib.data import calibration_windows
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.demo import bundled_model
+    from v4convert.verify import VerifyOptions, json_report, verify
+
+    ref = bundled_model("v3")
+    a.out.mkdir(parents=True, exist_ok=True)
+    with Checkpoint.open(ref) as ck:
+        n_params = sum(math.prod(ck.tensor_info(n).shape) for n in ck.names())
+    cache = a.out / "ref-logits.safetensors"
+    if cache.exists():
+        cache.unlink()
+    bf16 = a.out / "tiny-v3-bf16"
+    calib_pt = a.out / "calib-windows.pt"
+    only = set(a.only.split(",")) if a.only else None
+    rows = []
+    for tool, scheme, kind, args in ROWS:
+        if only and kind not in only:
+            continue
+        name = scheme.split(" (")[0].replace(" ", "_").replace("+", "_")
+        row = {"tool": tool, "scheme": scheme, "error": None}
+        args = tuple(x.format(ct=a.calib_tokens, cl=a.calib_seq_len) for x in args)
+        if kind == "quantize":
+            art = a.out / f"ours-{name}"
+            cmd = [*V4, "quantize", str(ref), "--fp4", "--out", str(art), "--workers", "1", "--overwrite", *args]
+        elif kind == "gguf":
+            art = a.out / f"gguf-{name}.gguf"
+            cmd = [*V4, "export", str(ref), "--gguf", "--out", str(art), "--overwrite", "--no-modelfile", *args]
+        else:
+            art = a.out / f"llmc-{name}"
+            row["version"] = "llmcompressor " + peer_version(PEERS_PY, "llmcompressor")
+            if not bf16.exists():
+                t0 = time.time()
+                write_bf16_copy(ref, bf16)
+                print(f"BF16 detour for peers: {time.time() - t0:.1f} s", flush=True)
+            if not calib_pt.exists():
+                torch.save(calibration_windows(ref, None, a.calib_tokens, a.calib_seq_len).windows, calib_pt)
+            if art.exists():
+                shutil.rmtree(art)
+            # -P: bench/ (which holds kernels.py) must not shadow packages transformers imports
+            cmd = [str(PEERS_PY), "-P", str(REPO / "bench/peers_llmc.py"), str(bf16), str(calib_pt), str(art), *args]
+        if kind == "llmc" and not PEERS_PY.exists():
+            row["error"] = f"{PEERS_PY}: no peers venv (see the setup command in bench/peers.py)"
+        else:
+            row["wall_s"], row["peak_rss_mib"], err = timed(cmd, a.out / f"log-{kind}-{name}.txt")
+            row["error"] = err or None
+        if kind == "llmc" and not row["error"]:
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(ref / f, art / f)
+        if not row["error"]:
+            try:
+                r = verify(ref, art, opts=None if cache.exists() else VerifyOptions(ctx=a.ctx, tokens=a.tokens),
+                           save_ref=None if cache.exists() else cache, ref_cache=cache if cache.exists() else None)
+                (a.out / f"verify-{kind}-{name}.json").write_text(json.dumps(json_report(r), indent=2))
+                row.update(kld_mean=r["kld"]["mean"], kld_p99=r["kld"]["p99"], top1=r["top1_agreement"],
+                           ppl_ratio=r["ppl"]["ratio"], bits_per_weight=8 * stored_bytes(art) / n_params,
+                           ref_ppl=r["ppl"]["ref"], scored_tokens=r["settings"]["scored_tokens"])
+            except Exception as e:      # a peer artifact our verify cannot load stays a row with the reason
+                row["error"] = f"our verify: {type(e).__name__}: {str(e).splitlines()[0][:250]}"
+        rows.append(row)
+        print(f"{tool} {scheme}: " + (f"KLD {row['kld_mean']:.5f}" if "kld_mean" in row else f"ERROR {row['error']}"),
+              flush=True)
+    print(table(rows))
+    out = a.json or a.out / "peers.json"
+    out.write_text(json.dumps({"model": "tiny-v3 (bundled, FP8 release)", "params": n_params, "ctx": a.ctx,
+                               "tokens": a.tokens, "rows": rows}, indent=2))
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'tool':<31} {'scheme':<38} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
+            f"{'PPL ratio':>9} {'wall s':>7} {'RSS MiB':>8}")
+    lines = [head]
+    for r in rows:
+        if "kld_mean" in r:
+            lines.append(f"{r['tool']:<31} {r['scheme']:<38} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
+                         f"{r['kld_p99']:>8.4f} {r['top1']:>7.4f} {r['ppl_ratio']:>9.4f} {r['wall_s']:>7.1f} "
+                         f"{r['peak_rss_mib']:>8.0f}")
+        else:
+            lines.append(f"{r['tool']:<31} {r['scheme']:<38} error ({r.get('version', '')}): {r['error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
