@@ -6,7 +6,7 @@ method here (scales are per 16 along K; the global scale comes in as ``global_am
 method row chunks ``[r, K]`` of a tensor; a method that needs the whole tensor says so with ``whole_tensor``.
 
 Registry: ``METHODS`` (one row per method, keyed by quantize's ``--scale-method`` value). A new method = its module
-here + one row + its tests. Implementations: ``rtn``, ``mse``, ``four_over_six``.
+here + one row + its tests. Implementations: ``codec`` (rtn, mse, four-over-six: the codec's scale rules).
 """
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ import torch
 
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
-from .four_over_six import FourOverSix
-from .mse import MSE
-from .rtn import RTN
+from .codec import FOUR_OVER_SIX, MSE, RTN
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,7 @@ class Method(Protocol):
         """float ``[r, K]`` -> NVFP4 (E2M1 codes, E4M3 scale per 16, FP32 global scale from ``global_amax``)."""
 
 
-METHODS: dict[ScaleMethod, Method] = {m.method: m for m in [RTN(), MSE(), FourOverSix()]}
+METHODS: dict[ScaleMethod, Method] = {m.method: m for m in (RTN, MSE, FOUR_OVER_SIX)}
 
 
 def get(method: ScaleMethod) -> Method:
