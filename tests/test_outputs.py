@@ -141,3 +141,20 @@ def test_remove_ours_refuses_foreign(area):
     with pytest.raises(outputs.OutputError, match="not written by v4convert"):
         outputs.remove_ours(area / "foreign")
     assert (area / "foreign" / "thesis.tex").is_file()
+
+
+@pytest.mark.parametrize("fmt", [["--sharded", "--tp", "1"], ["--mlx"]])
+def test_sharded_and_mlx_never_write_inside_the_source(area, fmt):
+    """The sharded and MLX exporters follow the same rule: an output inside (or being) the source, or a user's
+    non-empty directory, is refused with one line and nothing is touched."""
+    src = area / "src"
+    before = snapshot(area)
+    for out, words in ((src / "sub", "inside the source"), (src, "not empty"), (area / "foreign", "not empty")):
+        r = run(["export", str(src), *fmt, "--out", str(out)])
+        assert r.exit_code == 2, r.output
+        lines = [x for x in r.output.splitlines() if x.startswith("error: ")]
+        assert len(lines) == 1 and words in lines[0], r.output
+        assert snapshot(area) == before
+    r = run(["export", str(src), *fmt, "--out", str(area / "ok")])
+    assert r.exit_code == 0, r.output
+    assert outputs.is_ours(area / "ok")

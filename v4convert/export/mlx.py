@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from v4convert import outputs
 from v4convert.checkpoint import Checkpoint, TensorInfo
 from v4convert.errors import UserError
 from v4convert.formats import mlx_quant as mq
@@ -310,6 +311,7 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
     src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MLXExportError(f"{out}: output directory exists and is not empty")
+    outputs.claim(out, sources=[src])     # the output rule (v4convert.outputs): never inside the source, scratch ours
     with Checkpoint.open(src) as ck:
         if MLX_LM_MODELS.get(ck.family) is None:
             raise MLXExportError(f"{src}: {V4_REFUSAL}")
@@ -321,9 +323,9 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
         names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         total = sum(t.nbytes for t in planned)
         tmp = out.with_name(out.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        outputs.remove_ours(tmp)              # a failed run's scratch (claim checked it is ours)
         tmp.mkdir(parents=True)
+        outputs.write_marker(tmp, "mlx", "writing")
         bar = None
         if progress:
             from tqdm import tqdm
@@ -352,6 +354,7 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
         finally:
             if bar:
                 bar.close()
+        outputs.write_marker(tmp, "mlx", "complete")
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -26,6 +26,7 @@ from v4convert.formats.safetensors_io import (
     write_streaming,
 )
 
+from .. import outputs
 from ..checkpoint import Checkpoint
 from ..errors import UserError
 from . import ExportResult
@@ -72,6 +73,7 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
                         f"the same ranks); got tp={opts.tp}, ep={opts.ep}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: output directory exists and is not empty")
+    outputs.claim(out, sources=[src])     # the output rule (v4convert.outputs): never inside the source, scratch ours
     with Checkpoint.open(src) as ck:
         check_world(ck.arch, world)
         if opts.deepseek_mp and ck.arch.vocab % world.tp:
@@ -79,9 +81,9 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
                             "(DeepSeek's ParallelEmbedding needs an even split)")
         plan = _plan(ck, world)
         tmp = out.with_name(out.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        outputs.remove_ours(tmp)              # a failed run's scratch (claim checked it is ours)
         tmp.mkdir(parents=True)
+        outputs.write_marker(tmp, "sharded", "writing")
         n = world.size
         records: list[dict] = []
         n_bytes = 0
@@ -138,6 +140,7 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
             paths += [out / p.name for p in mp_paths]
             notes.append(f"DeepSeek model-parallel files: {', '.join(p.name for p in mp_paths)} (MTP layer dropped)")
         notes.append(f"run: torchrun --nproc-per-node {n} -m v4convert run {out} --prompt ...")
+    outputs.write_marker(tmp, "sharded", "complete")
     if out.exists():
         out.rmdir()          # empty (checked above)
     os.replace(tmp, out)
