@@ -109,6 +109,18 @@ def test_config_of_random_bytes_names_the_file(tiny_ckpts, tmp_path):
     one_line_error(["export", str(root), "--gguf", "--out", str(tmp_path / "m.gguf")], "config.json")
 
 
+def test_control_characters_in_index_names_stay_one_line(tiny_ckpts, tmp_path):
+    """A tensor name with a newline in the index (found by the index fuzz suite under hypothesis 6.170) is shown
+    escaped, so the error is still one line."""
+    root = copy(tiny_ckpts["v3-tiny"], tmp_path / "c")
+    idx = root / "model.safetensors.index.json"
+    body = json.loads(idx.read_text())
+    shard = next(iter(body["weight_map"].values()))
+    body["weight_map"]["evil\nname"] = shard
+    idx.write_text(json.dumps(body))
+    one_line_error(["inspect", str(root)], "'evil\\nname'", "not in the shard")
+
+
 # ------------------------------------------------------------------ headers the format forbids
 def test_shared_and_overlapping_byte_ranges_refused(tiny_ckpts, tmp_path):
     src = tiny_ckpts["v3-tiny"]

@@ -238,6 +238,12 @@ def decode(info: TensorInfo, parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- assembly
+def _shown(name: str) -> str:
+    """A tensor name as an error line shows it: as is, or escaped (repr) if it holds control characters, so
+    a hostile index cannot break the one-line ``error: ...`` rule."""
+    return name if name.isprintable() else repr(name)
+
+
 def _read_entries(root: Path) -> dict[str, TensorEntry]:
     """All stored tensors of the checkpoint, validated, from the index or the single file."""
     index = root / "model.safetensors.index.json"
@@ -253,7 +259,7 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
         shard_of: dict[str, Path] = {}
         for name, shard in wm.items():
             if not isinstance(shard, str):
-                raise CheckpointError(f"{index}: tensor {name}: shard name is not a string")
+                raise CheckpointError(f"{index}: tensor {_shown(name)}: shard name is not a string")
             p = shard_of[name] = checkpoint_file(root, shard, index, "shard name")
             by_file.setdefault(p, []).append(name)
         for path, names in sorted(by_file.items()):
@@ -263,10 +269,10 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
                 raise CheckpointError(str(e)) from None
             for n in names:
                 if n not in found:
-                    raise CheckpointError(f"{path}: tensor {n} is listed in {index.name} but not in the shard")
+                    raise CheckpointError(f"{path}: tensor {_shown(n)} is listed in {index.name} but not in the shard")
             for n, e in found.items():
                 if shard_of.get(n) != path:
-                    raise CheckpointError(f"{path}: tensor {n} is in the shard but the index maps it elsewhere")
+                    raise CheckpointError(f"{path}: tensor {_shown(n)} is in the shard but the index maps it elsewhere")
                 entries[n] = e
     elif single.is_file():
         try:
