@@ -24,6 +24,7 @@ rank with one line naming the failing rank, so no rank is left waiting in a coll
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import importlib
@@ -69,7 +70,16 @@ def init(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timeout)
+    atexit.register(shutdown)
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Destroy the default process group (registered at exit by ``init``). A gloo process that exits with
+    its group alive can abort in interpreter teardown ("terminate called without an active exception",
+    SIGABRT: gloo's worker threads outlive the interpreter; pytorch/pytorch#190489) - seen in CI."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class Comm:
