@@ -265,7 +265,7 @@ def _write_input_scales(plan: Plan, part: Path) -> None:
         for u, t, e in ents:
             w = writers.setdefault(u.shard, Writer(part / u.shard))
             g = nvfp4_global_scale(torch.tensor(amax[t.name], dtype=torch.float32), conv)
-            w.write(u.offsets[e.name], g.reshape(e.shape).contiguous(), e.name)
+            w.write(u.offsets[e.name], g.reshape(1).contiguous(), e.name)     # F32 [1] or scalar: same 4 bytes
     finally:
         for w in writers.values():
             w.close()
