@@ -286,3 +286,54 @@ def test_v4_w4a4_repacked_experts_get_scales_and_run(tmp_path, calib_txt):
     ids = torch.randint(0, 500, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert _kld(ref(ids).log_softmax(-1), on(ids).log_softmax(-1)) < 0.1
+
+
+def test_compressed_tensors_runs_our_w4a4_linears(artifacts):
+    """compressed-tensors builds every NVFP4 linear's scheme from our config.json, loads our tensors (with
+    ``input_global_scale``) and its own quantized forward equals our runtime's act-quant + matmul bit for bit."""
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
+    from compressed_tensors.utils.module import replace_direct_state_dict
+    from transformers import CompressedTensorsConfig
+
+    from v4convert.checkpoint import Checkpoint
+    out = artifacts["compressed-tensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    comp = ModelCompressor.from_compression_config(CompressedTensorsConfig(**cfg["quantization_config"]))
+    stored: dict[str, torch.Tensor] = {}
+    for sh in out.glob("*.safetensors"):
+        with safe_open(str(sh), "pt") as f:
+            for k in f.keys():      # noqa: SIM118
+                stored[k] = f.get_tensor(k)
+    root, mods = torch.nn.Module(), {}
+    gen = torch.Generator().manual_seed(0)
+    with Checkpoint.open(out) as ck:
+        for info in ck.infos():
+            if info.storage.value != "nvfp4_ct":
+                continue
+            *path, leaf = info.name[: -len(".weight")].split(".")
+            parent = root
+            for p in path:
+                if not hasattr(parent, p):
+                    parent.add_module(p, torch.nn.Module())
+                parent = getattr(parent, p)
+            lin = torch.nn.Linear(info.shape[1], info.shape[0], bias=False)
+            parent.add_module(leaf, lin)
+            mods[info.name[: -len(".weight")]] = (lin, info)
+        apply_quantization_config(root, comp.quantization_config, show_progress=False)
+        for m, (lin, info) in mods.items():
+            sd = {k[len(m) + 1:]: v for k, v in stored.items() if k.startswith(m + ".") and "." not in k[len(m) + 1:]}
+            replace_direct_state_dict(lin, sd)
+            lin.quantization_status = QuantizationStatus.COMPRESSED
+        comp.decompress_model(root)
+        for m, (lin, info) in mods.items():
+            lin.register_parameter("bias", None)
+            lin.quantization_status = QuantizationStatus.COMPRESSED     # weights = ours exactly (no weight QDQ)
+            w = ck.dequantize(info.name)
+            lin.weight.data = w
+            x = torch.randn(5, info.shape[1], generator=gen) * 3
+            with torch.no_grad():
+                got = lin(x)                                      # c-t's quantized forward: input QDQ + matmul
+            ours = torch.nn.functional.linear(nvfp4_fake_quant(x, stored[m + ".input_global_scale"]), w)
+            assert torch.equal(got, ours), m
+    assert len(mods) == 156
