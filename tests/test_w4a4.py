@@ -337,3 +337,24 @@ def test_compressed_tensors_runs_our_w4a4_linears(artifacts):
             ours = torch.nn.functional.linear(nvfp4_fake_quant(x, stored[m + ".input_global_scale"]), w)
             assert torch.equal(got, ours), m
     assert len(mods) == 156
+
+
+def test_mxfp4_w4a4_is_dynamic(tmp_path, calib_txt):
+    """MXFP4 W4A4: the preset's dynamic per-32 input_activations, no scale tensor; the runtime quantizes the inputs of
+    every MXFP4 linear."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    from v4convert.runtime import load
+    from v4convert.runtime.common import Linear
+    r = _quantize(tmp_path / "o", calib_txt, "--scheme", "mxfp4")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(cfg)
+    mx = [g for g in cfg["config_groups"].values() if g["format"] == "mxfp4-pack-quantized"]
+    assert len(mx) == 1
+    assert QuantizationArgs.model_validate(mx[0]["input_activations"]) == PRESET_SCHEMES["MXFP4"]["input_activations"]
+    assert not _scales(tmp_path / "o", ".input_global_scale")
+    m = load(tmp_path / "o", max_seq_len=64)
+    kinds = [m.act_quant.kind for m in m.modules() if isinstance(m, Linear) and m.act_quant is not None]
+    assert kinds == ["mxfp4"] * 156
