@@ -72,7 +72,8 @@ def _keep_hint(name: str, ck) -> str:
     info = ck.tensor_info(name)
     if info.mtp and info.layer is not None:
         return f"--keep '{name.split('layers.')[0]}layers.{info.layer}.*'"
-    return f"--keep '{name}'"
+    import re
+    return "--keep '" + re.sub(r"\.\d+\.", ".*.", name) + "'"      # every layer's (and expert's) copy
 
 
 def input_amax_table(plan, amax: dict[str, float]) -> dict[str, float]:
