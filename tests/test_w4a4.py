@@ -221,6 +221,10 @@ def test_runtime_applies_act_quant_and_stays_close(artifacts, fmt):
     assert not torch.equal(a, b)                               # activation quant is active
     k4, k16 = _kld(r, a), _kld(r, b)
     assert k4 < 0.1 and k4 < 3 * k16, (k4, k16)
+    packed = load(art, max_seq_len=64, packed=True)             # packed FP4 weights: the same input quantizers
+    assert sum(isinstance(m, Linear) and m.act_quant is not None for m in packed.modules()) == 156
+    with torch.inference_mode():
+        assert _kld(r, packed(ids).log_softmax(-1)) < 0.1
 
 
 def test_w4a16_default_has_no_activation_scales(calib_txt):
