@@ -24,7 +24,8 @@ from v4convert.cli.quantize import quantize_command
 from v4convert.demo import bundled_model
 from v4convert.verify import VerifyOptions, json_report, verify
 
-# (scheme, label, quantize args); the first row of each scheme is its RTN baseline.
+# (scheme, label, quantize args); the first row of each scheme is its RTN baseline. "w4a4" rows also quantize
+# activations (static calibrated NVFP4 input scales / dynamic MXFP4); verify runs them with that act-quant.
 VARIANTS = (
     ("nvfp4", "rtn", ("--scheme", "nvfp4", "--method", "rtn")),
     ("nvfp4", "mse", ("--scheme", "nvfp4", "--method", "mse")),
@@ -36,11 +37,15 @@ VARIANTS = (
     ("nvfp4", "awq+gptq", ("--scheme", "nvfp4", "--method", "awq+gptq")),
     ("nvfp4", "gptq+four-over-six", ("--scheme", "nvfp4", "--method", "gptq+four-over-six")),
     ("nvfp4", "gptq propagate=original", ("--scheme", "nvfp4", "--method", "gptq", "--propagate", "original")),
+    ("nvfp4", "rtn w4a4", ("--scheme", "nvfp4", "--method", "rtn", "--activations", "w4a4")),
+    ("nvfp4", "gptq w4a4", ("--scheme", "nvfp4", "--method", "gptq", "--activations", "w4a4")),
     ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
     ("mxfp4", "awq", ("--scheme", "mxfp4", "--method", "awq")),
     ("mxfp4", "gptq", ("--scheme", "mxfp4", "--method", "gptq")),
     ("mxfp4", "gptq act-order", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-act-order")),
     ("mxfp4", "awq+gptq", ("--scheme", "mxfp4", "--method", "awq+gptq")),
+    ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
+    ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
 FP4_WEIGHT = ("weight_packed", "weight")     # compressed-tensors packed FP4 entry names (U8)
 
@@ -93,7 +98,7 @@ def main() -> None:
                 continue
             name = f"{scheme}-{label}".replace(" ", "_").replace("+", "_").replace("=", "_")
             t0 = time.time()
-            quantize_cli(ref, d / name, args + (calib if ("gptq" in label or "awq" in label) else ()))
+            quantize_cli(ref, d / name, args + (calib if ("gptq" in label or "awq" in label or "w4a4" in label) else ()))
             tq = time.time() - t0
             r = verify(ref, d / name, opts=None if cache.exists() else opts,
                        save_ref=None if cache.exists() else cache, ref_cache=cache if cache.exists() else None)

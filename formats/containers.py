@@ -52,6 +52,7 @@ class Part(enum.Enum):
     WEIGHT = "weight"
     SCALE = "scale"
     GLOBAL_SCALE = "global_scale"
+    INPUT_SCALE = "input_scale"      # W4A4 static activation scale (c-t input_global_scale / ModelOpt input_scale)
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,14 @@ def _stem(name: str) -> str:
 
 
 def entries(container: Container, kind: OutKind, name: str, shape: tuple[int, ...], *,
-            plain_dtype: str = "BF16", src_scale: tuple[str, str] | None = None) -> list[Entry]:
+            plain_dtype: str = "BF16", src_scale: tuple[str, str] | None = None,
+            input_scale: bool = False) -> list[Entry]:
     """Output entries of logical tensor ``name`` (logical ``shape``) stored as ``kind``.
 
     ``plain_dtype``: dtype of a PLAIN tensor. ``src_scale``: (stored name, dtype) of the source
-    FP8 block scale, which the DeepSeek container keeps verbatim.
+    FP8 block scale, which the DeepSeek container keeps verbatim. ``input_scale`` (NVFP4 W4A4): add the
+    static activation scale, c-t ``input_global_scale`` F32 ``[1]`` (= 448*6/act_amax, a divisor) or ModelOpt
+    ``input_scale`` F32 scalar (= act_amax/(6*448), a multiplier), as vLLM's W4A4 NVFP4 methods load them.
     """
     if kind is OutKind.PLAIN:
         return [Entry(name, plain_dtype, shape, Part.WEIGHT)]
@@ -95,11 +99,13 @@ def entries(container: Container, kind: OutKind, name: str, shape: tuple[int, ..
         if container is Container.COMPRESSED_TENSORS:
             return [Entry(stem + ".weight_packed", "U8", (n, k // 2), Part.WEIGHT),
                     Entry(stem + ".weight_scale", "F8_E4M3", (n, k // NVFP4_GROUP), Part.SCALE),
-                    Entry(stem + ".weight_global_scale", "F32", (1,), Part.GLOBAL_SCALE)]
+                    Entry(stem + ".weight_global_scale", "F32", (1,), Part.GLOBAL_SCALE)] \
+                + ([Entry(stem + ".input_global_scale", "F32", (1,), Part.INPUT_SCALE)] if input_scale else [])
         if container is Container.MODELOPT:
             return [Entry(name, "U8", (n, k // 2), Part.WEIGHT),
                     Entry(stem + ".weight_scale", "F8_E4M3", (n, k // NVFP4_GROUP), Part.SCALE),
-                    Entry(stem + ".weight_scale_2", "F32", (), Part.GLOBAL_SCALE)]
+                    Entry(stem + ".weight_scale_2", "F32", (), Part.GLOBAL_SCALE)] \
+                + ([Entry(stem + ".input_scale", "F32", (), Part.INPUT_SCALE)] if input_scale else [])
         raise ContainerError(f"tensor {name}: the DeepSeek container holds MXFP4 only (use --format "
                              f"compressed-tensors or modelopt for NVFP4)")
     if kind is OutKind.MXFP4:
@@ -187,6 +193,25 @@ def _mxfp4_weights() -> dict:
             "scale_dtype": "torch.uint8", "observer": "minmax", "observer_kwargs": {}}
 
 
+# W4A4 input_activations, exactly compressed-tensors' presets (quant_scheme.PRESET_SCHEMES "NVFP4" / "MXFP4"):
+# NVFP4: static per-tensor global scale (the ``input_global_scale`` tensor) + E4M3 scales per 16 computed on the
+# fly ("local"); MXFP4: fully dynamic E8M0 scales per 32 (no tensor). tests/test_w4a4.py checks both against the
+# installed library's presets.
+def _nvfp4_input_activations() -> dict:
+    return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+            "group_size": NVFP4_GROUP, "dynamic": "local", "actorder": None, "block_structure": None,
+            "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax", "observer_kwargs": {}}
+
+
+def _mxfp4_input_activations() -> dict:
+    return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": MXFP4_GROUP,
+            "dynamic": True, "actorder": None, "block_structure": None, "scale_dtype": "torch.uint8",
+            "zp_dtype": "torch.uint8", "observer": None, "observer_kwargs": {}}
+
+
+ACTIVATIONS = ("w4a16", "w4a4")
+
+
 def _fp8_block_scheme() -> tuple[dict, dict]:
     w = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "group_size": None,
          "block_structure": [FP8_BLOCK, FP8_BLOCK], "dynamic": False, "actorder": None,
@@ -263,21 +288,27 @@ def _producer(version: str) -> dict:
 
 
 def compressed_tensors_config(groups: dict[OutKind, list[str]], ignore: list[str], all_modules: list[str],
-                              version: str) -> dict:
+                              version: str, *, activations: str = "w4a16") -> dict:
     """``quantization_config`` for config.json: one config group per quantized module set.
 
     ``groups``: kind -> module names (tensor names without ``.weight``); ``ignore``: linear modules
     left unquantized (BF16); ``all_modules``: every linear module (for compact patterns).
-    Weight-only (W4A16 / W8A8-dynamic for FP8 blocks): FP4 groups have ``input_activations: None``.
+    Weight-only (W4A16 / W8A8-dynamic for FP8 blocks): FP4 groups have ``input_activations: None``;
+    ``activations="w4a4"``: FP4 groups get the NVFP4 / MXFP4 preset's ``input_activations``.
     """
+    if activations not in ACTIVATIONS:
+        raise ContainerError(f"activations {activations!r}: expected one of {', '.join(ACTIVATIONS)}")
+    a4 = activations == "w4a4"
     config_groups: dict[str, dict] = {}
     used = [k for k in (OutKind.NVFP4, OutKind.MXFP4, OutKind.FP8_BLOCK) if groups.get(k)]
     for i, kind in enumerate(used):
         targets = compact_regexes(groups[kind], all_modules)
         if kind is OutKind.NVFP4:
-            g = {"targets": targets, "weights": _nvfp4_weights(), "input_activations": None}
+            g = {"targets": targets, "weights": _nvfp4_weights(),
+                 "input_activations": _nvfp4_input_activations() if a4 else None}
         elif kind is OutKind.MXFP4:
-            g = {"targets": targets, "weights": _mxfp4_weights(), "input_activations": None}
+            g = {"targets": targets, "weights": _mxfp4_weights(),
+                 "input_activations": _mxfp4_input_activations() if a4 else None}
         else:
             w, a = _fp8_block_scheme()
             g = {"targets": targets, "weights": w, "input_activations": a}

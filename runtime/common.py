@@ -79,6 +79,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.fake_quant = FakeQuant.NONE
+        self.act_quant = None                    # W4A4 input quantizer (runtime/act_quant.py ActQuant) or None
         self.packed = None                       # PackedWeight when packed; then weight is None
         self.packed_dtype: torch.dtype | None = None   # model dtype for dense_weight() of a packed weight
 
@@ -93,6 +94,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fake_quant is not FakeQuant.NONE:
             x = fake_quant_fp8_act(x, pow2_scale=self.fake_quant is FakeQuant.FP8_BLOCK_UE8M0)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         if self.packed is not None:
             from v4convert.kernels.packed import packed_linear
             return packed_linear(x, self.packed, self.bias)
@@ -382,6 +385,7 @@ class LoadOptions:
     fake_quant: FakeQuant = FakeQuant.NONE      # opt-in DeepSeek activation simulation on quantized linears
     dynamic_routing: DynamicRouting | None = None
     packed: bool = False                        # keep quantized linear weights packed (pass to fill_from_checkpoint)
+    act_quant: bool = True                      # W4A4 input fake-quant where the config declares it (act_quant.py)
     # distributed (runtime/distributed.py): cuts the meta model to this rank's part before it is filled
     shard: Callable[[nn.Module], None] | None = None
 
@@ -416,7 +420,7 @@ def meta_leftovers(module: nn.Module) -> list[str]:
 
 def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | None], dtype: torch.dtype,
                          device: torch.device | str, keep_dtype: Iterable[str] = (),
-                         fake_quant: FakeQuant = FakeQuant.NONE, packed: bool = False) -> None:
+                         fake_quant: FakeQuant = FakeQuant.NONE, packed: bool = False, act_quant: bool = False) -> None:
     """Assign every logical tensor of ``ck`` (``v4convert.checkpoint.Checkpoint``) to ``model``.
 
     ``rename(ckpt_name) -> model name`` (``None`` is not allowed to drop silently: it raises). Tensors are
@@ -424,9 +428,15 @@ def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | Non
     model name ends with a suffix in ``keep_dtype`` (e.g. int64 hash tables), kept as stored.
     ``fake_quant`` is set on every ``Linear`` whose checkpoint weight is stored quantized (FP8/FP4).
     ``packed``: such ``Linear`` weights are kept packed (``kernels.packed.from_checkpoint``), never dequantized.
+    ``act_quant``: FP4 linears whose config declares 4-bit input activations get that quantizer (``act_quant.py``).
     Raises ``RuntimeLoadError`` on an unknown tensor or on model parameters left unfilled.
     """
     keep = tuple(keep_dtype)
+    if act_quant:
+        from .act_quant import plan_for
+        aq = plan_for(ck)
+    else:
+        aq = {}
     for name in ck.names():
         target = rename(name)
         if target is None:
@@ -441,6 +451,8 @@ def fill_from_checkpoint(model: nn.Module, ck, rename: Callable[[str], str | Non
             materialize(model, target, ck.dequantize(name), None if target.endswith(keep) else dtype, device)
         if owner is not None and fake_quant is not FakeQuant.NONE:
             owner.fake_quant = fake_quant
+        if owner is not None and name in aq:
+            owner.act_quant = aq[name]
     left = meta_leftovers(model)
     if left:
         raise RuntimeLoadError(f"checkpoint lacks {len(left)} tensors the model needs, e.g. {left[:3]}")

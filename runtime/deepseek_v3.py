@@ -296,7 +296,7 @@ def build(ck, device, dtype: torch.dtype, max_seq_len: int, opts: LoadOptions = 
     if opts.shard is not None:      # distributed: this rank's part only (runtime/distributed.py)
         opts.shard(model)
     fill_from_checkpoint(model, ck, lambda n: n, dtype, device, keep_dtype=FLOAT32_PARAMS, fake_quant=opts.fake_quant,
-                         packed=opts.packed)
+                         packed=opts.packed, act_quant=opts.act_quant)
     if max_seq_len < 1:
         raise RuntimeLoadError(f"max_seq_len must be >= 1, got {max_seq_len}")
     model.allocate(opts.max_batch_size, max_seq_len, device, dtype)

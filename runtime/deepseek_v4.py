@@ -266,7 +266,7 @@ def build(ck, device: torch.device, dtype: torch.dtype, max_seq_len: int,
     if opts.shard is not None:      # distributed: this rank's part only (runtime/distributed.py)
         opts.shard(model)
     fill_from_checkpoint(model, ck, model_name, dtype, device, keep_dtype=_KEEP_F32, fake_quant=opts.fake_quant,
-                         packed=opts.packed)
+                         packed=opts.packed, act_quant=opts.act_quant)
     for mod in model.modules():
         if isinstance(mod, Gate) and mod.hashed:
             tab = mod.tid2eid

@@ -32,14 +32,15 @@ DEFAULT_MAX_SEQ_LEN = 4096
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          max_seq_len: int = DEFAULT_MAX_SEQ_LEN, *, max_batch_size: int = 1, simulate_quant: bool = False,
          dynamic_routing: DynamicRouting | None = None, packed: bool = False, tp: int | None = None,
-         ep: int | None = None) -> nn.Module:
+         ep: int | None = None, act_quant: bool = True) -> nn.Module:
     """Build the model of the checkpoint at ``path``.
 
     ``simulate_quant``: opt-in DeepSeek FP8 activation fake-quant on linears stored quantized (scale rounded to
     powers of two when the config says ``scale_fmt: ue8m0``). ``dynamic_routing``: opt-in variable experts per
     token. ``packed``: keep FP8/FP4 linear weights packed as stored and run them through
     ``v4convert.kernels.packed`` (Triton on CUDA, tiled on CPU) instead of dequantizing at load. Returns a module with ``model(input_ids [B,T], start_pos=0) -> float32 logits [B,T,V]``,
-    ``.max_seq_len``, ``.family``. ``tp``/``ep``: tensor/expert parallel (``runtime/distributed.py``; run under
+    ``.max_seq_len``, ``.family``. ``act_quant`` (default on): simulate the W4A4 activation quantization an
+    artifact's config declares (``runtime/act_quant.py``; no-op for W4A16 / FP8 / unquantized checkpoints). ``tp``/``ep``: tensor/expert parallel (``runtime/distributed.py``; run under
     torchrun); a sharded layout directory (``export --sharded``) always loads that way.
     """
     if max_seq_len < 1 or max_batch_size < 1:
@@ -57,7 +58,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
             qc = ck.config.get("quantization_config") or {}
             fq = FakeQuant.FP8_BLOCK_UE8M0 if qc.get("scale_fmt") == "ue8m0" else FakeQuant.FP8_BLOCK
         opts = LoadOptions(max_batch_size=max_batch_size, fake_quant=fq, dynamic_routing=dynamic_routing,
-                           packed=packed)
+                           packed=packed, act_quant=act_quant)
         module = importlib.import_module(f".{BUILDERS[ck.family]}", __package__)
         model = module.build(ck, torch.device(device), dtype, max_seq_len, opts)
         if packed:

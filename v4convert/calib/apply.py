@@ -51,6 +51,11 @@ class CalibOptions:
         """``quant.workers`` hook: see :func:`write_calibrated`."""
         write_calibrated(unit, ts, w, opts)
 
+    def input_amax(self, names: list[str]) -> dict[str, float]:
+        """``quant.engine`` hook (W4A4): the shared activation amax of each NVFP4 linear (``calib.activations``)."""
+        from .activations import read_input_amax
+        return read_input_amax(self.stats, names)
+
     def key(self) -> str:
         d = asdict(self)
         d.pop("stats")
@@ -76,11 +81,12 @@ def read_meta(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def save_stats(path: Path, collected, opts: CalibOptions, min_tokens_for: dict[str, int]) -> list[str]:
+def save_stats(path: Path, collected, opts: CalibOptions, min_tokens_for: dict[str, int],
+               extra: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Write the statistics file atomically (tmp + rename); returns the names left to the data-free base
-    because they saw fewer than ``min_tokens_for[name]`` tokens."""
+    because they saw fewer than ``min_tokens_for[name]`` tokens. ``extra``: more entries (W4A4 ``NAME:act_amax``)."""
     from safetensors.torch import save_file
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = dict(extra or {})
     dropped = []
     for n, s in sorted(collected.stats.items()):
         if s.count < min_tokens_for.get(n, 1):

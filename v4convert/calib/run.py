@@ -67,8 +67,10 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
     """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
     from v4convert.checkpoint import Checkpoint
 
+    from .activations import REPACK_ACTION, amax_tensors, input_amax_table
     path = Path(copts.stats)
-    tensors = [t for t in plan.tensors() if t.action.value in CALIB_ACTIONS]
+    a4 = copts.activations == "w4a4"        # re-packed MXFP4 -> NVFP4 linears need their input amax too (stats only)
+    tensors = [t for t in plan.tensors() if t.action.value in CALIB_ACTIONS or (a4 and t.action.value == REPACK_ACTION)]
     with Checkpoint.open(plan.source) as ck:
         expert = {t.name: ck.tensor_info(t.name).expert for t in tensors}
     if path.is_file() and read_meta(path).get("calib") == copts.key():
@@ -83,11 +85,14 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
             for n in names:
                 groups[n] = names
         action = {t.name: t.action.value for t in tensors}
-        min_for = {n: (copts.min_expert_tokens if e is not None else 1) for n, e in expert.items()}
+        min_for = {n: (copts.min_expert_tokens if e is not None and action[n] in CALIB_ACTIONS else 1)
+                   for n, e in expert.items()}
         rule = plan.options.mx_rule           # quant.plan.MXRule is formats' MXScaleRule
         spec, conv = copts.spec, _conv(plan.options.container.value)
 
         def quantize(name: str, w: torch.Tensor, stats, gamax: torch.Tensor) -> torch.Tensor:
+            if action[name] == REPACK_ACTION:     # lossless re-pack: the weights stay what they are
+                return w
             codec = codec_of(action[name])
             h = stats.hessian() if stats is not None and stats.count >= min_for[name] else None
             q = quantize_weight(spec, codec, w.float(), h, convention=conv, mx_rule=rule, gptq=copts.gptq,
@@ -98,14 +103,15 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
             f"method {copts.method}, {len(tensors)} linears")
         col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
                             propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
-        dropped = save_stats(path, col, copts, min_for)
+        table = input_amax_table(plan, {n: s.amax for n, s in col.stats.items()}) if a4 else {}
+        dropped = save_stats(path, col, copts, min_for, extra=amax_tensors(table))
         coverage = col.coverage
     if coverage:
         log(coverage_table(coverage, copts.min_expert_tokens))
     never = []
     from .apply import load_record
     for t in tensors:
-        if t.name not in dropped and load_record(path, t.name) is None:
+        if t.action.value in CALIB_ACTIONS and t.name not in dropped and load_record(path, t.name) is None:
             never.append(t.name)
     if dropped:
         log(f"warning: {len(dropped)} expert linear(s) saw fewer than {copts.min_expert_tokens} calibration tokens "
@@ -121,9 +127,15 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
 
 def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method: str | None, calib: bool,
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
-                        min_expert_tokens: int, damp: float, act_order: bool, scales: str):
+                        min_expert_tokens: int, damp: float, act_order: bool, scales: str,
+                        activations: str = "w4a16", container: str = "compressed-tensors"):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
-    ``MethodError`` / ``CalibDataError``. ``scale_method`` is the old alias of a data-free ``method``."""
+    ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
+    ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
+    activation scales only)."""
+    from .activations import check_request
+    check_request(activations, calib, container)
+    a4 = activations == "w4a4"
     from .apply import CalibOptions
     from .data import calibration_windows
     from .method import MethodError, MethodSpec
@@ -132,7 +144,7 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
     if method is None:
         method = scale_method or ("gptq" if calib else "rtn")
     spec = MethodSpec.parse(method)
-    if not spec.needs_data:
+    if not spec.needs_data and not a4:
         if calib:
             raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
         return spec, None, None
@@ -145,5 +157,5 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
-                         gptq_scales_during=scales == "during")
+                         gptq_scales_during=scales == "during", activations=activations)
     return spec, copts, data

@@ -48,6 +48,10 @@ from .sizes import SIZE
               help="Experts routed fewer calibration tokens fall back to the data-free method (with a warning).")
 @click.option("--plot", "plot", is_flag=True,
               help="With --calib: also write DIR/calibration-coverage.png (experts x layers heat-map; needs matplotlib).")
+@click.option("--activations", type=click.Choice(["w4a16", "w4a4"]), default="w4a16", show_default=True,
+              help="w4a4: also quantize activations (needs --calib): static per-tensor NVFP4 input scales from the "
+                   "calibration's max|x| (compressed-tensors input_global_scale / ModelOpt input_scale; fused groups "
+                   "and a layer's experts share one), MXFP4 dynamic per 32. w4a16: weight-only.")
 @click.option("--gptq-damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
 @click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
 @click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
@@ -77,7 +81,7 @@ from .sizes import SIZE
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
                      calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
-                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, gptq_damp: float,
+                     calib_all_experts: bool, min_expert_tokens: int, plot: bool, activations: str, gptq_damp: float,
                      gptq_act_order: bool, gptq_scales: str, mx_rule: str,
                      keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
                      allow_missing: bool, allow_nonfinite: bool,
@@ -106,7 +110,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
         calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
         calib_all_experts=calib_all_experts, min_expert_tokens=min_expert_tokens, gptq_damp=gptq_damp,
-        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, plot=plot, log=lambda m: click.echo(m, err=True)))
+        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, plot=plot, activations=activations, log=lambda m: click.echo(m, err=True)))
     if r is None:
         return
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""

@@ -24,6 +24,8 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
 @click.option("--packed", is_flag=True, help="Keep FP8/FP4 weights packed as stored (kernels.packed) instead of "
               "dequantizing them at load.")
 @click.option("--simulate-quant", is_flag=True, help="DeepSeek's FP8 activation fake-quant on quantized linears.")
+@click.option("--no-act-quant", "no_act_quant", is_flag=True,
+              help="W4A4 artifact: run without the FP4 activation fake-quant its config declares (on by default).")
 @click.option("--dynamic-top-p", type=float, default=None,
               help="Opt-in dynamic expert routing: keep experts until their normalised weights reach this mass.")
 @click.option("--k-min", type=int, default=1, show_default=True, help="Dynamic routing: fewest experts per token.")
@@ -32,7 +34,7 @@ DTYPES = ("bfloat16", "float16", "float32")     # names of torch dtypes (torch i
               "rank reads only its slices); run under torchrun. A sharded layout brings its own.")
 @click.option("--ep", type=int, default=None, help="Expert-parallel groups (see --tp); world size = max(tp, ep).")
 def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float, max_seq_len: int | None, seed: int,
-                device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, dynamic_top_p: float | None, k_min: int,
+                device: str, dtype: str, threads: int | None, packed: bool, simulate_quant: bool, no_act_quant: bool, dynamic_top_p: float | None, k_min: int,
                 k_max: int | None, tp: int | None, ep: int | None) -> None:
     """Generate text from CKPT (any checkpoint the runtime loads, or an ONNX export directory, run through
     onnxruntime) and report prefill/decode tokens/s.
@@ -86,7 +88,8 @@ def run_command(ckpt: Path, prompt: str, max_new_tokens: int, temperature: float
         model = OnnxLM(ckpt, max_seq_len, device=device, dtype=getattr(torch, dtype))
     else:
         model = load(ckpt, device=device, dtype=getattr(torch, dtype), max_seq_len=max_seq_len,
-                     simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed, tp=tp, ep=ep)
+                     simulate_quant=simulate_quant, dynamic_routing=dynamic, packed=packed, tp=tp, ep=ep,
+                     act_quant=not no_act_quant)
     lead = getattr(model, "rank", 0) == 0            # distributed: every rank runs, rank 0 prints
 
     def write(s: str) -> None:

@@ -21,14 +21,15 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from v4convert.formats.containers import Container, OutKind, check_fused, compressed_tensors_config, modelopt_configs
+from v4convert.formats.containers import (Container, OutKind, Part, check_fused, compressed_tensors_config,
+                                          modelopt_configs)
 
 from .. import __version__
 from .. import outputs
 from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
-from .workers import DiskFullError, UnitResult, choose_kernel, init_worker, run_unit
+from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
 INDEX_NAME = "model.safetensors.index.json"
@@ -234,6 +235,7 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         else:
             _run_pool(todo, part, plan, workers, threads or 1, finished, device, kernel)
         flush()
+        _write_input_scales(plan, part)
     except KeyboardInterrupt:
         flush()           # journal what is finished (fsynced first): the rerun resumes after it
         raise
@@ -242,6 +244,31 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         for fd in fds.values():
             os.close(fd)
     return _finish(plan, out, part, stats, len(done), log, extra_files or {})
+
+
+def _write_input_scales(plan: Plan, part: Path) -> None:
+    """W4A4: every NVFP4 linear's static input scale (``Part.INPUT_SCALE`` entries) from the calibrated activation
+    amax (fused groups share one: ``v4convert.calib.activations``), in the container's form (c-t 448*6/amax, ModelOpt
+    amax/(6*448): ``formats.nvfp4.nvfp4_global_scale``). A few bytes per linear; rewritten on a resumed run (same
+    bytes), made durable by the finish's fsync."""
+    import torch
+
+    from v4convert.formats.nvfp4 import NVFP4Convention, nvfp4_global_scale
+    ents = [(u, t, e) for u in plan.units for t in u.tensors for e in t.out if e.part is Part.INPUT_SCALE]
+    if not ents:
+        return
+    amax = plan.options.calib.input_amax(sorted({t.name for _, t, _ in ents}))
+    conv = NVFP4Convention.MODELOPT if plan.options.container is Container.MODELOPT else \
+        NVFP4Convention.COMPRESSED_TENSORS
+    writers: dict[str, Writer] = {}
+    try:
+        for u, t, e in ents:
+            w = writers.setdefault(u.shard, Writer(part / u.shard))
+            g = nvfp4_global_scale(torch.tensor(amax[t.name], dtype=torch.float32), conv)
+            w.write(u.offsets[e.name], g.reshape(1).contiguous(), e.name)     # F32 [1] or scalar: same 4 bytes
+    finally:
+        for w in writers.values():
+            w.close()
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -325,16 +352,18 @@ def output_config(plan: Plan) -> tuple[dict, dict | None]:
         else:
             plain.append(_module(t.name))
     c = plan.options.container
+    activations = plan.options.calib.activations if plan.options.calib is not None else "w4a16"
     hf = None
     if c in (Container.COMPRESSED_TENSORS, Container.MODELOPT):
         check_fused({m: k for k, ms in kinds.items() for m in ms} | {m: OutKind.PLAIN for m in plain})
     if c is Container.COMPRESSED_TENSORS:
         if any(kinds.values()):
-            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod, __version__)
+            cfg["quantization_config"] = compressed_tensors_config(kinds, plain, all_mod, __version__,
+                                                                   activations=activations)
         else:
             cfg.pop("quantization_config", None)
     elif c is Container.MODELOPT:
-        hf, qc = modelopt_configs(plain, all_mod, __version__)
+        hf, qc = modelopt_configs(plain, all_mod, __version__, activations=activations)
         cfg["quantization_config"] = qc
     else:   # DeepSeek native: the source's fp8 block config stays; experts are FP4
         if kinds[OutKind.MXFP4]:

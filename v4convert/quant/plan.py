@@ -36,7 +36,11 @@ class CalibratedUnits(Protocol):
     """What the workers need of a calibration (``v4convert.calib.apply.CalibOptions``, a layer above): write one
     FP4 unit's parts with the calibrated method. Its fields are primitives (they enter the fingerprint)."""
 
+    activations: str          # "w4a16" | "w4a4" (static NVFP4 input scales, see v4convert.calib.activations)
+
     def write_unit(self, unit: Unit, ts: tuple[TensorPlan, ...], w, opts: Options) -> None: ...
+
+    def input_amax(self, names: list[str]) -> dict[str, float]: ...
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -195,6 +199,11 @@ def _action(info: TensorInfo, codec: Codec, opts: Options) -> tuple[Action, OutK
     raise QuantizeError(f"tensor {info.name}: no action for codec {codec}")
 
 
+def w4a4(opts: Options) -> bool:
+    """W4A4: every NVFP4 output linear also stores a static input scale (calibrated activation amax)."""
+    return opts.calib is not None and opts.calib.activations == "w4a4"
+
+
 def _tensor_plan(info: TensorInfo, codec: Codec, opts: Options) -> TensorPlan:
     action, kind = _action(info, codec, opts)
     extra = set(info.parts) - {"weight", "scale"}
@@ -208,7 +217,8 @@ def _tensor_plan(info: TensorInfo, codec: Codec, opts: Options) -> TensorPlan:
                         for k, e in info.parts.items())
         else:
             out = tuple(entries(opts.container, kind, info.name, info.shape,
-                                plain_dtype=info.parts["weight"].dtype, src_scale=src_scale))
+                                plain_dtype=info.parts["weight"].dtype, src_scale=src_scale,
+                                input_scale=kind is OutKind.NVFP4 and w4a4(opts)))
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     return TensorPlan(info.name, info.role, action, codec, info.storage, dict(info.parts), info.shape, out)
