@@ -66,7 +66,8 @@ ROWS = (
     ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
     ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
     ("AutoRound (BF16 detour)", "NVFP4A16 RTN (iters=0)", "autoround", ("NVFP4", "0")),
-    ("AutoRound (BF16 detour)", "NVFP4A16 SignRound (iters=200)", "autoround", ("NVFP4", "200")),
+    # its "light" recipe (iters 50, lr 5e-3): the default 200 iters took ~17 min here (bench/peers.md)
+    ("AutoRound (BF16 detour)", "NVFP4A16 SignRound light", "autoround", ("NVFP4", "50", "5e-3")),
     ("AutoRound (BF16 detour)", "MXFP4A16 RTN (iters=0)", "autoround", ("MXFP4", "0")),
     ("ModelOpt (BF16 detour)", "W4A16_NVFP4 max", "modelopt", ("W4A16_NVFP4_CFG",)),
     ("ModelOpt (BF16 detour)", "W4A16_NVFP4 awq_lite", "modelopt", ("W4A16_NVFP4_CFG:awq_lite",)),
