@@ -2,9 +2,11 @@
 
     python bench/peers.py --out DIR [--json F] [--tokens 4096 --ctx 128 --calib-tokens 4096 --calib-seq-len 256]
 
-Setup for the llm-compressor rows (its own venv outside the repo, torch pinned to the CPU build already here):
-    python3 -m venv --system-site-packages ~/.cache/v4convert-ci/peers-venv
-    ~/.cache/v4convert-ci/peers-venv/bin/pip install llmcompressor torch==2.13.0
+    python bench/peers.py --out DIR --plot DIR/peers.png      # + KLD vs bits/w scatter, one marker per tool
+
+Setup for the llm-compressor / AutoRound / ModelOpt rows (their own venv outside the repo, pinned versions,
+torch pinned to the CPU build already here; about 1 min):
+    bash bench/peers_venv.sh
 (override with PEERS_PY=/path/to/python). Without it those rows stay in the table with their error.
 
 Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/data/tiny-v3). Rows:
@@ -13,8 +15,12 @@ Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/dat
     bundled training split), straight from the FP8 release;
   - llama.cpp: ``v4convert export --gguf`` Q8_0 / Q4_0 / MXFP4 (our writer: MXFP4 experts, the rest at --type)
     and Q4_K_M (llama.cpp's own ``llama_model_quantize`` through llama-cpp-python);
-  - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier, on a BF16 transformers copy we
-    write with our reader (peers need this detour; we quantize the FP8 release directly).
+  - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier (bench/peers_llmc.py);
+  - AutoRound: the weight half of its NVFP4 / MXFP4 presets, RTN (iters=0) and SignRound (bench/peers_autoround.py);
+  - ModelOpt: ``mtq.quantize`` W4A16_NVFP4 (max, awq_lite) and MXFP4 weights-only, ``export_hf_checkpoint``
+    (bench/peers_modelopt.py);
+  all three on a BF16 transformers copy we write with our reader (peers need this detour; we quantize the FP8
+  release directly).
 Every artifact is scored by ``v4convert.verify.verify`` against the release on the same held-out windows (one
 cached reference pass). Wall s / peak RSS (VmHWM, polled) are the tool's own process, excluding verify.
 bits/w = all stored bytes of the artifact's weight files x 8 / the model's parameter count (whole model,
@@ -39,7 +45,10 @@ PEERS_PY = Path(os.environ.get("PEERS_PY", Path.home() / ".cache/v4convert-ci/pe
 V4 = (sys.executable, "-m", "v4convert")
 CALIB = ("--calib", "--calib-tokens", "{ct}", "--calib-seq-len", "{cl}")
 
-# (tool, scheme, kind, args); kind: quantize | gguf | llmc
+# peer kind -> (its script in bench/, the distribution whose version the table shows); run with PEERS_PY
+PEERS = {"llmc": ("peers_llmc.py", "llmcompressor"), "autoround": ("peers_autoround.py", "auto-round"),
+         "modelopt": ("peers_modelopt.py", "nvidia-modelopt")}
+# (tool, scheme, kind, args); kind: quantize | gguf | one of PEERS
 ROWS = (
     ("v4convert", "NVFP4 rtn", "quantize", ("--scheme", "nvfp4", "--method", "rtn")),
     ("v4convert", "NVFP4 gptq+four-over-six", "quantize", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
@@ -56,7 +65,15 @@ ROWS = (
     ("llama.cpp llama_model_quantize", "Q4_K_M (experts Q4_0)", "gguf", ("--type", "q4_k_m", "--expert-type", "q4_0")),
     ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
     ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
+    ("AutoRound (BF16 detour)", "NVFP4A16 RTN (iters=0)", "autoround", ("NVFP4", "0")),
+    # its "light" recipe (iters 50, lr 5e-3): the default 200 iters took ~17 min here (bench/peers.md)
+    ("AutoRound (BF16 detour)", "NVFP4A16 SignRound light", "autoround", ("NVFP4", "50", "5e-3")),
+    ("AutoRound (BF16 detour)", "MXFP4A16 RTN (iters=0)", "autoround", ("MXFP4", "0")),
+    ("ModelOpt (BF16 detour)", "W4A16_NVFP4 max", "modelopt", ("W4A16_NVFP4_CFG",)),
+    ("ModelOpt (BF16 detour)", "W4A16_NVFP4 awq_lite", "modelopt", ("W4A16_NVFP4_CFG:awq_lite",)),
+    ("ModelOpt (BF16 detour)", "MXFP4 weights-only max", "modelopt", ("MXFP4_DEFAULT_CFG:weights-only",)),
 )
+MARKERS = {"v4convert": "o", "llama.cpp": "s", "llm-compressor": "^", "AutoRound": "D", "ModelOpt": "v"}
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, float, str]:
@@ -123,7 +140,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llmc; default all)")
+    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llmc,autoround,"
+                                                "modelopt; default all)")
+    ap.add_argument("--plot", type=Path, default=None, help="write a KLD-vs-bits/w scatter PNG here")
     a = ap.parse_args()
     torch.set_num_threads(1)
     from v4convert.calib.data import calibration_windows
@@ -141,12 +160,19 @@ def main() -> None:
     bf16 = a.out / "tiny-v3-bf16"
     calib_pt = a.out / "calib-windows.pt"
     only = set(a.only.split(",")) if a.only else None
+    import llama_cpp
+
+    import v4convert
+    versions = {"quantize": f"v4convert {v4convert.__version__}, torch {torch.__version__}",
+                "gguf": f"v4convert {v4convert.__version__}, llama-cpp-python {llama_cpp.__version__}"}
+    for kind, (_, dist) in PEERS.items():
+        versions[kind] = f"{dist} {peer_version(PEERS_PY, dist)}"
     rows = []
     for tool, scheme, kind, args in ROWS:
         if only and kind not in only:
             continue
         name = scheme.split(" (")[0].replace(" ", "_").replace("+", "_")
-        row = {"tool": tool, "scheme": scheme, "error": None}
+        row = {"tool": tool, "scheme": scheme, "version": versions[kind], "error": None}
         args = tuple(x.format(ct=a.calib_tokens, cl=a.calib_seq_len) for x in args)
         if kind == "quantize":
             art = a.out / f"ours-{name}"
@@ -155,8 +181,7 @@ def main() -> None:
             art = a.out / f"gguf-{name}.gguf"
             cmd = [*V4, "export", str(ref), "--gguf", "--out", str(art), "--overwrite", "--no-modelfile", *args]
         else:
-            art = a.out / f"llmc-{name}"
-            row["version"] = "llmcompressor " + peer_version(PEERS_PY, "llmcompressor")
+            art = a.out / f"{kind}-{name}"
             if not bf16.exists():
                 t0 = time.time()
                 write_bf16_copy(ref, bf16)
@@ -166,15 +191,17 @@ def main() -> None:
             if art.exists():
                 shutil.rmtree(art)
             # -P: bench/ (which holds kernels.py) must not shadow packages transformers imports
-            cmd = [str(PEERS_PY), "-P", str(REPO / "bench/peers_llmc.py"), str(bf16), str(calib_pt), str(art), *args]
-        if kind == "llmc" and not PEERS_PY.exists():
-            row["error"] = f"{PEERS_PY}: no peers venv (see the setup command in bench/peers.py)"
+            cmd = [str(PEERS_PY), "-P", str(REPO / "bench" / PEERS[kind][0]), str(bf16), str(calib_pt), str(art),
+                   *args]
+        if kind in PEERS and not PEERS_PY.exists():
+            row["error"] = f"{PEERS_PY}: no peers venv (run bash bench/peers_venv.sh)"
         else:
             row["wall_s"], row["peak_rss_mib"], err = timed(cmd, a.out / f"log-{kind}-{name}.txt")
             row["error"] = err or None
-        if kind == "llmc" and not row["error"]:
+        if kind in PEERS and not row["error"]:
             for f in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(ref / f, art / f)
+                if not (art / f).exists():
+                    shutil.copy(ref / f, art / f)
         if not row["error"]:
             try:
                 r = verify(ref, art, opts=None if cache.exists() else VerifyOptions(ctx=a.ctx, tokens=a.tokens),
@@ -189,22 +216,57 @@ def main() -> None:
         print(f"{tool} {scheme}: " + (f"KLD {row['kld_mean']:.5f}" if "kld_mean" in row else f"ERROR {row['error']}"),
               flush=True)
     print(table(rows))
+    if a.plot:
+        plot(rows, a.plot)
     out = a.json or a.out / "peers.json"
     out.write_text(json.dumps({"model": "tiny-v3 (bundled, FP8 release)", "params": n_params, "ctx": a.ctx,
                                "tokens": a.tokens, "rows": rows}, indent=2))
 
 
+def plot(rows: list[dict], png: Path) -> None:
+    """KLD mean (log y) vs bits/w, one marker per tool, every scored row labelled with its scheme."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(14, 6.5))
+    scored = [r for r in rows if "kld_mean" in r]
+    for tool in dict.fromkeys(r["tool"] for r in scored):
+        pts = [r for r in scored if r["tool"] == tool]
+        ax.scatter([r["bits_per_weight"] for r in pts], [r["kld_mean"] for r in pts], s=45, label=tool,
+                   marker=next((m for k, m in MARKERS.items() if tool.startswith(k)), "x"))
+    # points carry their number in the table order; the key beside the axes names each one (labels with the
+    # full scheme overlap: most FP4 rows sit at 5.83 bits/w)
+    placed: list[tuple[float, float]] = []      # (bits/w, log10 KLD) of numbers already drawn
+    for n, r in enumerate(scored, 1):
+        x, y = r["bits_per_weight"], math.log10(r["kld_mean"])
+        near = sum(abs(x - px) < 0.15 and abs(y - py) < 0.03 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(str(n), (x, r["kld_mean"]), fontsize=7, xytext=(6 + 11 * near, -3), textcoords="offset points")
+    key = "\n".join(f"{n:>2}  {r['tool'].split(' (')[0]}: {r['scheme']}" for n, r in enumerate(scored, 1))
+    fig.text(0.70, 0.5, key, fontsize=7, family="monospace", va="center")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits/weight (all stored weight bytes x 8 / parameters, whole model)")
+    ax.set_ylabel("KLD mean vs the FP8 release (nats/token, our verify)")
+    ax.set_title("tiny V3: quantizers side by side (bench/peers.py)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.69, 1))
+    fig.savefig(png, dpi=130)
+    plt.close(fig)
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'tool':<31} {'scheme':<38} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
-            f"{'PPL ratio':>9} {'wall s':>7} {'RSS MiB':>8}")
+            f"{'PPL ratio':>9} {'wall s':>7} {'RSS MiB':>8}  version")
     lines = [head]
     for r in rows:
         if "kld_mean" in r:
             lines.append(f"{r['tool']:<31} {r['scheme']:<38} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
                          f"{r['kld_p99']:>8.4f} {r['top1']:>7.4f} {r['ppl_ratio']:>9.4f} {r['wall_s']:>7.1f} "
-                         f"{r['peak_rss_mib']:>8.0f}")
+                         f"{r['peak_rss_mib']:>8.0f}  {r['version']}")
         else:
-            lines.append(f"{r['tool']:<31} {r['scheme']:<38} error ({r.get('version', '')}): {r['error']}")
+            lines.append(f"{r['tool']:<31} {r['scheme']:<38} error ({r['version']}): {r['error']}")
     return "\n".join(lines)
 
 
