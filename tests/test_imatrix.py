@@ -161,6 +161,7 @@ def test_bad_inputs_exit_2(made, tmp_path):
          "--calib-tokens"),
         (["calibrate", str(CKPT), "--calib", str(made[0]), "--imatrix", str(tmp_path / "x.dat")], ".gguf"),
     ]
+    cases.append((["calibrate", str(CKPT), "--calib", str(made[0]), "--imatrix", str(im)], "--overwrite"))
     garbage = tmp_path / "garbage.dat"
     garbage.write_bytes(b"\x00\x01")
     cases.append((["export", str(CKPT), "--gguf", "--type", "q4_k_m", "--out", str(tmp_path / "g.gguf"),
@@ -182,3 +183,21 @@ def test_bad_inputs_exit_2(made, tmp_path):
         lines = [x for x in r.output.splitlines() if x.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (args, r.output)
     assert not (tmp_path / "w.gguf").exists() and not (tmp_path / "g.gguf").exists()
+
+
+def test_v4_imatrix_fits_llama_quantizer(tiny_ckpts, made, tmp_path):
+    """V4 (deepseek4, hyper-connections, hash-routed layers): every entry we write matches a tensor of the
+    exported model with the size llama.cpp checks, and its quantizer records the keys."""
+    from v4convert.export.gguf.imatrix import read_imatrix
+    ck = tiny_ckpts["v4-flash-tiny"]
+    im, out = tmp_path / "v4.imatrix.gguf", tmp_path / "v4.gguf"
+    r = CliRunner().invoke(main, ["calibrate", str(ck), "--calib", str(made[0]), "--calib-tokens", "128",
+                                  "--calib-seq-len", "64", "--imatrix", str(im)])
+    assert r.exit_code == 0, r.output
+    entries = read_imatrix(im).entries
+    assert any("_exps." in n for n in entries) and any(".attn_kv." in n for n in entries)
+    r = CliRunner().invoke(main, ["export", str(ck), "--gguf", "--type", "q4_k_m", "--no-modelfile", "--out",
+                                  str(out), "--imatrix", str(im)])
+    assert r.exit_code == 0, r.output
+    assert f"{len(entries)} entries, {len(entries)} match tensors of the model" in r.output
+    assert _fields(out)["quantize.imatrix.entries_count"].contents() == len(entries)
