@@ -13,10 +13,10 @@ import click
 @click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--calib", "calib", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Calibrate on PATH (.txt, .jsonl with a 'text' field, or a directory of them), tokenized with the "
-                   "checkpoint's tokenizer.json; without PATH: the bundled corpus's training split.")
+                   "checkpoint's tokenizer.json; without PATH (or without --calib): the bundled corpus's training "
+                   "split.")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True,
-              help="Calibration tokens (real models: 8192-131072 recommended; llama-imatrix's default is ~100 "
-                   "chunks of 512).")
+              help="Calibration tokens (real models: 8192-131072 recommended).")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True,
               help="Tokens per calibration window (= the imatrix chunk size).")
 @click.option("--imatrix", "imatrix", required=True, type=click.Path(dir_okay=False, path_type=Path),
