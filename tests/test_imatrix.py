@@ -201,3 +201,46 @@ def test_v4_imatrix_fits_llama_quantizer(tiny_ckpts, made, tmp_path):
     assert r.exit_code == 0, r.output
     assert f"{len(entries)} entries, {len(entries)} match tensors of the model" in r.output
     assert _fields(out)["quantize.imatrix.entries_count"].contents() == len(entries)
+
+
+def test_llama_cpp_tools_agree(made, tmp_path):
+    """llama.cpp's own tools, built from the llama.cpp vendored in llama-cpp-python (``.ci/llama_tools.sh``,
+    cached): ``llama-quantize --imatrix OURS`` writes the same tensors and quantize.imatrix.* values as our path
+    through the library; an imatrix made by ``llama-imatrix`` covers every weight ours does, with the same
+    shapes, and our export takes it."""
+    import subprocess
+
+    from v4convert.export.gguf.exporter import _imatrix_args
+    from v4convert.export.gguf.imatrix import read_imatrix
+    from v4convert.export.gguf.types import LlamaQuant, llama_quantize
+    txt, im = made
+    root = Path(__file__).resolve().parent.parent
+    tools = subprocess.run(["bash", str(root / ".ci" / "llama_tools.sh")], capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+    bf16, ours, theirs = tmp_path / "bf16.gguf", tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    r = CliRunner().invoke(main, ["export", str(CKPT), "--gguf", "--type", "BF16", "--no-modelfile", "--out", str(bf16)])
+    assert r.exit_code == 0, r.output
+    weights, kv = _imatrix_args(read_imatrix(im), im, bf16, None)
+    llama_quantize(bf16, ours, LlamaQuant.Q4_K_M, [], imatrix=weights, kv=kv)
+    p = subprocess.run([f"{tools}/llama-quantize", "--imatrix", str(im), str(bf16), str(theirs), "Q4_K_M"],
+                       capture_output=True, text=True, errors="replace")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    fo, ft = _fields(ours), _fields(theirs)
+    for k in ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
+              "quantize.imatrix.chunks_count"):
+        assert fo[k].contents() == ft[k].contents(), k
+    a = {x.name: x for x in GGUFReader(ours).tensors}
+    b = {x.name: x for x in GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].tensor_type == b[n].tensor_type and np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)), n
+    made_by_llama = tmp_path / "llama.imatrix.gguf"
+    p = subprocess.run([f"{tools}/llama-imatrix", "-m", str(bf16), "-f", str(txt), "-c", "64", "--chunks", "3",
+                        "-o", str(made_by_llama), "--no-ppl", "-t", "1"], capture_output=True, text=True, errors="replace")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    theirs_im, ours_im = read_imatrix(made_by_llama), read_imatrix(im)
+    for n, (s, c) in ours_im.entries.items():
+        assert n in theirs_im.entries, n
+        assert theirs_im.entries[n][0].shape == s.shape and theirs_im.entries[n][1].shape == c.shape, n
+    r = _export(tmp_path / "with-llama-imatrix.gguf", "--imatrix", str(made_by_llama))
+    assert r.exit_code == 0, r.output
