@@ -12,6 +12,7 @@ import click
 
 from .. import __version__
 from ..errors import UserError
+from .calibrate import calibrate_command
 from .export import export_command
 from .run import run_command
 from .verify import verify_command
@@ -125,6 +126,7 @@ main.add_command(run_command)
 main.add_command(verify_command)
 main.add_command(export_command)
 main.add_command(quantize_command)
+main.add_command(calibrate_command)
 
 if __name__ == "__main__":
     main()

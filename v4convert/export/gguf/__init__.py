@@ -50,6 +50,9 @@ class Options:
     allow_missing: bool = field(default=False, metadata={
         "help": "Export although the checkpoint lacks tensors its config implies (recorded in the GGUF metadata)."})
     allow_nonfinite: bool = field(default=False, metadata={"help": "Export NaN/Inf values instead of refusing."})
+    imatrix: str | None = field(default=None, metadata={
+        "help": "Importance matrix for llama.cpp's quantizer (K-quants, IQ4_XS): a GGUF imatrix from "
+                "`v4convert calibrate --imatrix` or llama.cpp's llama-imatrix (legacy .dat too)."})
 
     def mix(self) -> tuple[TypeMix, LlamaQuant | None, bool]:
         """(the type mix we write, the llama.cpp quantizer's type for a K-quant / IQ ``main_type``, whether the
@@ -84,7 +87,7 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False,
     r = export_gguf(src, out, mix, keep_mtp=opts.keep_mtp, split_max_size=opts.split_max_size, progress=progress,
                     modelfile=opts.modelfile, llama_type=llama_type, overwrite=opts.overwrite,
                     allow_missing=opts.allow_missing, allow_nonfinite=opts.allow_nonfinite,
-                    llama_experts=llama_experts, log=log)
+                    llama_experts=llama_experts, log=log, imatrix=Path(opts.imatrix) if opts.imatrix else None)
     notes = []
     if r.repacked:
         notes.append(f"{len(r.repacked)} MXFP4 tensors re-packed losslessly")

@@ -33,6 +33,7 @@ from v4convert.families.layout import Arch, Slot
 from v4convert.families.roles import Family, Role, Storage
 from v4convert import __version__, outputs
 
+from .imatrix import OUT_CHUNKS, OUT_DATASET, OUT_ENTRIES, OUT_FILE, Imatrix, check_fits, read_imatrix
 from .metadata import _write_modelfile, add_tokenizer, build_metadata
 from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
                     GGUFType, LlamaQuant, TypeMix, llama_quantize)
@@ -200,6 +201,23 @@ class NotLoadableError(ExportError):
     """The config breaks a constraint of llama.cpp's loader / graph for its arch (``export.gguf.constraints``)."""
 
 
+def _imatrix_args(im: Imatrix, path: Path, model: Path, log: Callable[[str], None] | None
+                  ) -> tuple[dict[str, np.ndarray], list[tuple[str, str | int]]]:
+    """The quantizer's imatrix weights (checked against ``model``'s tensors) and the ``quantize.imatrix.*`` KVs
+    llama-quantize records (file as given, first dataset, entries loaded, chunks)."""
+    from v4convert.formats.gguf_reader import read_gguf_header
+    used = check_fits(im, path, {t.name: t.shape for t in read_gguf_header(model).tensors})
+    if log:
+        log(f"imatrix {path}: {len(im.entries)} entries, {len(used)} match tensors of the model")
+    kv: list[tuple[str, str | int]] = [(OUT_FILE, str(path))]
+    if im.datasets:
+        kv.append((OUT_DATASET, im.datasets[0]))
+    kv.append((OUT_ENTRIES, len(im.entries)))
+    if im.chunk_count > 0:
+        kv.append((OUT_CHUNKS, im.chunk_count))
+    return im.weights(), kv
+
+
 def check_llama_loadable(ckpt: str | Path) -> None:
     """Refuse, in one line, a checkpoint whose GGUF llama.cpp would not load (before writing anything)."""
     from .constraints import violations
@@ -245,7 +263,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
                 name: str | None = None, llama_type: LlamaQuant | None = None, overwrite: bool = False,
                 allow_missing: bool = False, allow_nonfinite: bool = False, llama_experts: bool = False,
-                log: Callable[[str], None] | None = None) -> ExportResult:
+                log: Callable[[str], None] | None = None, imatrix: Path | None = None) -> ExportResult:
     """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
 
     ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
@@ -253,7 +271,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
     ``mix.expert``, k_b / v_b Q8_0, F32 tensors), pinned so llama.cpp copies them unchanged.
     ``llama_experts``: the routed experts go to llama.cpp's quantizer too (BF16 in the intermediate,
     not pinned): the whole-file meaning of ``--type Q4_K_M``. ``log`` gets the resolved type mix
-    (``mix_summary``) before any tensor is written.
+    (``mix_summary``) before any tensor is written. ``imatrix``: an importance matrix file (ours or
+    llama-imatrix's, ``export/gguf/imatrix.py``) handed to llama.cpp's quantizer (``llama_type`` only).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -262,6 +281,12 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
     check_llama_loadable(ckpt)
+    im = None
+    if imatrix is not None:
+        if llama_type is None:
+            raise ExportError(f"--imatrix is used by llama.cpp's quantizer types ({', '.join(t.name for t in LlamaQuant)});"
+                              f" the types we write ({', '.join(t.value for t in GGUFType)}) ignore it")
+        im = read_imatrix(Path(imatrix))           # bad file: exit 2 before anything is written
     if llama_type is not None:
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
@@ -280,7 +305,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             pins.append((LLAMA_PIN_EXPERTS, mix.expert.qtype))
         part = out.with_name(out.name + ".partial")
         try:
-            llama_quantize(tmp, part, llama_type, pins)
+            weights, kv = _imatrix_args(im, Path(imatrix), tmp, log) if im is not None else (None, [])
+            llama_quantize(tmp, part, llama_type, pins, imatrix=weights, kv=kv)
             outputs.begin_swap(out, [out] + ([out.with_name("Modelfile")] if modelfile else []))
             os.replace(part, out)             # write new, then swap
         finally:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType as Q, LlamaFileType
 
 from v4convert.formats import gguf_quants
@@ -61,8 +62,13 @@ LLAMA_PIN_KV_B = r"attn_[kv]_b\.weight"
 LLAMA_PIN_EXPERTS = r"ffn_(gate|up|down)_exps\.weight"
 
 
-def llama_quantize(src: Path, dst: Path, ftype: LlamaQuant, pins: list[tuple[str, Q]], threads: int = 0) -> None:
-    """Run llama.cpp's ``llama_model_quantize`` on ``src`` -> ``dst`` with per-tensor type pins."""
+def llama_quantize(src: Path, dst: Path, ftype: LlamaQuant, pins: list[tuple[str, Q]], threads: int = 0,
+                   imatrix: dict[str, np.ndarray] | None = None, kv: list[tuple[str, str | int]] = ()) -> None:
+    """Run llama.cpp's ``llama_model_quantize`` on ``src`` -> ``dst`` with per-tensor type pins.
+
+    ``imatrix``: GGUF tensor name -> float32 importance weights (``Imatrix.weights()``), handed over as the C
+    array ``llama_model_imatrix_data`` (name / data / size, NULL-terminated: what llama-quantize builds);
+    ``kv``: metadata written into ``dst`` (``llama_model_kv_override``, str or int values, <= 127 bytes)."""
     import ctypes
 
     try:
@@ -81,6 +87,30 @@ def llama_quantize(src: Path, dst: Path, ftype: LlamaQuant, pins: list[tuple[str
         table[i].type = int(q)
     table[len(pins)].pattern = None
     params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    keep = []                                         # arrays and names kept alive for the call
+    if imatrix:
+        im = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, w) in enumerate(sorted(imatrix.items())):
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            keep += [w, name.encode()]
+            im[i].name, im[i].size = keep[-1], w.size
+            im[i].data = w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        im[len(imatrix)].name = None
+        params.imatrix = ctypes.cast(im, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(im)
+    if kv:
+        ov = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+        for i, (key, val) in enumerate(kv):
+            ov[i].key = key.encode()[:127]
+            if isinstance(val, str):
+                ov[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                ov[i].value.val_str = val.encode()[:127]
+            else:
+                ov[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                ov[i].value.val_i64 = int(val)
+        ov[len(kv)].key = b""
+        params.kv_overrides = ctypes.cast(ov, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        keep.append(ov)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ExportError(f"{src}: llama.cpp's quantizer failed (code {rc}) for {ftype.name}")

@@ -1,0 +1,45 @@
+"""``v4convert calibrate CKPT --calib [PATH] --imatrix OUT.gguf``: run the calibration pass once and save what it
+measured for other tools: llama.cpp's importance matrix (``calib/imatrix.py``), for
+``export --gguf --type q4_k_m --imatrix OUT.gguf`` or llama.cpp's own ``llama-quantize --imatrix``."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("calibrate")
+@click.argument("ckpt", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--calib", "calib", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Calibrate on PATH (.txt, .jsonl with a 'text' field, or a directory of them), tokenized with the "
+                   "checkpoint's tokenizer.json; without PATH (or without --calib): the bundled corpus's training "
+                   "split.")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True,
+              help="Calibration tokens (real models: 8192-131072 recommended).")
+@click.option("--calib-seq-len", type=int, default=512, show_default=True,
+              help="Tokens per calibration window (= the imatrix chunk size).")
+@click.option("--imatrix", "imatrix", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write llama.cpp's GGUF importance matrix here (OUT.gguf): per weight in_sum2 / counts, routed "
+                   "experts as rows of their ffn_*_exps tensor.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous v4convert imatrix at OUT.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def calibrate_command(ckpt: Path, calib: str | None, calib_tokens: int, calib_seq_len: int, imatrix: Path,
+                      overwrite: bool, progress: bool | None) -> None:
+    """Collect calibration statistics of CKPT and save them (--imatrix OUT.gguf).
+
+    The model runs unquantized, layer by layer, on the calibration windows (the same pass as
+    `quantize --calib`); every block linear's inputs give sum(x^2) per input column and a token count.
+    """
+    from v4convert.calib.data import calibration_windows
+    from v4convert.calib.imatrix import calibrate_imatrix
+
+    data = calibration_windows(ckpt, Path(calib) if calib else None, calib_tokens, calib_seq_len)
+    r = calibrate_imatrix(ckpt, data, imatrix, overwrite=overwrite,
+                          progress=sys.stderr.isatty() if progress is None else progress)
+    click.echo(f"wrote imatrix {r['out']}: {r['entries']} entries ({r['expert_entries']} stacked expert tensors, "
+               f"{r['experts_without_tokens']} expert rows without tokens), {r['chunks']} chunks x "
+               f"{r['chunk_size']} tokens from {r['source']}")
+    if r["uncovered"]:
+        click.echo(f"  note: {len(r['uncovered'])} weights got no tokens and have no entry, e.g. {r['uncovered'][0]}",
+                   err=True)
