@@ -60,6 +60,7 @@ class QuantizeArgs:
     method: str | None = None                   # None: gptq with calib, else scale_method / rtn
     calib: bool = False                         # calibrate (needs gptq or awq in method)
     calib_data: Path | None = None              # .txt / .jsonl / directory; None: bundled training split
+    calib_stats: Path | None = None             # a `calibrate --stats` directory reused instead of a pass
     calib_tokens: int = 8192
     calib_seq_len: int = 512
     propagate: str = "quantized"                # quantized | original
@@ -98,14 +99,14 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
     from .calib.method import MethodError
     from .calib.run import calibration_options
     if a.plot:
-        if not a.calib:
-            raise MethodError("--plot draws the calibration coverage; it needs --calib")
+        if not (a.calib or a.calib_stats):
+            raise MethodError("--plot draws the calibration coverage; it needs --calib or --calib-stats")
         from .verify.plot import require_matplotlib
         require_matplotlib()              # fail before any work
     spec, copts, data = calibration_options(
         src, out, a.scale_method, a.method, a.calib, Path(a.calib_data) if a.calib_data else None, a.calib_tokens,
         a.calib_seq_len, a.propagate, a.calib_all_experts, a.min_expert_tokens, a.gptq_damp, a.gptq_act_order,
-        a.gptq_scales, a.activations, container.value)
+        a.gptq_scales, a.activations, container.value, Path(a.calib_stats) if a.calib_stats else None)
     opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(a.mx_rule),
                    keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, keep_bf16=a.keep_bf16,
                    allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite, calib=copts)

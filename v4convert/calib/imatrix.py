@@ -90,8 +90,9 @@ def imatrix_from_stats(targets: list[Target], n_experts: int, col: Collected, da
 
 
 def calibrate_imatrix(ckpt: Path, data: CalibData, out: Path, *, overwrite: bool = False,
-                      progress: bool = False) -> dict:
-    """Run the statistics pass on ``ckpt`` and write ``out`` (GGUF imatrix). Returns a small report."""
+                      progress: bool = False, collected: Collected | None = None) -> dict:
+    """Run the statistics pass on ``ckpt`` (or take ``collected``, an unquantized pass over at least the
+    imatrix targets) and write ``out`` (GGUF imatrix). Returns a small report."""
     from v4convert import __version__, outputs
 
     out = Path(out)
@@ -100,7 +101,7 @@ def calibrate_imatrix(ckpt: Path, data: CalibData, out: Path, *, overwrite: bool
         raise CalibDataError(f"{out}: the imatrix file name must end in .gguf (llama.cpp's GGUF imatrix format)")
     outputs.claim(out, sources=[Path(ckpt)], overwrite=overwrite)
     targets, n_exp = imatrix_targets(ckpt)
-    col = collect_stats(ckpt, data, [t.name for t in targets], propagate=False, progress=progress)
+    col = collected or collect_stats(ckpt, data, [t.name for t in targets], propagate=False, progress=progress)
     im = imatrix_from_stats(targets, n_exp, col, data)
     write_imatrix(out, im, extra={outputs.GGUF_MARKER_KEY: __version__})
     n_exps = [n for n in im.entries if "_exps." in n]

@@ -17,6 +17,7 @@ import torch
 from .apply import CalibOptions, _conv, codec_of, read_meta, save_stats
 from .collect import collect_stats
 from .data import CalibData
+from .saved import SavedPass, load_collected, open_pass
 from v4convert.formats.fp4_grid import FP4Codec
 from .method import quantize_weight
 
@@ -62,7 +63,7 @@ def coverage_png(coverage: dict[int, list[int]], min_tokens: int, title: str) ->
     return buf.getvalue()
 
 
-def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: bool = False,
+def run_calibration(plan, data: CalibData | SavedPass, copts: CalibOptions, *, progress: bool = False,
                     log: Callable[[str], None] = print) -> dict:
     """Write ``copts.stats`` (or reuse it) and return the report (also written beside the artifact)."""
     from v4convert.checkpoint import Checkpoint
@@ -99,10 +100,15 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
                                 global_amax=gamax if codec is FP4Codec.NVFP4 else None, name=name)
             return q.dequantize()
 
-        log(f"calibration: {data.windows.shape[0]} windows x {data.windows.shape[1]} tokens from {data.source}, "
-            f"method {copts.method}, {len(tensors)} linears")
-        col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
-                            propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
+        if isinstance(data, SavedPass):       # statistics once, many artifacts (calib/saved.py)
+            log(f"calibration: reusing the saved pass {data.path} ({data.tokens} tokens x {data.seq_len} from "
+                f"{data.source}), method {copts.method}, {len(tensors)} linears")
+            col = load_collected(data, [t.name for t in tensors])
+        else:
+            log(f"calibration: {data.windows.shape[0]} windows x {data.windows.shape[1]} tokens from {data.source}, "
+                f"method {copts.method}, {len(tensors)} linears")
+            col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
+                                propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
         table = input_amax_table(plan, {n: s.amax for n, s in col.stats.items()}) if a4 else {}
         dropped = save_stats(path, col, copts, min_for, extra=amax_tensors(table))
         coverage = col.coverage
@@ -118,8 +124,9 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
             f"and use the data-free base, e.g. {dropped[0]} (more data or --calib-all-experts helps)")
     if never:
         log(f"note: {len(never)} linear(s) are not called by the forward pass (e.g. {never[0]}); data-free base")
-    return {"method": copts.method, "source": data.source, "tokens": data.n_tokens,
-            "windows": list(data.windows.shape), "propagate": "quantized" if copts.propagate else "original",
+    windows = [copts.tokens // copts.seq_len, copts.seq_len] if isinstance(data, SavedPass) else list(data.windows.shape)
+    return {"method": copts.method, "source": data.source, "tokens": copts.tokens,
+            "windows": windows, "propagate": "quantized" if copts.propagate else "original",
             "all_experts": copts.all_experts, "min_expert_tokens": copts.min_expert_tokens,
             "coverage": {str(k): v for k, v in sorted(coverage.items())}, "fallback_experts": dropped,
             "uncalibrated": never}
@@ -128,17 +135,27 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
 def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method: str | None, calib: bool,
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
                         min_expert_tokens: int, damp: float, act_order: bool, scales: str,
-                        activations: str = "w4a16", container: str = "compressed-tensors"):
+                        activations: str = "w4a16", container: str = "compressed-tensors",
+                        calib_stats: Path | None = None):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
     ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
     ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
-    activation scales only)."""
+    activation scales only). ``calib_stats``: a directory of ``calibrate --stats`` to reuse instead of a pass (the
+    third value is then its ``SavedPass``; implies ``propagate="original"``)."""
     from .activations import check_request
+    from .method import MethodError
+    if calib_stats is not None:
+        if calib:
+            raise MethodError("--calib runs a calibration pass and --calib-stats reuses a saved one; give one of them")
+        saved = open_pass(calib_stats, ckpt)
+        if all_experts and not saved.all_experts:
+            raise MethodError(f"--calib-all-experts: the saved pass {calib_stats} was made without it")
+        calib, propagate, all_experts = True, "original", saved.all_experts
     check_request(activations, calib, container)
     a4 = activations == "w4a4"
     from .apply import CalibOptions
     from .data import calibration_windows
-    from .method import MethodError, MethodSpec
+    from .method import MethodSpec
     if method is not None and scale_method is not None:
         raise MethodError("--scale-method is an alias of --method; give one of them")
     if method is None:
@@ -149,12 +166,17 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
             raise MethodError(f"--method {method} is data-free; --calib needs gptq or awq in --method")
         return spec, None, None
     if not calib:
-        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH]")
+        raise MethodError(f"--method {method} needs calibration data: add --calib [PATH] (or --calib-stats DIR)")
     if min_expert_tokens < 0 or damp <= 0:
         raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
-    data = calibration_windows(ckpt, calib_data, tokens, seq_len)
+    if calib_stats is not None:
+        data = saved
+        sha, n_tokens, seq_len = saved.data_sha256, saved.tokens, saved.seq_len
+    else:
+        data = calibration_windows(ckpt, calib_data, tokens, seq_len)
+        sha, n_tokens = data.sha256, data.n_tokens
     copts = CalibOptions(method=spec.label, stats=str(out.with_name(out.name + ".calib-stats.safetensors")),
-                         data_sha256=data.sha256, tokens=data.n_tokens, seq_len=seq_len,
+                         data_sha256=sha, tokens=n_tokens, seq_len=seq_len,
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
                          gptq_scales_during=scales == "during", activations=activations)

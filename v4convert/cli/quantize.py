@@ -36,6 +36,10 @@ from .sizes import SIZE
 @click.option("--calib", "calib", is_flag=False, flag_value="", default=None, metavar="[PATH]",
               help="Calibrate on PATH (.txt, .jsonl with a 'text' field, or a directory of them), tokenized with the "
                    "checkpoint's tokenizer.json; without PATH: the bundled corpus's training split.")
+@click.option("--calib-stats", "calib_stats", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, metavar="DIR",
+              help="Reuse the statistics `v4convert calibrate CKPT --stats DIR` saved instead of running a calibration "
+                   "pass (one pass, many recipes; implies --propagate original).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True,
               help="Calibration tokens (real models: 8192-131072 recommended).")
 @click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per calibration window.")
@@ -47,7 +51,7 @@ from .sizes import SIZE
 @click.option("--min-expert-tokens", type=int, default=16, show_default=True,
               help="Experts routed fewer calibration tokens fall back to the data-free method (with a warning).")
 @click.option("--plot", "plot", is_flag=True,
-              help="With --calib: also write DIR/calibration-coverage.png (experts x layers heat-map; needs matplotlib).")
+              help="With --calib/--calib-stats: also write DIR/calibration-coverage.png (experts x layers heat-map; needs matplotlib).")
 @click.option("--activations", type=click.Choice(["w4a16", "w4a4"]), default="w4a16", show_default=True,
               help="w4a4: also quantize activations (needs --calib): static per-tensor NVFP4 input scales from the "
                    "calibration's max|x| (compressed-tensors input_global_scale / ModelOpt input_scale; fused groups "
@@ -80,7 +84,7 @@ from .sizes import SIZE
                    "torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
-                     calib: str | None, calib_tokens: int, calib_seq_len: int, propagate: str,
+                     calib: str | None, calib_stats: Path | None, calib_tokens: int, calib_seq_len: int, propagate: str,
                      calib_all_experts: bool, min_expert_tokens: int, plot: bool, activations: str, gptq_damp: float,
                      gptq_act_order: bool, gptq_scales: str, mx_rule: str,
                      keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
@@ -108,7 +112,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, plan_only=plan_only,
         sync_bytes=sync_every, device=device, kernel=kernel, progress=sys.stderr.isatty(),
         on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
-        calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
+        calib_stats=calib_stats, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
         calib_all_experts=calib_all_experts, min_expert_tokens=min_expert_tokens, gptq_damp=gptq_damp,
         gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, plot=plot, activations=activations, log=lambda m: click.echo(m, err=True)))
     if r is None:
