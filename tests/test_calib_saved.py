@@ -1,7 +1,6 @@
 """Statistics once, many artifacts: `calibrate --stats DIR` + `quantize --calib-stats DIR` (calib/saved.py)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
