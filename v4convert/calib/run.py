@@ -97,7 +97,8 @@ def run_calibration(plan, data: CalibData, copts: CalibOptions, *, progress: boo
         log(f"calibration: {data.windows.shape[0]} windows x {data.windows.shape[1]} tokens from {data.source}, "
             f"method {copts.method}, {len(tensors)} linears")
         col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
-                            propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
+                            propagate=copts.propagate, all_experts=copts.all_experts, progress=progress,
+                            spill_dir=path.parent)
         dropped = save_stats(path, col, copts, min_for)
         coverage = col.coverage
     if coverage:
