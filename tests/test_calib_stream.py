@@ -211,7 +211,8 @@ def _same(a: Collected, b: Collected) -> None:
 @pytest.mark.parametrize("preset", ["v3-tiny", "v32-tiny", "v4-flash-tiny"])
 def test_stream_equals_whole_model_bit_for_bit(tiny_ckpts, calib_txt, preset):
     """Propagated GPTQ pass: every linear's X^T X, amax and count, and the coverage, equal the whole-model
-    pass exactly; spilling every hidden state / expert row to the memory-mapped file changes nothing."""
+    pass exactly; spilling every hidden state / expert row to the memory-mapped file and collecting one linear
+    per block run (``stats_bytes=0``) change nothing."""
     ck = tiny_ckpts[preset]
     data = calibration_windows(ck, calib_txt, n_tokens=192, seq_len=64)
     names = _linears(ck)
@@ -224,7 +225,7 @@ def test_stream_equals_whole_model_bit_for_bit(tiny_ckpts, calib_txt, preset):
         run = {n for n in names if c.tensor_info(n).layer < c.arch.n_layers and not c.tensor_info(n).mtp}
     assert sorted(calls) == sorted(run)                  # every main-layer target quantized exactly once
     spilled = collect_stats(ck, data, names, quantize=_gptq_nvfp4(), groups=groups, batch=2, spill_bytes=0,
-                            spill_dir=ck.parent)
+                            stats_bytes=0, spill_dir=ck.parent)
     _same(spilled, ref)
     assert not [p for p in ck.parent.iterdir() if p.name.startswith("v4convert-calib-")]
 

@@ -41,6 +41,8 @@ from v4convert.checkpoint import Checkpoint
 from .data import CalibData
 from .stream import SPILL_BYTES, Spill, StreamedModel
 
+STATS_BYTES = 1 << 30    # float64 X^T X of a block's non-expert linears held at once (o_proj of V3: 2 GiB alone)
+
 
 @dataclass
 class LinearStats:
@@ -56,7 +58,7 @@ class LinearStats:
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
-        self.xtx += (x.T @ x).double()      # float32 per batch, float64 across batches
+        self.xtx += x.T @ x                 # float32 per batch, float64 across batches (no float64 temporary)
         self.amax = max(self.amax, float(x.abs().max()))
         self.count += x.shape[0]
 
@@ -76,7 +78,7 @@ class _Experts(nn.Module):
     ``experts[e](x_rows)``). ``record``: keep each expert's input rows, return zeros; ``replay``: return the
     outputs computed expert by expert (checked to be for the same rows)."""
 
-    def __init__(self, n: int, spill: Spill, replay: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(self, n: int, spill: Spill | None, replay: dict[int, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.n, self.spill, self.replay = n, spill, replay
         self.rows: dict[int, torch.Tensor] = {}
@@ -91,7 +93,8 @@ class _Experts(nn.Module):
                 if y.shape != x.shape:
                     raise RuntimeError(f"expert {e}: replayed output {tuple(y.shape)} for input {tuple(x.shape)}")
                 return y
-            self.rows[e] = self.spill.keep(x)
+            if self.spill is not None:
+                self.rows[e] = self.spill.keep(x)
             return torch.zeros_like(x)
         return call
 
@@ -106,11 +109,13 @@ class _Pass:
 
     def __init__(self, sm: StreamedModel, targets: list[str], layer_of: dict, expert_of: dict, *,
                  quantize: Quantizer | None, groups: dict[str, list[str]] | None, propagate: bool,
-                 all_experts: bool, sink: Callable[[str, LinearStats], None] | None, spill: Spill) -> None:
+                 all_experts: bool, sink: Callable[[str, LinearStats], None] | None, spill: Spill,
+                 stats_bytes: int = STATS_BYTES) -> None:
         from v4convert.runtime.common import Linear
         self.sm, self.targets, self.layer_of, self.expert_of = sm, targets, layer_of, expert_of
         self.quantize, self.groups, self.all_experts, self.spill = quantize, groups or {}, all_experts, spill
         self.requant = propagate and quantize is not None
+        self.stats_bytes = stats_bytes
         self.mods: dict[str, Linear] = {}
         for n in targets:
             m = sm.model.get_submodule(sm.rename(n)[: -len(".weight")])
@@ -155,17 +160,49 @@ class _Pass:
             if s.count:
                 self.sink(n, s)
 
-    def quantize_all(self, names: list[str]) -> None:
-        """Replace the (resident) weights of ``names`` by their quantized values; group amax taken first."""
-        mods = self.mods
-        amax = {n: mods[n].weight.detach().abs().amax().float() for n in names}
-        for n in names:
-            partners = self.groups.get(n, [n])
-            g = torch.stack([amax[p] if p in amax else mods[p].weight.detach().abs().amax().float()
-                             for p in partners]).amax()
-            s = self.stats[n]
-            w = self.quantize(n, mods[n].weight.data, s if s.count else None, g)
-            mods[n].weight.data.copy_(w.to(mods[n].weight.dtype))
+    def quantized(self, n: str) -> torch.Tensor:
+        """The quantized (dequantized) weight of resident ``n``; the global amax over its fused partners is
+        taken from their current weights, which are still the original ones (replacement comes after)."""
+        w = self.mods[n].weight
+        g = torch.stack([self.mods[p].weight.detach().abs().amax().float() for p in self.groups.get(n, [n])]).amax()
+        s = self.stats[n]
+        return self.quantize(n, w.data, s if s.count else None, g).to(w.dtype)
+
+    def passes(self, names: list[str]) -> list[list[str]]:
+        """``names`` split so that one pass's float64 ``X^T X`` stay within ``stats_bytes`` (largest first; a
+        linear larger than the budget alone). One pass for small models."""
+        size = {n: 8 * self.mods[n].in_features ** 2 for n in names}
+        out: list[list[str]] = []
+        used = 0
+        for n in sorted(names, key=lambda n: -size[n]):
+            if not out or used + size[n] > self.stats_bytes:
+                out.append([])
+                used = 0
+            out[-1].append(n)
+            used += size[n]
+        return out or [[]]
+
+    def stats_then_quantize(self, names: list[str], run: Callable[[bool], object]) -> object:
+        """Stats of ``names`` from ``run(first)`` on the original weights, in as many passes as ``passes``
+        needs (each a re-run of the same deterministic block on the same inputs, so each linear sees the same
+        rows); with ``requant`` each pass's linears are quantized aside and all replaced once every pass is
+        done. Returns the first pass's result."""
+        first, aside = None, {}
+        for i, part in enumerate(self.passes(names)):
+            self.start(part)
+            self.active, self.counting = set(part), i == 0
+            try:
+                r = run(i == 0)
+            finally:
+                self.active, self.counting = set(), False
+            first = r if i == 0 else first
+            if self.requant:
+                for n in part:
+                    aside[n] = self.quantized(n)
+            self.finish(part)
+        for n, w in aside.items():
+            self.mods[n].weight.data.copy_(w)
+        return first
 
     # ---------------------------------------------------------------- running
     def run_block(self, li: int, inputs: list[tuple], keep: bool = True) -> list[tuple]:
@@ -177,46 +214,37 @@ class _Pass:
         return out
 
     def dense_layer(self, li: int, names: list[str], inputs: list[tuple]) -> list[tuple]:
-        self.start(names)
-        self.active, self.counting = set(names), True
-        outputs = self.run_block(li, inputs, keep=not (self.requant and names))
-        self.active, self.counting = set(), False
-        if self.requant and names:
-            self.quantize_all(names)
+        requant = self.requant and bool(names)
+        outputs = self.stats_then_quantize(names, lambda first: self.run_block(li, inputs, first and not requant))
+        if requant:
             outputs = self.run_block(li, inputs)          # the next layer sees the quantized layer's output
-        self.finish(names)
         return outputs
 
-    def record(self, li: int, moe: nn.Module, inputs: list[tuple]) -> tuple[list[dict], list[torch.Tensor]]:
+    def record(self, li: int, moe: nn.Module, inputs: list[tuple], keep: bool) -> tuple[list[dict], list]:
         """Run block ``li`` with the routed experts replaced by a recorder: per batch, each expert's input rows
-        (and the MoE's whole input, for ``all_experts``)."""
+        (and the MoE's whole input, for ``all_experts``); nothing kept unless ``keep``."""
         real = moe.experts
         rows, whole = [], []
         grab = moe.register_forward_pre_hook(
-            lambda mod, args: whole.append(self.spill.keep(args[0].reshape(-1, args[0].shape[-1]))))
+            lambda mod, args: whole.append(self.spill.keep(args[0].reshape(-1, args[0].shape[-1])))
+            if keep and self.all_experts else None)
         try:
             for args in inputs:
-                moe.experts = rec = _Experts(len(real), self.spill)
+                moe.experts = rec = _Experts(len(real), self.spill if keep else None)
                 self.sm.blocks[li](*args)
                 rows.append(rec.rows)
         finally:
             moe.experts = real
             grab.remove()
-        return rows, whole if self.all_experts else []
+        return rows, whole
 
     def moe_layer(self, li: int, moe: nn.Module, names: list[str], inputs: list[tuple]) -> list[tuple]:
         """See the module docstring: record, experts one at a time, replay."""
         shared = [n for n in names if self.expert_of[n] is None]
-        self.start(shared)
-        self.active, self.counting = set(shared), True
-        rows1, whole1 = self.record(li, moe, inputs)        # original weights: stats of non-expert linears
-        self.active, self.counting = set(), False
-        if self.requant:
-            self.quantize_all(shared)
-            rows2, _ = self.record(li, moe, inputs)         # the quantized attention's outputs feed the experts
-        else:
-            rows2 = rows1
-        self.finish(shared)
+        # original weights: stats of the non-expert linears, each expert's routed rows
+        rows1, whole1 = self.stats_then_quantize(shared, lambda first: self.record(li, moe, inputs, first))
+        # the quantized attention's outputs feed the experts
+        rows2 = self.record(li, moe, inputs, True)[0] if self.requant else rows1
         outs: list[dict[int, torch.Tensor]] = [{} for _ in inputs]
         by_expert: dict[int, list[str]] = {}
         for n in names:
@@ -243,8 +271,10 @@ class _Pass:
                         outs[b][e] = self.spill.keep(y)
             self.active = set()
             if self.requant:
-                if mine:
-                    self.quantize_all(mine)
+                q = {n: self.quantized(n) for n in mine}
+                for n, w in q.items():
+                    self.mods[n].weight.data.copy_(w)
+                del q
                 for b, r in enumerate(rows2):
                     if e in r:
                         outs[b][e] = self.spill.keep(expert(r[e]))
@@ -263,7 +293,7 @@ class _Pass:
 def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quantizer | None = None,
                   groups: dict[str, list[str]] | None = None, propagate: bool = True, all_experts: bool = False,
                   batch: int = 4, progress: bool = False, sink: Callable[[str, LinearStats], None] | None = None,
-                  spill_dir=None, spill_bytes: int = SPILL_BYTES,
+                  spill_dir=None, spill_bytes: int = SPILL_BYTES, stats_bytes: int = STATS_BYTES,
                   embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Collected:
     """Statistics for the linears ``targets`` (checkpoint names); see the module docstring.
 
@@ -275,7 +305,8 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
     where and above what size (bytes of one layer's hidden states, or of its recorded expert rows) they go to
     a memory-mapped temporary file (default dir: the system's). ``embed(ids [B, T]) -> [B, T, D]``: replaces
     the checkpoint's embedding (benchmarks on a ``synth --layers N`` checkpoint, which has none; the pass then
-    starts at the first layer present).
+    starts at the first layer present). ``stats_bytes``: float64 ``X^T X`` held at once for a block's
+    non-expert linears; more need extra (identical) runs of the block, a few per layer at full size.
     """
     from tqdm import tqdm
 
@@ -285,7 +316,7 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
         layer_of = {n: ck.tensor_info(n).layer for n in targets}
         expert_of = {n: ck.tensor_info(n).expert for n in targets}
         p = _Pass(sm, targets, layer_of, expert_of, quantize=quantize, groups=groups, propagate=propagate,
-                  all_experts=all_experts, sink=sink, spill=spill)
+                  all_experts=all_experts, sink=sink, spill=spill, stats_bytes=stats_bytes)
         handles = p.hooks()
         try:
             main = [li for li in sm.main_layers if any(layer_of[n] == li for n in targets)]
