@@ -27,7 +27,13 @@ from pathlib import Path
 SRC = Path("/work/fullsize/v3-layer3")
 
 
+class _Enough(Exception):
+    """``--experts N``: stop after N experts (time per layer = the non-expert phase + 256 x one expert)."""
+
+
 def child(a: argparse.Namespace) -> None:
+    import resource
+
     import torch
     torch.set_num_threads(a.threads)
     from v4convert.calib.collect import collect_stats
@@ -53,9 +59,18 @@ def child(a: argparse.Namespace) -> None:
 
     def quantize(name, w, stats, gamax):
         t0 = time.perf_counter()
-        h = stats.hessian() if stats is not None and stats.count >= (16 if expert[name] is not None else 1) else None
+        ok = spec.needs_data and stats is not None and stats.count >= (16 if expert[name] is not None else 1)
+        h = stats.hessian() if ok else None
         q = quantize_weight(spec, FP4Codec.NVFP4, w.float(), h, global_amax=gamax, name=name).dequantize()
         t["quantize"] += time.perf_counter() - t0
+        if expert[name] is None:
+            t["nonexpert_done"] = time.perf_counter() - start
+        elif name.endswith("down_proj.weight"):
+            done.add(expert[name])
+            if len(done) == 1:
+                t["first_expert_at"] = time.perf_counter() - start
+            if a.experts and len(done) >= a.experts:
+                raise _Enough
         return q
 
     deq = Checkpoint.dequantize
@@ -68,14 +83,24 @@ def child(a: argparse.Namespace) -> None:
             t["dequantize"] += time.perf_counter() - t0
     Checkpoint.dequantize = timed_deq
     seen: dict[str, int] = {}
-    t0 = time.perf_counter()
-    col = collect_stats(a.src, data, targets, quantize=quantize, sink=lambda n, s: seen.__setitem__(n, s.count),
-                        embed=embed, spill_dir=Path(a.src).parent, batch=4)
-    total = time.perf_counter() - t0
-    cov = next(iter(col.coverage.values()))
-    print(json.dumps({"layer_s": total, "dequantize_s": t["dequantize"], "quantize_s": t["quantize"],
-                      "linears_with_stats": len(seen), "experts": len(cov), "experts_min_median_max_tokens":
-                      [min(cov), sorted(cov)[len(cov) // 2], max(cov)], "tokens": col.tokens}))
+    done: set[int] = set()
+    start = time.perf_counter()
+    try:
+        col = collect_stats(a.src, data, targets, quantize=quantize, embed=embed, spill_dir=Path(a.src).parent,
+                            sink=lambda n, s: seen.__setitem__(n, s.count), batch=4)
+        cov = next(iter(col.coverage.values()))
+        cover = [min(cov), sorted(cov)[len(cov) // 2], max(cov)]
+    except _Enough:
+        cover = None
+    total = time.perf_counter() - start
+    per_expert = (total - t["first_expert_at"]) / max(1, len(done) - 1) if len(done) > 1 else None
+    n_exp = sum(1 for n in targets if n.endswith("down_proj.weight") and expert[n] is not None)
+    layer = total if cover else t["first_expert_at"] + per_expert * (n_exp - 1)
+    print(json.dumps({"elapsed_s": total, "experts_done": len(done), "of_experts": n_exp,
+                      "nonexpert_phase_s": t.get("nonexpert_done"), "per_expert_s": per_expert,
+                      "layer_s": layer, "dequantize_s": t["dequantize"], "quantize_s": t["quantize"],
+                      "linears_with_stats": len(seen), "experts_min_median_max_tokens": cover,
+                      "peak_rss_gib_child": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
 def main() -> None:
@@ -85,6 +110,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--method", default="rtn", help="propagation quantizer (gptq on 7168-wide experts is slow)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=0, help="stop after N experts (0: the whole layer)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -95,7 +121,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "v4convert", "synth", "--preset", "v3-671b", "--layers", "3",
                         "--out", str(a.src)], check=True)
     args = [sys.executable, __file__, "--child", "--src", str(a.src), "--tokens", str(a.tokens),
-            "--seq-len", str(a.seq_len), "--method", a.method, "--threads", str(a.threads)]
+            "--seq-len", str(a.seq_len), "--method", a.method, "--threads", str(a.threads),
+            "--experts", str(a.experts)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=dict(os.environ, V4CONVERT_THREADS=str(a.threads)))
     out = proc.stdout.read().decode()

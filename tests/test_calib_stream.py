@@ -297,3 +297,11 @@ def test_peak_memory_is_one_layer_not_the_model(tmp_path, calib_txt, monkeypatch
     assert out["seen"] > 0
     assert delta < layer_experts, f"peak RSS grew by {delta / 2**20:.0f} MiB (one layer's experts: " \
                                   f"{layer_experts / 2**20:.0f} MiB, model {f32 / 2**20:.0f} MiB)"
+
+
+def test_hessian_in_row_blocks_is_the_same_bits():
+    for k in (5, 160, 3000):
+        s = LinearStats(torch.zeros(k, k, dtype=torch.float64))
+        for i in range(3):
+            s.add(torch.randn(37, k, generator=torch.Generator().manual_seed(i)) * 3)
+        assert torch.equal(s.hessian().view(torch.int32), (s.xtx / s.count).float().view(torch.int32))

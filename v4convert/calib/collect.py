@@ -51,14 +51,22 @@ class LinearStats:
     count: int = 0
 
     def hessian(self) -> torch.Tensor:
-        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen)."""
-        return (self.xtx / max(self.count, 1)).float()
+        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen); computed in row blocks so no float64
+        ``[K, K]`` temporary exists (2 GiB for V3's o_proj; elementwise, so the same bits)."""
+        out = torch.empty(self.xtx.shape, dtype=torch.float32)
+        n, step = max(self.count, 1), max(1, (16 << 20) // max(1, self.xtx.shape[-1]))
+        for i in range(0, self.xtx.shape[0], step):
+            out[i:i + step] = (self.xtx[i:i + step] / n).float()
+        return out
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
-        self.xtx += x.T @ x                 # float32 per batch, float64 across batches (no float64 temporary)
+        p = x.T @ x                          # float32 per batch, float64 across batches
+        step = max(1, (16 << 20) // p.shape[1])
+        for i in range(0, p.shape[0], step):     # row blocks: the float64 cast of p is never whole (2 GiB at K=16384)
+            self.xtx[i:i + step] += p[i:i + step]
         self.amax = max(self.amax, float(x.abs().max()))
         self.count += x.shape[0]
 
