@@ -17,7 +17,10 @@ those outputs — so the runtime's own ``moe_dispatch`` does the weighted, ascen
 the result is bit-identical to running the whole model. RAM is bounded by the non-expert part of one block,
 one expert, their statistics, and the hidden states / recorded rows; the latter go to a memory-mapped file
 in ``spill_dir`` when they exceed ``spill_bytes``. Statistics of a finished layer (or expert) are handed to
-``sink`` when one is given (then not kept), so a caller can write them out as they come.
+``sink`` when one is given (then not kept), so a caller can write them out as they come. A block's
+non-expert statistics are collected in passes of at most ``stats_bytes`` of float64 ``X^T X`` (re-running
+the same block on the same inputs; V3's o_proj alone is 2 GiB), quantized aside and replaced after the last
+pass. Measured (``bench/calibration_fullsize.py``): a full-size V3 MoE layer, 512 tokens, peak RSS 5.4 GiB.
 
 Order: block 0's call arguments are captured from the model's own forward (hidden state + what every block
 of the family receives: positions, rope, mask, ids). Then for layer L: block L runs on the saved hidden
