@@ -1,4 +1,4 @@
-"""Layer-sequential statistics pass through the runtime's own block code (V3/V3.1, V3.2, V4).
+"""Layer-sequential statistics pass through the runtime's own block code (V3/V3.1, V3.2, V4), streamed.
 
 For every linear about to be quantized we collect, from its inputs ``x [n, K]`` on the calibration windows:
 
@@ -7,22 +7,32 @@ For every linear about to be quantized we collect, from its inputs ``x [n, K]`` 
 * ``amax``: ``max |x|`` (static per-tensor activation scale for W4A4);
 * ``count``: rows seen (for a routed expert: the tokens routed to it = its coverage).
 
-Order: the windows are embedded by the model's own forward, which is stopped at block 0 to capture that
-block's call arguments (hidden state + what every block of the family receives: positions, rope, mask, ids).
-Then for layer L = 0, 1, ...: block L runs on the saved hidden states (its linears' stats are recorded),
-``quantize(name, w, stats, group_amax)`` replaces L's weights by their dequantized quantized values, and
-(``propagate=True``, the default) block L runs again so layer L+1 sees the *quantized* layer's outputs;
-``propagate=False`` feeds L+1 the original outputs. Because the runtime itself runs the blocks, every
-family works unchanged (MLA/indexer, hyper-connections, hash routing). Deviations from the issue's design
-(in the report): the whole runtime model is loaded (fine for tiny and mid-size models, not the 671B RSS
-bound), and hidden states stay in RAM (``W x L x D`` floats; no memory-mapped file yet).
+Memory (the point of this module): the runtime model is built on the meta device (``_meta_model``) and only
+one block's weights are materialized from the checkpoint at a time (``layers.StreamedModel``): the embedding
+for the capture, then block L, which is freed before L+1. Inside an MoE block the routed experts are never
+all resident: the block runs with its experts replaced by a recorder (each expert's routed input rows are
+kept, ``[rows, D]``), then experts are loaded one at a time (dequantize, statistics on the recorded rows,
+quantize, outputs for the propagated pass, free), and the block runs once more with the experts replaced by
+those outputs — so the runtime's own ``moe_dispatch`` does the weighted, ascending-expert accumulation and
+the result is bit-identical to running the whole model. RAM is bounded by the non-expert part of one block,
+one expert, their statistics, and the hidden states / recorded rows; the latter go to a memory-mapped file
+in ``spill_dir`` when they exceed ``spill_bytes``. Statistics of a finished layer (or expert) are handed to
+``sink`` when one is given (then not kept), so a caller can write them out as they come. A block's
+non-expert statistics are collected in passes of at most ``stats_bytes`` of float64 ``X^T X`` (re-running
+the same block on the same inputs; V3's o_proj alone is 2 GiB), quantized aside and replaced after the last
+pass. Measured (``bench/calibration_fullsize.py``): a full-size V3 MoE layer, 512 tokens, peak RSS 5.4 GiB.
+
+Order: block 0's call arguments are captured from the model's own forward (hidden state + what every block
+of the family receives: positions, rope, mask, ids). Then for layer L: block L runs on the saved hidden
+states (its linears' stats are recorded), ``quantize(name, w, stats, group_amax)`` replaces L's weights by
+their dequantized quantized values, and (``propagate=True``, the default) block L runs again so layer L+1
+sees the *quantized* layer's outputs; ``propagate=False`` feeds L+1 the original outputs.
 
 ``all_experts``: every calibration token also goes through every routed expert for *statistics only*
 (the layer output still uses the real routing); coverage counts stay the routed counts.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,9 +40,11 @@ import torch
 from torch import nn
 
 from v4convert.checkpoint import Checkpoint
-from v4convert.families.roles import Family
 
 from .data import CalibData
+from .stream import SPILL_BYTES, Spill, StreamedModel
+
+STATS_BYTES = 1 << 30    # float64 X^T X of a block's non-expert linears held at once (o_proj of V3: 2 GiB alone)
 
 
 @dataclass
@@ -42,170 +54,301 @@ class LinearStats:
     count: int = 0
 
     def hessian(self) -> torch.Tensor:
-        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen)."""
-        return (self.xtx / max(self.count, 1)).float()
+        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen); computed in row blocks so no float64
+        ``[K, K]`` temporary exists (2 GiB for V3's o_proj; elementwise, so the same bits)."""
+        out = torch.empty(self.xtx.shape, dtype=torch.float32)
+        n, step = max(self.count, 1), max(1, (16 << 20) // max(1, self.xtx.shape[-1]))
+        for i in range(0, self.xtx.shape[0], step):
+            out[i:i + step] = (self.xtx[i:i + step] / n).float()
+        return out
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         if x.shape[0] == 0:
             return
-        self.xtx += (x.T @ x).double()      # float32 per batch, float64 across batches
+        p = x.T @ x                          # float32 per batch, float64 across batches
+        step = max(1, (16 << 20) // p.shape[1])
+        for i in range(0, p.shape[0], step):     # row blocks: the float64 cast of p is never whole (2 GiB at K=16384)
+            self.xtx[i:i + step] += p[i:i + step]
         self.amax = max(self.amax, float(x.abs().max()))
         self.count += x.shape[0]
 
 
 @dataclass
 class Collected:
-    stats: dict[str, LinearStats]                     # checkpoint tensor name -> stats
+    stats: dict[str, LinearStats]                     # checkpoint tensor name -> stats (empty with a sink)
     coverage: dict[int, list[int]] = field(default_factory=dict)   # MoE layer -> routed tokens per expert
     tokens: int = 0                                   # calibration tokens
 
 
-class _Stop(Exception):
-    """Raised after the block being calibrated, to skip the rest of the forward."""
+Quantizer = Callable[[str, torch.Tensor, "LinearStats | None", torch.Tensor], torch.Tensor]
 
 
+class _Experts(nn.Module):
+    """Stands in for an MoE's ``experts`` ModuleList inside ``moe_dispatch`` (which only uses ``len`` and
+    ``experts[e](x_rows)``). ``record``: keep each expert's input rows, return zeros; ``replay``: return the
+    outputs computed expert by expert (checked to be for the same rows)."""
+
+    def __init__(self, n: int, spill: Spill | None, replay: dict[int, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.n, self.spill, self.replay = n, spill, replay
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            if self.replay is not None:
+                y = self.replay.pop(e)
+                if y.shape != x.shape:
+                    raise RuntimeError(f"expert {e}: replayed output {tuple(y.shape)} for input {tuple(x.shape)}")
+                return y
+            if self.spill is not None:
+                self.rows[e] = self.spill.keep(x)
+            return torch.zeros_like(x)
+        return call
 
 
-def _rename(family: Family) -> Callable[[str], str]:
-    if family is Family.V4:
-        from v4convert.runtime.deepseek_v4 import model_name
-        return model_name
-    return lambda n: n
+def _moe(block: nn.Module) -> nn.Module | None:
+    moe = getattr(block, "mlp", None) or getattr(block, "ffn", None)
+    return moe if moe is not None and hasattr(moe, "experts") else None
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers if hasattr(model, "model") else model.layers
+class _Pass:
+    """State of one statistics pass: hooks on every target linear, stats being filled, coverage."""
+
+    def __init__(self, sm: StreamedModel, targets: list[str], layer_of: dict, expert_of: dict, *,
+                 quantize: Quantizer | None, groups: dict[str, list[str]] | None, propagate: bool,
+                 all_experts: bool, sink: Callable[[str, LinearStats], None] | None, spill: Spill,
+                 stats_bytes: int = STATS_BYTES) -> None:
+        from v4convert.runtime.common import Linear
+        self.sm, self.targets, self.layer_of, self.expert_of = sm, targets, layer_of, expert_of
+        self.quantize, self.groups, self.all_experts, self.spill = quantize, groups or {}, all_experts, spill
+        self.requant = propagate and quantize is not None
+        self.stats_bytes = stats_bytes
+        self.mods: dict[str, Linear] = {}
+        for n in targets:
+            m = sm.model.get_submodule(sm.rename(n)[: -len(".weight")])
+            if not isinstance(m, Linear):
+                raise TypeError(f"{n}: runtime module {type(m).__name__} is not a Linear")
+            self.mods[n] = m
+        self.stats: dict[str, LinearStats] = {}
+        self.kept: dict[str, LinearStats] = {}
+        self.sink = sink or self.kept.__setitem__
+        self.coverage: dict[int, list[int]] = {}
+        self.active: set[str] = set()
+        self.counting = False                       # the router hook adds to ``coverage``
+        self.broadcast = False
+        # experts whose stats come only from the broadcast pass (all_experts)
+        self.broadcast_only = {n: all_experts and expert_of[n] is not None for n in targets}
+
+    # ---------------------------------------------------------------- hooks and stats
+    def hooks(self) -> list:
+        def lin_hook(name):
+            def hook(mod, args):
+                if name in self.active and (not self.broadcast_only[name] or self.broadcast):
+                    self.stats[name].add(args[0])
+            return hook
+        return [m.register_forward_pre_hook(lin_hook(n)) for n, m in self.mods.items()]
+
+    def count_hook(self, layer: int, n_exp: int):
+        def hook(mod, args, out):
+            if self.counting:
+                idx = out[1].reshape(-1)
+                c = torch.bincount(idx[idx >= 0], minlength=n_exp).tolist()
+                self.coverage[layer] = [a + b for a, b in zip(self.coverage.get(layer, [0] * n_exp), c)]
+        return hook
+
+    def start(self, names: list[str]) -> None:
+        for n in names:
+            k = self.mods[n].in_features
+            self.stats[n] = LinearStats(torch.zeros(k, k, dtype=torch.float64))
+
+    def finish(self, names: list[str]) -> None:
+        for n in names:
+            s = self.stats.pop(n)
+            if s.count:
+                self.sink(n, s)
+
+    def quantized(self, n: str) -> torch.Tensor:
+        """The quantized (dequantized) weight of resident ``n``; the global amax over its fused partners is
+        taken from their current weights, which are still the original ones (replacement comes after)."""
+        w = self.mods[n].weight
+        g = torch.stack([self.mods[p].weight.detach().abs().amax().float() for p in self.groups.get(n, [n])]).amax()
+        s = self.stats[n]
+        return self.quantize(n, w.data, s if s.count else None, g).to(w.dtype)
+
+    def passes(self, names: list[str]) -> list[list[str]]:
+        """``names`` split so that one pass's float64 ``X^T X`` stay within ``stats_bytes`` (largest first; a
+        linear larger than the budget alone). One pass for small models."""
+        size = {n: 8 * self.mods[n].in_features ** 2 for n in names}
+        out: list[list[str]] = []
+        used = 0
+        for n in sorted(names, key=lambda n: -size[n]):
+            if not out or used + size[n] > self.stats_bytes:
+                out.append([])
+                used = 0
+            out[-1].append(n)
+            used += size[n]
+        return out or [[]]
+
+    def stats_then_quantize(self, names: list[str], run: Callable[[bool], object]) -> object:
+        """Stats of ``names`` from ``run(first)`` on the original weights, in as many passes as ``passes``
+        needs (each a re-run of the same deterministic block on the same inputs, so each linear sees the same
+        rows); with ``requant`` each pass's linears are quantized aside and all replaced once every pass is
+        done. Returns the first pass's result."""
+        first, aside = None, {}
+        for i, part in enumerate(self.passes(names)):
+            self.start(part)
+            self.active, self.counting = set(part), i == 0
+            try:
+                r = run(i == 0)
+            finally:
+                self.active, self.counting = set(), False
+            first = r if i == 0 else first
+            if self.requant:
+                for n in part:
+                    aside[n] = self.quantized(n)
+            self.finish(part)
+        for n, w in aside.items():
+            self.mods[n].weight.data.copy_(w)
+        return first
+
+    # ---------------------------------------------------------------- running
+    def run_block(self, li: int, inputs: list[tuple], keep: bool = True) -> list[tuple]:
+        """Block ``li`` on every batch; ``keep``: the outputs are kept (spilled when large)."""
+        out = []
+        for args in inputs:
+            y = self.sm.blocks[li](*args)
+            out.append((self.spill.keep(y) if keep else None,) + tuple(args[1:]))
+        return out
+
+    def dense_layer(self, li: int, names: list[str], inputs: list[tuple]) -> list[tuple]:
+        requant = self.requant and bool(names)
+        outputs = self.stats_then_quantize(names, lambda first: self.run_block(li, inputs, first and not requant))
+        if requant:
+            outputs = self.run_block(li, inputs)          # the next layer sees the quantized layer's output
+        return outputs
+
+    def record(self, li: int, moe: nn.Module, inputs: list[tuple], keep: bool) -> tuple[list[dict], list]:
+        """Run block ``li`` with the routed experts replaced by a recorder: per batch, each expert's input rows
+        (and the MoE's whole input, for ``all_experts``); nothing kept unless ``keep``."""
+        real = moe.experts
+        rows, whole = [], []
+        grab = moe.register_forward_pre_hook(
+            lambda mod, args: whole.append(self.spill.keep(args[0].reshape(-1, args[0].shape[-1])))
+            if keep and self.all_experts else None)
+        try:
+            for args in inputs:
+                moe.experts = rec = _Experts(len(real), self.spill if keep else None)
+                self.sm.blocks[li](*args)
+                rows.append(rec.rows)
+        finally:
+            moe.experts = real
+            grab.remove()
+        return rows, whole
+
+    def moe_layer(self, li: int, moe: nn.Module, names: list[str], inputs: list[tuple]) -> list[tuple]:
+        """See the module docstring: record, experts one at a time, replay."""
+        shared = [n for n in names if self.expert_of[n] is None]
+        # original weights: stats of the non-expert linears, each expert's routed rows
+        rows1, whole1 = self.stats_then_quantize(shared, lambda first: self.record(li, moe, inputs, first))
+        # the quantized attention's outputs feed the experts
+        rows2 = self.record(li, moe, inputs, True)[0] if self.requant else rows1
+        outs: list[dict[int, torch.Tensor]] = [{} for _ in inputs]
+        by_expert: dict[int, list[str]] = {}
+        for n in names:
+            if self.expert_of[n] is not None:
+                by_expert.setdefault(self.expert_of[n], []).append(n)
+        for e in range(len(moe.experts)):
+            mine = by_expert.get(e, [])
+            if not mine and not any(e in r for r in rows1 + rows2):
+                continue                                # neither a target nor called: never loaded
+            expert = self.sm.load_expert(li, e)
+            self.start(mine)
+            self.active = set(mine)
+            if whole1 and mine:
+                self.broadcast = True
+                try:
+                    for x in whole1:
+                        expert(x)
+                finally:
+                    self.broadcast = False
+            for b, r in enumerate(rows1):
+                if e in r:
+                    y = expert(r[e])
+                    if not self.requant:
+                        outs[b][e] = self.spill.keep(y)
+            self.active = set()
+            if self.requant:
+                q = {n: self.quantized(n) for n in mine}
+                for n, w in q.items():
+                    self.mods[n].weight.data.copy_(w)
+                del q
+                for b, r in enumerate(rows2):
+                    if e in r:
+                        outs[b][e] = self.spill.keep(expert(r[e]))
+            self.finish(mine)
+            self.sm.free_expert(li, e)
+        real, out = moe.experts, []
+        try:
+            for args, o in zip(inputs, outs):
+                moe.experts = _Experts(len(real), self.spill, replay=o)
+                out.append((self.spill.keep(self.sm.blocks[li](*args)),) + tuple(args[1:]))
+        finally:
+            moe.experts = real
+        return out
 
 
-def collect_stats(ckpt, data: CalibData, targets: list[str], *,
-                  quantize: Callable[[str, torch.Tensor, LinearStats | None, torch.Tensor], torch.Tensor] | None = None,
-                  groups: dict[str, list[str]] | None = None,
-                  propagate: bool = True, all_experts: bool = False, batch: int = 4,
-                  progress: bool = False) -> Collected:
+def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quantizer | None = None,
+                  groups: dict[str, list[str]] | None = None, propagate: bool = True, all_experts: bool = False,
+                  batch: int = 4, progress: bool = False, sink: Callable[[str, LinearStats], None] | None = None,
+                  spill_dir=None, spill_bytes: int = SPILL_BYTES, stats_bytes: int = STATS_BYTES,
+                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Collected:
     """Statistics for the linears ``targets`` (checkpoint names); see the module docstring.
 
     ``quantize(name, w, stats, group_amax)`` returns the dequantized quantized weight of ``name`` (called in
     layer order when ``propagate``); ``group_amax`` is ``max|w|`` over ``groups[name]`` (fused partners sharing
-    one NVFP4 global scale; default: the tensor alone), taken before any of them is replaced. Linears the forward never calls (MTP blocks, absorbed MLA ``kv_b_proj``) get no stats.
+    one NVFP4 global scale; default: the tensor alone), taken before any of them is replaced. Linears the
+    forward never calls (MTP blocks, absorbed MLA ``kv_b_proj``) get no stats. ``sink(name, stats)``: receives
+    each linear's finished stats (count > 0) instead of the returned dict. ``spill_dir`` / ``spill_bytes``:
+    where and above what size (bytes of one layer's hidden states, or of its recorded expert rows) they go to
+    a memory-mapped temporary file (default dir: the system's). ``embed(ids [B, T]) -> [B, T, D]``: replaces
+    the checkpoint's embedding (benchmarks on a ``synth --layers N`` checkpoint, which has none; the pass then
+    starts at the first layer present). ``stats_bytes``: float64 ``X^T X`` held at once for a block's
+    non-expert linears; more need extra (identical) runs of the block, a few per layer at full size.
     """
     from tqdm import tqdm
 
-    from v4convert.runtime import load
-    from v4convert.runtime.common import Linear
-
-    with Checkpoint.open(ckpt) as ck:
-        family = ck.family
+    W, L = data.windows.shape
+    with Checkpoint.open(ckpt) as ck, Spill(spill_dir, spill_bytes) as spill:
+        sm = StreamedModel(ck, max_seq_len=L, max_batch_size=min(batch, W), embed=embed)
         layer_of = {n: ck.tensor_info(n).layer for n in targets}
         expert_of = {n: ck.tensor_info(n).expert for n in targets}
-    W, L = data.windows.shape
-    model = load(ckpt, dtype=torch.float32, max_seq_len=L, max_batch_size=min(batch, W))
-    rename = _rename(family)
-    mods: dict[str, Linear] = {}
-    for n in targets:
-        m = model.get_submodule(rename(n)[: -len(".weight")])
-        if not isinstance(m, Linear):
-            raise TypeError(f"{n}: runtime module {type(m).__name__} is not a Linear")
-        mods[n] = m
-    blocks = _blocks(model)
-    n_main = len(blocks) if not hasattr(model, "args") else model.args.arch.n_layers
-    stats = {n: LinearStats(torch.zeros(m.in_features, m.in_features, dtype=torch.float64)) for n, m in mods.items()}
-    coverage: dict[int, list[int]] = {}
-    state = {"active": set(), "broadcast": False}
-
-    def lin_hook(name):
-        def hook(mod, args):
-            if name in state["active"] and (not state["broadcast_only"].get(name) or state["broadcast"]):
-                stats[name].add(args[0])
-        return hook
-
-    # experts whose stats come only from the broadcast pass (all_experts)
-    state["broadcast_only"] = {n: all_experts and expert_of[n] is not None for n in targets}
-    handles = [m.register_forward_pre_hook(lin_hook(n)) for n, m in mods.items()]
-
-    def count_hook(layer: int, n_exp: int):
-        def hook(mod, args, out):
-            if layer in state["layers"]:
-                idx = out[1].reshape(-1)
-                c = torch.bincount(idx[idx >= 0], minlength=n_exp).tolist()
-                coverage[layer] = [a + b for a, b in zip(coverage.get(layer, [0] * n_exp), c)]
-        return hook
-
-    def broadcast_hook(moe):
-        def hook(mod, args):
-            if not any(state["active"] & set(_expert_names(moe))):
-                return
-            x = args[0].reshape(-1, args[0].shape[-1])
-            state["broadcast"] = True
-            try:
-                for e in moe.experts:
-                    e(x)
-            finally:
-                state["broadcast"] = False
-        return hook
-
-    expert_names_by_moe: dict[int, list[str]] = defaultdict(list)
-    moes = {}
-    for li in range(n_main):
-        blk = blocks[li]
-        moe = getattr(blk, "mlp", None) or getattr(blk, "ffn", None)
-        if moe is not None and hasattr(moe, "experts"):
-            moes[li] = moe
-            handles.append(moe.gate.register_forward_hook(count_hook(li, len(moe.experts))))
-    for n in targets:
-        if expert_of[n] is not None and layer_of[n] in moes:
-            expert_names_by_moe[id(moes[layer_of[n]])].append(n)
-
-    def _expert_names(moe):
-        return expert_names_by_moe.get(id(moe), [])
-
-    if all_experts:
-        handles += [moe.register_forward_pre_hook(broadcast_hook(moe)) for moe in moes.values()]
-
-    def block_inputs() -> list[tuple]:
-        """Arguments of block 0's call for each batch of windows (hidden state first; the rest — positions,
-        rope tables, mask, token ids — is what every block of this family receives)."""
-        got: list[tuple] = []
-
-        def grab(mod, args):
-            got.append(args)
-            raise _Stop
-
-        hd = blocks[0].register_forward_pre_hook(grab)
+        p = _Pass(sm, targets, layer_of, expert_of, quantize=quantize, groups=groups, propagate=propagate,
+                  all_experts=all_experts, sink=sink, spill=spill, stats_bytes=stats_bytes)
+        handles = p.hooks()
         try:
-            for i in range(0, W, batch):
-                try:
-                    model(data.windows[i:i + batch])
-                except _Stop:
-                    pass
+            main = [li for li in sm.main_layers if any(layer_of[n] == li for n in targets)]
+            run = [li for li in sm.main_layers if main and li <= main[-1]]
+            with torch.inference_mode():
+                inputs = sm.capture(data.windows, batch, spill) if run else []
+                for li in tqdm(run, desc="calibrate", unit="layer", disable=not progress):
+                    names = [n for n in targets if layer_of[n] == li]
+                    moe = _moe(sm.blocks[li])
+                    sm.load_layer(li, experts=moe is None)
+                    spill.new_layer()
+                    if moe is None:
+                        inputs = p.dense_layer(li, names, inputs)
+                    else:
+                        hd = moe.gate.register_forward_hook(p.count_hook(li, len(moe.experts)))
+                        try:
+                            inputs = p.moe_layer(li, moe, names, inputs)
+                        finally:
+                            hd.remove()
+                    sm.free_layer(li)
         finally:
-            hd.remove()
-        return got
-
-    def run_block(li: int, inputs: list[tuple]) -> list[tuple]:
-        with torch.inference_mode():
-            return [(blocks[li](*args),) + tuple(args[1:]) for args in inputs]
-
-    try:
-        layers = sorted({layer_of[n] for n in targets if layer_of[n] is not None and layer_of[n] < n_main})
-        inputs = block_inputs()
-        for li in tqdm(range(layers[-1] + 1 if layers else 0), desc="calibrate", unit="layer", disable=not progress):
-            names = [n for n in targets if layer_of[n] == li]
-            state["active"], state["layers"] = set(names), {li}
-            outputs = run_block(li, inputs)
-            state["active"], state["layers"] = set(), set()
-            if propagate and quantize is not None and names:
-                amax = {n: mods[n].weight.detach().abs().amax().float() for n in names}
-                for n in names:
-                    partners = (groups or {}).get(n, [n])
-                    g = torch.stack([amax[p] if p in amax else mods[p].weight.detach().abs().amax().float()
-                                     for p in partners]).amax()
-                    w = quantize(n, mods[n].weight.data, stats[n] if stats[n].count else None, g)
-                    mods[n].weight.data.copy_(w.to(mods[n].weight.dtype))
-                outputs = run_block(li, inputs)          # the next layer sees the quantized layer's output
-            inputs = outputs
-    finally:
-        for hd in handles:
-            hd.remove()
-    out = {n: s for n, s in stats.items() if s.count}
-    return Collected(out, coverage, W * L)
+            for hd in handles:
+                hd.remove()
+    return Collected(p.kept, p.coverage, W * L)

@@ -108,7 +108,8 @@ def run_calibration(plan, data: CalibData | SavedPass, copts: CalibOptions, *, p
             log(f"calibration: {data.windows.shape[0]} windows x {data.windows.shape[1]} tokens from {data.source}, "
                 f"method {copts.method}, {len(tensors)} linears")
             col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
-                                propagate=copts.propagate, all_experts=copts.all_experts, progress=progress)
+                                propagate=copts.propagate, all_experts=copts.all_experts, progress=progress,
+                                spill_dir=path.parent)
         table = input_amax_table(plan, {n: s.amax for n, s in col.stats.items()}) if a4 else {}
         dropped = save_stats(path, col, copts, min_for, extra=amax_tensors(table))
         coverage = col.coverage
