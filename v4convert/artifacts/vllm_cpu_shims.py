@@ -15,6 +15,15 @@ Shims, each for a kernel vLLM 0.32 has only on CUDA (listed in ``SHIMS``, report
   ``dequantize_to_dtype`` and hands the layer to vLLM's own unquantized MoE method (vLLM's CPU MoE kernel).
   vLLM's routing (grouped top-k, ``e_score_correction_bias``) is untouched: ``apply`` receives its top-k.
   Weight-only (W4A16) only: a W4A4 MoE goes to vLLM's own backend choice (none on a CPU).
+* ``mxfp4-linear-w4a16``: vLLM's MXFP4 linear kernels are CUDA/ROCm/XPU-only; its emulation kernel needs amd-quark
+  to dequantize. Note vLLM passes ``kMxfp4Dynamic`` for every compressed-tensors MXFP4 scheme and runs W4A4 only
+  with FlashInfer's FP4 GEMM (SM100+); on other GPUs it picks the weight-only Marlin kernel. Ours does what Marlin
+  does: ``init_mxfp4_linear_kernel`` returns, on a CPU, a weight-only kernel that dequantizes the loaded
+  ``weight_packed`` / ``weight_scale`` once with vLLM's pure-torch MXFP4 dequantizer
+  (``flashinfer_moe_ep._dequant_mxfp4_ue8m0_gran32``, exact in bfloat16) and runs ``F.linear``.
+* ``mxfp4-moe``: vLLM's compressed-tensors MXFP4 MoE method picks ``MarlinExperts`` on a CPU (CUDA). Ours lets it
+  create and load ``w13_/w2_weight_packed`` and ``_scale`` as usual, then dequantizes them with the same function
+  and hands the layer to vLLM's unquantized CPU MoE (as ``nvfp4-moe``).
 * ``modelopt-fp4-float32``: vLLM's ModelOpt NVFP4 config lists bf16/fp16 activations only (the CUDA kernels'
   limit); the dequantized GEMM above runs float32, which the comparison at 1e-3 needs.
 """
@@ -87,10 +96,9 @@ def _ct_nvfp4_moe_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
                               1.0 / layer.w2_weight_global_scale.float().reshape(-1)))
 
 
-def _moe_dequant_at_load(module, method_cls, weights) -> None:
-    """Patch ``method_cls`` (an NVFP4 MoE method of ``module``) to run vLLM's unquantized MoE after load."""
+def _nvfp4_moe_backend_on_cpu(module) -> None:
+    """Patch ``module.select_nvfp4_moe_backend``: on a CPU, a W4A16 NVFP4 MoE gets a placeholder backend."""
     from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend, backend_to_kernel_cls
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
     from vllm.platforms import current_platform
 
     select = module.select_nvfp4_moe_backend
@@ -102,6 +110,11 @@ def _moe_dequant_at_load(module, method_cls, weights) -> None:
         return NvFp4MoeBackend.EMULATION, backend_to_kernel_cls(NvFp4MoeBackend.EMULATION)[0]
 
     module.select_nvfp4_moe_backend = select_on_cpu
+
+
+def _moe_dequant_at_load(method_cls, weights) -> None:
+    """Patch ``method_cls`` (an FP4 MoE method) to run vLLM's unquantized MoE after load."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
     def process_weights_after_loading(self, layer) -> None:
         w13, w2 = weights(layer)
@@ -136,9 +149,82 @@ def _nvfp4_moe() -> None:
         compressed_tensors_moe_w4a4_nvfp4 as ct_moe,
     )
 
-    _moe_dequant_at_load(modelopt, modelopt.ModelOptNvFp4FusedMoE, _modelopt_moe_weights)
-    _moe_dequant_at_load(ct_moe, ct_moe.CompressedTensorsW4A4Nvfp4MoEMethod, _ct_nvfp4_moe_weights)
+    for module in (modelopt, ct_moe):
+        _nvfp4_moe_backend_on_cpu(module)
+    _moe_dequant_at_load(modelopt.ModelOptNvFp4FusedMoE, _modelopt_moe_weights)
+    _moe_dequant_at_load(ct_moe.CompressedTensorsW4A4Nvfp4MoEMethod, _ct_nvfp4_moe_weights)
     SHIMS.append("nvfp4-moe")
+
+
+def _dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``[..., N, K/2]`` packed E2M1 (low nibble first) + ``[..., N, K/32]`` E8M0 scales -> float32 ``[..., N, K]``.
+
+    vLLM's own pure-torch MXFP4 dequantizer (``flashinfer_moe_ep._dequant_mxfp4_ue8m0_gran32``; the public
+    ``mxfp4_utils.dequant_mxfp4`` needs amd-quark). It returns bfloat16, which is exact here: an E2M1 value
+    (<= 2 significant bits) times a power of two (E8M0, 2^-127..2^127) is a bfloat16 (fp32's exponent range).
+    """
+    from vllm.model_executor.layers.fused_moe.flashinfer_moe_ep import _dequant_mxfp4_ue8m0_gran32
+
+    p, s = packed.data.view(torch.uint8), scale.data.view(torch.uint8)
+    flat = _dequant_mxfp4_ue8m0_gran32(p.reshape(-1, p.shape[-1]), s.reshape(-1, s.shape[-1]))
+    return flat.float().reshape(*p.shape[:-1], p.shape[-1] * 2)
+
+
+def _mxfp4_linear_w4a16() -> None:
+    from vllm.model_executor.kernels import linear as kl
+    from vllm.model_executor.kernels.linear.mxfp4.base import MxFp4LinearKernel
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_w4a4_mxfp4 as ct
+    from vllm.platforms import current_platform
+
+    class DequantAtLoadMxFp4Kernel(MxFp4LinearKernel):
+        """Weight-only MXFP4 on CPU: dequantize once after loading, then a dense GEMM (no activation quant).
+        (vLLM's own emulation kernel needs amd-quark to dequantize and would quantize activations.)"""
+
+        @classmethod
+        def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
+            return True, None
+
+        @classmethod
+        def can_implement(cls, config) -> tuple[bool, str | None]:
+            return config.activation_quant_key is None, "weight-only"
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            # layer.weight is the packed uint8 [N, K/2] (the scheme renamed weight_packed), weight_scale [N, K/32]
+            w = _dequant_mxfp4(layer.weight, layer.weight_scale)
+            layer.register_buffer("_v4c_dequantized", w, persistent=False)
+
+        def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+            return F.linear(x, layer._v4c_dequantized.to(x.dtype), bias)
+
+    original = kl.init_mxfp4_linear_kernel
+
+    def init_mxfp4_linear_kernel(activation_quant_key=None):
+        if current_platform.is_cpu():
+            # vLLM passes kMxfp4Dynamic for every compressed-tensors MXFP4 scheme, W4A16 configs included, and
+            # runs W4A4 only where FlashInfer's FP4 GEMM exists (SM100+); elsewhere it picks the weight-only
+            # Marlin kernel. On a CPU we do what Marlin does: weight-only.
+            return DequantAtLoadMxFp4Kernel(kl.MxFp4LinearLayerConfig(activation_quant_key=None))
+        return original(activation_quant_key=activation_quant_key)
+
+    for mod in (kl, ct):
+        mod.init_mxfp4_linear_kernel = init_mxfp4_linear_kernel
+    SHIMS.append("mxfp4-linear-w4a16")
+
+
+def _ct_mxfp4_moe_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    # compressed-tensors MXFP4: no global scale; w13 [E, 2I, H/2] + [E, 2I, H/32], w2 [E, H, I/2] + [E, H, I/32]
+    return (_dequant_mxfp4(layer.w13_weight_packed, layer.w13_weight_scale),
+            _dequant_mxfp4(layer.w2_weight_packed, layer.w2_weight_scale))
+
+
+def _mxfp4_moe() -> None:
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w4a4_mxfp4 as ct_moe,
+    )
+
+    # its __init__ picks MarlinExperts on a CPU (a class only; nothing CUDA runs before load)
+    _moe_dequant_at_load(ct_moe.CompressedTensorsW4A4Mxfp4MoEMethod, _ct_mxfp4_moe_weights)
+    SHIMS.append("mxfp4-moe")
 
 
 def _modelopt_fp4_float32() -> None:
@@ -156,4 +242,6 @@ def install() -> list[str]:
         _nvfp4_linear_w4a16()
         _nvfp4_moe()
         _modelopt_fp4_float32()
+        _mxfp4_linear_w4a16()
+        _mxfp4_moe()
     return list(SHIMS)
