@@ -99,7 +99,7 @@ def main() -> None:
     layout = args.work / "layout"
     if not layout.exists():
         args.work.mkdir(parents=True, exist_ok=True)
-        r = sharded.export(args.src, layout, sharded.Options(tp=args.tp, ep=args.ep), progress=sys.stderr.isatty())
+        r = sharded.export(args.src, layout, sharded.Options(tp=args.tp, ep=args.ep, allow_missing=True), progress=sys.stderr.isatty())
         print(f"export: {r.n_bytes / 1e9:.2f} GB in {r.seconds:.1f} s ({r.n_bytes / r.seconds / 1e9:.2f} GB/s)")
     man = Manifest.read(layout)
     files = [layout / f["file"] for f in man.files.values()]

@@ -240,6 +240,11 @@ def test_missing_tensors_refused_unless_allowed(tiny_ckpts, tmp_path):
     msg = one_line_error(quantize(root, tmp_path / "q"), f"{n} tensors", "model.layers.2.", "--allow-missing")
     assert msg.count("model.layers.2.") == 3            # the first few, not all of them
     one_line_error(["export", str(root), "--gguf", "--out", str(tmp_path / "m.gguf")], f"{n} tensors")
+    one_line_error(["export", str(root), "--mlx", "--out", str(tmp_path / "mlx")], f"{n} tensors")
+    one_line_error(["export", str(root), "--sharded", "--tp", "1", "--out", str(tmp_path / "sh")], f"{n} tensors")
+    assert not (tmp_path / "mlx").exists() and not (tmp_path / "sh").exists()
+    ok(["export", str(root), "--sharded", "--tp", "1", "--out", str(tmp_path / "sh"), "--allow-missing"])
+    assert json.loads((tmp_path / "sh" / ".v4convert-output.json").read_text())["allowed_missing"]["count"] == n
     one_line_error(["run", str(root), "--prompt", "hi"], f"{n} tensors")          # the runtime refuses too
     one_line_error(["verify", str(src), str(root)], f"{n} tensors")
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob("*.gguf"))

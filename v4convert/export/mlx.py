@@ -103,6 +103,8 @@ class Options:
     shard_bytes: int | None = field(default=None, metadata={
         "cli": "--mlx-shard-size", "size": True,
         "help": "Largest MLX safetensors shard (e.g. 2G; default 5 GiB like mlx-lm)."})
+    allow_missing: bool = field(default=False, metadata={
+        "help": "Export although the checkpoint lacks tensors its config implies (recorded in the output's marker)."})
 
 
 @dataclass
@@ -315,6 +317,7 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
     with Checkpoint.open(src) as ck:
         if MLX_LM_MODELS.get(ck.family) is None:
             raise MLXExportError(f"{src}: {V4_REFUSAL}")
+        incomplete = ck.check_complete(opts.allow_missing)   # refuse a half model (unless allowed)
         planner = _Planner(ck, opts)
         modules = planner.modules()
         planned = [t for m in modules for t in _planned(m)]
@@ -354,7 +357,7 @@ def export_mlx(src: Path, out: Path, opts: Options | None = None, *, progress: b
         finally:
             if bar:
                 bar.close()
-        outputs.write_marker(tmp, "mlx", "complete")
+        outputs.write_marker(tmp, "mlx", "complete", **incomplete)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

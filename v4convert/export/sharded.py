@@ -45,6 +45,8 @@ class Options:
                                                  "(world size = max(tp, ep))."})
     deepseek_mp: bool = field(default=False, metadata={"help": "Also write DeepSeek's model{r}-mp{N}.safetensors "
                                                                "(needs tp == ep)."})
+    allow_missing: bool = field(default=False, metadata={
+        "help": "Export although the checkpoint lacks tensors its config implies (recorded in the output's marker)."})
 
 
 def _stored_name(info, comp: str) -> str:
@@ -75,6 +77,7 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
         raise UserError(f"{out}: output directory exists and is not empty")
     outputs.claim(out, sources=[src])     # the output rule (v4convert.outputs): never inside the source, scratch ours
     with Checkpoint.open(src) as ck:
+        incomplete = ck.check_complete(opts.allow_missing)   # refuse a half model (unless allowed)
         check_world(ck.arch, world)
         if opts.deepseek_mp and ck.arch.vocab % world.tp:
             raise UserError(f"{src}: --deepseek-mp: vocab_size {ck.arch.vocab} is not divisible by {world.tp} "
@@ -140,7 +143,7 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False) -> Ex
             paths += [out / p.name for p in mp_paths]
             notes.append(f"DeepSeek model-parallel files: {', '.join(p.name for p in mp_paths)} (MTP layer dropped)")
         notes.append(f"run: torchrun --nproc-per-node {n} -m v4convert run {out} --prompt ...")
-    outputs.write_marker(tmp, "sharded", "complete")
+    outputs.write_marker(tmp, "sharded", "complete", **incomplete)
     if out.exists():
         out.rmdir()          # empty (checked above)
     os.replace(tmp, out)
