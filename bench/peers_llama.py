@@ -86,20 +86,20 @@ def _num(pat: str, text: str) -> float:
 def perplexity_kld(tools: Path, gguf: Path, base: Path, aligned: bool, log: Path) -> dict:
     """``llama-perplexity --kl-divergence`` of ``gguf`` against ``base``: mean / p99 KLD, same-top, PPL ratio.
 
-    Retried up to 5 times when the summary is missing: on this machine about 1 run in 4 exits 0 with its log
-    cut after the last chunk line, before the summary block (llama.cpp's asynchronous logger loses its tail
-    at exit; the per-chunk lines up to there equal those of complete runs, and complete runs of one file give
-    identical numbers). ``attempts`` in the result says how many runs it took."""
+    Retried up to 10 times when the summary is missing: on this loaded 2-core machine up to 1 run in 3 exits 0
+    with its output cut short (after some chunk line, or before the table), the same with pipes or a file
+    (not reproduced on a quieter moment: 0 of 32); the lines that are there equal those of complete runs, and
+    complete runs of one file give identical numbers. ``attempts`` in the result says how many runs it took."""
     cmd = [str(tools / "llama-perplexity"), "-m", str(gguf), "--kl-divergence-base", str(base), "--kl-divergence",
            "-t", "1", *overrides(aligned)]
-    for attempt in range(1, 6):
+    for attempt in range(1, 11):
         p = subprocess.run(cmd, capture_output=True, text=True)
         log.write_text(p.stdout + p.stderr)
         if p.returncode == 0 and "Same top p:" in p.stdout + p.stderr:      # its last summary line
             break
     else:
         last = (p.stderr or p.stdout).strip().splitlines()
-        raise RuntimeError(f"llama-perplexity exit {p.returncode}, no summary in 5 runs: {last[-1] if last else ''}"
+        raise RuntimeError(f"llama-perplexity exit {p.returncode}, no summary in 10 runs: {last[-1] if last else ''}"
                            [:250])
     t = p.stdout + p.stderr
     return {"kld_mean": _num(r"Mean\s+KLD:\s+(-?[\d.]+)", t), "kld_p99": _num(r"99\.0%\s+KLD:\s+(-?[\d.]+)", t),
