@@ -221,7 +221,7 @@ def main() -> None:
         row = {"tool": tool, "scheme": scheme, "version": versions[kind], "error": None}
         args = tuple(x.format(ct=a.calib_tokens, cl=a.calib_seq_len) for x in args)
         imatrix, prep_err = None, None      # (path, wall s, RSS MiB, error) of the imatrix the row uses
-        if kind in ("llamacpp", "gguf-im"):
+        if kind in ("llamacpp", "gguf-im", "gguf"):    # gguf: only for the llama-perplexity score
             prep_err = llama_prep(st, a, ref, kind)
             if kind == "llamacpp" and args[1]:
                 imatrix = st.get("llama_im")
