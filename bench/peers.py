@@ -15,6 +15,10 @@ Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/dat
     bundled training split), straight from the FP8 release;
   - llama.cpp: ``v4convert export --gguf`` Q8_0 / Q4_0 / MXFP4 (our writer: MXFP4 experts, the rest at --type)
     and Q4_K_M (llama.cpp's own ``llama_model_quantize`` through llama-cpp-python);
+  - llama.cpp's CLI (``--only llamacpp``, bench/peers_llama.py): our F32 GGUF -> llama-imatrix on the calibration
+    windows -> llama-quantize Q4_K_M / IQ4_XS / MXFP4_MOE with and without it; ours (``gguf-im``): ``v4convert
+    calibrate --imatrix`` + ``export --type Q4_K_M / IQ4_XS --imatrix``. Every GGUF row is also scored by
+    ``llama-perplexity --kl-divergence`` (F32 GGUF base logits, same held-out text), printed beside verify's KLD;
   - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier (bench/peers_llmc.py);
   - AutoRound: the weight half of its NVFP4 / MXFP4 presets, RTN (iters=0) and SignRound (bench/peers_autoround.py);
   - ModelOpt: ``mtq.quantize`` W4A16_NVFP4 (max, awq_lite) and MXFP4 weights-only, ``export_hf_checkpoint``
@@ -337,13 +341,13 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def crosscheck(rows: list[dict]) -> str:
     """GGUF rows: our verify's KLD mean beside llama-perplexity --kl-divergence's (bench/peers_llama.py)."""
-    lines = [f"{'tool':<37} {'scheme':<26} {'verify':>8} {'verify':>8} {'llama-ppl':>9} {'ratio':>6} {'llama-ppl':>9}",
-             f"{'':<37} {'':<26} {'all pos':>8} {'2nd half':>8} {'aligned':>9} {'':>6} {'BOS run':>9}"]
+    lines = [f"{'tool':<37} {'scheme':<38} {'verify':>8} {'verify':>8} {'llama-ppl':>9} {'ratio':>6} {'llama-ppl':>9}",
+             f"{'':<37} {'':<38} {'all pos':>8} {'2nd half':>8} {'aligned':>9} {'':>6} {'BOS run':>9}"]
     for r in rows:
         if "llama_perplexity" in r:
             al, us = r["llama_perplexity_aligned"].get("kld_mean"), r["llama_perplexity"].get("kld_mean")
             m = r["kld_mean_second_halves"]
-            lines.append(f"{r['tool']:<37} {r['scheme']:<26} {r['kld_mean']:>8.5f} {m:>8.5f} "
+            lines.append(f"{r['tool']:<37} {r['scheme']:<38} {r['kld_mean']:>8.5f} {m:>8.5f} "
                          + (f"{al:>9.5f} {al / m:>6.3f}" if al is not None else f"{'error':>9} {'':>6}")
                          + (f" {us:>9.5f}" if us is not None else f" {'error':>9}"))
             errs = [r[k]["error"] for k in ("llama_perplexity_aligned", "llama_perplexity") if "error" in r[k]]
