@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# llama.cpp's own command-line tools llama-quantize, llama-imatrix and llama-perplexity, built once from the llama.cpp vendored in
-# the installed llama-cpp-python (same source as the library the GGUF exporter calls) and cached in
-# ~/.cache/v4convert-ci/llama-tools/<version>/bin. Prints the bin directory on its last line.
+# llama.cpp's own command-line tools llama-quantize, llama-imatrix and llama-perplexity, built once from the
+# llama.cpp vendored in the installed llama-cpp-python (same source as the library the GGUF exporter calls) and
+# cached in ~/.cache/v4convert-ci/llama-tools/<version>/bin. Prints the bin directory on its last line.
 # Used by tests/test_imatrix.py and bench/peers.py (llama-perplexity --kl-divergence) to cross-check our
 # imatrix path and our verify against llama.cpp's own tools (optional in the tests:
 # the export itself needs only llama-cpp-python). Portable x86-64 flags (the native build traps on AMX here).
