@@ -15,6 +15,10 @@ Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/dat
     bundled training split), straight from the FP8 release;
   - llama.cpp: ``v4convert export --gguf`` Q8_0 / Q4_0 / MXFP4 (our writer: MXFP4 experts, the rest at --type)
     and Q4_K_M (llama.cpp's own ``llama_model_quantize`` through llama-cpp-python);
+  - llama.cpp's CLI (``--only llamacpp``, bench/peers_llama.py): our F32 GGUF -> llama-imatrix on the calibration
+    windows -> llama-quantize Q4_K_M / IQ4_XS / MXFP4_MOE with and without it; ours (``gguf-im``): ``v4convert
+    calibrate --imatrix`` + ``export --type Q4_K_M / IQ4_XS --imatrix``. Every GGUF row is also scored by
+    ``llama-perplexity --kl-divergence`` (F32 GGUF base logits, same held-out text), printed beside verify's KLD;
   - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier (bench/peers_llmc.py);
   - AutoRound: the weight half of its NVFP4 / MXFP4 presets, RTN (iters=0) and SignRound (bench/peers_autoround.py);
   - ModelOpt: ``mtq.quantize`` W4A16_NVFP4 (max, awq_lite) and MXFP4 weights-only, ``export_hf_checkpoint``
@@ -38,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+import peers_llama as pl
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +53,8 @@ CALIB = ("--calib", "--calib-tokens", "{ct}", "--calib-seq-len", "{cl}")
 # peer kind -> (its script in bench/, the distribution whose version the table shows); run with PEERS_PY
 PEERS = {"llmc": ("peers_llmc.py", "llmcompressor"), "autoround": ("peers_autoround.py", "auto-round"),
          "modelopt": ("peers_modelopt.py", "nvidia-modelopt")}
-# (tool, scheme, kind, args); kind: quantize | gguf | one of PEERS
+LLAMA = "llama.cpp llama-quantize (F32 GGUF)"
+# (tool, scheme, kind, args); kind: quantize | gguf | llamacpp | gguf-im | one of PEERS
 ROWS = (
     ("v4convert", "NVFP4 rtn", "quantize", ("--scheme", "nvfp4", "--method", "rtn")),
     ("v4convert", "NVFP4 gptq+four-over-six", "quantize", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
@@ -63,6 +69,11 @@ ROWS = (
     ("llama.cpp (our GGUF writer)", "MXFP4_MOE (experts MXFP4, rest Q8_0)", "gguf",
      ("--type", "q8_0", "--expert-type", "mxfp4")),
     ("llama.cpp llama_model_quantize", "Q4_K_M (experts Q4_0)", "gguf", ("--type", "q4_k_m", "--expert-type", "q4_0")),
+    # llama.cpp's own CLI on the F32 GGUF of our exporter, with / without llama-imatrix's imatrix (bench/peers_llama.py)
+    *((LLAMA, f"{t}{im and ' + llama-imatrix'}", "llamacpp", (t, im))
+      for t in ("Q4_K_M", "IQ4_XS", "MXFP4_MOE") for im in ("", "imatrix")),
+    # ours: v4convert calibrate --imatrix, then export --type T --imatrix (llama.cpp's quantizer)
+    *(("v4convert imatrix (GGUF)", f"{t} + our imatrix", "gguf-im", (t,)) for t in ("Q4_K_M", "IQ4_XS")),
     ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
     ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
     ("AutoRound (BF16 detour)", "NVFP4A16 RTN (iters=0)", "autoround", ("NVFP4", "0")),
@@ -124,6 +135,42 @@ def stored_bytes(art: Path) -> int:
                                                                            *art.glob("*.gguf")]))
 
 
+def llama_prep(st: dict, a: argparse.Namespace, ref: Path, kind: str) -> str | None:
+    """Once per run, what the GGUF imatrix rows share: our imatrix (``gguf-im``), llama.cpp's tools, the F32 GGUF
+    of our exporter, llama-perplexity's base logits (held-out text, users' BOS run and the aligned run) and
+    llama-imatrix's imatrix on the calibration windows (``llamacpp``). An error line for the row, or None."""
+    from v4convert.calib.data import calibration_windows
+    from v4convert.verify import DEFAULT_DATA
+    if kind == "gguf-im" and "ours_im" not in st:
+        im = a.out / "tiny-v3.v4convert-imatrix.gguf"
+        st["ours_im"] = (im, *timed([*V4, "calibrate", str(ref), "--calib", "--calib-tokens", str(a.calib_tokens),
+                                     "--calib-seq-len", str(a.calib_seq_len), "--imatrix", str(im), "--overwrite",
+                                     "--no-progress"], a.out / "log-calibrate-imatrix.txt"))
+    if "tools" not in st:
+        st["tools"] = pl.tools_dir()
+    if st["tools"] is None:
+        return "llama.cpp tools not built (bash .ci/llama_tools.sh failed)"
+    if "f32" not in st:
+        f32 = a.out / "tiny-v3-F32.gguf"
+        st["f32_s"], _, err = timed([*V4, "export", str(ref), "--gguf", "--type", "F32", "--out", str(f32),
+                                     "--overwrite", "--no-modelfile", "--no-progress"], a.out / "log-export-F32.txt")
+        if err:
+            return f"F32 export: {err}"
+        st["f32"] = f32
+        print(f"F32 GGUF for llama.cpp's tools: {st['f32_s']:.1f} s", flush=True)
+        for aligned in (False, True):       # as many chunks as verify's windows (make_windows)
+            st["base", aligned] = a.out / f"llama-base-{'aligned' if aligned else 'bos'}.kld"
+            pl.perplexity_base(st["tools"], f32, DEFAULT_DATA, a.ctx, math.ceil(a.tokens / (a.ctx - 1)),
+                               st["base", aligned], aligned)
+    if kind == "llamacpp" and "llama_im" not in st:
+        cw = calibration_windows(ref, None, a.calib_tokens, a.calib_seq_len).windows
+        txt = pl.calib_text(ref, cw, a.out / "calib-train.txt")
+        im = a.out / "tiny-v3.llama-imatrix.gguf"
+        st["llama_im"] = (im, *timed(pl.imatrix_cmd(st["tools"], st["f32"], txt, a.calib_seq_len, cw.shape[0], im),
+                                     a.out / "log-llama-imatrix.txt"))
+    return None
+
+
 def peer_version(py: Path, mod: str) -> str:
     try:
         return subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{mod}'))"],
@@ -140,8 +187,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llmc,autoround,"
-                                                "modelopt; default all)")
+    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llamacpp,gguf-im,"
+                                                "llmc,autoround,modelopt; default all)")
     ap.add_argument("--plot", type=Path, default=None, help="write a KLD-vs-bits/w scatter PNG here")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -167,19 +214,38 @@ def main() -> None:
                 "gguf": f"v4convert {v4convert.__version__}, llama-cpp-python {llama_cpp.__version__}"}
     for kind, (_, dist) in PEERS.items():
         versions[kind] = f"{dist} {peer_version(PEERS_PY, dist)}"
-    rows = []
+    versions["llamacpp"] = f"llama.cpp tools (llama-cpp-python {llama_cpp.__version__} source)"
+    versions["gguf-im"] = versions["gguf"]
+    rows: list[dict] = []
+    st: dict = {}           # shared state of the llama.cpp / imatrix rows (llama_prep)
     for tool, scheme, kind, args in ROWS:
         if only and kind not in only:
             continue
         name = scheme.split(" (")[0].replace(" ", "_").replace("+", "_")
         row = {"tool": tool, "scheme": scheme, "version": versions[kind], "error": None}
         args = tuple(x.format(ct=a.calib_tokens, cl=a.calib_seq_len) for x in args)
+        imatrix, prep_err = None, None      # (path, wall s, RSS MiB, error) of the imatrix the row uses
+        if kind in ("llamacpp", "gguf-im", "gguf"):    # gguf: only for the llama-perplexity score
+            prep_err = llama_prep(st, a, ref, kind)
+            if kind == "llamacpp" and args[1]:
+                imatrix = st.get("llama_im")
+            elif kind == "gguf-im":
+                imatrix = st["ours_im"]
+            prep_err = (prep_err if kind == "llamacpp" else None) or (imatrix and imatrix[3] and
+                                                                       f"imatrix: {imatrix[3]}")
         if kind == "quantize":
             art = a.out / f"ours-{name}"
             cmd = [*V4, "quantize", str(ref), "--fp4", "--out", str(art), "--workers", "1", "--overwrite", *args]
         elif kind == "gguf":
             art = a.out / f"gguf-{name}.gguf"
             cmd = [*V4, "export", str(ref), "--gguf", "--out", str(art), "--overwrite", "--no-modelfile", *args]
+        elif kind == "llamacpp":
+            art = a.out / f"llama-{name}.gguf"
+            cmd = pl.quantize_cmd(st["tools"], st["f32"], art, args[0], imatrix and imatrix[0]) if not prep_err else []
+        elif kind == "gguf-im":
+            art = a.out / f"gguf-{name}.gguf"
+            cmd = [*V4, "export", str(ref), "--gguf", "--type", args[0], "--imatrix", str(imatrix[0]), "--out", str(art),
+                   "--overwrite", "--no-modelfile"]
         else:
             art = a.out / f"{kind}-{name}"
             if not bf16.exists():
@@ -195,9 +261,14 @@ def main() -> None:
                    *args]
         if kind in PEERS and not PEERS_PY.exists():
             row["error"] = f"{PEERS_PY}: no peers venv (run bash bench/peers_venv.sh)"
+        elif prep_err:
+            row["error"] = prep_err
         else:
             row["wall_s"], row["peak_rss_mib"], err = timed(cmd, a.out / f"log-{kind}-{name}.txt")
             row["error"] = err or None
+            if imatrix:         # the imatrix pass is part of the row's cost (made once, used by each type)
+                row["imatrix_s"] = imatrix[1]
+                row["wall_s"], row["peak_rss_mib"] = row["wall_s"] + imatrix[1], max(row["peak_rss_mib"], imatrix[2])
         if kind in PEERS and not row["error"]:
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if not (art / f).exists():
@@ -210,12 +281,24 @@ def main() -> None:
                 row.update(kld_mean=r["kld"]["mean"], kld_p99=r["kld"]["p99"], top1=r["top1_agreement"],
                            ppl_ratio=r["ppl"]["ratio"], bits_per_weight=8 * stored_bytes(art) / n_params,
                            ref_ppl=r["ppl"]["ref"], scored_tokens=r["settings"]["scored_tokens"])
+                if art.suffix == ".gguf" and st.get("f32"):     # llama.cpp's own score of the same file
+                    row["kld_mean_second_halves"] = pl.matched_kld(r["_per_token_kld"], r["settings"]["windows"],
+                                                                   a.ctx)
+                    for aligned in (False, True):
+                        key = "llama_perplexity" + ("_aligned" if aligned else "")
+                        try:
+                            row[key] = pl.perplexity_kld(st["tools"], art, st["base", aligned], aligned,
+                                                         a.out / f"log-llama-perplexity-{name}{'-aligned' * aligned}.txt")
+                        except RuntimeError as e:
+                            row[key] = {"error": str(e)}
             except Exception as e:      # a peer artifact our verify cannot load stays a row with the reason
                 row["error"] = f"our verify: {type(e).__name__}: {str(e).splitlines()[0][:250]}"
         rows.append(row)
         print(f"{tool} {scheme}: " + (f"KLD {row['kld_mean']:.5f}" if "kld_mean" in row else f"ERROR {row['error']}"),
               flush=True)
     print(table(rows))
+    if any("llama_perplexity" in r for r in rows):
+        print(crosscheck(rows))
     if a.plot:
         plot(rows, a.plot)
     out = a.json or a.out / "peers.json"
@@ -256,17 +339,33 @@ def plot(rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+def crosscheck(rows: list[dict]) -> str:
+    """GGUF rows: our verify's KLD mean beside llama-perplexity --kl-divergence's (bench/peers_llama.py)."""
+    lines = [f"{'tool':<37} {'scheme':<38} {'verify':>8} {'verify':>8} {'llama-ppl':>9} {'ratio':>6} {'llama-ppl':>9}",
+             f"{'':<37} {'':<38} {'all pos':>8} {'2nd half':>8} {'aligned':>9} {'':>6} {'BOS run':>9}"]
+    for r in rows:
+        if "llama_perplexity" in r:
+            al, us = r["llama_perplexity_aligned"].get("kld_mean"), r["llama_perplexity"].get("kld_mean")
+            m = r["kld_mean_second_halves"]
+            lines.append(f"{r['tool']:<37} {r['scheme']:<38} {r['kld_mean']:>8.5f} {m:>8.5f} "
+                         + (f"{al:>9.5f} {al / m:>6.3f}" if al is not None else f"{'error':>9} {'':>6}")
+                         + (f" {us:>9.5f}" if us is not None else f" {'error':>9}"))
+            errs = [r[k]["error"] for k in ("llama_perplexity_aligned", "llama_perplexity") if "error" in r[k]]
+            lines += [f"    llama-perplexity: {e}" for e in errs]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'tool':<31} {'scheme':<38} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
+    head = (f"{'tool':<37} {'scheme':<38} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
             f"{'PPL ratio':>9} {'wall s':>7} {'RSS MiB':>8}  version")
     lines = [head]
     for r in rows:
         if "kld_mean" in r:
-            lines.append(f"{r['tool']:<31} {r['scheme']:<38} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
+            lines.append(f"{r['tool']:<37} {r['scheme']:<38} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
                          f"{r['kld_p99']:>8.4f} {r['top1']:>7.4f} {r['ppl_ratio']:>9.4f} {r['wall_s']:>7.1f} "
                          f"{r['peak_rss_mib']:>8.0f}  {r['version']}")
         else:
-            lines.append(f"{r['tool']:<31} {r['scheme']:<38} error ({r['version']}): {r['error']}")
+            lines.append(f"{r['tool']:<37} {r['scheme']:<38} error ({r['version']}): {r['error']}")
     return "\n".join(lines)
 
 
