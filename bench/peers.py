@@ -20,6 +20,8 @@ Model: the bundled trained tiny V3 as published (FP8 block-scaled, v4convert/dat
     calibrate --imatrix`` + ``export --type Q4_K_M / IQ4_XS --imatrix``. Every GGUF row is also scored by
     ``llama-perplexity --kl-divergence`` (F32 GGUF base logits, same held-out text), printed beside verify's KLD;
   - llm-compressor: NVFP4A16 with QuantizationModifier (RTN) and GPTQModifier (bench/peers_llmc.py);
+  - W4A4 (``--only quantize-w4a4,llmc-w4a4``): ours ``--activations w4a4`` (NVFP4 all-linear rtn / gptq, MXFP4
+    rtn) and llm-compressor's W4A4 presets NVFP4 (RTN, GPTQ) / MXFP4 (RTN), scored with activation quantization;
   - AutoRound: the weight half of its NVFP4 / MXFP4 presets, RTN (iters=0) and SignRound (bench/peers_autoround.py);
   - ModelOpt: ``mtq.quantize`` W4A16_NVFP4 (max, awq_lite) and MXFP4 weights-only, ``export_hf_checkpoint``
     (bench/peers_modelopt.py);
@@ -76,6 +78,17 @@ ROWS = (
     *(("v4convert imatrix (GGUF)", f"{t} + our imatrix", "gguf-im", (t,)) for t in ("Q4_K_M", "IQ4_XS")),
     ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
     ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
+    # W4A4 (kinds quantize-w4a4 / llmc-w4a4): weights and activations FP4; our activation scales need --calib,
+    # so the RTN row calibrates too (activation amax only). V3's absorbed kv_b_proj never runs in the
+    # calibration forward (no activation scale), so our all-linear W4A4 keeps it as stored (FP8) with --keep.
+    *(("v4convert", f"W4A4 NVFP4 all-linear {m} (kv_b_proj FP8)", "quantize-w4a4",
+       ("--recipe", "nvfp4-all-linear", "--method", m, "--activations", "w4a4", "--keep",
+        "model.layers.*.self_attn.kv_b_proj.weight", *CALIB)) for m in ("rtn", "gptq+four-over-six")),
+    ("v4convert", "W4A4 MXFP4 rtn (experts recipe)", "quantize-w4a4",
+     ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4", *CALIB)),
+    ("llm-compressor (BF16 detour)", "W4A4 NVFP4 QuantizationModifier", "llmc-w4a4", ("rtn", "NVFP4")),
+    ("llm-compressor (BF16 detour)", "W4A4 NVFP4 GPTQModifier", "llmc-w4a4", ("gptq", "NVFP4")),
+    ("llm-compressor (BF16 detour)", "W4A4 MXFP4 QuantizationModifier", "llmc-w4a4", ("rtn", "MXFP4")),
     ("AutoRound (BF16 detour)", "NVFP4A16 RTN (iters=0)", "autoround", ("NVFP4", "0")),
     # its "light" recipe (iters 50, lr 5e-3): the default 200 iters took ~17 min here (bench/peers.md)
     ("AutoRound (BF16 detour)", "NVFP4A16 SignRound light", "autoround", ("NVFP4", "50", "5e-3")),
@@ -187,8 +200,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,gguf,llamacpp,gguf-im,"
-                                                "llmc,autoround,modelopt; default all)")
+    ap.add_argument("--only", default="", help="comma-separated kinds to run (quantize,quantize-w4a4,gguf,"
+                                                "llamacpp,gguf-im,llmc,llmc-w4a4,autoround,modelopt; default all)")
     ap.add_argument("--plot", type=Path, default=None, help="write a KLD-vs-bits/w scatter PNG here")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -216,6 +229,7 @@ def main() -> None:
         versions[kind] = f"{dist} {peer_version(PEERS_PY, dist)}"
     versions["llamacpp"] = f"llama.cpp tools (llama-cpp-python {llama_cpp.__version__} source)"
     versions["gguf-im"] = versions["gguf"]
+    versions["quantize-w4a4"], versions["llmc-w4a4"] = versions["quantize"], versions["llmc"]
     rows: list[dict] = []
     st: dict = {}           # shared state of the llama.cpp / imatrix rows (llama_prep)
     for tool, scheme, kind, args in ROWS:
@@ -233,7 +247,7 @@ def main() -> None:
                 imatrix = st["ours_im"]
             prep_err = (prep_err if kind == "llamacpp" else None) or (imatrix and imatrix[3] and
                                                                        f"imatrix: {imatrix[3]}")
-        if kind == "quantize":
+        if kind in ("quantize", "quantize-w4a4"):
             art = a.out / f"ours-{name}"
             cmd = [*V4, "quantize", str(ref), "--fp4", "--out", str(art), "--workers", "1", "--overwrite", *args]
         elif kind == "gguf":
@@ -257,9 +271,9 @@ def main() -> None:
             if art.exists():
                 shutil.rmtree(art)
             # -P: bench/ (which holds kernels.py) must not shadow packages transformers imports
-            cmd = [str(PEERS_PY), "-P", str(REPO / "bench" / PEERS[kind][0]), str(bf16), str(calib_pt), str(art),
-                   *args]
-        if kind in PEERS and not PEERS_PY.exists():
+            script = REPO / "bench" / PEERS[kind.removesuffix("-w4a4")][0]
+            cmd = [str(PEERS_PY), "-P", str(script), str(bf16), str(calib_pt), str(art), *args]
+        if kind.removesuffix("-w4a4") in PEERS and not PEERS_PY.exists():
             row["error"] = f"{PEERS_PY}: no peers venv (run bash bench/peers_venv.sh)"
         elif prep_err:
             row["error"] = prep_err
@@ -269,7 +283,7 @@ def main() -> None:
             if imatrix:         # the imatrix pass is part of the row's cost (made once, used by each type)
                 row["imatrix_s"] = imatrix[1]
                 row["wall_s"], row["peak_rss_mib"] = row["wall_s"] + imatrix[1], max(row["peak_rss_mib"], imatrix[2])
-        if kind in PEERS and not row["error"]:
+        if kind.removesuffix("-w4a4") in PEERS and not row["error"]:
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if not (art / f).exists():
                     shutil.copy(ref / f, art / f)
