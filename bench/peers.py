@@ -370,16 +370,17 @@ def crosscheck(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'tool':<37} {'scheme':<38} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
+    w = max([38, *(len(r["scheme"]) for r in rows)])       # the W4A4 rows' schemes are longer
+    head = (f"{'tool':<37} {'scheme':<{w}} {'bits/w':>6} {'KLD mean':>9} {'KLD p99':>8} {'top-1':>7} "
             f"{'PPL ratio':>9} {'wall s':>7} {'RSS MiB':>8}  version")
     lines = [head]
     for r in rows:
         if "kld_mean" in r:
-            lines.append(f"{r['tool']:<37} {r['scheme']:<38} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
+            lines.append(f"{r['tool']:<37} {r['scheme']:<{w}} {r['bits_per_weight']:>6.2f} {r['kld_mean']:>9.5f} "
                          f"{r['kld_p99']:>8.4f} {r['top1']:>7.4f} {r['ppl_ratio']:>9.4f} {r['wall_s']:>7.1f} "
                          f"{r['peak_rss_mib']:>8.0f}  {r['version']}")
         else:
-            lines.append(f"{r['tool']:<37} {r['scheme']:<38} error ({r['version']}): {r['error']}")
+            lines.append(f"{r['tool']:<37} {r['scheme']:<{w}} error ({r['version']}): {r['error']}")
     return "\n".join(lines)
 
 
