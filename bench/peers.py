@@ -78,17 +78,19 @@ ROWS = (
     *(("v4convert imatrix (GGUF)", f"{t} + our imatrix", "gguf-im", (t,)) for t in ("Q4_K_M", "IQ4_XS")),
     ("llm-compressor (BF16 detour)", "NVFP4A16 QuantizationModifier", "llmc", ("rtn",)),
     ("llm-compressor (BF16 detour)", "NVFP4A16 GPTQModifier", "llmc", ("gptq",)),
+    ("llm-compressor (BF16 detour)", "MXFP4A16 QuantizationModifier", "llmc", ("rtn", "MXFP4A16")),
     # W4A4 (kinds quantize-w4a4 / llmc-w4a4): weights and activations FP4; our activation scales need --calib,
     # so the RTN row calibrates too (activation amax only). V3's absorbed kv_b_proj never runs in the
     # calibration forward (no activation scale), so our all-linear W4A4 keeps it as stored (FP8) with --keep.
     *(("v4convert", f"W4A4 NVFP4 all-linear {m} (kv_b_proj FP8)", "quantize-w4a4",
        ("--recipe", "nvfp4-all-linear", "--method", m, "--activations", "w4a4", "--keep",
         "model.layers.*.self_attn.kv_b_proj.weight", *CALIB)) for m in ("rtn", "gptq+four-over-six")),
-    ("v4convert", "W4A4 MXFP4 rtn (experts recipe)", "quantize-w4a4",
-     ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4", *CALIB)),
+    *(("v4convert", f"W4A4 MXFP4 {m} (experts recipe)", "quantize-w4a4",
+       ("--scheme", "mxfp4", "--method", m, "--activations", "w4a4", *CALIB)) for m in ("rtn", "awq+gptq")),
     ("llm-compressor (BF16 detour)", "W4A4 NVFP4 QuantizationModifier", "llmc-w4a4", ("rtn", "NVFP4")),
     ("llm-compressor (BF16 detour)", "W4A4 NVFP4 GPTQModifier", "llmc-w4a4", ("gptq", "NVFP4")),
     ("llm-compressor (BF16 detour)", "W4A4 MXFP4 QuantizationModifier", "llmc-w4a4", ("rtn", "MXFP4")),
+    ("llm-compressor (BF16 detour)", "W4A4 MXFP4 GPTQModifier", "llmc-w4a4", ("gptq", "MXFP4")),
     ("AutoRound (BF16 detour)", "NVFP4A16 RTN (iters=0)", "autoround", ("NVFP4", "0")),
     # its "light" recipe (iters 50, lr 5e-3): the default 200 iters took ~17 min here (bench/peers.md)
     ("AutoRound (BF16 detour)", "NVFP4A16 SignRound light", "autoround", ("NVFP4", "50", "5e-3")),
