@@ -82,9 +82,16 @@ def e2m1_encode(x: torch.Tensor, name: str = "tensor") -> torch.Tensor:
         raise CodecInputError(f"{name}: E2M1 encode needs a floating tensor, got {x.dtype}")
     if bool(torch.isnan(x).any()):
         raise NonFiniteInputError(f"{name}: NaN values cannot be encoded as E2M1")
+    idx = e2m1_magnitude_index(x)
+    idx |= torch.signbit(x).to(torch.uint8) << 3
+    return idx
+
+
+def e2m1_magnitude_index(x: torch.Tensor) -> torch.Tensor:
+    """``uint8`` index 0..7 of the nearest E2M1 magnitude of ``|x|`` (ties to even, above 6 -> 7; NaN -> 0,
+    unchecked: callers that must refuse NaN check first, as :func:`e2m1_encode` does)."""
     a = x.abs()
     idx = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for bound, inclusive in _e2m1_rounding_bounds():
         idx += (a >= bound) if inclusive else (a > bound)
-    idx |= torch.signbit(x).to(torch.uint8) << 3
     return idx

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from v4convert.formats.blocks import MXFP4_BLOCK, NVFP4_BLOCK
-from v4convert.formats.fp4 import E2M1_MAX, _e2m1_rounding_bounds, e2m1_lut
+from v4convert.formats.fp4 import E2M1_MAX, e2m1_lut, e2m1_magnitude_index
 from v4convert.formats.fp8 import E4M3_MAX
 
 from .common import RuntimeLoadError
 
-_BOUNDS = _e2m1_rounding_bounds()
 _CT_E4M3_EPS = 0.125          # compressed-tensors _get_dtype_eps(float8_e4m3fn): replaces a zero block scale
 _F32_EXP_ROUND = 1 << 21      # float32 mantissa 23 bits, E2M1 mantissa 1: 1 << (23 - 1 - 1)
 _F32_SIGN_EXP = ((1 << 9) - 1) << 23
@@ -38,11 +37,7 @@ _F32_SIGN_EXP = ((1 << 9) - 1) << 23
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Float values (already scaled, clamped to +-6) -> the nearest E2M1 value (ties to even), same dtype."""
-    a = x.abs()
-    idx = torch.zeros(x.shape, dtype=torch.long, device=x.device)
-    for bound, inclusive in _BOUNDS:
-        idx += (a >= bound) if inclusive else (a > bound)
-    return torch.copysign(e2m1_lut(x.dtype, x.device)[idx], x)
+    return torch.copysign(e2m1_lut(x.dtype, x.device)[e2m1_magnitude_index(x).long()], x)
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:

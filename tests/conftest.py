@@ -13,6 +13,15 @@ torch.set_num_threads(1)
 # computed twice in one test must not change with the machine's load.
 os.environ.setdefault("V4CONVERT_THREADS", "1")
 
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory) -> Path:
+    """A small calibration text file (tests/calib_common.TEXT)."""
+    from .calib_common import TEXT
+    p = tmp_path_factory.mktemp("calib") / "c.txt"
+    p.write_text(TEXT)
+    return p
+
+
 TINY_PRESETS = ("v3-tiny", "v32-tiny", "v4-flash-tiny", "v4-flash-base-tiny")
 
 

@@ -17,22 +17,8 @@ from v4convert.calib.collect import collect_stats
 from v4convert.calib.data import calibration_windows
 from v4convert.checkpoint import Checkpoint
 from v4convert.quant.engine import partial_dir
-from v4convert.families.roles import Role
 
-TEXT = "def f(x):\n    return [x + i for i in range(10)]\n" * 200
-
-
-@pytest.fixture(scope="module")
-def calib_txt(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "c.txt"
-    p.write_text(TEXT)
-    return p
-
-
-def _linears(ck_path: Path) -> list[str]:
-    with Checkpoint.open(ck_path) as ck:
-        return [i.name for i in ck.infos() if i.role.is_linear and len(i.shape) == 2
-                and i.role not in (Role.ROUTER, Role.HEAD)]
+from .calib_common import linears
 
 
 @pytest.mark.parametrize("preset", ["v3-tiny", "v4-flash-tiny"])
@@ -44,7 +30,7 @@ def test_coverage_and_stats_equal_a_direct_count(tiny_ckpts, calib_txt, preset):
     from v4convert.runtime.deepseek_v4 import model_name
     ck = tiny_ckpts[preset]
     data = calibration_windows(ck, calib_txt, n_tokens=192, seq_len=64)
-    names = _linears(ck)
+    names = linears(ck)
     col = collect_stats(ck, data, names, propagate=False, batch=2)
     model = load(ck, max_seq_len=64, max_batch_size=3)
     rename = model_name if preset.startswith("v4") else (lambda n: n)

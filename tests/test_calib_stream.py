@@ -7,7 +7,6 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,9 @@ from torch import nn
 from v4convert.calib.collect import Collected, LinearStats, collect_stats
 from v4convert.calib.data import calibration_windows
 from v4convert.checkpoint import Checkpoint
-from v4convert.families.roles import Family, Role
+from v4convert.families.roles import Family
 
-TEXT = "def f(x):\n    return [x + i for i in range(10)]\n" * 200
+from .calib_common import linears
 
 
 class _Stop(Exception):
@@ -162,19 +161,6 @@ def _reference(ckpt, data, targets: list[str], *,
     return Collected(out, coverage, W * L)
 
 
-@pytest.fixture(scope="module")
-def calib_txt(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "c.txt"
-    p.write_text(TEXT)
-    return p
-
-
-def _linears(ck_path: Path) -> list[str]:
-    with Checkpoint.open(ck_path) as ck:
-        return [i.name for i in ck.infos() if i.role.is_linear and len(i.shape) == 2
-                and i.role not in (Role.ROUTER, Role.HEAD)]
-
-
 def _gptq_nvfp4(calls: list | None = None):
     """The propagation quantizer `quantize --calib --method gptq` uses (NVFP4, fused groups' global amax)."""
     from v4convert.calib.method import MethodSpec, quantize_weight
@@ -215,7 +201,7 @@ def test_stream_equals_whole_model_bit_for_bit(tiny_ckpts, calib_txt, preset):
     per block run (``stats_bytes=0``) change nothing."""
     ck = tiny_ckpts[preset]
     data = calibration_windows(ck, calib_txt, n_tokens=192, seq_len=64)
-    names = _linears(ck)
+    names = linears(ck)
     groups = _groups(names)
     calls: list[str] = []
     ref = _reference(ck, data, names, quantize=_gptq_nvfp4(), groups=groups, batch=2)
@@ -234,7 +220,7 @@ def test_stream_equals_whole_model_bit_for_bit(tiny_ckpts, calib_txt, preset):
 def test_stream_original_and_all_experts_bit_for_bit(tiny_ckpts, calib_txt, preset):
     ck = tiny_ckpts[preset]
     data = calibration_windows(ck, calib_txt, n_tokens=192, seq_len=64)
-    names = _linears(ck)
+    names = linears(ck)
     for kw in ({"propagate": False}, {"all_experts": True, "quantize": _gptq_nvfp4()}):
         _same(collect_stats(ck, data, names, batch=2, **kw), _reference(ck, data, names, batch=2, **kw))
 
@@ -242,7 +228,7 @@ def test_stream_original_and_all_experts_bit_for_bit(tiny_ckpts, calib_txt, pres
 def test_sink_receives_stats_instead_of_the_result(tiny_ckpts, calib_txt):
     ck = tiny_ckpts["v3-tiny"]
     data = calibration_windows(ck, calib_txt, n_tokens=128, seq_len=64)
-    names = _linears(ck)
+    names = linears(ck)
     got: dict[str, LinearStats] = {}
     col = collect_stats(ck, data, names, propagate=False, sink=got.__setitem__)
     assert not col.stats and col.coverage
@@ -287,7 +273,7 @@ def test_peak_memory_is_one_layer_not_the_model(tmp_path, calib_txt, monkeypatch
         infos = list(c.infos())
         f32 = sum(4 * i.numel for i in infos)
         layer_experts = sum(4 * i.numel for i in infos if i.layer == 1 and i.expert is not None)
-    names = _linears(ck)
+    names = linears(ck)
     assert f32 > 5 * layer_experts > 5 * (150 << 20)
     r = subprocess.run([sys.executable, "-c", _PEAK, str(ck), str(calib_txt), json.dumps(names)],
                        capture_output=True, text=True, check=False)

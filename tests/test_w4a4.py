@@ -16,7 +16,6 @@ from safetensors import safe_open
 from v4convert.runtime.act_quant import mxfp4_fake_quant, nvfp4_fake_quant
 
 TINY_V3 = Path(__file__).resolve().parents[1] / "v4convert" / "data" / "tiny-v3"
-TEXT = "def f(x):\n    return [x + i for i in range(10)]\n" * 200
 CALIB = ["--calib-tokens", "512", "--calib-seq-len", "128", "--propagate", "original", "--method", "rtn"]
 
 
@@ -108,13 +107,6 @@ def test_mxfp4_act_quant_bit_exact_vs_compressed_tensors_and_scalar_reference(sh
 
 
 # ------------------------------------------------------------------------------------------ artifacts
-@pytest.fixture(scope="module")
-def calib_txt(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("w4a4calib") / "c.txt"
-    p.write_text(TEXT)
-    return p
-
-
 def _quantize(out: Path, calib: Path, *extra: str):
     from v4convert.cli import main
     return CliRunner().invoke(main, ["quantize", str(TINY_V3), "--fp4", "--out", str(out), "--calib", str(calib),

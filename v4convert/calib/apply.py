@@ -81,20 +81,26 @@ def read_meta(path: str | Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def record_tensors(stats: dict, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The file's records of ``stats`` (name -> ``LinearStats``), names in ``skip`` left out: ``NAME:h`` float32
+    ``[K, K]``, ``NAME:amax`` float32 ``[1]``, ``NAME:count`` int64 ``[1]`` (the module docstring's layout)."""
+    out: dict[str, torch.Tensor] = {}
+    for n, s in sorted(stats.items()):
+        if n in skip:
+            continue
+        out[f"{n}:h"] = s.hessian().contiguous()
+        out[f"{n}:amax"] = torch.tensor([s.amax], dtype=torch.float32)
+        out[f"{n}:count"] = torch.tensor([s.count], dtype=torch.int64)
+    return out
+
+
 def save_stats(path: Path, collected, opts: CalibOptions, min_tokens_for: dict[str, int],
                extra: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Write the statistics file atomically (tmp + rename); returns the names left to the data-free base
     because they saw fewer than ``min_tokens_for[name]`` tokens. ``extra``: more entries (W4A4 ``NAME:act_amax``)."""
     from safetensors.torch import save_file
-    out: dict[str, torch.Tensor] = dict(extra or {})
-    dropped = []
-    for n, s in sorted(collected.stats.items()):
-        if s.count < min_tokens_for.get(n, 1):
-            dropped.append(n)
-            continue
-        out[f"{n}:h"] = s.hessian().contiguous()
-        out[f"{n}:amax"] = torch.tensor([s.amax], dtype=torch.float32)
-        out[f"{n}:count"] = torch.tensor([s.count], dtype=torch.int64)
+    dropped = sorted(n for n, s in collected.stats.items() if s.count < min_tokens_for.get(n, 1))
+    out = {**(extra or {}), **record_tensors(collected.stats, skip=set(dropped))}
     tmp = path.with_name(path.name + ".tmp")
     save_file(out, str(tmp), metadata={"calib": opts.key(), "coverage": json.dumps(collected.coverage),
                                        "tokens": str(collected.tokens), "dropped": json.dumps(dropped)})

@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
+from .apply import record_tensors
 from .collect import Collected, LinearStats, collect_stats
 from .data import CalibData, CalibDataError
 
@@ -69,13 +69,7 @@ def save_pass(ckpt: Path, data: CalibData, out: Path, *, all_experts: bool = Fal
     outputs.remove_ours(tmp)
     tmp.mkdir(parents=True)
     outputs.write_marker(tmp, KIND, "writing")
-    tensors: dict[str, torch.Tensor] = {}
-    for n, s in sorted(col.stats.items()):
-        if s.count == 0:
-            continue
-        tensors[f"{n}:h"] = s.hessian().contiguous()
-        tensors[f"{n}:amax"] = torch.tensor([s.amax], dtype=torch.float32)
-        tensors[f"{n}:count"] = torch.tensor([s.count], dtype=torch.int64)
+    tensors = record_tensors(col.stats, skip={n for n, s in col.stats.items() if s.count == 0})
     meta = {"pass": json.dumps({"data_sha256": data.sha256, "tokens": data.n_tokens,
                                 "seq_len": int(data.windows.shape[1]), "all_experts": all_experts,
                                 "data_source": data.source}, sort_keys=True),
