@@ -15,7 +15,7 @@ from gguf import GGUFReader
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.cli import main
-from v4convert.export.gguf.exporter import GGUFType, TypeMix, export_gguf, gguf_as_checkpoint, gguf_values
+from v4convert.export.gguf.exporter import ExportError, GGUFType, TypeMix, export_gguf, gguf_as_checkpoint, gguf_values
 from v4convert.formats.gguf_writer import GGUFWriteError, Metadata, TensorSpec, write_gguf
 from v4convert.formats.safetensors_io import write_streaming
 from v4convert.families.layout import Arch
@@ -106,7 +106,7 @@ def test_tokenizer_and_modelfile(gguf_ckpts, tmp_path) -> None:
     kv, t = _fields(res.paths[0])
     tj = json.loads((gguf_ckpts["v32"] / "tokenizer.json").read_text())
     tokens = kv["tokenizer.ggml.tokens"]
-    assert len(tokens) == 611 and kv["tokenizer.ggml.pre"] == "deepseek-v3" and kv["tokenizer.ggml.model"] == "gpt2"
+    assert len(tokens) == 611 and kv["tokenizer.ggml.pre"] == "gpt-2" and kv["tokenizer.ggml.model"] == "gpt2"
     for tok, i in tj["model"]["vocab"].items():
         assert tokens[i] == tok
     assert tokens[600] == "[PAD600]" and kv["tokenizer.ggml.token_type"][600] == 5
@@ -231,3 +231,28 @@ def test_our_mxfp4_artifact_is_repacked_losslessly(gguf_ckpts, tmp_path) -> None
             vals = gguf_values(g.data, Q(int(g.tensor_type)), (8, 160, 96))
             for e in range(8):
                 assert torch.equal(vals[e], ck.dequantize(f"model.layers.{L}.mlp.experts.{e}.down_proj.weight")), (L, e)
+
+
+# DeepSeek-V3's release tokenizer.json pre_tokenizer (R1, V3.1 and V3.2 ship the same tokenizer)
+DEEPSEEK_V3_PRE = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+    {"type": "Split", "pattern": {"Regex": "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"}, "behavior": "Isolated",
+     "invert": False},
+    {"type": "Split", "pattern": {"Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}"
+                                            "\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"},
+     "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_pre_tokenizer_name_follows_tokenizer_json() -> None:
+    from v4convert.export.gguf.metadata import pre_tokenizer_name
+    p = Path("tokenizer.json")
+    assert pre_tokenizer_name(DEEPSEEK_V3_PRE, p) == "deepseek-v3"
+    tiny = json.loads((Path(__file__).parents[1] / "v4convert/data/tiny-v3/tokenizer.json").read_text())
+    assert pre_tokenizer_name(tiny["pre_tokenizer"], p) == "gpt-2"
+    no_regex = {**tiny["pre_tokenizer"], "use_regex": False}            # ByteLevel alone, no split at all
+    digits_only = {**DEEPSEEK_V3_PRE, "pretokenizers": DEEPSEEK_V3_PRE["pretokenizers"][:1]
+                   + DEEPSEEK_V3_PRE["pretokenizers"][3:]}
+    for bad in (no_regex, digits_only, {"type": "Whitespace"}, None):
+        with pytest.raises(ExportError, match="pre_tokenizer"):
+            pre_tokenizer_name(bad, p)

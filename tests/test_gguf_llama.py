@@ -236,3 +236,23 @@ def test_llama_cpp_quantized_trained_model_top1(expert_type: GGUFType, tmp_path)
     kld, top1 = _kld_top1(ref, got)
     print(f"trained tiny V3, Q8_0 + {expert_type.value} experts: KLD mean {kld:.2e}, top-1 {top1:.4f}")
     assert top1 >= 0.99 and kld <= 1e-3, (expert_type, kld, top1)
+
+
+def test_llama_cpp_tokenizes_text_like_the_checkpoint_tokenizer(tmp_path) -> None:
+    """``tokenizer.ggml.pre`` names the checkpoint's own pre-tokenizer (GPT-2's ByteLevel regex for the bundled
+    tiny V3), so llama.cpp splits raw text -- digits, contractions, punctuation runs, newlines -- into the same ids
+    as ``tokenizer.json`` (under DeepSeek-V3's pre-tokenizer it would split "12345" and "it's" differently)."""
+    from tokenizers import Tokenizer
+
+    from v4convert.demo import bundled_model
+    src = bundled_model("v3")
+    res = export_gguf(src, tmp_path / "m.gguf", TypeMix(GGUFType.Q8_0, GGUFType.Q8_0), modelfile=False)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(res.paths[0]), vocab_only=True, verbose=False)
+    heldout = (src.parent / "corpus" / "heldout.txt").read_text(encoding="utf-8")[:3000]
+    for text in ("In 2024, it's 12345 cats -- they'll say: x=3.14159!\n\n  def f(a, b):\n\treturn a+b",
+                 heldout):
+        ours = tok.encode(text, add_special_tokens=False).ids
+        theirs = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert theirs == ours, next(i for i, (a, b) in enumerate(zip(theirs + [-1], ours + [-1])) if a != b)
+    llm.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from gguf import GGUFValueType as VT
@@ -128,6 +129,34 @@ def _v4_metadata(md: Metadata, A: str, cfg: dict, a) -> None:
     _yarn(md, A, cfg, log_mul=False)
 
 
+# llama.cpp's pre-tokenizer (``tokenizer.ggml.pre``, src/llama-vocab.cpp) per ``tokenizer.json`` ``pre_tokenizer``:
+# (name, test). DeepSeek-V3's release (R1, V3.1, V3.2 share it): a Sequence of Split regexes (digits in runs of 1-3, a CJK
+# run, then the word/punctuation pattern) and ByteLevel without its own regex; our trained tiny models and synth
+# tokenizers: plain ByteLevel with GPT-2's regex. llama.cpp would split text differently under the wrong name.
+def _deepseek_v3(pt: dict) -> bool:
+    parts = (pt.get("pretokenizers") or []) if pt.get("type") == "Sequence" else []
+    rx = [str((p.get("pattern") or {}).get("Regex", "")) for p in parts if p.get("type") == "Split"]
+    last = parts[-1] if parts else {}
+    return (len(rx) == 3 and rx[0] == r"\p{N}{1,3}" and rx[1].startswith("[\u4e00-\u9fa5")
+            and last.get("type") == "ByteLevel" and last.get("use_regex") is False)
+
+
+PRE_TOKENIZERS: tuple[tuple[str, Callable[[dict], bool]], ...] = (
+    ("deepseek-v3", _deepseek_v3),
+    ("gpt-2", lambda pt: pt.get("type") == "ByteLevel" and pt.get("use_regex", True) is True),
+)
+
+
+def pre_tokenizer_name(pre: dict | None, path: Path) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a ``tokenizer.json`` ``pre_tokenizer`` (``PRE_TOKENIZERS``)."""
+    for name, test in PRE_TOKENIZERS:
+        if isinstance(pre, dict) and test(pre):
+            return name
+    kind = pre.get("type") if isinstance(pre, dict) else pre
+    raise ExportError(f"{path}: pre_tokenizer {kind!r} is not one llama.cpp knows for DeepSeek (DeepSeek-V3's Split "
+                      f"sequence or GPT-2's ByteLevel); llama.cpp would tokenize text differently")
+
+
 def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     """GGUF ``gpt2`` tokenizer from ``tokenizer.json`` (+ ``tokenizer_config.json``); returns the special tokens.
 
@@ -152,7 +181,7 @@ def add_tokenizer(md: Metadata, root: Path, n_vocab: int) -> dict:
     ttypes = [types.get(i, TOKEN_UNUSED) for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     md.str("tokenizer.ggml.model", "gpt2")
-    md.str("tokenizer.ggml.pre", "deepseek-v3")
+    md.str("tokenizer.ggml.pre", pre_tokenizer_name(tj.get("pre_tokenizer"), tj_path))
     md.arr("tokenizer.ggml.tokens", tokens, VT.STRING)
     md.arr("tokenizer.ggml.token_type", ttypes, VT.INT32)
     md.arr("tokenizer.ggml.merges", merges, VT.STRING)
