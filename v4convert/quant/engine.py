@@ -12,7 +12,6 @@ carries the final name). Output bytes depend only on the plan, so a resumed run 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from .. import outputs
 from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
+from .hashing import ShardHasher
 from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
@@ -199,7 +199,8 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
     from tqdm import tqdm
     bar = tqdm(total=plan.bytes_in, initial=sum(u.bytes_in for u in plan.units if u.index in done), unit="B",
                unit_scale=True, unit_divisor=1000, desc="quantize", disable=not progress, smoothing=0.1)
-    fds = {name: os.open(part / name, os.O_RDONLY) for name in plan.shards}
+    hasher = ShardHasher(plan, part, set(done))
+    flusher = _Flusher(part, plan, journal)
     stats = {k: list(v) for k, v in done.items()}
     pending: list[UnitResult] = []
     pending_bytes = 0
@@ -209,21 +210,19 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         pending.append(r)
         stats[r.index] = [r.repack_blocks, r.repack_inexact]
         pending_bytes += plan.units[r.index].bytes_out
+        hasher.done(r.index, plan.units[r.index].shard)
         bar.update(r.bytes_in)
         if pending_bytes >= sync_bytes:
             flush()
 
     def flush() -> None:
         nonlocal pending_bytes
-        if not pending:
-            return
-        batch = pending[:]          # taken first: a Ctrl-C inside flush cannot journal a unit twice
-        pending.clear()
-        pending_bytes = 0
-        for name in {plan.units[r.index].shard for r in batch}:
-            os.fsync(fds[name])
-        journal.append(batch)
+        if pending:
+            flusher.submit(pending[:])     # taken first: a Ctrl-C inside flush cannot journal a unit twice
+            pending.clear()
+            pending_bytes = 0
 
+    ok = False
     try:
         if workers <= 1:
             if threads is not None:
@@ -235,15 +234,63 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         else:
             _run_pool(todo, part, plan, workers, threads or 1, finished, device, kernel)
         flush()
+        flusher.close()                    # every unit fsynced and journaled
         _write_input_scales(plan, part)
+        shas = hasher.digests()
+        ok = True
     except KeyboardInterrupt:
         flush()           # journal what is finished (fsynced first): the rerun resumes after it
+        flusher.close()
         raise
     finally:
         bar.close()
-        for fd in fds.values():
-            os.close(fd)
-    return _finish(plan, out, part, stats, len(done), log, extra_files or {})
+        if not ok:
+            flusher.close(raise_error=False)
+            hasher.close()
+    return _finish(plan, out, part, stats, len(done), log, extra_files or {}, shas)
+
+
+class _Flusher:
+    """fsync-then-journal off the main loop (which keeps feeding the workers): batches of finished units are
+    fsynced (their shards) and only then appended to the journal, in submission order, by one thread."""
+
+    def __init__(self, part: Path, plan: Plan, journal: Journal) -> None:
+        import queue
+        import threading
+        self.plan, self.journal = plan, journal
+        self.fds = {name: os.open(part / name, os.O_RDONLY) for name in plan.shards}
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="v4c-journal", daemon=True)
+        self.thread.start()
+        self.closed = False
+
+    def _run(self) -> None:
+        while True:
+            batch = self.q.get()
+            if batch is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                for name in sorted({self.plan.units[r.index].shard for r in batch}):
+                    os.fsync(self.fds[name])
+                self.journal.append(batch)
+            except BaseException as e:      # re-raised by close(): the journal never lists an unsynced unit
+                self.error = e
+
+    def submit(self, batch: list[UnitResult]) -> None:
+        self.q.put(batch)
+
+    def close(self, raise_error: bool = True) -> None:
+        if not self.closed:
+            self.closed = True
+            self.q.put(None)
+            self.thread.join()
+            for fd in self.fds.values():
+                os.close(fd)
+        if raise_error and self.error is not None:
+            raise self.error
 
 
 def _write_input_scales(plan: Plan, part: Path) -> None:
@@ -313,17 +360,6 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: i
 
 
 # ------------------------------------------------------------------------------------ finish
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(64 << 20)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
 def _module(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
@@ -382,12 +418,11 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
 
 
 def _finish(plan: Plan, out: Path, part: Path, stats: dict[int, list[int]], resumed: int, log,
-            extra_files: dict[str, str | bytes]) -> RunResult:
+            extra_files: dict[str, str | bytes], shas: dict[str, str]) -> RunResult:
     """The finish protocol. Steps 1-4 rewrite files inside ``OUT.partial`` (a rerun repeats them, the
     journal still says every unit is done); step 5 marks it complete; after step 6 a rerun finds the
     complete marker and only swaps; ``outputs.swap_in`` keeps the old or the new output under OUT at
     every instant. Each step ends in a ``kill_point`` (tests kill there and resume)."""
-    shas = {name: _sha256(part / name) for name in sorted(plan.shards)}
     weight_map = {e.name: u.shard for u in plan.units for t in u.tensors for e in t.out}
     blocks = sum(v[0] for v in stats.values())
     inexact = sum(v[1] for v in stats.values())

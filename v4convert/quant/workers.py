@@ -21,6 +21,7 @@ import torch
 from v4convert.formats import fp8
 from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.containers import Container, Part
+from v4convert.formats.direct_io import BufferPool, DirectReader
 from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
@@ -68,27 +69,37 @@ def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) 
 
 
 # ------------------------------------------------------------------------------------ raw I/O
+_POOL = BufferPool(keep_bytes=512 << 20)      # this process's read buffers (reused between units)
+_READER: DirectReader | None = None           # open while run_unit runs (fds never outlive a unit)
+
+
+def direct_io_enabled() -> bool:
+    """O_DIRECT source reads unless ``V4C_DIRECT_IO=0`` (e.g. a release already in the page cache)."""
+    return os.environ.get("V4C_DIRECT_IO", "1") != "0"
+
+
 def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of a stored tensor as a fresh torch tensor of its stored dtype."""
+    """Rows ``[r0, r1)`` of a stored tensor as a tensor of its stored dtype (``formats.direct_io``: one O_DIRECT
+    read into a pooled aligned buffer inside ``run_unit``, valid until the unit ends; elsewhere a fresh buffer)."""
     rows = e.shape[0] if e.shape else 1
     r1 = rows if r1 is None else r1
     row_b = e.nbytes // rows if rows else 0
     n = (r1 - r0) * row_b
-    buf = torch.empty(n, dtype=torch.uint8)        # not zero-filled (a bytearray would be)
-    mv = memoryview(buf.numpy())
-    got = 0
-    with open(e.path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        while got < n:
-            k = os.preadv(fd, [mv[got:]], e.start + r0 * row_b + got)
-            if k == 0:
-                raise SourceReadError(f"{e.path}: tensor {e.name}: short read at byte {e.start + r0 * row_b + got} "
-                                      f"of {e.end} (shard truncated during the run?)")
-            got += k
+    rd = _READER or DirectReader(_POOL, direct=direct_io_enabled())
+    try:
+        buf, got = rd.read_range(str(e.path), e.start + r0 * row_b, n)
+    finally:
+        if rd is not _READER:
+            rd.close()
+    if got < n:
+        raise SourceReadError(f"{e.path}: tensor {e.name}: short read at byte {e.start + r0 * row_b + got} "
+                              f"of {e.end} (shard truncated during the run?)")
     tdtype = ST_DTYPES[e.dtype][0]
-    t = buf
     shape = ((r1 - r0),) + tuple(e.shape[1:]) if e.shape else ()
-    return t.view(tdtype).reshape(shape)
+    item = torch.empty((), dtype=tdtype).element_size()
+    if buf.data_ptr() % item:         # a tensor whose file offset is not a multiple of its element size: copy
+        buf = buf.clone()
+    return buf.view(tdtype).reshape(shape)
 
 
 class Writer:
@@ -135,15 +146,16 @@ def _scale_f32(t: TensorPlan, s: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_chunk(t: TensorPlan, r0: int, r1: int, scale: torch.Tensor | None) -> torch.Tensor:
-    """Exact float32 rows ``[r0, r1)`` of an FP8-block or plain-float tensor."""
-    w = read_rows(t.src["weight"], r0, r1)
-    if scale is None:
-        if not w.is_floating_point():
-            raise QuantizeError(f"tensor {t.name}: cannot quantize a {t.src['weight'].dtype} tensor")
-        return w.to(torch.float32)
-    b0, b1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
-    s = scale[b0:b1].repeat_interleave(FP8_BLOCK, 0)[: r1 - r0].repeat_interleave(FP8_BLOCK, 1)[:, : w.shape[1]]
-    return E4M3_TABLE[w.view(torch.uint8).long()] * s
+    """Exact float32 rows ``[r0, r1)`` of an FP8-block or plain-float tensor (owned: not a read buffer)."""
+    with _POOL.scope():
+        w = read_rows(t.src["weight"], r0, r1)
+        if scale is None:
+            if not w.is_floating_point():
+                raise QuantizeError(f"tensor {t.name}: cannot quantize a {t.src['weight'].dtype} tensor")
+            return w.clone() if w.dtype == torch.float32 else w.to(torch.float32)
+        b0, b1 = r0 // FP8_BLOCK, -(-r1 // FP8_BLOCK)
+        s = scale[b0:b1].repeat_interleave(FP8_BLOCK, 0)[: r1 - r0].repeat_interleave(FP8_BLOCK, 1)[:, : w.shape[1]]
+        return E4M3_TABLE[w.view(torch.uint8).long()] * s
 
 
 def fp8_amax(t: TensorPlan, scale: torch.Tensor) -> torch.Tensor:
@@ -153,7 +165,8 @@ def fp8_amax(t: TensorPlan, scale: torch.Tensor) -> torch.Tensor:
     best = torch.zeros((), dtype=torch.float32)
     bk = -(-k // FP8_BLOCK)
     for r0, r1 in _chunks(n, k):
-        mag = read_rows(t.src["weight"], r0, r1).view(torch.uint8) & 0x7F
+        with _POOL.scope():
+            mag = read_rows(t.src["weight"], r0, r1).view(torch.uint8) & 0x7F     # a new tensor
         if bool((mag == 0x7F).any()):
             raise NonFiniteInputError(f"tensor {t.name}: {int((mag == 0x7F).sum())} NaN FP8 values "
                                       f"(rows {r0}..{r1}); refusing to quantize")
@@ -229,9 +242,10 @@ def _copy(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> 
         step = max(1, COPY_BYTES // max(row_b, 1))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            data = read_rows(src, r0, r1) if src.shape else read_rows(src)
-            _check_finite(t, src.name, data, src.dtype, opts, e8m0)
-            w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
+            with _POOL.scope():              # one piece's buffer at a time
+                data = read_rows(src, r0, r1) if src.shape else read_rows(src)
+                _check_finite(t, src.name, data, src.dtype, opts, e8m0)
+                w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
 
 
 def _fp8_rewrap(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> None:
@@ -418,6 +432,17 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
     ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
     (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
     Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
+    global _READER
+    with _POOL.scope():                 # every read buffer of this unit returns to the pool at its end
+        _READER = DirectReader(_POOL, direct=direct_io_enabled())
+        try:
+            return _run_unit(unit, out_dir, opts, device, kernel)
+        finally:
+            _READER.close()
+            _READER = None
+
+
+def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> UnitResult:
     w = Writer(out_dir / unit.shard)
     blocks = inexact = 0
     used = ""

@@ -1,0 +1,116 @@
+"""SHA-256 of every output shard, computed while the run writes it (off the critical path).
+
+A shard is its header followed by its units' bytes, back to back in unit order (``plan.make_plan``). Units
+finish in any order; :class:`ShardHasher` keeps, per shard, the position up to which every byte is written, and a
+background thread hashes each newly contiguous stretch straight from the page cache (the bytes were just
+written; ``hashlib`` releases the GIL on large buffers, so the workers keep the CPU). At the finish only the
+stretches not yet hashed remain. The digest is that of the whole file, the same as ``sha256sum`` prints.
+
+W4A4 plans write their input-scale entries after every unit: their shards are hashed at the finish instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from v4convert.formats.containers import Part
+
+from .plan import Plan
+
+PIECE = 8 << 20                 # bytes per pread + update
+
+
+class ShardHasher:
+    """``done(unit_index)`` as units finish (after their bytes are written); ``digests()`` at the finish."""
+
+    def __init__(self, plan: Plan, part: Path, done: set[int] = frozenset()) -> None:
+        self.part = part
+        self._cv = threading.Condition()
+        self._sha = {name: hashlib.sha256() for name in plan.shards}
+        self._pos = {name: 0 for name in plan.shards}               # bytes hashed so far
+        self._size = dict(plan.shards)
+        late = {u.shard for u in plan.units for t in u.tensors for e in t.out if e.part is Part.INPUT_SCALE}
+        # per shard: its units in file order and the end offset each one completes (header: ready from the start)
+        self._order: dict[str, list[tuple[int, int]]] = {n: [] for n in plan.shards}
+        for u in plan.units:
+            if u.shard not in late:
+                self._order[u.shard].append((u.index, min(u.offsets.values()) + u.bytes_out))
+        self._next = {n: 0 for n in plan.shards}                    # index into _order[n] of the first unfinished
+        self._ready = {n: len(plan.shard_headers[n]) if n not in late else 0 for n in plan.shards}
+        self._finished: set[int] = set(done)
+        self._advance_all()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="v4c-shard-hasher", daemon=True)
+        self._thread.start()
+
+    def _advance(self, name: str) -> None:
+        order, i = self._order[name], self._next[name]
+        while i < len(order) and order[i][0] in self._finished:
+            self._ready[name] = order[i][1]
+            i += 1
+        self._next[name] = i
+
+    def _advance_all(self) -> None:
+        for n in self._order:
+            self._advance(n)
+
+    def done(self, unit_index: int, shard: str) -> None:
+        with self._cv:
+            self._finished.add(unit_index)
+            self._advance(shard)
+            self._cv.notify()
+
+    def _work(self) -> tuple[str, int, int] | None:
+        for n, ready in self._ready.items():
+            if ready > self._pos[n]:
+                return n, self._pos[n], min(ready, self._pos[n] + PIECE)
+        return None
+
+    def _run(self) -> None:
+        fds: dict[str, int] = {}
+        try:
+            while True:
+                with self._cv:
+                    job = self._work()
+                    while job is None and not self._stop:
+                        self._cv.wait()
+                        job = self._work()
+                    if job is None:
+                        return
+                name, a, b = job
+                if name not in fds:
+                    fds[name] = os.open(self.part / name, os.O_RDONLY)
+                data = os.pread(fds[name], b - a, a)
+                if len(data) != b - a:
+                    raise OSError(f"{self.part / name}: short read at byte {a + len(data)} while hashing")
+                self._sha[name].update(data)
+                with self._cv:
+                    self._pos[name] = b
+        except BaseException as e:          # reported by digests(): a bug or an I/O error, never swallowed
+            self._error = e
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def digests(self) -> dict[str, str]:
+        """Hash what is left (every byte is written now) and return ``{shard: sha256 hex}``."""
+        with self._cv:
+            for n in self._ready:
+                self._ready[n] = self._size[n]
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return {n: self._sha[n].hexdigest() for n in sorted(self._sha)}
+
+    def close(self) -> None:
+        """Stop without a result (the run failed)."""
+        with self._cv:
+            self._ready = dict(self._pos)
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
