@@ -54,11 +54,50 @@ def read_speed(paths: list[Path], limit: int) -> float:
     return done / (time.perf_counter() - t0) / 1e9
 
 
+def copy_floor(paths: list[Path], read_bytes: int, write_bytes: int, out_dir: Path) -> float:
+    """Seconds to read ``read_bytes`` of the (evicted) shards while writing ``write_bytes`` to a new file and fsyncing
+    it, concurrently, in 16 MB requests: what any converter of this input to this output size must spend on a disk
+    whose reads and writes share the device (the I/O floor of the job; the plain read speed ignores the writes)."""
+    evict(paths)
+    res: dict[str, float] = {}
+    tmp = out_dir / "copy-floor.bin"
+
+    def write() -> None:
+        buf = os.urandom(16 << 20)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        done = 0
+        while done < write_bytes:
+            done += os.write(fd, buf[: min(len(buf), write_bytes - done)])
+        os.fsync(fd)
+        os.close(fd)
+        res["w"] = time.perf_counter()
+    t0 = time.perf_counter()
+    th = threading.Thread(target=write)
+    th.start()
+    fd_buf = bytearray(16 << 20)
+    done = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while done < read_bytes:
+                n = f.readinto(fd_buf)
+                if not n:
+                    break
+                done += n
+    t_read = time.perf_counter()
+    th.join()
+    tmp.unlink()
+    return max(t_read, res["w"]) - t0
+
+
 class RSSSampler(threading.Thread):
+    """Peak RSS (largest process, whole tree) and CPU seconds of the whole tree, forkserver workers included
+    (RUSAGE_CHILDREN misses them: they are the fork server's children), sampled every 0.1 s."""
+
     def __init__(self):
         super().__init__(daemon=True)
         self.peak_tree = 0
         self.peak_proc = 0
+        self.cpu: dict[int, float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -66,7 +105,12 @@ class RSSSampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 procs = [me] + me.children(recursive=True)
-                rss = [p.memory_info().rss for p in procs]
+                rss = []
+                for p in procs:
+                    with p.oneshot():
+                        rss.append(p.memory_info().rss)
+                        c = p.cpu_times()
+                        self.cpu[p.pid] = c.user + c.system
                 self.peak_tree = max(self.peak_tree, sum(rss))
                 self.peak_proc = max(self.peak_proc, max(rss))
             except psutil.Error:
@@ -108,28 +152,30 @@ def main() -> None:
     evict(shards)
     sampler = RSSSampler()
     sampler.start()
-    import resource
-    ru0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu0 = psutil.Process().cpu_times()
     t0 = time.perf_counter()
     try:
         r = execute(plan, out, workers=args.workers, overwrite=True, progress=sys.stderr.isatty(), device=device,
                     log=lambda m: print(m, file=sys.stderr))
         wall = time.perf_counter() - t0
-        ru1 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        cpu_s = sum((b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime) for a, b in zip(ru0, ru1))
     finally:
         sampler.stop.set()
         sampler.join()
         if args.out is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    cpu_s = sum(sampler.cpu.values()) - (cpu0.user + cpu0.system)
+    floor = copy_floor(shards, plan.bytes_in, r.bytes_out, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     rate = plan.bytes_in / wall / 1e9
     res = {"device": device, "workers": args.workers, "cores": os.cpu_count(), "input_gb": plan.bytes_in / 1e9,
            "output_gb": r.bytes_out / 1e9, "plan_s": round(t_plan, 3), "wall_s": round(wall, 2),
            "quantize_gb_per_s": round(rate, 3), "disk_read_gb_per_s": round(disk, 3),
+           "copy_floor_s": round(floor, 2), "vs_disk_read": round(rate / disk, 3),
+           "vs_copy_floor": round(floor / wall, 3),
            "peak_rss_process_gb": round(sampler.peak_proc / 1e9, 3),
            "peak_rss_tree_gb": round(sampler.peak_tree / 1e9, 3),
            "projected_671b_hours": round(RELEASE_BYTES / 1e9 / rate / 3600, 2),
-           "cpu_seconds": round(cpu_s, 1),
+           "cpu_seconds": round(cpu_s, 1), "cpu_s_per_gb": round(cpu_s / (plan.bytes_in / 1e9), 2),
            # on a shared machine wall time mostly measures the other tenants: CPU seconds spent by this run
            # (all processes) give the rate these cores would reach if they were ours alone
            "uncontended_gb_per_s_est": round(plan.bytes_in / 1e9 / (cpu_s / (os.cpu_count() or 1)), 3),
@@ -139,7 +185,9 @@ def main() -> None:
     else:
         print(f"quantize: {res['input_gb']:.2f} GB FP8 -> {res['output_gb']:.2f} GB in {wall:.1f} s = "
               f"{rate:.3f} GB/s of FP8 input ({device}, {args.workers} workers on {os.cpu_count()} cores)")
-        print(f"disk read (cold, same run): {disk:.3f} GB/s")
+        print(f"disk read (cold, same run): {disk:.3f} GB/s -> quantize at {res['vs_disk_read']:.2f}x of it")
+        print(f"I/O floor (read the input while writing+fsyncing the output size, cold, same run): {floor:.1f} s "
+              f"-> quantize at {res['vs_copy_floor']:.2f}x of it")
         print(f"peak RSS: {res['peak_rss_process_gb']:.2f} GB largest process, {res['peak_rss_tree_gb']:.2f} GB all")
         print(f"projected 671B release (688.6 GB): {res['projected_671b_hours']:.2f} h at this rate "
               f"(disk-bound floor {RELEASE_BYTES / 1e9 / disk / 3600:.2f} h)")

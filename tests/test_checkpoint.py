@@ -185,3 +185,18 @@ def test_reads_transformers_saved_checkpoints(tmp_path):
     for n in ("embed.weight", "head.weight", "hc_head_fn", "layers.2.attn.compressor.ape", "layers.0.ffn.gate.tid2eid"):
         assert n in ck4.names()
     assert all(s.mtp for s in ck4.missing())
+
+
+def test_v32_full_size_preset_plans_the_published_indexer():
+    """``synth --preset v32-671b`` (issue 16's V3.2 throughput layer): V3's shapes plus the lightning indexer of
+    DeepSeek-V3.2's release (64 heads x 128, wq_b from the 1536 q latent, wk and weights_proj from the 7168 hidden)."""
+    from v4convert.families.layout import Arch
+    from v4convert.synth import planned_tensors, preset_config
+    cfg = preset_config("v32-671b")
+    assert cfg["model_type"] == "deepseek_v32" and cfg["quantization_config"]["scale_fmt"] == "ue8m0"
+    shapes = {t.name: (t.dtype, t.shape) for t in planned_tensors(Arch.from_config(cfg), {3}, False, 0)}
+    ix = "model.layers.3.self_attn.indexer."
+    assert shapes[ix + "wq_b.weight"] == ("F8_E4M3", (64 * 128, 1536))
+    assert shapes[ix + "wk.weight"] == ("F8_E4M3", (128, 7168))
+    assert shapes[ix + "weights_proj.weight"][1] == (64, 7168)
+    assert shapes["model.layers.3.mlp.experts.255.down_proj.weight"] == ("F8_E4M3", (7168, 2048))

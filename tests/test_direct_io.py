@@ -95,7 +95,7 @@ def test_shard_hasher_digest_equals_sha256sum_with_units_out_of_order(tmp_path) 
     units, shards, headers, files = [], {}, {}, {}
     for name, lens in sizes.items():
         hdr = rng.randbytes(41)
-        off, body = len(hdr), b""
+        off = len(hdr)
         for n in lens:
             units.append(U(len(units), name, off, n))
             off += n

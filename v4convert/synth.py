@@ -58,6 +58,16 @@ def _v3_tiny(v32: bool) -> dict:
     return cfg
 
 
+def _v32_671b() -> dict:
+    """DeepSeek-V3.2(-Exp) at full size: V3's published config plus the lightning indexer and UE8M0 block scales
+    as in its release config.json (index_n_heads 64, index_head_dim 128, index_topk 2048, scale_fmt ue8m0)."""
+    cfg = copy.deepcopy(_ref_config("deepseek-v3-671b.config.json"))
+    cfg.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=64,
+               index_head_dim=128, index_topk=2048)
+    cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+    return cfg
+
+
 def _v3_vllm_tiny() -> dict:
     """A tiny V3 within vLLM's constraints: every linear dim a multiple of the 128 FP8 block (q_lora_rank 128),
     MLA latent 512 + rope 64 (vLLM-CPU's MLA decode kernel supports only head size 576), YaRN rope (the
@@ -112,10 +122,11 @@ PRESETS: dict[str, tuple[Callable[[], dict], int]] = {
     "v32-tp-tiny": (lambda: _tp_tiny(_v3_tiny(True)), 2 << 20),
     "v4-flash-tp-tiny": (lambda: _tp_tiny(_v4_tiny(False)), 2 << 20),
     "v3-671b": (lambda: _ref_config("deepseek-v3-671b.config.json"), 5 << 30),
+    "v32-671b": (_v32_671b, 5 << 30),
     "v4-flash": (lambda: _ref_config("deepseek-v4-flash.config.json"), 5 << 30),
     "v4-pro": (lambda: _ref_config("deepseek-v4-pro.config.json"), 5 << 30),
 }
-FULL_SIZE = ("v3-671b", "v4-flash", "v4-pro")
+FULL_SIZE = ("v3-671b", "v32-671b", "v4-flash", "v4-pro")
 
 
 def parse_layers(spec: str | None, a: Arch) -> set[int] | None:

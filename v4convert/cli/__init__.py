@@ -76,7 +76,7 @@ def inspect_cmd(path: Path, as_json: bool, memory: str | None, devices: str | No
 
 @main.command("synth")
 @click.option("--preset", required=True, help="v3-tiny, v32-tiny, v4-flash-tiny, v4-flash-base-tiny, v3-vllm-tiny (tests; v3-vllm-tiny fits "
-              "vLLM's kernel constraints) or v3-671b, v4-flash, v4-pro (full size; needs --layers).")
+              "vLLM's kernel constraints) or v3-671b, v32-671b, v4-flash, v4-pro (full size; needs --layers).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output directory (absent, empty, or a previous synth output with --overwrite).")
 @click.option("--seed", default=0, show_default=True, help="Random seed; output is deterministic per seed.")
