@@ -219,17 +219,22 @@ def test_keep_native_fp4(tiny_ckpts, tmp_path):
 
 
 def test_workers_pool_and_small_chunks_byte_identical(tiny_ckpts, tmp_path, monkeypatch):
-    """2 worker processes vs in-process, and 128-row chunks vs whole tensors: identical files."""
+    """3 worker threads (the data-free default), 2 worker processes, in-process with 128-row chunks, and buffered
+    instead of O_DIRECT reads: identical files."""
     src = tiny_ckpts["v3-tiny"]
-    run_quantize(src, tmp_path / "a", workers=2)
+    run_quantize(src, tmp_path / "a", workers=3)
+    monkeypatch.setenv("V4C_POOL", "processes")
+    run_quantize(src, tmp_path / "p", workers=2)
     import v4convert.quant.workers as w
     monkeypatch.setattr(w, "CHUNK_ELEMS", 1)          # every chunk = 128 rows
     monkeypatch.setattr(w, "COPY_BYTES", 1000)
+    monkeypatch.setenv("V4C_DIRECT_IO", "0")
     run_quantize(src, tmp_path / "b", workers=1)
     fa = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert fa == sorted(p.name for p in (tmp_path / "b").iterdir())
-    for n in fa:
-        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    for other in ("p", "b"):
+        assert fa == sorted(p.name for p in (tmp_path / other).iterdir())
+        for n in fa:
+            assert (tmp_path / "a" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
 
 
 def test_index_sha256_and_metadata(tiny_ckpts, artifacts_cache):

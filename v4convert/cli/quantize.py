@@ -68,7 +68,9 @@ from .sizes import SIZE
 @click.option("--keep-native-fp4", is_flag=True, help="V4: keep the native MXFP4 experts as they are (no NVFP4 re-pack).")
 @click.option("--shard-size", type=SIZE, default="5G", show_default=True,
               help="Target output shard size (binary units: 5G = 5 GiB; 500M, bytes).")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: one per free core). The free cores are shared among them, so "
+@click.option("--workers", type=int, default=None, help="Workers (default: one per free core): threads for data-free methods (their reads, kernels and "
+              "writes run without the GIL, so one worker's disk wait overlaps another's compute), processes for "
+              "calibrated ones; V4C_POOL=threads|processes overrides. The free cores are shared among them, so "
               "workers x threads never exceeds the cores not busy with other processes.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous v4convert output at OUT (only once the new one is "
               "complete). Never deletes a directory v4convert did not write, nor the source.")

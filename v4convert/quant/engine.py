@@ -29,7 +29,7 @@ from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
 from .hashing import ShardHasher
-from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_worker, run_unit
+from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_thread, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
 INDEX_NAME = "model.safetensors.index.json"
@@ -332,11 +332,25 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def pool_kind(plan: Plan) -> str:
+    """``threads`` for data-free runs: every unit's heavy work (O_DIRECT reads, the native kernel, torch codec ops,
+    pwrite) runs without the GIL, so threads overlap one unit's disk wait with another's compute at one process's
+    RSS; ``processes`` for calibrated runs (GPTQ/AWQ loops hold the GIL). ``V4C_POOL`` overrides."""
+    kind = os.environ.get("V4C_POOL") or ("processes" if plan.options.calib is not None else "threads")
+    if kind not in ("threads", "processes"):
+        raise QuantizeError(f"V4C_POOL={kind!r}: choose threads or processes")
+    return kind
+
+
 def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: int, finished, device: str,
               kernel) -> None:
-    ctx = _worker_context()
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                initargs=(threads,)) as pool:
+    if pool_kind(plan) == "threads":
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="v4c-unit", initializer=init_thread,
+                                     initargs=(threads,))
+    else:
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=init_worker,
+                                      initargs=(threads,))
+    with pool:
         it = iter(todo)
         inflight: set[cf.Future] = set()
         try:

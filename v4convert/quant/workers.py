@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,8 +70,30 @@ def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) 
 
 
 # ------------------------------------------------------------------------------------ raw I/O
-_POOL = BufferPool(keep_bytes=512 << 20)      # this process's read buffers (reused between units)
-_READER: DirectReader | None = None           # open while run_unit runs (fds never outlive a unit)
+class _Local(threading.local):
+    """Per worker thread (the engine runs units on threads; each thread of a process pool worker alike): its read
+    buffers, reused between units, and its reader, open only while ``run_unit`` runs (fds never outlive a unit)."""
+
+    def __init__(self) -> None:
+        self.pool = BufferPool(keep_bytes=256 << 20)
+        self.reader: DirectReader | None = None
+        self.native_threads: int | None = None    # pthreads per native kernel call (None: torch's thread count)
+
+
+def _nthreads() -> int:
+    return _LOCAL.native_threads or torch.get_num_threads()
+
+
+def init_thread(threads: int) -> None:
+    """Thread-pool initializer: ``threads`` pthreads per native kernel call made on this thread."""
+    _LOCAL.native_threads = max(1, threads)
+
+
+_LOCAL = _Local()
+
+
+def _pool() -> BufferPool:
+    return _LOCAL.pool
 
 
 def direct_io_enabled() -> bool:
@@ -85,11 +108,12 @@ def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tenso
     r1 = rows if r1 is None else r1
     row_b = e.nbytes // rows if rows else 0
     n = (r1 - r0) * row_b
-    rd = _READER or DirectReader(_POOL, direct=direct_io_enabled())
+    mine = _LOCAL.reader
+    rd = mine or DirectReader(_pool(), direct=direct_io_enabled())
     try:
         buf, got = rd.read_range(str(e.path), e.start + r0 * row_b, n)
     finally:
-        if rd is not _READER:
+        if rd is not mine:
             rd.close()
     if got < n:
         raise SourceReadError(f"{e.path}: tensor {e.name}: short read at byte {e.start + r0 * row_b + got} "
@@ -147,7 +171,7 @@ def _scale_f32(t: TensorPlan, s: torch.Tensor) -> torch.Tensor:
 
 def _decode_chunk(t: TensorPlan, r0: int, r1: int, scale: torch.Tensor | None) -> torch.Tensor:
     """Exact float32 rows ``[r0, r1)`` of an FP8-block or plain-float tensor (owned: not a read buffer)."""
-    with _POOL.scope():
+    with _pool().scope():
         w = read_rows(t.src["weight"], r0, r1)
         if scale is None:
             if not w.is_floating_point():
@@ -165,7 +189,7 @@ def fp8_amax(t: TensorPlan, scale: torch.Tensor) -> torch.Tensor:
     best = torch.zeros((), dtype=torch.float32)
     bk = -(-k // FP8_BLOCK)
     for r0, r1 in _chunks(n, k):
-        with _POOL.scope():
+        with _pool().scope():
             mag = read_rows(t.src["weight"], r0, r1).view(torch.uint8) & 0x7F     # a new tensor
         if bool((mag == 0x7F).any()):
             raise NonFiniteInputError(f"tensor {t.name}: {int((mag == 0x7F).sum())} NaN FP8 values "
@@ -242,7 +266,7 @@ def _copy(unit: Unit, t: TensorPlan, w: Writer, opts: Options | None = None) -> 
         step = max(1, COPY_BYTES // max(row_b, 1))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            with _POOL.scope():              # one piece's buffer at a time
+            with _pool().scope():              # one piece's buffer at a time
                 data = read_rows(src, r0, r1) if src.shape else read_rows(src)
                 _check_finite(t, src.name, data, src.dtype, opts, e8m0)
                 w.write(off + r0 * row_b, data.view(torch.uint8) if data.numel() else b"", e.name)
@@ -290,7 +314,7 @@ def _fp8_prepare_native(t: TensorPlan) -> _FP8Prepared:
     raw = read_rows(t.src["weight"]).view(torch.uint8)
     s = read_rows(t.src["scale"])
     s = s.view(torch.uint8) if t.src["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
-    block_amax, amax = fp8_block_amax_native(raw, s, threads=torch.get_num_threads(), name=f"tensor {t.name}")
+    block_amax, amax = fp8_block_amax_native(raw, s, threads=_nthreads(), name=f"tensor {t.name}")
     return _FP8Prepared(raw, None, block_amax, amax.reshape(()), s)
 
 
@@ -328,7 +352,7 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     if p.scale is not None:  # native kernel: whole tensor in one call (the raw bytes are already in memory)
         from v4convert.kernels.native import fp8_encode_native
         packed, ws = fp8_encode_native(p.raw, p.scale, p.block_amax, gscale, conv,
-                                       threads=torch.get_num_threads(), name=f"tensor {t.name}")
+                                       threads=_nthreads(), name=f"tensor {t.name}")
         w.write(woff, packed, t.name)
         w.write(soff, ws.view(torch.uint8), t.name)
         w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
@@ -432,14 +456,13 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
     ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
     (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
     Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
-    global _READER
-    with _POOL.scope():                 # every read buffer of this unit returns to the pool at its end
-        _READER = DirectReader(_POOL, direct=direct_io_enabled())
+    with _pool().scope():                 # every read buffer of this unit returns to the pool at its end
+        _LOCAL.reader = DirectReader(_pool(), direct=direct_io_enabled())
         try:
             return _run_unit(unit, out_dir, opts, device, kernel)
         finally:
-            _READER.close()
-            _READER = None
+            _LOCAL.reader.close()
+            _LOCAL.reader = None
 
 
 def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> UnitResult:
