@@ -1,12 +1,15 @@
-"""Quantize throughput on a full-size synthetic V3 MoE layer (issue 4, item 5).
+"""Quantize throughput on a full-size synthetic layer (issue 16).
 
-    python bench/quantize_throughput.py [--src /tmp/v3-layer3] [--workers 2] [--device cpu|cuda]
+    python bench/quantize_throughput.py --src /work/fullsize/v3-layer3 [--workers 2] [--device cpu|cuda]
+    python bench/quantize_throughput.py --src /work/fullsize/v32-layer3 --preset v32-671b --layers 3
+    python bench/quantize_throughput.py --src /work/fullsize/v4f-layers --preset v4-flash --layers 2-3
 
-Input: ``v4convert synth --preset v3-671b --layers 3`` (one MoE layer, 11.5 GB FP8; created if missing).
+Input: ``v4convert synth --preset P --layers L`` (created if missing; V3: one MoE layer, 11.5 GB FP8).
 Prints, from one run: disk read speed of the source shards (page cache evicted first with
-``posix_fadvise(DONTNEED)`` on those files only), quantize GB/s of FP8 input (cache evicted again
-before), peak RSS (largest single process and the whole process tree, sampled every 0.1 s), and the
-projected time for the whole 671B release (688.6 GB) at that rate.
+``posix_fadvise(DONTNEED)`` on those files only), quantize GB/s of source read (cache evicted again
+before), the same-run I/O floor (reading the input while writing + fsyncing the output's size: reads and writes
+share the device), peak RSS (largest process and the whole tree, sampled every 0.1 s), CPU seconds of the whole
+tree and per GB, and the projected time for the whole release at this rate and on 16 cores with this disk.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-RELEASE_BYTES = 688.6e9          # DeepSeek-V3 671B as published (DESIGN §3)
+RELEASE_GB = {"v3-671b": 688.6, "v32-671b": 688.6, "v4-flash": 159.6}   # as published (DESIGN §3; V3.2 as V3)
 
 
 def evict(paths: list[Path]) -> None:
@@ -121,6 +124,12 @@ class RSSSampler(threading.Thread):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, default=Path("/tmp/v3-layer3"))
+    ap.add_argument("--preset", default="v3-671b", help="synth preset written to --src when it is absent "
+                    "(v3-671b, v32-671b, v4-flash)")
+    ap.add_argument("--layers", default="3", help="synth --layers for --preset (V4-Flash: '2-3' = one CSA, one HCA)")
+    ap.add_argument("--recipe", default="nvfp4-experts")
+    ap.add_argument("--release-gb", type=float, default=None, help="size of the whole release for the projection "
+                    "(default: by preset: V3/V3.2 688.6, V4-Flash 160)")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default: a temp dir next to --src, removed)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--device", default=None)
@@ -135,16 +144,16 @@ def main() -> None:
     from v4convert.quant.recipes import RuleSet, preset
 
     if not (args.src / "config.json").is_file():
-        print(f"creating {args.src} (synth --preset v3-671b --layers 3, ~11.5 GB)...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "v4convert.cli", "synth", "--preset", "v3-671b", "--layers", "3",
-                        "--out", str(args.src)], check=True)
+        print(f"creating {args.src} (synth --preset {args.preset} --layers {args.layers})...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "v4convert.cli", "synth", "--preset", args.preset, "--layers",
+                        args.layers, "--out", str(args.src)], check=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shards = sorted(args.src.glob("*.safetensors"))
     disk = read_speed(shards, int(args.read_limit * 1e9))
 
     with Checkpoint.open(args.src) as ck:
         t0 = time.perf_counter()
-        plan = make_plan(ck, RuleSet(preset("nvfp4-experts")), Options(allow_missing=True))  # a layer subset
+        plan = make_plan(ck, RuleSet(preset(args.recipe)), Options(allow_missing=True))  # a layer subset
         t_plan = time.perf_counter() - t0
     print(plan.summary(), file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="qbench-", dir=args.out.parent if args.out else args.src.parent))
@@ -167,6 +176,7 @@ def main() -> None:
     floor = copy_floor(shards, plan.bytes_in, r.bytes_out, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     rate = plan.bytes_in / wall / 1e9
+    release = args.release_gb or RELEASE_GB.get(args.preset, 688.6)
     res = {"device": device, "workers": args.workers, "cores": os.cpu_count(), "input_gb": plan.bytes_in / 1e9,
            "output_gb": r.bytes_out / 1e9, "plan_s": round(t_plan, 3), "wall_s": round(wall, 2),
            "quantize_gb_per_s": round(rate, 3), "disk_read_gb_per_s": round(disk, 3),
@@ -174,7 +184,11 @@ def main() -> None:
            "vs_copy_floor": round(floor / wall, 3),
            "peak_rss_process_gb": round(sampler.peak_proc / 1e9, 3),
            "peak_rss_tree_gb": round(sampler.peak_tree / 1e9, 3),
-           "projected_671b_hours": round(RELEASE_BYTES / 1e9 / rate / 3600, 2),
+           "release_gb": release, "projected_release_hours": round(release / rate / 3600, 2),
+           # a 16-core machine with this disk: CPU-bound at 16 / cores x this run's CPU rate, I/O-bound at the
+           # same-run floor; the slower of the two sets the time
+           "projected_release_hours_16_cores": round(max(release / (plan.bytes_in / 1e9 / (cpu_s / 16)),
+                                                         release / (plan.bytes_in / 1e9 / floor)) / 3600, 2),
            "cpu_seconds": round(cpu_s, 1), "cpu_s_per_gb": round(cpu_s / (plan.bytes_in / 1e9), 2),
            # on a shared machine wall time mostly measures the other tenants: CPU seconds spent by this run
            # (all processes) give the rate these cores would reach if they were ours alone
@@ -189,8 +203,9 @@ def main() -> None:
         print(f"I/O floor (read the input while writing+fsyncing the output size, cold, same run): {floor:.1f} s "
               f"-> quantize at {res['vs_copy_floor']:.2f}x of it")
         print(f"peak RSS: {res['peak_rss_process_gb']:.2f} GB largest process, {res['peak_rss_tree_gb']:.2f} GB all")
-        print(f"projected 671B release (688.6 GB): {res['projected_671b_hours']:.2f} h at this rate "
-              f"(disk-bound floor {RELEASE_BYTES / 1e9 / disk / 3600:.2f} h)")
+        print(f"projected release ({release} GB): {res['projected_release_hours']:.2f} h at this rate "
+              f"(read-bound floor {release / disk / 3600:.2f} h); on 16 cores with this disk "
+              f"{res['projected_release_hours_16_cores']:.2f} h")
         print(f"CPU: {res['cpu_seconds']} s over all processes -> {res['uncontended_gb_per_s_est']:.3f} GB/s if the "
               f"{os.cpu_count()} cores were not shared (1-min load average at the end: {res['load_avg_1m']})")
 
