@@ -71,7 +71,7 @@ W4A4_ARGS = ["--calib-tokens", "512", "--calib-seq-len", "128", "--propagate", "
              "--activations", "w4a4", "--keep", "model.layers.3.*"]
 # shims the worker must report on a CPU (see vllm_cpu_shims.py)
 CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-linear-w4a4-emulation", "nvfp4-moe", "nvfp4-moe-w4a4-emulation",
-             "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe"}
+             "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe", "fp8-block-linear-float32"}
 
 
 def _has_amx() -> bool:
