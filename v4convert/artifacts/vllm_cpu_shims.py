@@ -37,7 +37,13 @@ Shims, each for a kernel vLLM 0.32 has only on CUDA (listed in ``SHIMS``, report
   its AMX-FP8 W8A8 sibling; AMX CPUs only) take bf16/fp16 activations (``fp8_scaled_mm_cpu``). Ours keeps them
   for bf16/fp16; for float32 activations it runs ``F.linear`` on vLLM's loaded FP8 weight times its block scales
   (dequantized once at load, before vLLM packs the weight). Without AMX vLLM has no CPU FP8 block kernel at all
-  (no kernel is selected, so this shim is never reached there).
+  (no kernel is selected, so this shim is never reached there). Why not serve these cases in bf16 through
+  vLLM's kernel instead (measured 2026-12-03, AMX CPU, /tmp one-off script; top-5 log-probs along vLLM's greedy
+  path vs our runtime in float32): ``ct-nvfp4-experts-fp8`` greedy equal, max |d log p| 2.9e-2 (our own
+  runtime in bf16 vs float32: 6.2e-2 over all V); ``ct-mxfp4-experts-fp8``: greedy diverges at step 3 of
+  prompt 1 on a near-tie (578 vs 591), as our runtime in bf16 does not. bf16 rounding alone moves log-probs
+  by ~30x the 1e-3 tolerance and flips near-ties, so a bf16 comparison could not tell a misread scale from
+  rounding at any tolerance that holds; float32 on both sides agrees to 9e-7.
 * ``modelopt-fp4-float32``: vLLM's ModelOpt NVFP4 config lists bf16/fp16 activations only (the CUDA kernels'
   limit); the dequantized GEMM above runs float32, which the comparison at 1e-3 needs.
 """
