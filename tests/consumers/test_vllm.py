@@ -169,6 +169,36 @@ def test_vllm_tokenizes_like_our_runtime(source, engine, tmp_path):
     assert all(ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 for ids in got)
 
 
+FP8_DEQUANT_CHECK = """
+import importlib.util, sys, torch
+from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
+spec = importlib.util.spec_from_file_location("shims", sys.argv[1]); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+g = torch.Generator().manual_seed(0)
+for n, k in [(256, 384), (576, 200), (130, 129)]:        # block-divisible, kv_a_proj-like, one past a block
+    w = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-2 + 1e-4
+    pad = torch.zeros(s.shape[0] * 128, s.shape[1] * 128, dtype=torch.float8_e4m3fn)
+    pad[:n, :k] = w                                       # vLLM's dequantizer needs whole blocks: pad, then crop
+    ref = scaled_dequantize(pad, s, GroupShape(128, 128), torch.float32)[:n, :k]
+    got = m._dequant_fp8_block(w, s, (128, 128))
+    assert got.dtype == torch.float32 and torch.equal(got, ref), (n, k, (got - ref).abs().max())
+print("ok")
+"""
+
+
+def test_fp8_block_dequant_shim_is_vllms(vllm_python):
+    """The ``fp8-block-linear-float32`` shim's dequantizer is bit-equal to vLLM's ``scaled_dequantize`` (on
+    whole blocks; odd N, K padded for vLLM and cropped), run in vLLM's python."""
+    import subprocess
+
+    from v4convert.artifacts.vllm import WORKER
+
+    r = subprocess.run([vllm_python, "-c", FP8_DEQUANT_CHECK, str(WORKER.with_name("vllm_cpu_shims.py"))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_vllm_serves_artifact_as_our_runtime(case, source, engine, tmp_path):
     recipe, container, keep_bf16, activations = CASES[case]

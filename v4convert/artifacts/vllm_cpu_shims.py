@@ -306,9 +306,9 @@ def _modelopt_fp4_float32() -> None:
 
 def _dequant_fp8_block(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """FP8 ``[N, K]`` + per-block scales ``[ceil(N/bn), ceil(K/bk)]`` -> float32 ``[N, K]`` (``w * s``, each
-    scale repeated over its ``bn x bk`` block, edge blocks cropped). Exact: an E4M3 value (4 significant bits)
-    times a float32 scale rounds once, as vLLM's ``scaled_dequantize`` does (which asserts N, K divisible by
-    the block; the synth model's kv_a_proj has N = 576)."""
+    scale repeated over its ``bn x bk`` block, edge blocks cropped): one float32 product per element, as vLLM's
+    ``scaled_dequantize`` computes it (bit-equal, tests/consumers/test_vllm.py), which asserts N, K divisible
+    by the block (the synth model's kv_a_proj has N = 576)."""
     from vllm.model_executor.layers.quantization.utils.fp8_utils import _upcast_e8m0_to_fp32
 
     if s.dtype in (torch.float8_e8m0fnu, torch.uint8):
