@@ -18,7 +18,11 @@ Limits of vLLM-CPU, not ours, and what is done about them:
   itself. ModelOpt NVFP4 is declared bf16/fp16-only (the CUDA kernels' limit): a shim adds float32.
   The shims in use are asserted (so a vLLM that gains the kernels shows up here).
 * FP8 128x128 block linears need AMX on a CPU: artifacts that keep FP8 blocks are tested where the CPU has
-  AMX and skipped, with that reason, elsewhere; the same recipes are tested with ``--keep-bf16``.
+  AMX and skipped, with that reason, elsewhere; the same recipes are tested with ``--keep-bf16``. vLLM's AMX
+  FP8 kernel takes bf16/fp16 activations only: in float32 the ``fp8-block-linear-float32`` shim runs vLLM's
+  loaded FP8 weights and block scales, dequantized, in ``F.linear``.
+* attention: on an AMX CPU vLLM picks its AMX MLA backend, bf16/fp16 only; the worker asks for vLLM's
+  reference ``CPU_MLA`` backend (what it picks without AMX) on every CPU.
 * W4A4 (``quantize --calib --activations w4a4``: static NVFP4 input scales; compressed-tensors and ModelOpt):
   vLLM-CPU has no W4A4 kernel either; the shims give it vLLM's own emulation (linear: its
   ``EmulationNvFp4LinearKernel``; MoE: the torch form of its Triton emulation experts), so the activations are
@@ -71,7 +75,7 @@ W4A4_ARGS = ["--calib-tokens", "512", "--calib-seq-len", "128", "--propagate", "
              "--activations", "w4a4", "--keep", "model.layers.3.*"]
 # shims the worker must report on a CPU (see vllm_cpu_shims.py)
 CPU_SHIMS = {"nvfp4-linear-w4a16", "nvfp4-linear-w4a4-emulation", "nvfp4-moe", "nvfp4-moe-w4a4-emulation",
-             "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe"}
+             "modelopt-fp4-float32", "mxfp4-linear-w4a16", "mxfp4-moe", "fp8-block-linear-float32"}
 
 
 def _has_amx() -> bool:
@@ -163,6 +167,36 @@ def test_vllm_tokenizes_like_our_runtime(source, engine, tmp_path):
     got = e.tokenize(TEXTS)
     assert got == [tok.encode(t) for t in TEXTS]
     assert all(ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1 for ids in got)
+
+
+FP8_DEQUANT_CHECK = """
+import importlib.util, sys, torch
+from vllm.model_executor.layers.quantization.utils.quant_utils import GroupShape, scaled_dequantize
+spec = importlib.util.spec_from_file_location("shims", sys.argv[1]); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+g = torch.Generator().manual_seed(0)
+for n, k in [(256, 384), (576, 200), (130, 129)]:        # block-divisible, kv_a_proj-like, one past a block
+    w = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-2 + 1e-4
+    pad = torch.zeros(s.shape[0] * 128, s.shape[1] * 128, dtype=torch.float8_e4m3fn)
+    pad[:n, :k] = w                                       # vLLM's dequantizer needs whole blocks: pad, then crop
+    ref = scaled_dequantize(pad, s, GroupShape(128, 128), torch.float32)[:n, :k]
+    got = m._dequant_fp8_block(w, s, (128, 128))
+    assert got.dtype == torch.float32 and torch.equal(got, ref), (n, k, (got - ref).abs().max())
+print("ok")
+"""
+
+
+def test_fp8_block_dequant_shim_is_vllms(vllm_python):
+    """The ``fp8-block-linear-float32`` shim's dequantizer is bit-equal to vLLM's ``scaled_dequantize`` (on
+    whole blocks; odd N, K padded for vLLM and cropped), run in vLLM's python."""
+    import subprocess
+
+    from v4convert.artifacts.vllm import WORKER
+
+    r = subprocess.run([vllm_python, "-c", FP8_DEQUANT_CHECK, str(WORKER.with_name("vllm_cpu_shims.py"))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("case", list(CASES))

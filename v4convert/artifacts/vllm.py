@@ -7,7 +7,9 @@ vLLM runs in its own python (it pins transformers / compressed-tensors versions 
 
 On a CPU, vLLM 0.32 lacks the NVFP4 / MXFP4 kernels (W4A16 and W4A4); the worker then installs the shims of
 ``vllm_cpu_shims.py`` (dequantize-at-load with vLLM's own dequantizers; W4A4 through vLLM's own NVFP4 emulation;
-vLLM still reads every config key and tensor) and reports their names: :attr:`VLLMEngine.shims`.
+vLLM still reads every config key and tensor) and reports their names: :attr:`VLLMEngine.shims`. On any CPU
+the worker asks for vLLM's reference ``CPU_MLA`` attention backend: on an AMX CPU vLLM would pick ``AMX_MLA``,
+which serves bf16/fp16 only (see ``vllm_worker.py``).
 
 :class:`VLLMRunner` is the verify runner: ``forward(ids, start_pos)`` re-runs the whole sequence so far
 (vLLM keeps no cache across requests) and returns vLLM's raw log-probs ``[T, V]`` (a log-softmax is a

@@ -33,6 +33,17 @@ Shims, each for a kernel vLLM 0.32 has only on CUDA (listed in ``SHIMS``, report
 * ``mxfp4-moe``: vLLM's compressed-tensors MXFP4 MoE method picks ``MarlinExperts`` on a CPU (CUDA). Ours lets it
   create and load ``w13_/w2_weight_packed`` and ``_scale`` as usual, then dequantizes them with the same function
   and hands the layer to vLLM's unquantized CPU MoE (as ``nvfp4-moe``).
+* ``fp8-block-linear-float32``: vLLM's CPU FP8 128x128 block linears (``CPUFp8BlockScaledMMKernel``, W8A16, and
+  its AMX-FP8 W8A8 sibling; AMX CPUs only) take bf16/fp16 activations (``fp8_scaled_mm_cpu``). Ours keeps them
+  for bf16/fp16; for float32 activations it runs ``F.linear`` on vLLM's loaded FP8 weight times its block scales
+  (dequantized once at load, before vLLM packs the weight). Without AMX vLLM has no CPU FP8 block kernel at all
+  (no kernel is selected, so this shim is never reached there). Why not serve these cases in bf16 through
+  vLLM's kernel instead (measured 2026-12-03, AMX CPU, /tmp one-off script; top-5 log-probs along vLLM's greedy
+  path vs our runtime in float32): ``ct-nvfp4-experts-fp8`` greedy equal, max |d log p| 2.9e-2 (our own
+  runtime in bf16 vs float32: 6.2e-2 over all V); ``ct-mxfp4-experts-fp8``: greedy diverges at step 3 of
+  prompt 1 on a near-tie (578 vs 591), as our runtime in bf16 does not. bf16 rounding alone moves log-probs
+  by ~30x the 1e-3 tolerance and flips near-ties, so a bf16 comparison could not tell a misread scale from
+  rounding at any tolerance that holds; float32 on both sides agrees to 9e-7.
 * ``modelopt-fp4-float32``: vLLM's ModelOpt NVFP4 config lists bf16/fp16 activations only (the CUDA kernels'
   limit); the dequantized GEMM above runs float32, which the comparison at 1e-3 needs.
 """
@@ -293,6 +304,51 @@ def _modelopt_fp4_float32() -> None:
     SHIMS.append("modelopt-fp4-float32")
 
 
+def _dequant_fp8_block(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """FP8 ``[N, K]`` + per-block scales ``[ceil(N/bn), ceil(K/bk)]`` -> float32 ``[N, K]`` (``w * s``, each
+    scale repeated over its ``bn x bk`` block, edge blocks cropped): one float32 product per element, as vLLM's
+    ``scaled_dequantize`` computes it (bit-equal, tests/consumers/test_vllm.py), which asserts N, K divisible
+    by the block (the synth model's kv_a_proj has N = 576)."""
+    from vllm.model_executor.layers.quantization.utils.fp8_utils import _upcast_e8m0_to_fp32
+
+    if s.dtype in (torch.float8_e8m0fnu, torch.uint8):
+        s = _upcast_e8m0_to_fp32(s)
+    n, k = w.shape
+    bn, bk = block
+    full = s.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return w.float() * full
+
+
+def _fp8_block_linear_float32() -> None:
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    for cls in (cpu.CPUFp8BlockScaledMMKernel, cpu.CPUFp8W8A8BlockScaledMMKernel):
+        _fp8_block_float32_path(cls)
+    SHIMS.append("fp8-block-linear-float32")
+
+
+def _fp8_block_float32_path(cls) -> None:
+    """``cls`` (a vLLM CPU FP8 block kernel, AMX only) keeps its own path for bf16/fp16 activations; float32
+    activations, which its ``fp8_scaled_mm_cpu`` rejects, get vLLM's loaded weight and block scales
+    dequantized once before vLLM packs them, and ``F.linear`` in float32."""
+    pwal, apply = cls.process_weights_after_loading, cls.apply_weights
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        params = self._get_layer_params(layer)
+        block = (int(self.weight_group_shape[0]), int(self.weight_group_shape[1]))
+        w = _dequant_fp8_block(params.weight.data, params.block_scale.data, block)
+        layer.register_buffer("_v4c_dequantized", w, persistent=False)
+        pwal(self, layer)
+
+    def apply_weights(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None, **kw):
+        if x.dtype != torch.float32:
+            return apply(self, layer, x, bias, **kw)
+        return F.linear(x, layer._v4c_dequantized, bias)
+
+    cls.process_weights_after_loading = process_weights_after_loading
+    cls.apply_weights = apply_weights
+
+
 def install() -> list[str]:
     """Install every shim (idempotent); returns their names."""
     if not SHIMS:
@@ -301,4 +357,5 @@ def install() -> list[str]:
         _modelopt_fp4_float32()
         _mxfp4_linear_w4a16()
         _mxfp4_moe()
+        _fp8_block_linear_float32()
     return list(SHIMS)

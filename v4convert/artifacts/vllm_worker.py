@@ -18,6 +18,15 @@ prints goes to stderr). The first reply, unasked, is ``{"ready": true, "vllm": V
   replies like the ready message.
 * ``{"op": "tokenize", "texts": [str]}`` -> ``{"ids": [[ids]]}`` with vLLM's tokenizer (special tokens added
   the way vLLM adds them to a text prompt).
+
+Deviations from vLLM's default CPU serving (same math, other kernels; the GEMM shims are in
+``vllm_cpu_shims.py``):
+
+* attention: ``attention_backend="CPU_MLA"`` on every CPU. With AMX (``torch.cpu._is_amx_tile_supported()``)
+  vLLM 0.32 otherwise picks ``AMX_MLA``, which VNNI-packs the MLA weights at load and takes only bf16/fp16
+  (float32: "expect weight to be bfloat16, float16, int8, fp8_e4m3 or uint8"); ``CPU_MLA`` (vLLM's reference
+  MLA: SDPA prefill, ``mla_decode_kvcache`` decode) is what vLLM picks without AMX, so both CPUs serve alike.
+* FP8 block linears on an AMX CPU in float32: see the ``fp8-block-linear-float32`` shim.
 """
 from __future__ import annotations
 
@@ -85,8 +94,11 @@ def main() -> int:
 
     def load(model: str):
         vocab = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+        # On a CPU with AMX, vLLM picks its AMX MLA backend, which packs the MLA weights for bf16/fp16 only
+        # (float32 fails at load). Its reference CPU MLA backend (the default without AMX) serves any dtype.
+        extra = {"attention_backend": "CPU_MLA"} if current_platform.is_cpu() else {}
         llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, max_model_len=args.max_model_len,
-                  max_num_seqs=1, seed=0, max_logprobs=vocab, enable_prefix_caching=False)
+                  max_num_seqs=1, seed=0, max_logprobs=vocab, enable_prefix_caching=False, **extra)
         return llm, llm.get_tokenizer(), vocab
 
     def ready() -> dict:
