@@ -202,3 +202,90 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
             fp8_block_to_gguf_native(torch.zeros(2, 32, dtype=torch.uint8), torch.ones(1, 1), Q.F16)
     finally:
         ngguf._library.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ exporter
+def _export_both(ckpt, tmp_path, monkeypatch, mix, **kw) -> dict[str, object]:
+    """Export ``ckpt`` with $V4CONVERT_GGUF_KERNEL native then torch; -> {kernel: (file bytes, native calls)}."""
+    from v4convert.export.gguf.exporter import KERNEL_ENV, export_gguf
+    out = {}
+    real = ngguf.fp8_block_to_gguf_native
+    for kern in ("native", "torch"):
+        calls = []
+        monkeypatch.setattr(ngguf, "fp8_block_to_gguf_native", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setenv(KERNEL_ENV, kern)
+        (tmp_path / kern).mkdir()
+        try:
+            res = export_gguf(ckpt, tmp_path / kern / "m.gguf", mix, modelfile=False, **kw)
+            out[kern] = ([p.read_bytes() for p in res.paths], len(calls))
+        except Exception as e:  # noqa: BLE001 -- compared below: same type and message with either kernel
+            out[kern] = (e, len(calls))
+    return out
+
+
+@pytest.mark.parametrize("src", ["tiny-v3", "v4-flash-tiny"])   # FP8 with F32 scales / with E8M0 scales
+@pytest.mark.parametrize("main,expert", [("Q8_0", "MXFP4"), ("F16", "Q8_0"), ("BF16", "BF16"), ("F32", "F16")])
+def test_export_same_file_with_either_kernel(src: str, main: str, expert: str, tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from v4convert.export.gguf.types import GGUFType, TypeMix
+    from v4convert.synth import synth
+    ckpt = Path(__file__).parents[1] / "v4convert/data/tiny-v3" if src == "tiny-v3" else synth(src, tmp_path / src).out
+    got = _export_both(ckpt, tmp_path, monkeypatch, TypeMix(GGUFType(main), GGUFType(expert)))
+    (nat, n_native), (tor, n_torch) = got["native"], got["torch"]
+    assert n_native > 0 and n_torch == 0          # the native kernel did run, and only when asked for
+    assert len(nat) == len(tor) and all(a == b for a, b in zip(nat, tor))
+
+
+def _with_nan(tmp_path):
+    """A copy of tiny-v3 with one NaN E4M3 byte (0x7F) in an FP8 tensor."""
+    import shutil
+    from pathlib import Path
+
+    from v4convert.checkpoint import Checkpoint
+    src = Path(__file__).parents[1] / "v4convert/data/tiny-v3"
+    dst = tmp_path / "nan-v3"
+    shutil.copytree(src, dst)
+    with Checkpoint.open(dst) as ck:
+        e = ck.tensor_info("model.layers.0.self_attn.q_a_proj.weight").parts["weight"]
+    with open(e.path, "r+b") as f:
+        f.seek(e.start + 1000)
+        f.write(b"\x7f")
+    return dst
+
+
+def test_export_nonfinite_same_with_either_kernel(tmp_path, monkeypatch) -> None:
+    from v4convert.export.gguf.types import ExportError, GGUFType, TypeMix
+    ckpt = _with_nan(tmp_path)
+    (tmp_path / "refuse").mkdir()
+    got = _export_both(ckpt, tmp_path / "refuse", monkeypatch, TypeMix(GGUFType.Q8_0, GGUFType.MXFP4))
+    (en, _), (et, _) = got["native"], got["torch"]
+    assert isinstance(en, ExportError) and type(en) is type(et) and str(en) == str(et)
+    assert "1 NaN/Inf values" in str(en) and "q_a_proj" in str(en)
+    # --allow-nonfinite: F16 keeps the NaN (the torch path writes it), Q8_0 refuses as gguf_quants does
+    (tmp_path / "keep").mkdir()
+    got = _export_both(ckpt, tmp_path / "keep", monkeypatch, TypeMix(GGUFType.F16, GGUFType.F16), allow_nonfinite=True)
+    assert got["native"][0] == got["torch"][0] and isinstance(got["native"][0], list)
+    (tmp_path / "q8").mkdir()
+    got = _export_both(ckpt, tmp_path / "q8", monkeypatch, TypeMix(GGUFType.Q8_0, GGUFType.F16), allow_nonfinite=True)
+    (en, _), (et, _) = got["native"], got["torch"]
+    assert isinstance(en, gguf_quants.QuantError) and str(en) == str(et)
+
+
+def test_export_kernel_choice(monkeypatch) -> None:
+    from v4convert.export.gguf import exporter
+    from v4convert.export.gguf.types import ExportError
+    assert exporter._gguf_kernel("")[0] is native.Kernel.NATIVE          # default where it builds
+    assert exporter._gguf_kernel("torch")[0] is native.Kernel.TORCH
+    with pytest.raises(ExportError, match="expected 'native' or 'torch'"):
+        exporter._gguf_kernel("fast")
+    ngguf._library.cache_clear()
+    monkeypatch.setattr(exporter, "_KERNELS", {})
+    try:
+        monkeypatch.setenv("PATH", "/nonexistent")
+        monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
+        assert exporter._gguf_kernel("")[0] is native.Kernel.TORCH         # logged fallback
+        with pytest.raises(ExportError, match="no C compiler"):
+            exporter._gguf_kernel("native")
+    finally:
+        ngguf._library.cache_clear()

@@ -111,14 +111,54 @@ def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> t
     return w
 
 
+KERNEL_ENV = "V4CONVERT_GGUF_KERNEL"     # "native" / "torch" / unset: native where it builds (same bytes)
+_KERNELS: dict = {}                      # $V4CONVERT_GGUF_KERNEL value -> (Kernel, threads), once per process
+
+
+def _gguf_kernel(requested: str) -> tuple:
+    """(Kernel for FP8-block sources, its threads) for ``$V4CONVERT_GGUF_KERNEL``; torch with the reason
+    logged when the C kernel does not build, unless native was asked for."""
+    if requested in _KERNELS:
+        return _KERNELS[requested]
+    import logging
+
+    from v4convert.kernels.native import Kernel
+    from v4convert.kernels.native.gguf import gguf_native_status
+    from v4convert.threads import usable_cores
+    if requested not in ("", "native", "torch"):
+        raise ExportError(f"${KERNEL_ENV}={requested!r}: expected 'native' or 'torch'")
+    ok, why = (True, "") if requested == "torch" else gguf_native_status()
+    if not ok and requested == "native":
+        raise ExportError(why)
+    if not ok:
+        logging.getLogger(__name__).warning("GGUF export: torch kernel for FP8 tensors (%s)", why)
+    _KERNELS[requested] = (Kernel.NATIVE, usable_cores()) if ok and requested != "torch" else (Kernel.TORCH, 0)
+    return _KERNELS[requested]
+
+
 def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
-    """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing."""
+    """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing; FP8-block
+    sources go through the fused native kernel (``kernels/native/gguf.py``, same bytes) when it is chosen."""
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         raw = ck.raw(info.name)
         bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
         if bad and not allow_nonfinite:
             raise _nonfinite_error(info, bad)
         return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
+    if info.storage is Storage.FP8_BLOCK and len(info.shape) == 2:
+        from v4convert.kernels.native import Kernel
+        from v4convert.kernels.native.gguf import BLOCK_QTYPES, QTYPES, NonFiniteValuesError, fp8_block_to_gguf_native
+        kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
+        if kernel is Kernel.NATIVE and q in QTYPES and not (q in BLOCK_QTYPES and info.shape[1] % gguf_quants.QK):
+            parts = ck.raw(info.name)
+            try:
+                return fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads, name=info.name)
+            except NonFiniteValuesError as e:      # same refusal as _float; NaN/Inf kept: the torch path writes them
+                if not allow_nonfinite:
+                    raise _nonfinite_error(info, e.count) from None
+            finally:
+                del parts
+                ck.release(info.name)
     return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
 
 
