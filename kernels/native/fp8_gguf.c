@@ -10,7 +10,7 @@
  *         q = trunc(v) + trunc(2 * (v - trunc(v)))  (round half away, every step exact), fp16(d), q.
  *   MXFP4 per 32-block: the E8M0 byte e comes from the caller (numpy's float32 log2 on the block
  *         maxima, v4c_fp8_amax32), d = 2**(e-128); e >= 2: k = min(ceil(|x| * (2 / d)), 32) -> code
- *         table; e < 2: argmin_i |d * kvalue_i - x| (first index on ties). Byte 0 = e, then byte j =
+ *         table (as comparisons, see mxfp4_block); e < 2: argmin_i |d * kvalue_i - x| (first index on ties). Byte 0 = e, then byte j =
  *         code[j] | code[j + 16] << 4.
  * Since x = e4m3(b) * s and float32 rounding is monotonic and sign-symmetric, max|x| over a block is
  * |e4m3(m) * s| for m its largest magnitude byte: no per-element max is needed.
@@ -116,9 +116,8 @@ static int64_t count_bad(const uint8_t *x, int64_t len, const float *tab) {
     return c;
 }
 
-/* MXFP4 code of k = ceil(2|x|/d) in 0..32, row 33..65 for x < 0 (values from formats/gguf_quants.py). */
-static const uint8_t MX_MAG[33] = {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6,
-                                   7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7};
+/* MXFP4 magnitude code of k = ceil(2|x|/d) is MX_MAG[min(k, 32)] = {0,0,1,1,2,2,3,3,4,4,4,5,5,5,5,6 x6, 7 x12}
+ * (formats/gguf_quants.py _MXFP4_MAG); reference kvalues for the e < 2 argmin rule: */
 static const float MX_KV[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
 typedef struct {
@@ -219,12 +218,16 @@ static void mxfp4_block(const uint8_t *x, const float *t, unsigned e, uint8_t *o
     uint8_t c[QK];
     for (int i = 0; i < QK; i++) xb[i] = t[x[i]];
     if (e >= 2) {
+        /* code = MX_MAG[min(ceil(a), 32)], a = |x| * (2 / d); MX_MAG steps up at ceil(a) = 2 4 6 8 11 15 21,
+         * and ceil(a) >= K <=> a > K - 1 for integer K: a branch-free count the compiler vectorizes. */
         float d2 = 2.0f / d;                        /* exact: d is a normal power of two */
         for (int i = 0; i < QK; i++) {
-            float a = ceilf(fabsf(xb[i]) * d2);
-            a = a < 32.0f ? a : 32.0f;
-            unsigned kk = (unsigned)a;
-            c[i] = signbit(xb[i]) ? (MX_MAG[kk] ? (uint8_t)(MX_MAG[kk] | 8u) : 0) : MX_MAG[kk];
+            float a = fabsf(xb[i]) * d2;
+            unsigned m = (unsigned)(a > 1.0f) + (a > 3.0f) + (a > 5.0f) + (a > 7.0f) + (a > 10.0f) + (a > 14.0f)
+                         + (a > 20.0f);
+            uint32_t bits;
+            memcpy(&bits, &xb[i], 4);
+            c[i] = (uint8_t)(m | ((m != 0) & (bits >> 31)) << 3);
         }
     } else {                                        /* subnormal scale: the reference argmin rule */
         for (int i = 0; i < QK; i++) {
