@@ -1,6 +1,7 @@
 """FP8-block -> GGUF encode speed, native C kernel vs the torch path, on one expert-sized tensor.
 
     python bench/native_gguf_speed.py [--n 7168 --k 2048] [--threads 2] [--reps 3] [--scale f32|e8m0]
+    python bench/native_gguf_speed.py --ckpt DIR [--tensors 4]   # same, on a checkpoint's first FP8 tensors
 
 Torch path = what ``export/gguf/exporter.py::_encode`` did before: ``checkpoint._decode_fp8_block`` (float32
 ``[N, K]``) then ``gguf_quants.quantize``. Prints GB/s of FP8 input (N*K bytes / best of ``reps`` seconds)
@@ -28,6 +29,23 @@ def best(fn, reps: int) -> tuple[float, torch.Tensor]:
     return t, out
 
 
+def bench_ckpt(a: argparse.Namespace) -> None:
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.families.roles import Storage
+    with Checkpoint.open(a.ckpt) as ck:
+        infos = [i for i in ck.infos() if i.storage is Storage.FP8_BLOCK][: a.tensors]
+        for info in infos:
+            parts = ck.raw(info.name)
+            w, sc = parts["weight"], parts["scale"]
+            gb = w.numel() / 1e9
+            for q in (Q.MXFP4, Q.Q8_0, Q.F16):
+                tt, ref = best(lambda: gguf_quants.quantize(ck.dequantize(info.name), q, threads=a.threads), 1)
+                tn, got = best(lambda: fp8_block_to_gguf_native(w, sc, q, threads=a.threads), a.reps)
+                print(f"{info.name} {tuple(info.shape)} {q.name:5}: torch {gb / tt:5.2f} GB/s, native {gb / tn:5.2f} "
+                      f"GB/s, {tt / tn:5.1f}x, identical {torch.equal(ref.reshape(got.shape), got)}", flush=True)
+            ck.release(info.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=7168)
@@ -35,8 +53,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--scale", choices=["f32", "e8m0"], default="f32")
+    ap.add_argument("--ckpt", help="time real FP8-block tensors of this checkpoint instead (Checkpoint.dequantize)")
+    ap.add_argument("--tensors", type=int, default=4)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.ckpt:
+        return bench_ckpt(a)
     g = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (a.n, a.k), generator=g, dtype=torch.int32).to(torch.uint8)
     raw[(raw & 0x7F) == 0x7F] = 0x7E

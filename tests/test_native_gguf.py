@@ -204,22 +204,44 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
         ngguf._library.cache_clear()
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 48), (1, 16), (129, 272), (2, 0, 16)])
+def test_repack_matches_torch(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    p = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
+    s = torch.randint(0, 255, (*shape[:-1], shape[-1] * 2 // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    for threads in (1, 3):
+        got = ngguf.repack_mxfp4_native(p.view(torch.int8), s.view(torch.float8_e8m0fnu), threads=threads)
+        assert torch.equal(got, gguf_quants.repack_mxfp4(p, s))
+
+
+def test_repack_errors_match_torch() -> None:
+    p = torch.zeros(4, 16, dtype=torch.uint8)
+    for s in (torch.zeros(4, 2, dtype=torch.uint8), torch.full((4, 1), 255, dtype=torch.uint8)):
+        with pytest.raises(gguf_quants.QuantError) as want:
+            gguf_quants.repack_mxfp4(p, s, "w9")
+        with pytest.raises(gguf_quants.QuantError) as got:
+            ngguf.repack_mxfp4_native(p, s, "w9")
+        assert str(got.value) == str(want.value)
+
+
 # ------------------------------------------------------------------------------------------ exporter
 def _export_both(ckpt, tmp_path, monkeypatch, mix, **kw) -> dict[str, object]:
-    """Export ``ckpt`` with $V4CONVERT_GGUF_KERNEL native then torch; -> {kernel: (file bytes, native calls)}."""
+    """Export ``ckpt`` with $V4CONVERT_GGUF_KERNEL native then torch; -> {kernel: (file bytes or the error,
+    native calls: 1 per FP8 encode, 2 per MXFP4 re-pack)}."""
     from v4convert.export.gguf.exporter import KERNEL_ENV, export_gguf
     out = {}
-    real = ngguf.fp8_block_to_gguf_native
+    real, real_repack = ngguf.fp8_block_to_gguf_native, ngguf.repack_mxfp4_native
     for kern in ("native", "torch"):
         calls = []
         monkeypatch.setattr(ngguf, "fp8_block_to_gguf_native", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(ngguf, "repack_mxfp4_native", lambda *a, **k: calls.append(2) or real_repack(*a, **k))
         monkeypatch.setenv(KERNEL_ENV, kern)
         (tmp_path / kern).mkdir()
         try:
             res = export_gguf(ckpt, tmp_path / kern / "m.gguf", mix, modelfile=False, **kw)
-            out[kern] = ([p.read_bytes() for p in res.paths], len(calls))
+            out[kern] = ([p.read_bytes() for p in res.paths], calls)
         except Exception as e:  # noqa: BLE001 -- compared below: same type and message with either kernel
-            out[kern] = (e, len(calls))
+            out[kern] = (e, calls)
     return out
 
 
@@ -232,8 +254,9 @@ def test_export_same_file_with_either_kernel(src: str, main: str, expert: str, t
     from v4convert.synth import synth
     ckpt = Path(__file__).parents[1] / "v4convert/data/tiny-v3" if src == "tiny-v3" else synth(src, tmp_path / src).out
     got = _export_both(ckpt, tmp_path, monkeypatch, TypeMix(GGUFType(main), GGUFType(expert)))
-    (nat, n_native), (tor, n_torch) = got["native"], got["torch"]
-    assert n_native > 0 and n_torch == 0          # the native kernel did run, and only when asked for
+    (nat, c_native), (tor, c_torch) = got["native"], got["torch"]
+    assert 1 in c_native and not c_torch          # the native kernel did run, and only when asked for
+    assert (2 in c_native) == (src != "tiny-v3" and expert == "MXFP4")     # V4's MXFP4 experts re-packed in C
     assert len(nat) == len(tor) and all(a == b for a, b in zip(nat, tor))
 
 

@@ -333,3 +333,51 @@ int64_t v4c_fp8_gguf(const uint8_t *raw, int64_t n, int64_t k, const void *scale
     base.mx_exp = mx_exp; base.out = out;
     return run_threads(&base, nthreads);
 }
+
+/* ---- OCP / DeepSeek MXFP4 -> GGUF MXFP4 re-pack (bits only; formats/gguf_quants.py repack_mxfp4) ----
+ * packed [rows, nb * 16]: byte i = element 2i (low nibble) | element 2i + 1 (high); scale [rows, nb] E8M0.
+ * out [rows, nb * 17]: byte 0 = scale, byte 1 + j = element j | element j + 16 << 4. */
+typedef struct {
+    const uint8_t *packed, *scale;
+    uint8_t *out;
+    int64_t nb, r0, r1;
+} repack_t;
+
+static void *repack_rows(void *arg) {
+    repack_t *j = (repack_t *)arg;
+    for (int64_t i = j->r0; i < j->r1; i++) {
+        for (int64_t b = 0; b < j->nb; b++) {
+            const uint8_t *src = j->packed + (i * j->nb + b) * 16;
+            uint8_t *o = j->out + (i * j->nb + b) * 17;
+            o[0] = j->scale[i * j->nb + b];
+            for (int t = 0; t < 8; t++) {
+                uint8_t lo = src[t], hi = src[8 + t];      /* elements 2t, 2t+1 and 2t+16, 2t+17 */
+                o[1 + 2 * t] = (uint8_t)((lo & 0x0Fu) | (hi << 4));
+                o[2 + 2 * t] = (uint8_t)((lo >> 4) | (hi & 0xF0u));
+            }
+        }
+    }
+    return NULL;
+}
+
+void v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows, int64_t nb, uint8_t *out,
+                      int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (nthreads > rows) nthreads = (int)(rows > 0 ? rows : 1);
+    repack_t jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t].packed = packed; jobs[t].scale = scale; jobs[t].out = out; jobs[t].nb = nb;
+        jobs[t].r0 = rows * t / nthreads;
+        jobs[t].r1 = rows * (t + 1) / nthreads;
+        started[t] = 0;
+    }
+    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, repack_rows, &jobs[t]) == 0;
+    repack_rows(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else repack_rows(&jobs[t]);
+    }
+}

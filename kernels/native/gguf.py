@@ -22,7 +22,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from v4convert.formats.fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
-from v4convert.formats.gguf_quants import QK, _mxfp4_exponents
+from v4convert.formats.gguf_quants import QK, QuantError, _mxfp4_exponents
 
 from . import DEFAULT_THREADS, NativeUnavailableError, _check_scale, load_library
 
@@ -48,6 +48,8 @@ def _library() -> ctypes.CDLL:
     lib.v4c_fp8_amax32.restype = i64
     lib.v4c_fp8_gguf.argtypes = [p, i64, i64, p, i32, i32, p, p, i32]
     lib.v4c_fp8_gguf.restype = i64
+    lib.v4c_mxfp4_repack.argtypes = [p, p, i64, i64, p, i32]
+    lib.v4c_mxfp4_repack.restype = None
     return lib
 
 
@@ -125,4 +127,25 @@ def fp8_block_to_gguf_native(raw: torch.Tensor, scale: torch.Tensor, qtype: Q, *
     bad = lib.v4c_fp8_gguf(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, int(qtype),
                            exps.data_ptr() if exps is not None else None, out.data_ptr(), int(threads))
     _refuse(bad, name, n, k)
+    return out
+
+
+def repack_mxfp4_native(packed: torch.Tensor, scale: torch.Tensor, name: str = "?", *,
+                        threads: int = DEFAULT_THREADS) -> torch.Tensor:
+    """Same bytes, shapes and errors as :func:`v4convert.formats.gguf_quants.repack_mxfp4` (OCP / DeepSeek
+    MXFP4 ``packed [..., K/2]`` + E8M0 ``scale [..., K/32]`` -> GGUF MXFP4 uint8 ``[..., K/32*17]``), in C."""
+    p = packed.contiguous().view(torch.uint8)
+    s = scale.contiguous().view(torch.uint8)
+    k = p.shape[-1] * 2
+    if k % QK != 0 or tuple(s.shape) != (*p.shape[:-1], k // QK):
+        raise QuantError(f"tensor {name}: MXFP4 scale shape {tuple(s.shape)} does not match packed "
+                         f"shape {tuple(p.shape)} (expected {(*p.shape[:-1], k // QK)})")
+    if bool((s == 255).any()):
+        raise QuantError(f"tensor {name}: MXFP4 scale byte 255 (NaN) cannot be stored in GGUF")
+    if p.device.type != "cpu" or s.device.type != "cpu":
+        raise CodecInputError(f"{name}: native kernel needs CPU tensors")
+    rows = p.numel() // max(1, p.shape[-1]) if p.shape[-1] else 0
+    out = torch.empty((*p.shape[:-1], k // QK * 17), dtype=torch.uint8)
+    if out.numel():
+        _library().v4c_mxfp4_repack(p.data_ptr(), s.data_ptr(), rows, k // QK, out.data_ptr(), int(threads))
     return out

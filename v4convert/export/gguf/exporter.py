@@ -138,27 +138,30 @@ def _gguf_kernel(requested: str) -> tuple:
 
 def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
     """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing; FP8-block
-    sources go through the fused native kernel (``kernels/native/gguf.py``, same bytes) when it is chosen."""
+    sources and the re-pack run in C (``kernels/native/gguf.py``, same bytes) when the native kernel is chosen."""
+    from v4convert.kernels.native import Kernel
+    from v4convert.kernels.native import gguf as native_gguf
+    kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         raw = ck.raw(info.name)
         bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
         if bad and not allow_nonfinite:
             raise _nonfinite_error(info, bad)
+        if kernel is Kernel.NATIVE:
+            return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
         return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
-    if info.storage is Storage.FP8_BLOCK and len(info.shape) == 2:
-        from v4convert.kernels.native import Kernel
-        from v4convert.kernels.native.gguf import BLOCK_QTYPES, QTYPES, NonFiniteValuesError, fp8_block_to_gguf_native
-        kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
-        if kernel is Kernel.NATIVE and q in QTYPES and not (q in BLOCK_QTYPES and info.shape[1] % gguf_quants.QK):
-            parts = ck.raw(info.name)
-            try:
-                return fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads, name=info.name)
-            except NonFiniteValuesError as e:      # same refusal as _float; NaN/Inf kept: the torch path writes them
-                if not allow_nonfinite:
-                    raise _nonfinite_error(info, e.count) from None
-            finally:
-                del parts
-                ck.release(info.name)
+    if (kernel is Kernel.NATIVE and info.storage is Storage.FP8_BLOCK and len(info.shape) == 2
+            and q in native_gguf.QTYPES and not (q in native_gguf.BLOCK_QTYPES and info.shape[1] % gguf_quants.QK)):
+        parts = ck.raw(info.name)
+        try:
+            return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads,
+                                                        name=info.name)
+        except native_gguf.NonFiniteValuesError as e:   # same refusal as _float; NaN/Inf kept: the torch path writes them
+            if not allow_nonfinite:
+                raise _nonfinite_error(info, e.count) from None
+        finally:
+            del parts
+            ck.release(info.name)
     return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
 
 
