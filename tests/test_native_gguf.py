@@ -260,8 +260,8 @@ def test_export_same_file_with_either_kernel(src: str, main: str, expert: str, t
     assert len(nat) == len(tor) and all(a == b for a, b in zip(nat, tor))
 
 
-def _with_nan(tmp_path):
-    """A copy of tiny-v3 with one NaN E4M3 byte (0x7F) in an FP8 tensor."""
+def _with_nan(tmp_path, name: str):
+    """A copy of tiny-v3 with one NaN E4M3 byte (0x7F) in the FP8 tensor ``name``."""
     import shutil
     from pathlib import Path
 
@@ -270,21 +270,22 @@ def _with_nan(tmp_path):
     dst = tmp_path / "nan-v3"
     shutil.copytree(src, dst)
     with Checkpoint.open(dst) as ck:
-        e = ck.tensor_info("model.layers.0.self_attn.q_a_proj.weight").parts["weight"]
+        e = ck.tensor_info(name).parts["weight"]
     with open(e.path, "r+b") as f:
         f.seek(e.start + 1000)
         f.write(b"\x7f")
     return dst
 
 
-def test_export_nonfinite_same_with_either_kernel(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("tensor", ["q_a_proj", "kv_b_proj"])     # _encode / _float (k_b, v_b)
+def test_export_nonfinite_same_with_either_kernel(tensor: str, tmp_path, monkeypatch) -> None:
     from v4convert.export.gguf.types import ExportError, GGUFType, TypeMix
-    ckpt = _with_nan(tmp_path)
+    ckpt = _with_nan(tmp_path, f"model.layers.0.self_attn.{tensor}.weight")
     (tmp_path / "refuse").mkdir()
     got = _export_both(ckpt, tmp_path / "refuse", monkeypatch, TypeMix(GGUFType.Q8_0, GGUFType.MXFP4))
     (en, _), (et, _) = got["native"], got["torch"]
     assert isinstance(en, ExportError) and type(en) is type(et) and str(en) == str(et)
-    assert "1 NaN/Inf values" in str(en) and "q_a_proj" in str(en)
+    assert "1 NaN/Inf values" in str(en) and tensor in str(en)
     # --allow-nonfinite: F16 keeps the NaN (the torch path writes it), Q8_0 refuses as gguf_quants does
     (tmp_path / "keep").mkdir()
     got = _export_both(ckpt, tmp_path / "keep", monkeypatch, TypeMix(GGUFType.F16, GGUFType.F16), allow_nonfinite=True)

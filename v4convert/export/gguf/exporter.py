@@ -103,6 +103,21 @@ def _nonfinite_error(info: TensorInfo, bad: int) -> ExportError:
 
 
 def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> torch.Tensor:
+    if info.storage is Storage.FP8_BLOCK and len(info.shape) == 2:      # k_b / v_b: F32 from the native kernel
+        from v4convert.kernels.native import Kernel
+        from v4convert.kernels.native import gguf as native_gguf
+        kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
+        if kernel is Kernel.NATIVE:
+            parts = ck.raw(info.name)
+            try:
+                return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], Q.F32, threads=threads,
+                                                            name=info.name).view(torch.float32)
+            except native_gguf.NonFiniteValuesError as e:      # NaN/Inf kept: dequantize below
+                if not allow_nonfinite:
+                    raise _nonfinite_error(info, e.count) from None
+            finally:
+                del parts
+                ck.release(info.name)
     w = ck.dequantize(info.name)
     if not allow_nonfinite and w.is_floating_point():
         bad = int((~torch.isfinite(w)).sum())
