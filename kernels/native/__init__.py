@@ -10,6 +10,9 @@ between fused partners: :func:`fp8_block_amax_native` (block amax + tensor amax)
 :func:`fp8_encode_native` (E4M3 block scales + packed codes for one global scale).
 :func:`fp8_block_to_nvfp4_native` is the one-call equivalent of ``fp8_block_to_nvfp4``.
 
+:func:`load_library` is the build-and-load step every C kernel here shares (``gguf.py``: FP8-block ->
+GGUF bytes and the MXFP4 re-pack, from ``fp8_gguf.c``).
+
 There is no silent fallback: without a compiler the first call raises :class:`NativeUnavailableError`;
 callers choose :class:`Kernel` explicitly.
 """
