@@ -10,6 +10,9 @@ between fused partners: :func:`fp8_block_amax_native` (block amax + tensor amax)
 :func:`fp8_encode_native` (E4M3 block scales + packed codes for one global scale).
 :func:`fp8_block_to_nvfp4_native` is the one-call equivalent of ``fp8_block_to_nvfp4``.
 
+:func:`load_library` is the build-and-load step every C kernel here shares (``gguf.py``: FP8-block ->
+GGUF bytes and the MXFP4 re-pack, from ``fp8_gguf.c``).
+
 There is no silent fallback: without a compiler the first call raises :class:`NativeUnavailableError`;
 callers choose :class:`Kernel` explicitly.
 """
@@ -62,30 +65,37 @@ def _compiler() -> str:
     return cc
 
 
-@functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL:
-    """Build (once per source hash) and load the shared library."""
-    src = SOURCE.read_bytes()
+def load_library(source: Path, soname: str) -> ctypes.CDLL:
+    """Build ``source`` (once per hash of its text and the flags) into ``cache_dir()/<hash>/soname`` and
+    load it. Shared by every C kernel of this package; callers cache the result and declare argtypes.
+    Raises :class:`NativeUnavailableError` (no compiler, compile error, unloadable library)."""
+    src = source.read_bytes()
     key = hashlib.sha256(src + "\0".join(CFLAGS + LIBS).encode()).hexdigest()[:16]
     out_dir = cache_dir() / key
-    so = out_dir / "libv4c_fp8_nvfp4.so"
+    so = out_dir / soname
     if not so.exists():
         cc = _compiler()
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True)
+            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(source), *LIBS], capture_output=True, text=True)
             if r.returncode != 0:
-                raise NativeUnavailableError(f"native kernel: '{cc}' failed on {SOURCE}: {r.stderr.strip()[:500]}")
+                raise NativeUnavailableError(f"native kernel: '{cc}' failed on {source}: {r.stderr.strip()[:500]}")
             os.replace(tmp, so)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     try:
-        lib = ctypes.CDLL(str(so))
+        return ctypes.CDLL(str(so))
     except OSError as e:
         raise NativeUnavailableError(f"native kernel: cannot load {so}: {e}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    """The FP8 -> NVFP4 library, built and loaded once."""
+    lib = load_library(SOURCE, "libv4c_fp8_nvfp4.so")
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.v4c_fp8_block_amax.argtypes = [p, i64, i64, p, i32, p, p, i32]
     lib.v4c_fp8_block_amax.restype = i64
