@@ -170,3 +170,31 @@ def test_loaded_tensors_own_their_memory(layout, monkeypatch):
                     assert t.data_ptr() % sl.ALIGN == 0
     assert len(storages) == sum(1 for n in v.names() for t in v.tensor_info(n).parts.values() if t.nbytes)
     v.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_short_reads_resume_inside_a_buffer(layout, monkeypatch, direct):
+    """preadv returning fewer bytes than asked (signals, some filesystems): the reader resumes at the right byte,
+    also inside one part's buffer. The fake returns at most 3 blocks (O_DIRECT) or 1000 bytes per call."""
+    _small_requests(monkeypatch, 16 * sl.ALIGN, 64 * sl.ALIGN)
+    real = os.preadv
+
+    def short(fd, bufs, offset):
+        step = 3 * sl.ALIGN if v._aligned else 1000
+        out, left = [], step
+        for b in bufs:
+            if left <= 0:
+                break
+            out.append(memoryview(b)[:left])
+            left -= len(out[-1])
+        return real(fd, out, offset)
+
+    m = Manifest.read(layout)
+    v = RankView(m, 0, direct=direct)
+    v._open()
+    monkeypatch.setattr(os, "preadv", short)
+    ref = _reference(layout, 0)
+    for name in v.names():
+        for comp, t in v.raw(name).items():
+            assert _bytes(t) == ref[(name, comp)], name
+    v.close()
