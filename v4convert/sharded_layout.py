@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 ALIGN = 4096
 REQUEST = 64 << 20      # bytes per read request (one preadv over consecutive parts, each into its own buffer)
 AHEAD = 192 << 20       # bytes read ahead of the caller of RankView.raw (memory beyond the tensors it holds)
+READERS = 2             # requests in flight: one thread's pages fault in (kernel zero-fill) while another's read
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
@@ -134,7 +135,7 @@ class RankView:
 
     ``verify``: check each part's SHA-256 on its first read (a mismatch raises ``ShardedLayoutError``).
     ``direct``: read with O_DIRECT (bypasses the page cache; falls back to buffered reads where unsupported).
-    ``prefetch``: a reader thread reads ahead in file order while the caller walks ``names()`` in order.
+    ``prefetch``: reader threads read ahead in file order while the caller walks ``names()`` in order.
     """
 
     def __init__(self, manifest: Manifest, rank: int, verify: bool = True, direct: bool = False,
@@ -220,19 +221,21 @@ class RankView:
         if self._fd is None:
             self._open()
         i = self._pos[name]
-        parts = self._take(i)
-        if parts is None:                       # not read ahead: read it now (and raise its own errors)
-            parts = self._read_tensors([name])[name]
+        taken = self._take(i)
+        if taken is None:                       # not read ahead: read it now (and raise its own errors)
+            parts, digests = self._read_tensors([name])[name], None
+        else:
+            parts, digests = taken              # hashed by the reader thread right after its read
         sequential, self._last = i == self._last + 1, i
         if self.prefetch and sequential:
-            self._top_up(i + 1)                 # the next requests run while this tensor is hashed and used
+            self._top_up(i + 1)                 # the next requests run while this tensor is used
         out = {}
         for k, e in info.parts.items():
             tdtype, _ = ST_DTYPES[e.dtype]
             out[k] = parts[k][:e.nbytes].view(tdtype).reshape(e.shape)
         if self.verify and name not in self._checked:
             for comp, t in out.items():
-                if sha256_of(t) != self._sha[(name, comp)]:
+                if (digests[comp] if digests else sha256_of(t)) != self._sha[(name, comp)]:
                     raise ShardedLayoutError(f"{self.path}: tensor {name}: {comp} fails its SHA-256 check "
                                              "(file corrupted?)")
             self._checked.add(name)
@@ -311,7 +314,19 @@ class RankView:
                 iovs[k] = iovs[k][n:]
 
     # -------------------------------------------------- read-ahead
-    def _take(self, i: int) -> dict[str, torch.Tensor] | None:
+    def _read_run(self, names: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]]:
+        """A read-ahead request (on a reader thread): the parts of ``names`` and, with ``verify``, their SHA-256
+        (hashlib releases the GIL: the readers hash in parallel with each other and with the caller)."""
+        got = self._read_tensors(names)
+        out = {}
+        for name, parts in got.items():
+            digests = None
+            if self.verify:
+                digests = {k: sha256_of(parts[k][:e.nbytes]) for k, e in self._infos[name].parts.items()}
+            out[name] = (parts, digests)
+        return out
+
+    def _take(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, str] | None] | None:
         """Tensor ``i`` (file order) from the read-ahead, or None where it is not there (or its run failed:
         the caller then reads it alone, so an error names the right tensor)."""
         runs = self._runs
@@ -325,11 +340,11 @@ class RankView:
         except Exception:                       # noqa: BLE001 - re-raised by the caller's own read of tensor i
             self._drop()
             return None
-        parts = got.pop(self._order[i], None)
+        taken = got.pop(self._order[i], None)
         run.left -= self._size[i]
         if i == run.last:
             runs.popleft()
-        return parts
+        return taken
 
     def _top_up(self, start: int) -> None:
         """Keep requests for the tensors after ``start - 1`` in flight, up to AHEAD bytes not yet taken."""
@@ -341,14 +356,14 @@ class RankView:
         ahead = sum(r.left for r in runs)
         n = len(self._order)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankview-read")
+            self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="rankview-read")
         while ahead < AHEAD and self._next < n:
             first, nb = self._next, 0
             while self._next < n and (self._next == first or nb + self._size[self._next] <= REQUEST):
                 nb += self._size[self._next]
                 self._next += 1
             names = self._order[first:self._next]
-            runs.append(_Run(first, self._next - 1, nb, self._pool.submit(self._read_tensors, names)))
+            runs.append(_Run(first, self._next - 1, nb, self._pool.submit(self._read_run, names)))
             ahead += nb
 
     def _drop(self) -> None:
