@@ -155,14 +155,20 @@ def test_file_truncated_after_open(layout, tmp_path, monkeypatch, direct):
     v.close()
 
 
-def test_loaded_tensors_own_their_memory(layout, monkeypatch):
-    """Each part is its own allocation (not a view into a shared request buffer), 4 KiB-aligned under O_DIRECT."""
+@pytest.mark.parametrize("populate", [1 << 40, sl.ALIGN])
+def test_loaded_tensors_own_their_memory(layout, monkeypatch, populate):
+    """Each part is its own allocation (not a view into a shared request buffer), 4 KiB-aligned under O_DIRECT;
+    ``populate``: parts from this size are their own pre-populated mappings (here: none / all but the smallest);
+    the bytes equal the reference either way."""
     _small_requests(monkeypatch, 64 * sl.ALIGN, 256 * sl.ALIGN)
+    monkeypatch.setattr(sl, "POPULATE", populate)
+    ref = _reference(layout, 0)
     v = RankView(Manifest.read(layout), 0, direct=True)
     storages, kept = set(), []          # kept alive, so no address is reused
     for name in v.names():
-        for t in v.raw(name).values():
+        for comp, t in v.raw(name).items():
             kept.append(t)
+            assert _bytes(t) == ref[(name, comp)]
             if t.numel():
                 assert t.untyped_storage().nbytes() <= -(-t.nbytes // sl.ALIGN) * sl.ALIGN + sl.ALIGN
                 storages.add(t.untyped_storage().data_ptr())
