@@ -5,18 +5,24 @@ and per-rank peak RSS, side by side in one run (ratios, never timed assertions).
 
 1. exports ``--src`` to the sharded layout (``--work/layout``; reused if present; removed unless ``--keep``);
 2. evicts every file from the page cache (``posix_fadvise(DONTNEED)``, no root needed) before each measure;
-3. per measured rank and loader: the disk's cold sequential speed (16 MiB reads of that rank file, the limit any
-   loader can reach; measured right before each load because the disk is shared and drifts), then in a fresh
-   process (one at a time, so loads do not share the disk) the time to bring that
+3. per measured rank and loader: the disk's cold sequential speed (that rank file read with O_DIRECT in 64 MiB
+   requests into one reused buffer: no hashing, no new memory, the limit any loader can reach; measured right
+   before and right after each load because the disk is shared and drifts; the ratio is to their mean), then in
+   a fresh process (one at a time, so loads do not share the disk) the time to bring that
    rank's stored tensors into RAM (as packed as they are stored, what ``runtime.load(packed=True)`` holds):
-   a. sharded layout: ``RankView.raw`` (pread into owned tensors; O_DIRECT; with the SHA-256 check);
-   b. HF safetensors: the same slices through ``families.sharding.slice_stored`` on the mmapped shards + copy;
-   and the process's peak RSS against the rank's share of the bytes.
+   a. ``layout``: ``RankView.raw`` as the runtime reads a layout (O_DIRECT, read-ahead thread, SHA-256 check);
+   b. ``layout-serial``: the same, one tensor at a time, no read-ahead (read, then hash: the loader before #15);
+   c. ``layout-nosha``: as a, without the SHA-256 check (``verify_checksums=False``);
+   d. ``layout-buffered``: as a, buffered reads (through the page cache) instead of O_DIRECT;
+   e. ``hf-slices``: the same slices through ``families.sharding.slice_stored`` on the mmapped HF shards + copy;
+   the process's CPU seconds (all threads; the 2-core machine is shared, so CPU time tells contention from cost)
+   and its peak RSS against the rank's share of the bytes. Results: ``bench/sharded_load.md``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import multiprocessing as mp
 import os
 import resource
@@ -26,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+KINDS = ("layout", "layout-serial", "layout-nosha", "layout-buffered", "hf-slices")
 
 
 def evict(paths) -> None:
@@ -37,16 +45,26 @@ def evict(paths) -> None:
             os.close(fd)
 
 
-def disk_read(path: Path, chunk: int = 16 << 20) -> tuple[int, float]:
+def disk_read(path: Path, chunk: int = 64 << 20) -> tuple[int, float]:
+    """Bytes of ``path`` and seconds to read them cold, O_DIRECT (buffered where refused) into one buffer."""
+    buf = mmap.mmap(-1, chunk)                     # page-aligned, as O_DIRECT needs
     t0 = time.perf_counter()
     n = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        try:
+            os.preadv(fd, [buf], 0)
+        except OSError:
+            os.close(fd)
+            fd = os.open(path, os.O_RDONLY)
         while True:
-            k = f.readinto(buf)
+            k = os.preadv(fd, [buf], n)
             if not k:
                 break
             n += k
+    finally:
+        os.close(fd)
+        buf.close()
     return n, time.perf_counter() - t0
 
 
@@ -58,9 +76,12 @@ def _rank_job(kind: str, layout: str, src: str, rank: int, q) -> None:
     man = Manifest.read(layout)
     kept = []
     n = 0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
     t0 = time.perf_counter()
     if kind.startswith("layout"):
-        v = RankView(man, rank, verify=kind == "layout+sha", direct=kind == "layout-direct")
+        v = RankView(man, rank, verify=kind != "layout-nosha", direct=kind != "layout-buffered",
+                     prefetch=kind != "layout-serial")
         for name in v.names():
             for t in v.raw(name).values():          # owned tensors (pread), nothing to copy
                 kept.append(t)
@@ -81,7 +102,8 @@ def _rank_job(kind: str, layout: str, src: str, rank: int, q) -> None:
             ck.release(t["name"])
         ck.close()
     dt = time.perf_counter() - t0
-    q.put({"kind": kind, "rank": rank, "bytes": n, "s": dt,
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    q.put({"kind": kind, "rank": rank, "bytes": n, "s": dt, "cpu_s": ru.ru_utime + ru.ru_stime - cpu0,
            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
 
 
@@ -92,6 +114,7 @@ def main() -> None:
     ap.add_argument("--ep", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sharded-bench"))
     ap.add_argument("--ranks", default="0", help="ranks to measure (comma list or 'all')")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"loaders to measure (comma list of {', '.join(KINDS)})")
     ap.add_argument("--keep", action="store_true", help="keep the exported layout")
     args = ap.parse_args()
     from v4convert.export import sharded
@@ -107,25 +130,31 @@ def main() -> None:
     ranks = range(man.world.size) if args.ranks == "all" else [int(x) for x in args.ranks.split(",")]
     rows = []
     ctx = mp.get_context("spawn")
-    print("each row: the disk's cold sequential read speed of that rank file measured just before (the limit; the "
-          "disk is shared, so it drifts), then the cold load")
+    print("each row: the disk's cold O_DIRECT sequential read speed of that rank file just before / just after "
+          "(the limit; the disk is shared, so it drifts), then the cold load, its ratio to the mean of the two")
+    kinds = args.kinds.split(",")
     for rank in ranks:
-        for kind in ("layout", "layout-direct", "layout+sha", "hf-slices"):
+        for kind in kinds:
             evict(files + shards)
             n, dt = disk_read(files[rank])
-            disk = n / dt
+            before = n / dt
             evict(files + shards)
             q = ctx.Queue()
             p = ctx.Process(target=_rank_job, args=(kind, str(layout), str(args.src), rank, q))
             p.start()
             res = q.get()
             p.join()
-            res["disk_Bps"] = disk
+            evict(files + shards)
+            n, dt = disk_read(files[rank])
+            after = n / dt
+            disk = (before + after) / 2
+            res.update(disk_before_Bps=before, disk_after_Bps=after, disk_Bps=disk)
             rows.append(res)
-            print(f"rank {rank} {kind:13s}: disk {disk / 1e9:5.2f} GB/s | {res['bytes'] / 1e9:6.2f} GB in "
-                  f"{res['s']:6.2f} s = {res['bytes'] / res['s'] / 1e9:5.2f} GB/s ({res['bytes'] / res['s'] / disk:.2f}x "
-                  f"disk), peak RSS {res['peak_rss'] / 1e9:.2f} GB ({res['peak_rss'] / max(res['bytes'], 1):.2f}x its "
-                  "bytes)", flush=True)
+            speed = res["bytes"] / res["s"]
+            print(f"rank {rank} {kind:15s}: disk {before / 1e9:4.2f}/{after / 1e9:4.2f} GB/s | {res['bytes'] / 1e9:5.2f} "
+                  f"GB in {res['s']:5.2f} s = {speed / 1e9:4.2f} GB/s ({speed / disk:.2f}x disk), CPU "
+                  f"{res['cpu_s']:5.2f} s, peak RSS {res['peak_rss'] / 1e9:.2f} GB "
+                  f"({res['peak_rss'] / max(res['bytes'], 1):.2f}x its bytes)", flush=True)
     total = sum(f["bytes"] for f in man.files.values())
     print(f"layer bytes (all ranks): {total / 1e9:.2f} GB; 1/{man.world.size} = {total / man.world.size / 1e9:.2f} GB")
     print(json.dumps({"rows": rows}))
