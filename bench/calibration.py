@@ -37,6 +37,10 @@ VARIANTS = (
     ("nvfp4", "awq+gptq", ("--scheme", "nvfp4", "--method", "awq+gptq")),
     ("nvfp4", "gptq+four-over-six", ("--scheme", "nvfp4", "--method", "gptq+four-over-six")),
     ("nvfp4", "gptq propagate=original", ("--scheme", "nvfp4", "--method", "gptq", "--propagate", "original")),
+    # --gptq-damp 1.0: the default 0.01 over-fits 4096 calibration tokens (per-linear held-out error, KLD tail)
+    ("nvfp4", "gptq damp=1", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+four-over-six damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--gptq-damp", "1.0")),
+    ("nvfp4", "awq+gptq+4/6 damp=1", ("--scheme", "nvfp4", "--method", "awq+gptq+four-over-six", "--gptq-damp", "1.0")),
     ("nvfp4", "rtn w4a4", ("--scheme", "nvfp4", "--method", "rtn", "--activations", "w4a4")),
     ("nvfp4", "gptq w4a4", ("--scheme", "nvfp4", "--method", "gptq", "--activations", "w4a4")),
     ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
@@ -44,6 +48,9 @@ VARIANTS = (
     ("mxfp4", "gptq", ("--scheme", "mxfp4", "--method", "gptq")),
     ("mxfp4", "gptq act-order", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-act-order")),
     ("mxfp4", "awq+gptq", ("--scheme", "mxfp4", "--method", "awq+gptq")),
+    ("mxfp4", "gptq damp=1", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-damp", "1.0")),
+    ("mxfp4", "gptq act-order damp=1", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-act-order", "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-damp", "1.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
@@ -71,6 +78,53 @@ def fp4_bits_per_weight(art: Path) -> float:
     return bits / n if n else float("nan")
 
 
+def layer_error(fam: str, out: Path, methods: list[str], calib_tokens: int, calib_seq_len: int,
+                tokens: int, ctx: int) -> None:
+    """Per-linear output-error diagnostic: for each FP4 linear of the RTN NVFP4 artifact (its names), the
+    relative error ``tr(D H D^T) / tr(W H W^T)``, ``D = W - Q`` (= ||XW^T - XQ^T||^2 / ||XW^T||^2), with ``H``
+    from the calibration windows and from the held-out windows (original model's inputs, no propagation).
+    ``methods``: ``SPEC[:DAMP]`` (e.g. ``gptq:1.0``), quantized with the calibration ``H``. Prints the sums over
+    linears (calibration / held-out) per role."""
+    from v4convert.calib.collect import collect_stats
+    from v4convert.calib.data import CORPUS_DIR, calibration_windows
+    from v4convert.calib.method import GPTQSettings, MethodSpec, quantize_weight
+    from v4convert.checkpoint import Checkpoint
+    from v4convert.formats.fp4_grid import FP4Codec
+
+    ref = bundled_model(fam)
+    art = out / f"tiny-{fam}" / "nvfp4-rtn"
+    if not art.is_dir():
+        quantize_cli(ref, art, ("--scheme", "nvfp4", "--method", "rtn"))
+    names = [k[: -len("_packed")] for f in sorted(art.glob("*.safetensors")) for k in read_header(f)[0]
+             if k.endswith(".weight_packed")]
+    cal = collect_stats(ref, calibration_windows(ref, None, calib_tokens, calib_seq_len), names, propagate=False).stats
+    held = collect_stats(ref, calibration_windows(ref, CORPUS_DIR / "heldout.txt", tokens, ctx), names,
+                         propagate=False).stats
+    sums: dict[tuple[str, str], list[float]] = {}
+    with Checkpoint.open(ref) as ck:
+        for n in names:
+            if n not in cal or n not in held:
+                continue
+            w = ck.dequantize(n).float()
+            role = ("expert " if ".experts." in n else "") + n.split(".")[-2]
+            hs = (cal[n].hessian().double(), held[n].hessian().double())
+            den = [float((w.double() @ h * w.double()).sum()) for h in hs]
+            for codec in (FP4Codec.NVFP4, FP4Codec.MXFP4):
+                for m in methods:
+                    spec, _, damp = m.partition(":")
+                    q = quantize_weight(MethodSpec.parse(spec), codec, w, cal[n].hessian(), global_amax=w.abs().amax(),
+                                        gptq=GPTQSettings(damp=float(damp or 0.01)), name=n).dequantize().double()
+                    d = w.double() - q
+                    acc = sums.setdefault((f"{codec.value} {m}", role), [0.0, 0.0])
+                    for i, h in enumerate(hs):
+                        acc[i] += float((d @ h * d).sum()) / den[i]
+    roles = sorted({r for _, r in sums})
+    print(f"\ntiny-{fam}: sum over linears of ||XW^T-XQ^T||^2/||XW^T||^2, calibration / held-out H")
+    print(f"  {'scheme method':<28}" + "".join(f"{r:>22}" for r in roles))
+    for key in dict.fromkeys(k for k, _ in sums):
+        print(f"  {key:<28}" + "".join(f"{sums[(key, r)][0]:>11.3f} /{sums[(key, r)][1]:>9.3f}" for r in roles))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -81,8 +135,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default="v3,v4")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    ap.add_argument("--layer-error", default="", help="instead of the table: per-linear output-error diagnostic for "
+                    "these comma-separated SPEC[:DAMP] (e.g. rtn,gptq,gptq:1.0)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.layer_error:
+        for fam in a.models.split(","):
+            layer_error(fam, a.out, a.layer_error.split(","), a.calib_tokens, a.calib_seq_len, a.tokens, a.ctx)
+        return
     opts = VerifyOptions(ctx=a.ctx, tokens=a.tokens)
     summary: dict[str, list] = {}
     calib = ("--calib", "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", str(a.calib_seq_len))
@@ -96,7 +156,7 @@ def main() -> None:
         for scheme, label, args in VARIANTS:
             if only and label not in only and label != "rtn":
                 continue
-            name = f"{scheme}-{label}".replace(" ", "_").replace("+", "_").replace("=", "_")
+            name = f"{scheme}-{label}".replace(" ", "_").replace("+", "_").replace("=", "_").replace("/", "_")
             t0 = time.time()
             quantize_cli(ref, d / name, args + (calib if ("gptq" in label or "awq" in label or "w4a4" in label) else ()))
             tq = time.time() - t0
