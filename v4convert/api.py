@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .calib import DEFAULT_GPTQ_DAMP
+
 if TYPE_CHECKING:                       # the heavy modules are imported on use
     import torch
 
@@ -66,7 +68,7 @@ class QuantizeArgs:
     propagate: str = "quantized"                # quantized | original
     calib_all_experts: bool = False
     min_expert_tokens: int = 16
-    gptq_damp: float = 0.01
+    gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = False
     gptq_scales: str = "before"                 # before | during
     plot: bool = False                          # calibration-coverage.png beside the artifact

@@ -20,6 +20,7 @@ from v4convert.formats.mxfp4 import MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention
 
 from v4convert.formats.fp4_grid import FP4Codec
+from . import DEFAULT_GPTQ_DAMP
 from .method import GPTQSettings, MethodSpec, quantize_weight
 
 
@@ -34,7 +35,7 @@ class CalibOptions:
     propagate: bool = True
     all_experts: bool = False
     min_expert_tokens: int = 16
-    gptq_damp: float = 0.01
+    gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = False
     gptq_scales_during: bool = False
     activations: str = "w4a16"        # w4a16 | w4a4 (static input scales from the stats' amax)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from v4convert.errors import UserError
+
+from . import DEFAULT_GPTQ_DAMP
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
@@ -57,9 +59,11 @@ class MethodSpec:
         return MethodSpec(DATA_FREE[bases[0]] if bases else ScaleMethod.RTN, "awq" in toks, "gptq" in toks)
 
 
+
+
 @dataclass(frozen=True)
 class GPTQSettings:
-    damp: float = 0.01
+    damp: float = DEFAULT_GPTQ_DAMP
     act_order: bool = False
     scales_during: bool = False
 

@@ -12,6 +12,7 @@ import click
 
 from v4convert.formats.containers import Container
 
+from ..calib import DEFAULT_GPTQ_DAMP
 from ..quant.recipes import RecipeName
 from .sizes import SIZE
 
@@ -56,7 +57,9 @@ from .sizes import SIZE
               help="w4a4: also quantize activations (needs --calib): static per-tensor NVFP4 input scales from the "
                    "calibration's max|x| (compressed-tensors input_global_scale / ModelOpt input_scale; fused groups "
                    "and a layer's experts share one), MXFP4 dynamic per 32. w4a16: weight-only.")
-@click.option("--gptq-damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--gptq-damp", type=float, default=DEFAULT_GPTQ_DAMP, show_default=True,
+              help="GPTQ damping (fraction of mean diag H added to its diagonal; lower fits the calibration text "
+                   "closer and over-fits it sooner).")
 @click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
 @click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
               help="GPTQ block scales: from the original weights, or re-derived from the updated ones per block.")
