@@ -11,6 +11,7 @@ W4A4 plans write their input-scale entries after every unit: their shards are ha
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -20,6 +21,27 @@ from v4convert.formats.containers import Part
 from .plan import Plan
 
 PIECE = 8 << 20                 # bytes per pread + update
+
+
+def _hash_range(h: "hashlib._Hash", fd: int, a: int, b: int, path: Path) -> None:
+    """``h.update`` with bytes ``[a, b)`` of the file, through a read-only map of its page-cache pages (no copy into
+    a Python buffer); a pread where the file cannot be mapped."""
+    if os.fstat(fd).st_size < b:
+        raise OSError(f"{path}: shorter than {b} bytes while hashing")
+    lo = a - a % mmap.ALLOCATIONGRANULARITY
+    try:
+        m = mmap.mmap(fd, b - lo, prot=mmap.PROT_READ, offset=lo)
+    except (OSError, ValueError):
+        data = os.pread(fd, b - a, a)
+        if len(data) != b - a:
+            raise OSError(f"{path}: short read at byte {a + len(data)} while hashing") from None
+        h.update(data)
+        return
+    try:
+        with memoryview(m) as mv:
+            h.update(mv[a - lo:])
+    finally:
+        m.close()
 
 
 class ShardHasher:
@@ -83,10 +105,7 @@ class ShardHasher:
                 name, a, b = job
                 if name not in fds:
                     fds[name] = os.open(self.part / name, os.O_RDONLY)
-                data = os.pread(fds[name], b - a, a)
-                if len(data) != b - a:
-                    raise OSError(f"{self.part / name}: short read at byte {a + len(data)} while hashing")
-                self._sha[name].update(data)
+                _hash_range(self._sha[name], fds[name], a, b, self.part / name)
                 with self._cv:
                     self._pos[name] = b
         except BaseException as e:          # reported by digests(): a bug or an I/O error, never swallowed

@@ -126,26 +126,41 @@ def read_rows(e: TensorEntry, r0: int = 0, r1: int | None = None) -> torch.Tenso
     return buf.view(tdtype).reshape(shape)
 
 
+_SHARD_LOCKS: dict[str, threading.Lock] = {}
+_SHARD_LOCKS_GUARD = threading.Lock()
+
+
+def _shard_lock(path: Path) -> threading.Lock:
+    with _SHARD_LOCKS_GUARD:
+        return _SHARD_LOCKS.setdefault(str(path), threading.Lock())
+
+
 class Writer:
-    """``pwrite`` into one output shard; ENOSPC becomes :class:`DiskFullError` naming the file."""
+    """``pwrite`` into one output shard; ENOSPC becomes :class:`DiskFullError` naming the file.
+
+    Worker threads writing one shard take turns on a per-shard lock: buffered writes to one file serialize on its
+    inode lock anyway, and the kernel spins on that lock (8.5 % of all CPU with 2 threads on a full-size layer,
+    ``perf``), while a waiter on ours sleeps."""
 
     def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY)
+        self.lock = _shard_lock(path)
 
     def write(self, offset: int, data: torch.Tensor | bytes | memoryview, what: str) -> int:
         buf = memoryview(data) if isinstance(data, (bytes, memoryview)) else tensor_bytes(data)
         buf = buf.cast("B") if buf.format != "B" else buf
         done = 0
-        while done < buf.nbytes:
-            try:
-                done += os.pwrite(self.fd, buf[done:], offset + done)
-            except OSError as ex:
-                if ex.errno == errno.ENOSPC:
-                    raise DiskFullError(f"{self.path}: disk full while writing {what} "
-                                        f"({buf.nbytes - done:,} bytes left); free space and rerun the same "
-                                        f"command to resume") from None
-                raise
+        with self.lock:
+            while done < buf.nbytes:
+                try:
+                    done += os.pwrite(self.fd, buf[done:], offset + done)
+                except OSError as ex:
+                    if ex.errno == errno.ENOSPC:
+                        raise DiskFullError(f"{self.path}: disk full while writing {what} "
+                                            f"({buf.nbytes - done:,} bytes left); free space and rerun the same "
+                                            f"command to resume") from None
+                    raise
         return done
 
     def close(self) -> None:
