@@ -111,9 +111,10 @@ class Journal:
     def fingerprint(self) -> str | None:
         return self.plan_path.read_text().strip() if self.plan_path.is_file() else None
 
-    def start(self, fp: str) -> None:
+    def start(self, fp: str, partials: Sequence[Path]) -> None:
         self.dir.mkdir()
-        outputs.write_marker(self.dir, "gguf-journal", "writing", fingerprint=fp)
+        outputs.write_marker(self.dir, "gguf-journal", "writing", fingerprint=fp,
+                             partials=[p.name for p in partials])
         self.done_path.touch()
         self.plan_path.write_text(fp + "\n")       # last: a journal without it is another plan's
         _fsync(self.plan_path)
@@ -144,6 +145,11 @@ class Journal:
         tmp = self.done_path.with_name("done.tmp")
         tmp.write_text("".join(f"{a} {b} {c}\n" for a, b, c in keep))
         os.replace(tmp, self.done_path)
+
+    def partials(self) -> list[Path]:
+        """The partial files this journal's run created (beside the journal)."""
+        names = (outputs.read_marker(self.dir) or {}).get("partials") or []
+        return [self.dir.parent / n for n in names if isinstance(n, str) and "/" not in n]
 
     def remove(self) -> None:
         outputs.remove_ours(self.dir)
@@ -185,12 +191,14 @@ def prepare(files: Sequence[FileLayout], journal: Journal, fp: str, log: Callabl
             return done
         log(f"gguf: {journal.dir} belongs to another export (other source, options, types or version): "
             f"starting over")
+        for p in journal.partials():                 # e.g. another split count: other names
+            outputs.remove_ours(p)
         journal.remove()
     elif any(partial_of(f.path).exists() for f in files):
         log(f"gguf: {partial_of(files[0].path).name} has no journal: starting over")
     for f in files:
         _create(f)
-    journal.start(fp)
+    journal.start(fp, [partial_of(f.path) for f in files])
     outputs.kill_point("gguf:created")
     return set()
 
