@@ -190,3 +190,42 @@ def test_engine_errors(tmp_path):
 def test_parts_must_divide():
     with pytest.raises(GGUFWriteError, match="equal parts"):
         TensorSpec("x", (3, 3, 32), Q.MXFP4, lambda: b"", parts=[lambda: b""] * 2)
+
+
+def test_workers_must_be_positive(tiny_ckpts, tmp_path):
+    from v4convert.export.gguf.exporter import ExportError
+    with pytest.raises(ExportError, match="--workers -1"):
+        export_gguf(tiny_ckpts["v3-tiny"], tmp_path / "m.gguf", workers=-1)
+    md = Metadata()
+    lay = layout_files(tmp_path / "w.gguf", md, [TensorSpec("a", (32,), Q.F32, lambda: torch.zeros(32))])
+    with pytest.raises(engine.UserError, match="at least 1"):
+        engine.execute(lay, engine.Journal(engine.journal_dir(tmp_path / "w.gguf")), "fp", workers=0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_pool_memory_budget():
+    """A unit over the budget runs alone; small ones share it; at most 2 x workers submitted."""
+    lock = threading.Lock()
+    state = {"cost": 0, "peak": 0, "n": 0, "peak_n": 0, "alone": []}
+    big = engine.Unit(0, 0, -1, 0, 200)             # cost 800 > budget 500
+    small = [engine.Unit(0, 1, k, 0, 50) for k in range(12)]     # cost 200 each: 2 fit
+    todo = small[:4] + [big] + small[4:]
+
+    def run(u):
+        with lock:
+            state["cost"] += u.cost
+            state["n"] += 1
+            state["peak"] = max(state["peak"], state["cost"])
+            state["peak_n"] = max(state["peak_n"], state["n"])
+            if u is big:
+                state["alone"].append(state["n"] == 1)
+        time.sleep(0.01)
+        with lock:
+            state["cost"] -= u.cost
+            state["n"] -= 1
+        return u
+    got: list = []
+    engine._pool(todo, 4, run, got.append, budget=500)
+    assert sorted(u.key for u in got) == sorted(u.key for u in todo)
+    assert state["alone"] == [True]
+    assert state["peak"] <= 800 and state["peak_n"] <= 2

@@ -20,8 +20,8 @@ Mirrors ``v4convert.quant.engine`` for ``export --gguf`` (issue #16):
 
 Workers are threads: the producers are closures over the open checkpoint (mmapped shards) and the heavy
 work (FP8 decode in torch, numpy quantizer kernels, ``pwrite``) releases the GIL. At most ``2 * workers``
-units are submitted at once and a unit's bytes are dropped once written, so peak memory is about
-``workers`` units' working sets.
+units are submitted at once, and together at most ``DEFAULT_INFLIGHT_BYTES`` of float32 values unless a
+unit runs alone; a unit's bytes are dropped once written, so peak memory stays near one large tensor's.
 
 Kill points (``outputs.kill_point``): ``gguf:created`` (partials and journal made), ``gguf:tensor`` (after
 each journal append), ``gguf:written`` / ``gguf:replaced`` (through ``on_step``, in the exporter).
@@ -31,6 +31,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -43,6 +44,10 @@ from v4convert.formats.gguf_writer import FileLayout, write_tensor
 
 JOURNAL_SUFFIX = ".journal"
 DEFAULT_SYNC_BYTES = 1 << 30      # fsync + journal at least every 1 GiB of output
+# Units in flight together hold at most this many float32 bytes of values (a unit alone may exceed it): a
+# full-size V3 o_proj [7168, 16384] (470 MB float32, ~1.5 GB while its FP8 blocks are decoded) runs alone,
+# experts [2048, 7168] (59 MB) run side by side. Keeps peak RSS near the one-worker peak.
+DEFAULT_INFLIGHT_BYTES = 512 << 20
 
 
 class GGUFDiskFullError(UserError):
@@ -70,6 +75,12 @@ class Unit:
     tensor: int
     part: int
     nbytes: int
+    elems: int            # elements it encodes: its working set is a few float32 copies of them
+
+    @property
+    def cost(self) -> int:
+        """Float32 bytes of the unit's values (what the memory budget of ``_pool`` counts)."""
+        return 4 * self.elems
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -80,10 +91,11 @@ def units(files: Sequence[FileLayout]) -> list[Unit]:
     out = []
     for fi, f in enumerate(files):
         for ti, t in enumerate(f.tensors):
+            n = math.prod(t.shape)
             if t.parts:
-                out.extend(Unit(fi, ti, k, t.nbytes // len(t.parts)) for k in range(len(t.parts)))
+                out.extend(Unit(fi, ti, k, t.nbytes // len(t.parts), n // len(t.parts)) for k in range(len(t.parts)))
             else:
-                out.append(Unit(fi, ti, -1, t.nbytes))
+                out.append(Unit(fi, ti, -1, t.nbytes, n))
     return out
 
 
@@ -231,7 +243,9 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
     once every partial is complete and fsynced (before the first rename), "replaced" after each rename.
     A ``UserError`` (bad values, a producer's wrong size) discards the partials and the journal; any other
     exception or a kill keeps them, with every finished unit journaled, for the rerun to resume."""
-    workers = workers or default_workers()
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"{files[0].path}: --workers {workers}: needs at least 1 (0: the default)")
     all_units = units(files)
     done = prepare(files, journal, fp, log)
     todo = [u for u in all_units if u.key not in done]
@@ -257,8 +271,11 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
         journal.append(batch)
         outputs.kill_point("gguf:tensor")
 
+    written: set[tuple[int, int, int]] = set()
+
     def finished(u: Unit) -> None:
         nonlocal pending_bytes
+        written.add(u.key)
         pending.append(u)
         pending_bytes += u.nbytes
         if progress is not None:
@@ -281,6 +298,8 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
                 _pool(todo, workers, run, finished)
         finally:
             flush()                           # everything finished is journaled (fsynced first)
+        if written | done != {u.key for u in all_units}:       # never rename a file with a hole
+            raise RuntimeError(f"{files[0].path}: engine bug: {len(all_units) - len(written | done)} units not written")
         for fd in fds:
             os.fsync(fd)
     except UserError:
@@ -302,24 +321,26 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
     return [f.path for f in files]
 
 
-def _pool(todo: Sequence[Unit], workers: int, run: Callable[[Unit], Unit], finished: Callable[[Unit], None]
-          ) -> None:
-    """Run ``todo`` on ``workers`` threads, at most ``2 * workers`` submitted; ``finished`` in this thread.
+def _pool(todo: Sequence[Unit], workers: int, run: Callable[[Unit], Unit], finished: Callable[[Unit], None],
+          budget: int = DEFAULT_INFLIGHT_BYTES) -> None:
+    """Run ``todo`` on ``workers`` threads, in order, at most ``2 * workers`` submitted and at most ``budget``
+    bytes of ``Unit.cost`` submitted (or one unit alone); ``finished`` runs in this thread.
     On an error (or Ctrl-C) nothing new starts, running units end, and those that succeeded are reported."""
-    it = iter(todo)
-    inflight: set[cf.Future] = set()
+    queue = list(reversed(todo))
+    inflight: dict[cf.Future, Unit] = {}
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as pool:
         try:
             while True:
-                while len(inflight) < 2 * workers:
-                    u = next(it, None)
-                    if u is None:
-                        break
-                    inflight.add(pool.submit(run, u))
+                held = sum(u.cost for u in inflight.values())
+                while queue and len(inflight) < 2 * workers and (not inflight or held + queue[-1].cost <= budget):
+                    u = queue.pop()
+                    held += u.cost
+                    inflight[pool.submit(run, u)] = u
                 if not inflight:
                     return
-                ready, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                ready, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                 for fut in ready:
+                    del inflight[fut]
                     finished(fut.result())
         except BaseException:
             for fut in inflight:

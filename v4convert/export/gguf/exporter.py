@@ -288,6 +288,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         raise ExportError(f"{out}: the output file name must end in .gguf")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
+    if workers is not None and workers < 0:
+        raise ExportError(f"--workers {workers}: must be 0 (the default: min(2, CPUs)) or more")
     check_llama_loadable(ckpt)
     im = None
     if imatrix is not None:
