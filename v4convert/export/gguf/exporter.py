@@ -309,7 +309,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, expert, mla), keep_mtp=keep_mtp,
                             progress=progress, modelfile=False, name=name, overwrite=True,
                             allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, workers=workers,
-                            sync_bytes=sync_bytes, log=(lambda line: log(line.replace(" type mix", " type mix" + note, 1))) if log else None)
+                            sync_bytes=sync_bytes,
+                            log=(lambda line: log(line.replace(" type mix", " type mix" + note, 1))) if log else None)
         pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype)]
         if not llama_experts:
             pins.append((LLAMA_PIN_EXPERTS, mix.expert.qtype))
