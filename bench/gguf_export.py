@@ -2,15 +2,19 @@
 
 1. Quantizer speed: ours (``formats.gguf_quants``) vs gguf-py's numpy reference on the same 16M-weight
    matrix (best of N, alternating so both see the same machine load), with a byte-identity check.
-2. Export throughput on a full-size synthetic layer (``v4convert synth --preset v3-671b --layers 3``):
-   GB/s read from the checkpoint and written to the GGUF, and peak RSS of the process.
+2. Export throughput on a full-size layer (``v4convert synth --preset v3-671b --layers 3``, or a real
+   layer's shards): GB/s read from the checkpoint and written to the GGUF, the cold disk read speed of the
+   same shards measured in the same run (page cache evicted with ``posix_fadvise(DONTNEED)`` before the
+   read and again before the export, as ``bench/quantize_throughput.py``), their ratio, and peak RSS.
+   A one-layer checkpoint lacks the other layers: exported with ``allow_missing``.
 
     python bench/gguf_export.py quant [--rows 4096 --cols 4096 --repeat 3]
-    python bench/gguf_export.py layer --ckpt /tmp/v3-layer3 --out /tmp/v3-layer3.gguf
+    python bench/gguf_export.py layer --ckpt /tmp/v3-layer3 --out /tmp/v3-layer3.gguf [--workers N]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -25,6 +29,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from v4convert.formats import gguf_quants
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_throughput import evict, read_speed  # noqa: E402  (bench/ is not a package)
 
 
 def bench_quant(rows: int, cols: int, repeat: int) -> dict:
@@ -65,19 +72,27 @@ class _RssSampler(threading.Thread):
                     self.peak[k] = max(self.peak[k], int(line.split()[1]) * 1024)
 
 
-def bench_layer(ckpt: Path, out: Path) -> dict:
+def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float) -> dict:
     from v4convert.checkpoint import Checkpoint
     from v4convert.export.gguf.exporter import TypeMix, export_gguf
     with Checkpoint.open(ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
+        shards = ck.shards()
+    disk = read_speed(shards, int(read_limit * 1e9))      # cold: evicts first
+    evict(shards)
+    kw = {"workers": workers} if workers is not None else {}
+    if "workers" not in inspect.signature(export_gguf).parameters:
+        kw = {}                                           # the exporter before the engine (issue #16)
     sampler = _RssSampler()
     sampler.start()
-    r = export_gguf(ckpt, out, TypeMix(), progress=sys.stderr.isatty(), modelfile=False)
+    r = export_gguf(ckpt, out, TypeMix(), progress=sys.stderr.isatty(), modelfile=False, allow_missing=True,
+                    overwrite=True, **kw)
     sampler.stop.set()
     sampler.join()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"checkpoint_bytes": read_bytes, "gguf_bytes": r.n_bytes, "seconds": r.seconds,
            "read_GBps": read_bytes / r.seconds / 1e9, "write_GBps": r.n_bytes / r.seconds / 1e9,
+           "disk_read_GBps": disk, "read_vs_disk": read_bytes / r.seconds / 1e9 / disk, "workers": kw.get("workers"),
            "peak_rss_bytes": rss, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
            "peak_rss_file_bytes": sampler.peak["RssFile"], "tensors": r.n_tensors,
            "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
@@ -97,11 +112,13 @@ def main() -> None:
     layer = sub.add_parser("layer")
     layer.add_argument("--ckpt", type=Path, required=True)
     layer.add_argument("--out", type=Path, required=True)
+    layer.add_argument("--workers", type=int, default=None, help="export workers (default: the exporter's)")
+    layer.add_argument("--read-limit", type=float, default=4.0, help="GB read for the disk speed measurement")
     a = ap.parse_args()
     if a.cmd == "quant":
         bench_quant(a.rows, a.cols, a.repeat)
     else:
-        bench_layer(a.ckpt, a.out)
+        bench_layer(a.ckpt, a.out, a.workers, a.read_limit)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ tensor (plus whatever its producer needs). Splits follow llama.cpp (``llama_spli
 ``split.tensors.count`` (i32); only the first carries the model metadata. Files are written under a
 temporary name (``.partial``) and renamed once complete.
 
+Every file's header is known before any data (``layout_files``: KVs, tensor infos, offsets from
+``TensorSpec.nbytes``), so a writer may also pre-size the file and fill tensors in any order with
+``write_tensor`` (``os.pwrite`` at the planned offset): ``v4convert.export.gguf.engine`` does that with
+workers, a journal and resume. ``write_gguf`` here is the plain in-order writer (small files: imatrix).
+
 File layout (ggml ``docs/gguf.md``): magic ``GGUF``, version u32 = 3, tensor count u64, KV count u64,
 KV pairs (string key, u32 value type, value), tensor infos (name, n_dims u32, ``ne`` u64 x n_dims with
 ``ne[0]`` the innermost axis, ggml type u32, data offset u64), padding to ``ALIGNMENT``, data (each
@@ -139,11 +144,15 @@ def tensor_nbytes(shape: Sequence[int], qtype: GGMLQuantizationType) -> int:
 class TensorSpec:
     """A tensor to write: element ``shape`` in torch order (outermost first; ggml ``ne`` is the reverse),
     its ggml type, and a producer of its bytes: one buffer (uint8-viewable tensor / numpy array / bytes)
-    or an iterator of consecutive buffers (e.g. one expert of a stacked ``[E, out, in]`` tensor at a time)."""
+    or an iterator of consecutive buffers (e.g. one expert of a stacked ``[E, out, in]`` tensor at a time).
+    ``parts``: optionally the same bytes as independent producers of equal slices (``nbytes / len(parts)``
+    each, in order: one per expert), so a parallel writer can encode them apart; ``produce`` must give
+    their concatenation."""
     name: str
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
     produce: Callable[[], Buffer | Iterable[Buffer]]
+    parts: Sequence[Callable[[], Buffer]] | None = None
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +162,9 @@ class TensorSpec:
             self.nbytes = tensor_nbytes(self.shape, self.qtype)
         except GGUFWriteError as e:
             raise GGUFWriteError(f"tensor {self.name}: {e}") from None
+        if self.parts is not None and (not self.parts or self.nbytes % len(self.parts)):
+            raise GGUFWriteError(f"tensor {self.name}: {self.nbytes} bytes do not split into {len(self.parts)} "
+                                 f"equal parts")
 
 
 def _pad(n: int) -> int:
@@ -180,17 +192,37 @@ def plan_splits(tensors: Sequence[TensorSpec], max_bytes: int | None) -> list[li
     return group_in_order(tensors, [t.nbytes for t in tensors], max_bytes)
 
 
-def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
-               split_max_size: int | None = None, progress: Callable[[int], None] | None = None,
-               every_split: Sequence[KV] = (), on_step: Callable[[str, Path], None] | None = None) -> list[Path]:
-    """Write ``metadata`` and ``tensors`` to ``path`` (or its splits); returns the final file paths.
-    ``every_split``: KVs written into every split (the first gets them with ``metadata``).
-    ``on_step(step, path)``: called with "written" once every ``.partial`` is complete (before the first
-    rename) and with "replaced" after each rename (the caller's journal and fault-injection hooks).
+@dataclass
+class FileLayout:
+    """One GGUF file as planned: its final path, its header (KVs + tensor infos, zero-padded to
+    ``ALIGNMENT``: the first data byte is at ``len(header)``), each tensor's absolute data offset, and the
+    file's total size in bytes (every tensor padded to ``ALIGNMENT``)."""
+    path: Path
+    tensors: list[TensorSpec]
+    header: bytes
+    offsets: list[int]
+    size: int
 
-    Tensor infos of a file are all written before its first data byte; each tensor's ``produce`` is
-    called once, in order, and its result is dropped after writing. ``progress(n)`` gets byte counts.
-    """
+
+def file_header(kvs: Sequence[KV], tensors: Sequence[TensorSpec]) -> tuple[bytes, list[int], int]:
+    """(padded header bytes, absolute data offset per tensor, file size) of one GGUF file."""
+    head = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
+    head.extend(_encode_kv(kv) for kv in kvs)
+    rel, offset = [], 0
+    for t in tensors:
+        ne = tuple(reversed(t.shape)) or (1,)
+        head.append(_string(t.name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
+                    + struct.pack("<IQ", int(t.qtype), offset))
+        rel.append(offset)
+        offset += t.nbytes + _pad(t.nbytes)
+    header = b"".join(head)
+    header += b"\0" * _pad(len(header))
+    return header, [len(header) + r for r in rel], len(header) + offset
+
+
+def layout_files(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
+                 split_max_size: int | None = None, every_split: Sequence[KV] = ()) -> list[FileLayout]:
+    """The files ``write_gguf`` writes for these arguments (one, or the splits), headers included."""
     path = Path(path)
     tensors = list(tensors)
     names = [t.name for t in tensors]
@@ -198,57 +230,85 @@ def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[Te
         dup = sorted({n for n in names if names.count(n) > 1})[0]
         raise GGUFWriteError(f"{path}: tensor {dup} declared twice")
     groups = plan_splits(tensors, split_max_size)
-    finals = split_names(path, len(groups))
-    temps = [p.with_name(p.name + ".partial") for p in finals]
+    out = []
+    for i, (group, final) in enumerate(zip(groups, split_names(path, len(groups)))):
+        kvs = metadata.entries() if i == 0 else list(every_split)
+        if len(groups) > 1:
+            kvs = kvs + [KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, len(groups)),
+                         KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
+        header, offsets, size = file_header(kvs, group)
+        out.append(FileLayout(final, group, header, offsets, size))
+    return out
+
+
+def _chunks(out: Buffer | Iterable[Buffer]) -> Iterable[Buffer]:
+    return [out] if isinstance(out, (torch.Tensor, np.ndarray, bytes, bytearray, memoryview)) else out
+
+
+def write_tensor(fd: int, path: Path, t: TensorSpec, offset: int, part: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Produce tensor ``t`` (or only its slice ``parts[part]``) and ``os.pwrite`` it at ``offset`` (the
+    tensor's data offset; a part lands at ``offset + part * nbytes / len(parts)``). Checks the producer gave
+    exactly the declared bytes (``path`` names the file in the error). Padding is not written: the caller's
+    file is pre-sized with zeros. Returns the bytes written."""
+    want = t.nbytes
+    if part is not None:
+        assert t.parts is not None
+        want = t.nbytes // len(t.parts)
+        offset += part * want
+        src: Iterable[Buffer] = _chunks(t.parts[part]())
+    else:
+        src = _chunks(t.produce())
+    written = 0
+    for chunk in src:
+        data = _as_bytes(chunk)
+        if written + data.nbytes > want:
+            written += data.nbytes
+            break
+        done = 0
+        while done < data.nbytes:                       # pwrite may write less than asked
+            done += os.pwrite(fd, data[done:], offset + written + done)
+        written += data.nbytes
+        if progress is not None:
+            progress(data.nbytes)
+        del data, chunk
+    if written != want:
+        what = f"tensor {t.name}" + (f" part {part}" if part is not None else "")
+        raise GGUFWriteError(f"{path}: {what}: producer gave {'over ' if written > want else ''}"
+                             f"{written} bytes, declared {want} ({t.qtype.name} {list(t.shape)})")
+    return written
+
+
+def write_gguf(path: str | os.PathLike, metadata: Metadata, tensors: Iterable[TensorSpec],
+               split_max_size: int | None = None, progress: Callable[[int], None] | None = None,
+               every_split: Sequence[KV] = ()) -> list[Path]:
+    """Write ``metadata`` and ``tensors`` to ``path`` (or its splits) in order; returns the final file paths.
+    ``every_split``: KVs written into every split (the first gets them with ``metadata``).
+
+    Tensor infos of a file are all written before its first data byte; each tensor's ``produce`` is
+    called once, in order, and its result is dropped after writing. ``progress(n)`` gets byte counts.
+    Each file is written as ``NAME.partial`` and renamed when all are complete; removed on any error.
+    """
+    files = layout_files(path, metadata, tensors, split_max_size, every_split)
+    temps = [f.path.with_name(f.path.name + ".partial") for f in files]
     try:
-        for i, (group, tmp) in enumerate(zip(groups, temps)):
-            kvs = metadata.entries() if i == 0 else list(every_split)
-            if len(groups) > 1:
-                kvs = kvs + [KV("split.no", GGUFValueType.UINT16, i), KV("split.count", GGUFValueType.UINT16, len(groups)),
-                             KV("split.tensors.count", GGUFValueType.INT32, len(tensors))]
-            _write_one(tmp, kvs, group, progress)
-        if on_step:
-            on_step("written", finals[0])
-        for tmp, final in zip(temps, finals):
-            os.replace(tmp, final)
-            if on_step:
-                on_step("replaced", final)
+        for f, tmp in zip(files, temps):
+            _write_one(tmp, f, progress)
+        for f, tmp in zip(files, temps):
+            os.replace(tmp, f.path)
     except BaseException:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
         raise
-    return finals
+    return [f.path for f in files]
 
 
-def _write_one(path: Path, kvs: list[KV], tensors: list[TensorSpec], progress: Callable[[int], None] | None) -> None:
-    head = [GGUF_MAGIC, struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(kvs))]
-    head.extend(_encode_kv(kv) for kv in kvs)
-    offset = 0
-    for t in tensors:
-        ne = tuple(reversed(t.shape)) or (1,)
-        head.append(_string(t.name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}Q", *ne)
-                    + struct.pack("<IQ", int(t.qtype), offset))
-        offset += t.nbytes + _pad(t.nbytes)
-    header = b"".join(head)
-    with open(path, "wb") as f:
-        f.write(header)
-        f.write(b"\0" * _pad(len(header)))
-        f.flush()
-        for t in tensors:
-            out = t.produce()
-            chunks = [out] if isinstance(out, (torch.Tensor, np.ndarray, bytes, bytearray, memoryview)) else out
-            written = 0
-            for chunk in chunks:
-                data = _as_bytes(chunk)
-                written += data.nbytes
-                if written > t.nbytes:
-                    break
-                f.write(data)
-                if progress is not None:
-                    progress(data.nbytes)
-                del data, chunk
-            if written != t.nbytes:
-                raise GGUFWriteError(f"{path}: tensor {t.name}: producer gave {'over ' if written > t.nbytes else ''}"
-                                     f"{written} bytes, declared {t.nbytes} ({t.qtype.name} {list(t.shape)})")
-            f.write(b"\0" * _pad(t.nbytes))
-            f.flush()
+def _write_one(path: Path, layout: FileLayout, progress: Callable[[int], None] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, layout.header)                       # every tensor info before the first data byte
+        for t, off in zip(layout.tensors, layout.offsets):
+            write_tensor(fd, path, t, off, progress=progress)
+            os.pwrite(fd, b"\0" * _pad(t.nbytes), off + t.nbytes)
+    finally:
+        os.close(fd)

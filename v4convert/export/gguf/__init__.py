@@ -50,6 +50,9 @@ class Options:
     allow_missing: bool = field(default=False, metadata={
         "help": "Export although the checkpoint lacks tensors its config implies (recorded in the GGUF metadata)."})
     allow_nonfinite: bool = field(default=False, metadata={"help": "Export NaN/Inf values instead of refusing."})
+    workers: int = field(default=0, metadata={
+        "help": "Encoder threads (0: min(2, CPUs)); at most 2x that many tensors (or experts) in flight. A killed "
+                "export resumes when the same command is run again (journal OUT.gguf.journal/)."})
     imatrix: str | None = field(default=None, metadata={
         "help": "Importance matrix for llama.cpp's quantizer (K-quants, IQ4_XS): a GGUF imatrix from "
                 "`v4convert calibrate --imatrix` or llama.cpp's llama-imatrix (legacy .dat too)."})
@@ -87,7 +90,8 @@ def export(src: Path, out: Path, opts: Options, *, progress: bool = False,
     r = export_gguf(src, out, mix, keep_mtp=opts.keep_mtp, split_max_size=opts.split_max_size, progress=progress,
                     modelfile=opts.modelfile, llama_type=llama_type, overwrite=opts.overwrite,
                     allow_missing=opts.allow_missing, allow_nonfinite=opts.allow_nonfinite,
-                    llama_experts=llama_experts, log=log, imatrix=Path(opts.imatrix) if opts.imatrix else None)
+                    llama_experts=llama_experts, log=log, imatrix=Path(opts.imatrix) if opts.imatrix else None,
+                    workers=opts.workers or None)
     notes = []
     if r.repacked:
         notes.append(f"{len(r.repacked)} MXFP4 tensors re-packed losslessly")

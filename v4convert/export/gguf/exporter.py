@@ -2,7 +2,8 @@
 
 Reads tensors one at a time from the checkpoint, maps each role to llama.cpp's tensor name
 (``export/gguf/names.py``), picks its GGML type from the type mix, quantizes (``formats.gguf_quants``) or
-re-packs MXFP4 losslessly, and streams the file (``formats.gguf_writer``). Metadata keys follow
+re-packs MXFP4 losslessly, and writes the files with ``export/gguf/engine.py`` (planned headers, worker
+threads, journal, resume; a stacked experts tensor is encoded expert by expert). Metadata keys follow
 llama.cpp's loaders (``src/models/deepseek2.cpp``, ``deepseek32.cpp``, ``deepseek4.cpp``) and its
 converter (``conversion/deepseek.py``); the tokenizer comes from ``tokenizer.json`` /
 ``tokenizer_config.json``. An Ollama ``Modelfile`` is written beside the GGUF.
@@ -13,6 +14,7 @@ checkpoint's names) so our runtime can run exactly the weights llama.cpp runs.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -26,13 +28,14 @@ from gguf import GGMLQuantizationType as Q, GGUFValueType as VT
 
 from v4convert.formats import gguf_quants
 from v4convert.export.gguf.names import GGUFArch, Kind, entry
-from v4convert.formats.gguf_writer import KV, TensorSpec, plan_splits, split_names, write_gguf
+from v4convert.formats.gguf_writer import KV, TensorSpec, layout_files
 
 from v4convert.checkpoint import Checkpoint, TensorInfo
 from v4convert.families.layout import Arch, Slot
 from v4convert.families.roles import Family, Role, Storage
 from v4convert import __version__, outputs
 
+from . import engine
 from .imatrix import OUT_CHUNKS, OUT_DATASET, OUT_ENTRIES, OUT_FILE, Imatrix, check_fits, read_imatrix
 from .metadata import _write_modelfile, add_tokenizer, build_metadata
 from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
@@ -222,7 +225,8 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
             elif any(m.storage in FP4_STORAGE for m in members) and q != Q.F32:
                 requantized.append(f"{name}: {members[0].storage.value} -> {q.name}")
             specs.append(TensorSpec(name, (a.n_experts, out_f, in_f), q,
-                                    lambda ms=members, q=q: (_encode(ck, m, q, allow_nonfinite) for m in ms)))
+                                    lambda ms=members, q=q: (_encode(ck, m, q, allow_nonfinite) for m in ms),
+                                    parts=[lambda m=m, q=q: _encode(ck, m, q, allow_nonfinite) for m in members]))
         elif e.kind is Kind.KV_B:
             H, nope, v, r = a.n_heads, a.nope, a.v_head, info.shape[1]
             if info.shape[0] != H * (nope + v):
@@ -304,16 +308,16 @@ def _check_runtime_config(ck: Checkpoint) -> None:
     (V4Args if ck.family is Family.V4 else ModelArgs).from_config(ck.config, str(ck.root / "config.json"))
 
 
-def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool) -> list[Path]:
-    """The output rule (``v4convert.outputs``) for a GGUF export: its files, their ``.partial`` scratch,
-    the Modelfile and stale files of an earlier export; refused before anything is written. Returns the
-    stale files (removed once the new export is in place)."""
-    out = finals[0] if len(finals) == 1 else finals[0].with_name(finals[0].name.split("-00001-of-")[0] + ".gguf")
+def _claim(src: Path, finals: list[Path], modelfile: bool, overwrite: bool, out: Path) -> list[Path]:
+    """The output rule (``v4convert.outputs``) for a GGUF export to ``out``: its files (``finals``), their
+    ``.partial`` scratch and the engine's journal, the Modelfile and stale files of an earlier export; refused
+    before anything is written. Returns the stale files (removed once the new export is in place)."""
     stale = _stale(out, finals)
     also = finals[1:] + ([finals[0].with_name("Modelfile")] if modelfile else []) + stale
     resuming = outputs.swap_pending(finals[0])     # a kill while renaming our files into place
     outputs.claim(finals[0], sources=[src], overwrite=overwrite or resuming, also=also,
-                  scratch=[p.with_name(p.name + ".partial") for p in finals + also] + [outputs.swap_journal(finals[0])])
+                  scratch=[p.with_name(p.name + ".partial") for p in finals + also]
+                  + [outputs.swap_journal(finals[0]), engine.journal_dir(out)])
     return stale
 
 
@@ -321,7 +325,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
                 split_max_size: int | None = None, progress: bool = False, modelfile: bool = True,
                 name: str | None = None, llama_type: LlamaQuant | None = None, overwrite: bool = False,
                 allow_missing: bool = False, allow_nonfinite: bool = False, llama_experts: bool = False,
-                log: Callable[[str], None] | None = None, imatrix: Path | None = None) -> ExportResult:
+                log: Callable[[str], None] | None = None, imatrix: Path | None = None, workers: int | None = None,
+                sync_bytes: int = engine.DEFAULT_SYNC_BYTES) -> ExportResult:
     """Write ``ckpt`` as GGUF to ``out`` (or its ``-0000k-of-0000N`` splits); see the module docstring.
 
     ``llama_type``: a K-quant / IQ type for the ``main`` class, written by llama.cpp's quantizer from an
@@ -331,6 +336,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
     not pinned): the whole-file meaning of ``--type Q4_K_M``. ``log`` gets the resolved type mix
     (``mix_summary``) before any tensor is written. ``imatrix``: an importance matrix file (ours or
     llama-imatrix's, ``export/gguf/imatrix.py``) handed to llama.cpp's quantizer (``llama_type`` only).
+    ``workers``: encoder threads (None: ``engine.default_workers()``); ``sync_bytes``: output bytes between
+    fsync + journal appends (a killed run redoes at most that much). Rerunning a killed export resumes it
+    (``engine``); the llama.cpp quantizer step of ``llama_type`` is redone whole.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -338,6 +346,8 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         raise ExportError(f"{out}: the output file name must end in .gguf")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: output directory does not exist")
+    if workers is not None and workers < 0:
+        raise ExportError(f"--workers {workers}: must be 0 (the default: min(2, CPUs)) or more")
     check_llama_loadable(ckpt)
     im = None
     if imatrix is not None:
@@ -349,14 +359,15 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         if split_max_size:
             raise ExportError("--split-max-size with a llama.cpp-quantized --type is not supported yet")
         tmp = out.with_name(out.stem + ".intermediate.gguf")
-        stale = _claim(Path(ckpt), [out], modelfile, overwrite)
+        stale = _claim(Path(ckpt), [out], modelfile, overwrite, out)
         mla = GGUFType.Q8_0                                  # K-quant / IQ main types are below 8 bits
         expert = GGUFType.BF16 if llama_experts else mix.expert
         note = (f" (intermediate: llama.cpp's {llama_type.name} quantizer then rewrites the BF16 tensors, "
                 f"with its fallback types where rows are not whole 256-blocks)")
         inter = export_gguf(ckpt, tmp, TypeMix(GGUFType.BF16, expert, mla), keep_mtp=keep_mtp,
                             progress=progress, modelfile=False, name=name, overwrite=True,
-                            allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
+                            allow_missing=allow_missing, allow_nonfinite=allow_nonfinite, workers=workers,
+                            sync_bytes=sync_bytes,
                             log=(lambda line: log(line.replace(" type mix", " type mix" + note, 1))) if log else None)
         pins = [(p, Q.F32) for p in LLAMA_PINS_F32] + [(LLAMA_PIN_KV_B, mla.qtype)]
         if not llama_experts:
@@ -383,7 +394,6 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         absent = ck.check_complete(allow_missing)
         _check_runtime_config(ck)
         specs, repacked, skipped, requantized = plan_tensors(ck, arch, mix, keep_mtp, allow_nonfinite)
-        stale = _claim(ck.root, split_names(out, len(plan_splits(specs, split_max_size))), modelfile, overwrite)
         n_mtp = len({int(s.name.split(".")[1]) for s in specs
                      if s.name.startswith("blk.") and int(s.name.split(".")[1]) >= ck.arch.n_layers})
         md = build_metadata(ck, arch, mix, n_mtp, name or Path(ckpt).resolve().name)
@@ -391,23 +401,29 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
             md.u32("v4convert.allowed_missing.count", absent["allowed_missing"]["count"])
             md.arr("v4convert.allowed_missing.first", absent["allowed_missing"]["first"], VT.STRING)
         special = add_tokenizer(md, ck.root, ck.arch.vocab)
+        files = layout_files(out, md, specs, split_max_size, every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING,
+                                                                            __version__)])
+        finals = [f.path for f in files]
+        stale = _claim(ck.root, finals, modelfile, overwrite, out)
         total = sum(s.nbytes for s in specs)
         plan = mix_summary(arch, specs)
         if log:
             log(plan)
+        fp = engine.fingerprint(files, {"source": _source_id(ck), "keep_mtp": keep_mtp,
+                                        "allow_nonfinite": allow_nonfinite, "split_max_size": split_max_size})
+        _open_shards(ck)
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"gguf {arch.value}")
         try:
-            finals = split_names(out, len(plan_splits(specs, split_max_size)))
-
             def step(what: str, path: Path) -> None:
                 if what == "written":
                     outputs.begin_swap(finals[0], finals + stale + ([out.with_name("Modelfile")] if modelfile else []))
                 outputs.kill_point(f"gguf:{what}")
-            paths = write_gguf(out, md, specs, split_max_size, bar.update if bar else None,
-                               every_split=[KV(outputs.GGUF_MARKER_KEY, VT.STRING, __version__)], on_step=step)
+            paths = engine.execute(files, engine.Journal(engine.journal_dir(out)), fp, workers=workers,
+                                   sync_bytes=sync_bytes, progress=bar.update if bar else None, on_step=step,
+                                   log=log or (lambda m: None))
         finally:
             if bar:
                 bar.close()
@@ -417,6 +433,28 @@ def export_gguf(ckpt: str | Path, out: str | Path, mix: TypeMix = TypeMix(), *, 
         outputs.end_swap(paths[0])
     return ExportResult(paths, arch, len(specs), total, time.perf_counter() - t0, repacked, skipped, mf,
                         requantized, plan)
+
+
+def _source_id(ck: Checkpoint) -> list:
+    """The source as the fingerprint sees it: directory, and per shard its name, size and safetensors header
+    (what is where); a re-downloaded or edited shard changes it."""
+    ids = []
+    for p in ck.shards():
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            hdr = f.read(min(n, 100 << 20))
+        ids.append([p.name, p.stat().st_size, hashlib.sha256(hdr).hexdigest()])
+    return [str(ck.root.resolve()), ids]
+
+
+def _open_shards(ck: Checkpoint) -> None:
+    """Map every shard once from this thread, before the worker threads read tensors concurrently."""
+    seen: set[Path] = set()
+    for info in ck.infos():
+        if not {e.path for e in info.parts.values()} <= seen:
+            seen.update(e.path for e in info.parts.values())
+            ck.raw(info.name)
+            ck.release(info.name)
 
 
 # ------------------------------------------------------------------------------ GGUF -> checkpoint
