@@ -304,12 +304,14 @@ class _Sharder:
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          max_seq_len: int = 4096, *, tp: int | None = None, ep: int | None = None, max_batch_size: int = 1,
          simulate_quant: bool = False, dynamic_routing=None, packed: bool = False,
-         verify_checksums: bool = True) -> nn.Module:
+         verify_checksums=True) -> nn.Module:
     """This rank's part of the model at ``path`` (a sharded layout, or any checkpoint with ``tp``/``ep``).
 
     Run under ``torchrun --nproc-per-node N`` (world size = max(tp, ep)); without torchrun a world of one
     rank loads everything. The model's ``forward`` is the single-process one plus the collectives; every
-    rank returns the full logits. ``model.world`` / ``model.rank`` tell the layout.
+    rank returns the full logits. ``model.world`` / ``model.rank`` tell the layout. ``verify_checksums``: a
+    layout's SHA-256 checks (``RankView``'s ``verify``: True = ``$V4CONVERT_CHECKSUMS``, default once per
+    unchanged rank file; False = never; or a ``sharded_layout.Checksums``).
     """
     device = torch.device(device)
     path = Path(path)

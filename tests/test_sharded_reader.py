@@ -204,3 +204,103 @@ def test_short_reads_resume_inside_a_buffer(layout, monkeypatch, direct):
         for comp, t in v.raw(name).items():
             assert _bytes(t) == ref[(name, comp)], name
     v.close()
+
+
+# ---------------------------------------------------------------------------------------------- checksum modes
+def _load_all(m: Manifest, rank: int, verify=True) -> dict[tuple[str, str], bytes]:
+    v = RankView(m, rank, verify=verify, direct=True)
+    try:
+        return {(n, c): _bytes(t) for n in v.names() for c, t in v.raw(n).items()}
+    finally:
+        v.close()
+
+
+@pytest.fixture
+def hashes(monkeypatch, tmp_path):
+    """Counts sha256_of calls (the reader threads' and the caller's); stamps go to a private cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(sl.CHECKSUMS_ENV, raising=False)
+    calls = []
+    real = sl.sha256_of
+
+    def counting(t):
+        calls.append(1)
+        return real(t)
+    monkeypatch.setattr(sl, "sha256_of", counting)
+    return calls
+
+
+def test_once_hashes_first_load_only_and_a_rewrite_is_hashed_again(layout, tmp_path, hashes):
+    """Default ``once``: the first load hashes every part and stamps the file; a second (cold or warm) load
+    of the unchanged file hashes nothing and returns the same bytes; a same-size in-place rewrite with the
+    old mtime put back is hashed again (ctime moved) and the flipped part fails with its name."""
+    lay = _copy(layout, tmp_path / "lay")
+    m = Manifest.read(lay)
+    ref = _reference(lay, 0)
+    n_parts = len(ref)
+    assert _load_all(m, 0) == ref and len(hashes) == n_parts
+    assert len(list((tmp_path / "cache" / "v4convert" / "verified").iterdir())) == 1
+    hashes.clear()
+    assert _load_all(Manifest.read(lay), 0) == ref and hashes == []
+    assert _load_all(Manifest.read(lay), 1) == _reference(lay, 1) and len(hashes) > 0   # rank 1: its own stamp
+    path = lay / m.files[0]["file"]
+    st = path.stat()
+    victim = next(t for t in m.tensors if t["rank"] == 0)
+    _flip(path, victim["parts"]["weight"]["offset"])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ShardedLayoutError, match=f"tensor {victim['name']}: weight fails its SHA-256 check"):
+        _load_all(Manifest.read(lay), 0)
+
+
+def test_once_stamp_is_per_manifest(layout, tmp_path, hashes):
+    """A changed manifest (even one byte of whitespace) invalidates the stamp of an unchanged data file."""
+    lay = _copy(layout, tmp_path / "lay")
+    _load_all(Manifest.read(lay), 0)
+    hashes.clear()
+    (lay / sl.MANIFEST).write_text((lay / sl.MANIFEST).read_text() + "\n")
+    _load_all(Manifest.read(lay), 0)
+    assert len(hashes) > 0
+
+
+def test_partial_load_writes_no_stamp(layout, tmp_path, hashes):
+    lay = _copy(layout, tmp_path / "lay")
+    m = Manifest.read(lay)
+    v = RankView(m, 0, direct=True)
+    v.raw(v.names()[0])
+    v.close()
+    assert not (tmp_path / "cache" / "v4convert" / "verified").exists()
+    hashes.clear()
+    _load_all(Manifest.read(lay), 0)
+    assert len(hashes) == len(_reference(lay, 0))
+
+
+@pytest.mark.parametrize("mode,second", [("always", True), ("never", False), ("ONCE", False)])
+def test_checksums_env(layout, tmp_path, hashes, monkeypatch, mode, second):
+    lay = _copy(layout, tmp_path / "lay")
+    monkeypatch.setenv(sl.CHECKSUMS_ENV, mode)
+    _load_all(Manifest.read(lay), 0)
+    first = len(hashes)
+    assert (first > 0) == (mode != "never")
+    hashes.clear()
+    _load_all(Manifest.read(lay), 0)
+    assert (len(hashes) == first) if second else hashes == []
+    hashes.clear()
+    _load_all(Manifest.read(lay), 0, verify=False)       # verify=False wins over the environment
+    assert hashes == []
+
+
+def test_checksums_env_bad_value(layout, monkeypatch):
+    monkeypatch.setenv(sl.CHECKSUMS_ENV, "sometimes")
+    with pytest.raises(ShardedLayoutError, match="V4CONVERT_CHECKSUMS='sometimes': expected one of always, once"):
+        RankView(Manifest.read(layout), 0)
+
+
+def test_unwritable_cache_still_loads_and_hashes_each_time(layout, tmp_path, hashes, monkeypatch):
+    lay = _copy(layout, tmp_path / "lay")
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    ref = _reference(lay, 0)
+    assert _load_all(Manifest.read(lay), 0) == ref
+    hashes.clear()
+    assert _load_all(Manifest.read(lay), 0) == ref and len(hashes) == len(ref)

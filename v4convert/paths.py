@@ -22,6 +22,13 @@ MAX_JSON_BYTES = 256 << 20        # a real index is a few MB; config.json a few 
 MAX_JSON_DEPTH = 32               # compressed-tensors' quantization_config nests ~6 deep
 
 
+def user_cache(sub: str) -> Path:
+    """``$XDG_CACHE_HOME/v4convert/SUB`` (default ``~/.cache/v4convert/SUB``): this machine's caches
+    (compiled native kernels, verified-file stamps). Not created here."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "v4convert" / sub
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be read as claimed; the message names the file and tensor."""
 

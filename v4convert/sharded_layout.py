@@ -13,10 +13,17 @@ Every stored part starts at a multiple of 4 KiB (``ALIGN``) of its rank file, so
 O_DIRECT; a data file is nothing but those parts and zero padding. ``RankView`` opens one rank's file and
 answers like ``v4convert.checkpoint.Checkpoint`` (``names``, ``tensor_info``, ``raw``, ``dequantize``) with the
 rank's local shapes, checking each part's SHA-256 when it is first read.
+
+Checksums (``Checksums``, ``V4CONVERT_CHECKSUMS``): by default (``once``) a rank file is hashed on its first
+load; a load that checked every part of it records a stamp in ``~/.cache/v4convert/verified/`` keyed by the
+manifest's digest and the file's device, inode, size, mtime and ctime, and later loads of the unchanged file
+skip the hash (like git's index: any write or replacement changes ctime). ``always`` hashes on every load
+(catches silent media corruption too), ``never`` skips it.
 """
 from __future__ import annotations
 
 import bisect
+import enum
 import hashlib
 import json
 import mmap
@@ -33,6 +40,7 @@ from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry
 
 from .checkpoint import TensorInfo, decode
 from .errors import UserError
+from .paths import user_cache
 from .families.layout import Arch, LayoutError
 from .families.roles import Role, Storage
 from .families.sharding import Part, World
@@ -51,6 +59,50 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 102
 
 class ShardedLayoutError(UserError):
     """A sharded layout that is not what its manifest claims (or not for this world)."""
+
+
+class Checksums(enum.Enum):
+    """When ``RankView`` checks the stored parts against the manifest's SHA-256 (module docstring)."""
+
+    ALWAYS = "always"   # every part, every load
+    ONCE = "once"       # until one load has checked the whole rank file; skipped while the file is unchanged
+    NEVER = "never"
+
+
+CHECKSUMS_ENV = "V4CONVERT_CHECKSUMS"
+
+
+def checksums_mode(verify: bool | Checksums | str = True) -> Checksums:
+    """``verify`` as a mode: False = NEVER; True = ``$V4CONVERT_CHECKSUMS`` (default ONCE)."""
+    if isinstance(verify, Checksums):
+        return verify
+    if verify is False:
+        return Checksums.NEVER
+    value = verify if isinstance(verify, str) else os.environ.get(CHECKSUMS_ENV, Checksums.ONCE.value)
+    try:
+        return Checksums(value.strip().lower())
+    except ValueError:
+        raise ShardedLayoutError(f"{CHECKSUMS_ENV}={value!r}: expected one of "
+                                 f"{', '.join(c.value for c in Checksums)}") from None
+
+
+def _stamp(manifest: Manifest, path: Path) -> Path:
+    """Where the "every part checked" stamp of ``path`` under ``manifest`` lives (its current stat)."""
+    st = os.stat(path)
+    key = json.dumps([manifest.digest, str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                      st.st_ctime_ns])
+    return user_cache("verified") / hashlib.sha256(key.encode()).hexdigest()
+
+
+def _write_stamp(stamp: Path) -> None:
+    """Record a verified file; a cache we cannot write only means the next load hashes again."""
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        tmp.write_text("sha256 verified\n")
+        os.replace(tmp, stamp)
+    except OSError:
+        pass
 
 
 def rank_file(rank: int, size: int) -> str:
@@ -103,6 +155,7 @@ class Manifest:
     files: dict[int, dict]
     tensors: list[dict]
     raw: dict
+    digest: str = ""     # SHA-256 of manifest.json's bytes (keys the verified-file stamps)
 
     @staticmethod
     def read(root: str | Path) -> Manifest:
@@ -110,9 +163,10 @@ class Manifest:
         path = root / MANIFEST
         if not path.is_file():
             raise ShardedLayoutError(f"{path}: no manifest (not a sharded layout directory)")
+        data = path.read_bytes()
         try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            m = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ShardedLayoutError(f"{path}: invalid JSON ({e})") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise ShardedLayoutError(f"{path}: format is {m.get('format') if isinstance(m, dict) else None!r}, "
@@ -136,20 +190,23 @@ class Manifest:
             name = str(f.get("file", ""))
             if not name or "/" in name or "\\" in name or name in (".", ".."):
                 raise ShardedLayoutError(f"{path}: rank file name {name!r} escapes the layout directory")
-        return Manifest(root, world, config, files, tensors, m)
+        return Manifest(root, world, config, files, tensors, m, hashlib.sha256(data).hexdigest())
 
 
 class RankView:
     """One rank's tensors of a sharded layout, read like a ``Checkpoint`` (local shapes).
 
-    ``verify``: check each part's SHA-256 on its first read (a mismatch raises ``ShardedLayoutError``).
+    ``verify``: check each part's SHA-256 on its first read (a mismatch raises ``ShardedLayoutError``); True =
+    ``checksums_mode()``'s default (``once``: skipped for a file a previous load verified whole), False = never,
+    or a ``Checksums``.
     ``direct``: read with O_DIRECT (bypasses the page cache; falls back to buffered reads where unsupported).
     ``prefetch``: reader threads read ahead in file order while the caller walks ``names()`` in order.
     """
 
-    def __init__(self, manifest: Manifest, rank: int, verify: bool = True, direct: bool = False,
+    def __init__(self, manifest: Manifest, rank: int, verify: bool | Checksums = True, direct: bool = False,
                  prefetch: bool = True) -> None:
-        self.manifest, self.rank, self.verify, self.direct = manifest, rank, verify, direct
+        self.manifest, self.rank, self.direct = manifest, rank, direct
+        self.checksums = checksums_mode(verify)
         self.prefetch = prefetch
         self._aligned = False
         self.root = manifest.root
@@ -187,6 +244,8 @@ class RankView:
             self._infos[t["name"]] = TensorInfo(t["name"], role, t.get("layer"), t.get("expert"), bool(t.get("mtp")),
                                                 Storage(t["codec"]), Storage(t["codec"]), tuple(t["local_shape"]),
                                                 entries)
+        self._stamp = _stamp(manifest, self.path) if self.checksums is Checksums.ONCE else None
+        self.verify = self.checksums is Checksums.ALWAYS or (self._stamp is not None and not self._stamp.exists())
         self._fd: int | None = None
         self._checked: set[str] = set()
         # read-ahead state: tensors in file order, bytes each in its buffers, requests in flight (a deque of
@@ -248,6 +307,8 @@ class RankView:
                     raise ShardedLayoutError(f"{self.path}: tensor {name}: {comp} fails its SHA-256 check "
                                              "(file corrupted?)")
             self._checked.add(name)
+            if self._stamp is not None and len(self._checked) == len(self._infos):
+                _write_stamp(self._stamp)       # the whole file matched its manifest
         return out
 
     # -------------------------------------------------- reading

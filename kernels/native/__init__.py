@@ -34,6 +34,7 @@ from v4convert.formats.blocks import FP8_BLOCK
 from v4convert.formats.fp4 import BlockShapeError, CodecInputError, NonFiniteInputError
 from v4convert.formats.fp8_block import FP8BlockTensor, FP8ScaleFormat
 from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, nvfp4_global_scale
+from v4convert.paths import user_cache
 
 SOURCE = Path(__file__).with_name("fp8_nvfp4.c")
 CFLAGS = ("-O3", "-march=x86-64-v2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99")
@@ -54,8 +55,7 @@ class NativeUnavailableError(RuntimeError):
 
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/v4convert/native`` (default ``~/.cache/v4convert/native``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "v4convert" / "native"
+    return user_cache("native")
 
 
 def _compiler() -> str:
