@@ -7,7 +7,7 @@
 #    triton must already be there, as on any GPU image) and, only if missing, the test extras it imports;
 # 2. runs tests/test_kernels.py with V4CONVERT_KERNEL_DEVICE=cuda: every kernel compiled on the GPU (no
 #    interpreter; bf16/fp16 activations use bf16/fp16 tensor-core dots) against the CPU references;
-# 3. runs bench/kernels.py (all DeepSeek shapes, M = 1,4,16,64,256): Triton vs torch bf16 matmul of the
+# 3. runs bench/kernel_speed.py (all DeepSeek shapes, M = 1,4,16,64,256): Triton vs torch bf16 matmul of the
 #    dequantized weight, GB/s of weight bytes, TFLOP/s and % of HBM bandwidth (HBM_GBS, default 4800 = H200;
 #    use 3350 for an H100 SXM).
 # Both steps are capped by `timeout` so the whole script stays under 6 minutes (tests 200 s, bench 130 s);
@@ -37,8 +37,8 @@ echo "== kernel tests on CUDA"
 V4CONVERT_KERNEL_DEVICE=cuda timeout 200 python -m pytest tests/test_kernels.py -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
 
-echo "== bench/kernels.py"
-timeout 130 python bench/kernels.py --hbm-gbs "${HBM_GBS:-4800}" 2>&1 | tee "$OUT/kernels_table.txt"
+echo "== bench/kernel_speed.py"
+timeout 130 python bench/kernel_speed.py --hbm-gbs "${HBM_GBS:-4800}" 2>&1 | tee "$OUT/kernels_table.txt"
 
 echo "tests exit status: $rc (124 = timed out)"
 exit "$rc"

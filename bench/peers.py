@@ -272,7 +272,7 @@ def main() -> None:
                 torch.save(calibration_windows(ref, None, a.calib_tokens, a.calib_seq_len).windows, calib_pt)
             if art.exists():
                 shutil.rmtree(art)
-            # -P: bench/ (which holds kernels.py) must not shadow packages transformers imports
+            # -P: bench/ must not shadow packages transformers imports
             script = REPO / "bench" / PEERS[kind.removesuffix("-w4a4")][0]
             cmd = [str(PEERS_PY), "-P", str(script), str(bf16), str(calib_pt), str(art), *args]
         if kind.removesuffix("-w4a4") in PEERS and not PEERS_PY.exists():

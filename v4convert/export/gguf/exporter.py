@@ -156,7 +156,7 @@ def _gguf_kernel(requested: str) -> tuple:
 
 def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
     """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing; FP8-block
-    sources and the re-pack run in C (``kernels/native/gguf.py``, same bytes) when the native kernel is chosen."""
+    sources and the re-pack run in C (``v4convert/kernels/native/gguf.py``, same bytes) when the native kernel is chosen."""
     from v4convert.kernels.native import Kernel
     from v4convert.kernels.native import gguf as native_gguf
     kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())

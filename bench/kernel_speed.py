@@ -1,7 +1,7 @@
 """Packed-weight linear ``y = x @ W.T`` on DeepSeek shapes: our path vs torch matmul of the dequantized weight.
 
-    python bench/kernels.py                  # CPU: the tiled PyTorch path; CUDA: the Triton kernels
-    python bench/kernels.py --m 1,16 --shapes v3 --reps 3
+    python bench/kernel_speed.py                  # CPU: the tiled PyTorch path; CUDA: the Triton kernels
+    python bench/kernel_speed.py --m 1,16 --shapes v3 --reps 3
 
 Shapes ``[N, K]`` are derived from the published configs in ``v4convert/data/ref`` (one table below):
 V3 routed expert gate/up ``[2048, 7168]``, down ``[7168, 2048]``, ``q_b_proj [24576, 1536]``; V4-Flash/Pro
