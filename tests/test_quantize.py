@@ -237,6 +237,22 @@ def test_workers_pool_and_small_chunks_byte_identical(tiny_ckpts, tmp_path, monk
             assert (tmp_path / "a" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
 
 
+@pytest.mark.parametrize("container", [Container.COMPRESSED_TENSORS, Container.MODELOPT])
+def test_v4_repack_kernels_byte_identical(tiny_ckpts, tmp_path, container):
+    """nvfp4-experts on tiny V4 (MXFP4 experts re-packed): the native C re-pack and the torch codec write
+    identical files and report the same block counts (both containers, i.e. both NVFP4 conventions)."""
+    from v4convert.kernels.native import Kernel
+    src = tiny_ckpts["v4-flash-tiny"]
+    plan, rn = run_quantize(src, tmp_path / "n", kernel=Kernel.NATIVE, container=container)
+    _, rt = run_quantize(src, tmp_path / "t", kernel=Kernel.TORCH, container=container)
+    assert any(t.action is Action.MXFP4_TO_NVFP4 for t in plan.tensors())
+    assert (rn.repack_blocks, rn.repack_inexact) == (rt.repack_blocks, rt.repack_inexact) and rn.repack_blocks > 0
+    names = sorted(p.name for p in (tmp_path / "n").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "t").iterdir())
+    for n in names:
+        assert (tmp_path / "n" / n).read_bytes() == (tmp_path / "t" / n).read_bytes(), n
+
+
 def test_index_sha256_and_metadata(tiny_ckpts, artifacts_cache):
     import hashlib
     from safetensors import safe_open
