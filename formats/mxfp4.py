@@ -126,15 +126,18 @@ def mxfp4_dequantize(t: MXFP4Tensor, dtype: torch.dtype = torch.float32) -> torc
     return out.reshape(t.shape).to(dtype)
 
 
-def mxfp4_from_deepseek_native(weight: torch.Tensor, scale: torch.Tensor, name: str = "tensor") -> MXFP4Tensor:
-    """Wrap a V4 expert as stored: ``weight`` I8/U8 ``[out, in/2]``, ``scale`` F8_E8M0/U8 ``[out, in/32]``."""
+def mxfp4_from_deepseek_native(
+    weight: torch.Tensor, scale: torch.Tensor, name: str = "tensor", *, check_nan: bool = True
+) -> MXFP4Tensor:
+    """Wrap a V4 expert as stored: ``weight`` I8/U8 ``[out, in/2]``, ``scale`` F8_E8M0/U8 ``[out, in/32]``.
+    ``check_nan=False``: skip the scan for byte 0xFF (the native re-pack finds it in its own pass)."""
     p = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight
     s = scale.view(torch.uint8) if scale.dtype in (torch.float8_e8m0fnu, torch.int8) else scale
     if p.dtype != torch.uint8 or s.dtype != torch.uint8:
         raise CodecInputError(f"{name}: MXFP4 needs I8/U8 codes and E8M0 scales, got {weight.dtype}, {scale.dtype}")
     if tuple(s.shape) != (*p.shape[:-1], p.shape[-1] * 2 // MXFP4_BLOCK) or (p.shape[-1] * 2) % MXFP4_BLOCK:
         raise BlockShapeError(f"{name}: MXFP4 scale shape {tuple(s.shape)} does not fit codes {tuple(p.shape)}")
-    if bool((s == E8M0_NAN).any()):
+    if check_nan and bool((s == E8M0_NAN).any()):
         raise CodecInputError(f"{name}: E8M0 scale byte 0xFF (NaN) present")
     return MXFP4Tensor(packed=p, scale=s)
 

@@ -25,6 +25,9 @@
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
+#ifdef __SSSE3__
+#include <tmmintrin.h>
+#endif
 
 #define MAX_THREADS 64
 #define D_MIN (-8) /* below: every quotient < 6 * 2**-8 < .25 -> code 0, same table */
@@ -39,6 +42,8 @@ static const int E2M1_INCLUSIVE[7] = {0, 1, 0, 1, 0, 1, 0}; /* ties to the even 
 typedef struct {
     uint8_t out[N_D][256]; /* d -> input byte -> output byte */
     uint8_t exact[N_D][256];
+    uint8_t nib[N_D][16];  /* d -> input nibble -> output nibble (pshufb table) */
+    uint8_t nib_ex[N_D][16]; /* d -> input nibble -> 0xFF if exact else 0 */
 } tables_t;
 
 /* E2M1 index of |q| (q = MAG[i] * 2**d exact in double), as formats/fp4.py:e2m1_magnitude_index. */
@@ -59,6 +64,8 @@ static void build_tables(tables_t *tb) {
             unsigned c = e2m1_index(q);
             code[n] = (uint8_t)(c | (n & 8)); /* sign bit of v kept (also for -0 and rounding to 0) */
             ex[n] = MAG[c] == q;
+            tb->nib[di][n] = code[n];
+            tb->nib_ex[di][n] = ex[n] ? 0xFF : 0;
         }
         for (unsigned b = 0; b < 256; b++) {
             tb->out[di][b] = (uint8_t)(code[b & 15] | (code[b >> 4] << 4));
@@ -137,6 +144,29 @@ static void *pass1(void *arg) {
     return NULL;
 }
 
+/* 8 packed bytes through the d-table: returns 1 when every element stayed exact */
+static inline unsigned remap8(const tables_t *tb, int di, const uint8_t *x, uint8_t *o) {
+#ifdef __SSSE3__
+    __m128i v = _mm_loadl_epi64((const __m128i *)x), m4 = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    __m128i tab = _mm_loadu_si128((const __m128i *)tb->nib[di]);
+    __m128i etab = _mm_loadu_si128((const __m128i *)tb->nib_ex[di]);
+    /* output nibbles are <= 15, so the 16-bit shift never carries into the next byte */
+    __m128i ob = _mm_or_si128(_mm_shuffle_epi8(tab, lo), _mm_slli_epi16(_mm_shuffle_epi8(tab, hi), 4));
+    _mm_storel_epi64((__m128i *)o, ob);
+    __m128i ex = _mm_and_si128(_mm_shuffle_epi8(etab, lo), _mm_shuffle_epi8(etab, hi));
+    return (_mm_movemask_epi8(ex) & 0xFF) == 0xFF;
+#else
+    const uint8_t *tout = tb->out[di], *tex = tb->exact[di];
+    unsigned ex = 1;
+    for (int u = 0; u < 8; u++) {
+        o[u] = tout[x[u]];
+        ex &= tex[x[u]];
+    }
+    return ex;
+#endif
+}
+
 static void *pass2(void *arg) {
     job_t *j = (job_t *)arg;
     int64_t nb16 = j->k / 16, nb32 = j->k / 32;
@@ -161,13 +191,7 @@ static void *pass2(void *arg) {
             int d = e - rel - g;
             if (d == 0) { memcpy(o, x, 8); continue; }
             int di = (d < D_MIN ? D_MIN : (d > D_MAX ? D_MAX : d)) - D_MIN;
-            const uint8_t *tout = j->tb->out[di], *tex = j->tb->exact[di];
-            unsigned ex = 1;
-            for (int u = 0; u < 8; u++) {
-                o[u] = tout[x[u]];
-                ex &= tex[x[u]];
-            }
-            if (!ex) { frow[b] = 1; j->n_fb++; }
+            if (!remap8(j->tb, di, x, o)) { frow[b] = 1; j->n_fb++; }
         }
     }
     return NULL;

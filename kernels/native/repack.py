@@ -52,7 +52,7 @@ def _check_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], name: str) 
         raise CodecInputError(f"{name}: no tensors to re-pack")
     out = []
     for w, s in parts:
-        t = mxfp4_from_deepseek_native(w, s, name)  # dtype / shape / NaN-scale checks, same messages
+        t = mxfp4_from_deepseek_native(w, s, name, check_nan=False)  # dtype / shape checks, same messages
         if t.packed.dim() != 2 or t.packed.device.type != "cpu" or t.packed.shape[0] == 0:
             raise CodecInputError(f"{name}: native re-pack needs non-empty 2-D CPU tensors, got "
                                   f"{tuple(t.packed.shape)} on {t.packed.device}")
@@ -103,7 +103,7 @@ def mxfp4_to_nvfp4_native(
         info = (ctypes.c_int32 * 6)()
         lib.v4c_mxfp4_nvfp4_reduce(p.data_ptr(), s.data_ptr(), p.shape[0], k, info, int(threads))
         has_inf |= bool(info[2])
-        if info[3]:  # unreachable after mxfp4_from_deepseek_native; kept as the C side's own check
+        if info[3]:  # the torch codec's message (mxfp4_from_deepseek_native)
             raise CodecInputError(f"{name}: E8M0 scale byte 0xFF (NaN) present")
         if info[0]:
             if not any_nz or info[1] > tmax:
