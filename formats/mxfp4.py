@@ -156,41 +156,6 @@ class RepackReport:
         return self.inexact_blocks == 0
 
 
-def _encode_with(
-    vb: torch.Tensor, ws: torch.Tensor, gscale: torch.Tensor, convention: NVFP4Convention, name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """vb float32 ``[..., 16]``, ws E4M3 ``[...]`` -> (codes uint8 ``[..., 16]``, decoded float32 ``[..., 16]``)."""
-    eff = _effective_scale(ws.float(), gscale, convention)
-    safe = torch.where(eff == 0, torch.ones_like(eff), eff)
-    codes = e2m1_encode(vb / safe[..., None], name)
-    deq = e2m1_lut(device=vb.device)[codes.long()] * eff[..., None]
-    return codes, deq
-
-
-def repack_fallback(
-    vb: torch.Tensor,
-    hb_amax: torch.Tensor,
-    ws_pow2: torch.Tensor,
-    codes: torch.Tensor,
-    deq: torch.Tensor,
-    exact: torch.Tensor,
-    gscale: torch.Tensor,
-    convention: NVFP4Convention,
-    name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RTN-scale fallback of :func:`mxfp4_to_nvfp4` for 16-blocks (any leading shape ``[...]``; rows are
-    independent): a block that ``2**rel`` does not keep exact takes the RTN NVFP4 scale of its values when that
-    has the lower squared error (float32, torch's sum). -> (ws E4M3 ``[...]``, codes uint8 ``[..., 16]``).
-    The native kernel (``kernels/native/repack.py``) runs it on just its flagged blocks."""
-    ws_rtn = _block_scale(hb_amax, gscale, convention, E2M1_MAX)
-    codes_rtn, deq_rtn = _encode_with(vb, ws_rtn, gscale, convention, name)
-    err_p = (deq - vb).square().sum(-1)
-    err_r = (deq_rtn - vb).square().sum(-1)
-    use_rtn = ~exact & (err_r < err_p)
-    ws = torch.where(use_rtn, ws_rtn.float(), ws_pow2.float()).to(torch.float8_e4m3fn)
-    return ws, torch.where(use_rtn[..., None], codes_rtn, codes)
-
-
 def mxfp4_to_nvfp4(
     t: MXFP4Tensor,
     convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
@@ -203,7 +168,8 @@ def mxfp4_to_nvfp4(
     two that keeps it <= 6) and ``g = max(t) - 8`` so the largest block scale is 256, the largest
     E4M3 power of two. Blocks with ``t - g < -9`` fall below E4M3's smallest power of two: they
     get 2**-9 if that still encodes them exactly, otherwise the RTN NVFP4 scale of their values;
-    every block is then checked by decoding and counted in the report.
+    every block is then checked by decoding and counted in the report. (The RTN scale of such a block
+    rounds to 0 and never has the lower error: ``kernels/native/mxfp4_nvfp4.c`` has the argument.)
     """
     v = mxfp4_dequantize(t)  # exact float32 (2**-127 * 6 etc. are representable)
     k = v.shape[-1]
@@ -219,11 +185,24 @@ def mxfp4_to_nvfp4(
     g_t = torch.ldexp(torch.ones((), dtype=torch.float32, device=v.device), torch.tensor(float(g), device=v.device))
     gscale = g_t if convention is NVFP4Convention.MODELOPT else torch.reciprocal(g_t)  # exact: power of two
 
-    codes, deq = _encode_with(vb, ws_pow2, gscale, convention, name)
+    def encode(ws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eff = _effective_scale(ws.float(), gscale, convention)
+        safe = torch.where(eff == 0, torch.ones_like(eff), eff)
+        codes = e2m1_encode(vb / safe[..., None], name)
+        deq = e2m1_lut(device=v.device)[codes.long()] * eff[..., None]
+        return codes, deq
+
+    codes, deq = encode(ws_pow2)
     exact = (deq == vb).all(-1)
     ws = ws_pow2
     if not bool(exact.all()):
-        ws, codes = repack_fallback(vb, hb_amax, ws_pow2, codes, deq, exact, gscale, convention, name)
+        ws_rtn = _block_scale(hb_amax, gscale, convention, E2M1_MAX)
+        codes_rtn, deq_rtn = encode(ws_rtn)
+        err_p = (deq - vb).square().sum(-1)
+        err_r = (deq_rtn - vb).square().sum(-1)
+        use_rtn = ~exact & (err_r < err_p)
+        ws = torch.where(use_rtn, ws_rtn.float(), ws_pow2.float()).to(torch.float8_e4m3fn)
+        codes = torch.where(use_rtn[..., None], codes_rtn, codes)
 
     lead = tuple(v.shape[:-1])
     g_amax = hb_amax.amax() if hb_amax.numel() else torch.zeros((), device=v.device)

@@ -45,7 +45,7 @@ def assert_same(parts: list[tuple[torch.Tensor, torch.Tensor]], conv: NVFP4Conve
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (129, 96), (3, 7168), (129, 32)])
+@pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (129, 96), (1, 7168), (3, 7168), (129, 32)])
 def test_full_exponent_range(n: int, k: int, threads: int, conv: NVFP4Convention) -> None:
     """Bytes 0..252 (no inf): large spread, so many blocks take the 2**-9 / RTN fallback."""
     g = torch.Generator().manual_seed(n * 7919 + k)
@@ -70,6 +70,12 @@ def test_fallback_heavy(conv: NVFP4Convention) -> None:
     codes[5, :16] = 0x33                 # 1.5, 1.5 ...
     s.view(torch.uint8)[5, 0] = 254
     assert assert_same([(p, s)], conv, 2) > 0
+    # the C kernel keeps 2**rel codes on inexact blocks because the torch codec's RTN fallback never wins
+    # (argument in mxfp4_nvfp4.c): here too, every torch block scale is 0 or a power of two
+    ref, _ = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(p, s, "t"), conv, "t")
+    b = ref.block_scale.view(torch.uint8).int()
+    pow2 = ((b >> 3) > 0) & ((b & 7) == 0) | ((b >> 3) == 0) & ((b & 7) & ((b & 7) - 1) == 0)
+    assert bool(pow2.all())
 
 
 @pytest.mark.parametrize("conv", CONVS)

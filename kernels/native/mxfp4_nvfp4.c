@@ -11,14 +11,21 @@
  *   rel = max(t - g, -9);  E4M3 block scale 2**rel;  effective scale 2**(rel + g) in both
  *   conventions (powers of two, exact); codes = E2M1 RNE of v / 2**(rel+g) = MAG[idx] * 2**d,
  *   d = E - rel - g (sign bit kept), from a per-d byte table (d = 0: the bytes are copied).
- * A block is exact when every element lands on the E2M1 grid; the others ("fallback" blocks, only
- * possible when rel was clamped to -9) are flagged in fb[] for the caller, which runs the torch
- * codec's RTN-vs-pow2 choice on just those blocks (its float32 sums must stay torch's own).
+ * A block is exact when every element lands on the E2M1 grid; the others (only possible when rel was
+ * clamped to -9) are counted, with max |decoded - v| as float32 |deq - v| (both exact float32 values,
+ * one IEEE subtraction: torch's diff). Their codes stay the 2**rel ones: the torch codec's RTN fallback
+ * never wins there. Proof: t - g <= -10 gives amax / 6 <= 2**(g - 10), so the RTN block scale rounds
+ * (monotone float32 ops, then E4M3 RNE of a value <= 2**-10, the tie between 0 and 2**-9) to 0, decoding
+ * the block to 0; the 2**rel codes round each v to its nearest grid point (no saturation: v / 2**s <= 6),
+ * so every |deq - v| <= |v| = |0 - v| and the float32 squared-error sums keep err_pow2 <= err_rtn (rounding
+ * is monotone, same summation order), so "err_rtn < err_pow2" is false. tests/test_native_repack.py checks
+ * the bytes against the torch codec on tensors where most blocks take this path.
  * Values >= 2**128 (byte 254 with M >= 4, byte 253 with M >= 6) decode to inf in float32: pass 1
  * reports them and the caller uses the torch codec for the whole tensor (its inf semantics).
  * Layout: packed uint8 [n, k/2] (low nibble = even element), scale uint8 [n, k/32],
- * out packed uint8 [n, k/2], ws uint8 E4M3 [n, k/16], fb uint8 [n, k/16].
+ * out packed uint8 [n, k/2], ws uint8 E4M3 [n, k/16].
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -106,13 +113,14 @@ typedef struct {
     int64_t n, k;
     int g;
     const tables_t *tb;
-    uint8_t *out, *ws, *fb;
+    uint8_t *out, *ws;
     int64_t r0, r1;
     /* pass 1 results */
     int tmax, any_nz, has_inf, has_nan;
     int best_m, best_e;     /* block with the largest |v| (compared as MAG[m] * 2**e) */
-    /* pass 2 result */
-    int64_t n_fb;
+    /* pass 2 results */
+    int64_t n_inexact;
+    float max_err;
 } job_t;
 
 static int larger(unsigned m, int e, unsigned bm, int be) { /* MAG[m]*2**e > MAG[bm]*2**be, m, bm > 0 */
@@ -173,12 +181,11 @@ static void *pass2(void *arg) {
     const int g = j->g;
     for (int64_t i = j->r0; i < j->r1; i++) {
         const uint8_t *row = j->packed + i * (j->k / 2), *srow = j->scale + i * nb32;
-        uint8_t *orow = j->out + i * (j->k / 2), *wrow = j->ws + i * nb16, *frow = j->fb + i * nb16;
+        uint8_t *orow = j->out + i * (j->k / 2), *wrow = j->ws + i * nb16;
         for (int64_t b = 0; b < nb16; b++) {
             const uint8_t *x = row + b * 8;
             uint8_t *o = orow + b * 8;
             unsigned m = max_idx(x, 8);
-            frow[b] = 0;
             if (m == 0) { /* zero block: scale 0, codes +-0 as stored */
                 wrow[b] = 0;
                 memcpy(o, x, 8);
@@ -191,7 +198,14 @@ static void *pass2(void *arg) {
             int d = e - rel - g;
             if (d == 0) { memcpy(o, x, 8); continue; }
             int di = (d < D_MIN ? D_MIN : (d > D_MAX ? D_MAX : d)) - D_MIN;
-            if (!remap8(j->tb, di, x, o)) { frow[b] = 1; j->n_fb++; }
+            if (!remap8(j->tb, di, x, o)) {
+                j->n_inexact++;
+                for (int u = 0; u < 16; u++) { /* exact float32 operands, one rounding: torch's |back - vb| */
+                    unsigned ni = (x[u / 2] >> (4 * (u & 1))) & 7u, no = (o[u / 2] >> (4 * (u & 1))) & 7u;
+                    float err = fabsf(ldexpf((float)MAG[no], rel + g) - ldexpf((float)MAG[ni], e));
+                    if (err > j->max_err) j->max_err = err;
+                }
+            }
         }
     }
     return NULL;
@@ -241,18 +255,23 @@ void v4c_mxfp4_nvfp4_reduce(const uint8_t *packed, const uint8_t *scale, int64_t
     }
 }
 
-/* Pass 2 for global exponent g: out packed, ws E4M3, fb (1 = block not exact under 2**rel).
- * Returns the number of fallback blocks. */
+/* Pass 2 for global exponent g: out packed, ws E4M3. Returns the number of inexact 16-blocks and
+ * stores the largest absolute error (float32) in *max_err. */
 int64_t v4c_mxfp4_nvfp4_encode(const uint8_t *packed, const uint8_t *scale, int64_t n, int64_t k, int g,
-                               uint8_t *out, uint8_t *ws, uint8_t *fb, int nthreads) {
+                               uint8_t *out, uint8_t *ws, float *max_err, int nthreads) {
     tables_t local; /* built per call: 17 x 256 entries, negligible next to a tensor */
     build_tables(&local);
     job_t base, jobs[MAX_THREADS];
     memset(&base, 0, sizeof base);
     base.packed = packed; base.scale = scale; base.n = n; base.k = k; base.g = g; base.tb = &local;
-    base.out = out; base.ws = ws; base.fb = fb;
+    base.out = out; base.ws = ws;
     int used = run_threads(&base, nthreads, pass2, jobs);
     int64_t total = 0;
-    for (int t = 0; t < used; t++) total += jobs[t].n_fb;
+    float err = 0.0f;
+    for (int t = 0; t < used; t++) {
+        total += jobs[t].n_inexact;
+        err = jobs[t].max_err > err ? jobs[t].max_err : err;
+    }
+    *max_err = err;
     return total;
 }

@@ -2,10 +2,10 @@
 
 ``mxfp4_nvfp4.c`` does both passes in integer arithmetic (pass 1: the tensor-wide max of the 16-block
 ROUND_UP exponents t; pass 2: E4M3 block scales ``2**rel`` and codes from a byte table). The rare 16-blocks
-that ``2**rel`` cannot keep exact (``rel`` clamped at -9: a block 2**17 below the tensor's largest) are
-flagged by the C code and finished here by the torch codec's own :func:`repack_fallback` on just those
-blocks, so the RTN-vs-pow2 squared-error choice uses torch's float32 sums. Inputs with values that decode
-to inf in float32 (E8M0 byte 254/253 with large codes) take the torch codec whole (its inf semantics).
+that ``2**rel`` cannot keep exact (``rel`` clamped at -9: a block 2**17 below the tensor's largest) keep those
+codes, as the torch codec's RTN fallback never wins there (argument in the C file); the C code counts them
+and takes their max error in float32. Inputs with values that decode to inf in float32 (E8M0 byte 254/253
+with large codes) take the torch codec whole (its inf semantics).
 
 Fused partners are passed as separate parts (no concatenation copy): one global exponent over all of them.
 """
@@ -19,16 +19,14 @@ from typing import Sequence
 
 import torch
 
-from v4convert.formats.fp4 import BlockShapeError, CodecInputError, e2m1_lut, pack_fp4, unpack_fp4
-from v4convert.formats.fp8 import e8m0_to_float32
+from v4convert.formats.fp4 import BlockShapeError, CodecInputError
 from v4convert.formats.mxfp4 import (
     E4M3_POW2_MAX_EXP,
     RepackReport,
     mxfp4_from_deepseek_native,
     mxfp4_to_nvfp4,
-    repack_fallback,
 )
-from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor, _effective_scale
+from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor
 
 from . import DEFAULT_THREADS, load_library
 
@@ -42,7 +40,7 @@ def _library() -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.v4c_mxfp4_nvfp4_reduce.argtypes = [p, p, i64, i64, p, i32]
     lib.v4c_mxfp4_nvfp4_reduce.restype = None
-    lib.v4c_mxfp4_nvfp4_encode.argtypes = [p, p, i64, i64, i32, p, p, p, i32]
+    lib.v4c_mxfp4_nvfp4_encode.argtypes = [p, p, i64, i64, i32, p, p, ctypes.POINTER(ctypes.c_float), i32]
     lib.v4c_mxfp4_nvfp4_encode.restype = i64
     return lib
 
@@ -60,29 +58,6 @@ def _check_parts(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], name: str) 
     if len({p.shape[1] for p, _ in out}) != 1:
         raise BlockShapeError(f"{name}: fused MXFP4 partners with different in-features {[tuple(p.shape) for p, _ in out]}")
     return out
-
-
-def _finish_fallback(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, ws: torch.Tensor,
-                     fb: torch.Tensor, gscale: torch.Tensor, conv: NVFP4Convention, name: str) -> tuple[int, float]:
-    """Torch's RTN fallback on the flagged 16-blocks, written into ``out``/``ws`` in place.
-    -> (inexact blocks, max abs error) over them (the other blocks are exact by construction)."""
-    nb16 = ws.shape[1]
-    idx = fb.reshape(-1).nonzero().squeeze(1)                               # flat block index [F]
-    r, b = idx // nb16, idx % nb16
-    lut = e2m1_lut()
-    vb = lut[unpack_fp4(packed.view(-1, nb16, 8)[r, b]).long()] * e8m0_to_float32(scale[r, b // 2])[:, None]
-    hb_amax = vb.abs().amax(-1)                                              # float32 [F]
-    ws_flat, out_blocks = ws.view(-1), out.view(-1, 8)
-    ws_pow2 = ws_flat[idx].view(torch.float8_e4m3fn)
-    codes = unpack_fp4(out_blocks[idx])                                      # uint8 [F, 16]
-    deq = lut[codes.long()] * _effective_scale(ws_pow2.float(), gscale, conv)[:, None]
-    exact = (deq == vb).all(-1)
-    ws_f, codes_f = repack_fallback(vb, hb_amax, ws_pow2, codes, deq, exact, gscale, conv, name)
-    ws_flat[idx] = ws_f.view(torch.uint8)
-    out_blocks[idx] = pack_fp4(codes_f)
-    back = lut[codes_f.long()] * _effective_scale(ws_f.float(), gscale, conv)[:, None]  # nvfp4_dequantize's ops
-    diff = (back - vb).abs()
-    return int((diff > 0).any(-1).sum()), float(diff.max())
 
 
 def mxfp4_to_nvfp4_native(
@@ -123,13 +98,10 @@ def mxfp4_to_nvfp4_native(
         n = p.shape[0]
         out = torch.empty(n, k // 2, dtype=torch.uint8)
         ws = torch.empty(n, k // NVFP4_BLOCK, dtype=torch.uint8)
-        fb = torch.empty(n, k // NVFP4_BLOCK, dtype=torch.uint8)
-        n_fb = lib.v4c_mxfp4_nvfp4_encode(p.data_ptr(), s.data_ptr(), n, k, g, out.data_ptr(), ws.data_ptr(),
-                                          fb.data_ptr(), int(threads))
-        if n_fb:
-            bad, err = _finish_fallback(p, s, out, ws, fb, gscale, convention, name)
-            inexact += bad
-            max_err = max(max_err, err)
+        err = ctypes.c_float(0.0)
+        inexact += lib.v4c_mxfp4_nvfp4_encode(p.data_ptr(), s.data_ptr(), n, k, g, out.data_ptr(), ws.data_ptr(),
+                                              ctypes.byref(err), int(threads))
+        max_err = max(max_err, err.value)   # float32 -> double, as float(diff.max())
         blocks += n * (k // NVFP4_BLOCK)
         outs.append(NVFP4Tensor(packed=out, block_scale=ws.view(torch.float8_e4m3fn), global_scale=gscale,
                                 convention=convention, amax=amax))
