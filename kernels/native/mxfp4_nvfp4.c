@@ -200,9 +200,12 @@ static void *pass2(void *arg) {
             int di = (d < D_MIN ? D_MIN : (d > D_MAX ? D_MAX : d)) - D_MIN;
             if (!remap8(j->tb, di, x, o)) {
                 j->n_inexact++;
-                for (int u = 0; u < 16; u++) { /* exact float32 operands, one rounding: torch's |back - vb| */
+                /* 2**e >= 2**-127 and 2**(rel+g) >= 2**-135 are float32 values, MAG[.] times them too (exact
+                 * products); one rounding in the subtraction, as torch's |back - vb| */
+                float pv = ldexpf(1.0f, e), pd = ldexpf(1.0f, rel + g);
+                for (int u = 0; u < 16; u++) {
                     unsigned ni = (x[u / 2] >> (4 * (u & 1))) & 7u, no = (o[u / 2] >> (4 * (u & 1))) & 7u;
-                    float err = fabsf(ldexpf((float)MAG[no], rel + g) - ldexpf((float)MAG[ni], e));
+                    float err = fabsf((float)MAG[no] * pd - (float)MAG[ni] * pv);
                     if (err > j->max_err) j->max_err = err;
                 }
             }
