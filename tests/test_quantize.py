@@ -238,13 +238,26 @@ def test_workers_pool_and_small_chunks_byte_identical(tiny_ckpts, tmp_path, monk
 
 
 @pytest.mark.parametrize("container", [Container.COMPRESSED_TENSORS, Container.MODELOPT])
-def test_v4_repack_kernels_byte_identical(tiny_ckpts, tmp_path, container):
+def test_v4_repack_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, container):
     """nvfp4-experts on tiny V4 (MXFP4 experts re-packed): the native C re-pack and the torch codec write
     identical files and report the same block counts (both containers, i.e. both NVFP4 conventions)."""
+    import v4convert.formats.mxfp4 as mx
+    import v4convert.kernels.native.repack as rp
     from v4convert.kernels.native import Kernel
+    calls = {"native": 0, "torch": 0}
+
+    def spy(fn, key):
+        def wrapped(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(rp, "mxfp4_to_nvfp4_native", spy(rp.mxfp4_to_nvfp4_native, "native"))
+    monkeypatch.setattr(mx, "mxfp4_to_nvfp4", spy(mx.mxfp4_to_nvfp4, "torch"))
     src = tiny_ckpts["v4-flash-tiny"]
     plan, rn = run_quantize(src, tmp_path / "n", kernel=Kernel.NATIVE, container=container)
+    assert calls["native"] > 0 and calls["torch"] == 0
     _, rt = run_quantize(src, tmp_path / "t", kernel=Kernel.TORCH, container=container)
+    assert calls["torch"] == calls["native"]
     assert any(t.action is Action.MXFP4_TO_NVFP4 for t in plan.tensors())
     assert (rn.repack_blocks, rn.repack_inexact) == (rt.repack_blocks, rt.repack_inexact) and rn.repack_blocks > 0
     names = sorted(p.name for p in (tmp_path / "n").iterdir())
