@@ -222,3 +222,22 @@ def mxfp4_to_nvfp4(
         global_exponent=g,
     )
     return out, report
+
+
+def mxfp4_to_nvfp4_parts(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
+    name: str = "tensor",
+) -> tuple[list[NVFP4Tensor], RepackReport]:
+    """:func:`mxfp4_to_nvfp4` of fused partners (V4-native codes ``[n_i, K/2]`` + E8M0 scales ``[n_i, K/32]``)
+    concatenated along rows, so they share one global scale; returns one NVFP4Tensor per part."""
+    packed = torch.cat([p.view(torch.uint8) if p.dtype == torch.int8 else p for p, _ in parts])
+    scale = torch.cat([s.view(torch.uint8) if s.dtype in (torch.float8_e8m0fnu, torch.int8) else s for _, s in parts])
+    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), convention, name)
+    outs, r0 = [], 0
+    for p, _ in parts:
+        n = p.shape[0]
+        outs.append(NVFP4Tensor(packed=q.packed[r0:r0 + n].contiguous(), block_scale=q.block_scale[r0:r0 + n].contiguous(),
+                                global_scale=q.global_scale, convention=convention, amax=q.amax))
+        r0 += n
+    return outs, rep

@@ -24,7 +24,7 @@ from v4convert.formats.mxfp4 import (
     E4M3_POW2_MAX_EXP,
     RepackReport,
     mxfp4_from_deepseek_native,
-    mxfp4_to_nvfp4,
+    mxfp4_to_nvfp4_parts,
 )
 from v4convert.formats.nvfp4 import NVFP4_BLOCK, NVFP4Convention, NVFP4Tensor
 
@@ -87,7 +87,7 @@ def mxfp4_to_nvfp4_native(
                 best = (info[4], info[5])
             any_nz = True
     if has_inf:  # values >= 2**128 decode to inf: the torch codec's semantics, whole tensor
-        return _torch_parts(ps, convention, name)
+        return mxfp4_to_nvfp4_parts(ps, convention, name)
     g = tmax - E4M3_POW2_MAX_EXP if any_nz else 0
     g = max(-126, min(126, g))
     g_t = torch.ldexp(torch.ones((), dtype=torch.float32), torch.tensor(float(g)))   # as mxfp4_to_nvfp4
@@ -107,17 +107,3 @@ def mxfp4_to_nvfp4_native(
                                 convention=convention, amax=amax))
     return outs, RepackReport(blocks=blocks, inexact_blocks=inexact, max_abs_error=max_err, global_exponent=g)
 
-
-def _torch_parts(ps: list[tuple[torch.Tensor, torch.Tensor]], conv: NVFP4Convention,
-                 name: str) -> tuple[list[NVFP4Tensor], RepackReport]:
-    packed = torch.cat([p for p, _ in ps])
-    scale = torch.cat([s for _, s in ps])
-    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), conv, name)
-    outs, r0 = [], 0
-    for p, _ in ps:
-        n = p.shape[0]
-        outs.append(NVFP4Tensor(packed=q.packed[r0:r0 + n].contiguous(),
-                                block_scale=q.block_scale[r0:r0 + n].contiguous(), global_scale=q.global_scale,
-                                convention=conv, amax=q.amax))
-        r0 += n
-    return outs, rep

@@ -14,7 +14,7 @@ import errno
 import math
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -429,7 +429,7 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
     """Re-pack native MXFP4 to NVFP4; fused partners share one power-of-two global scale. Native kernel: the
     partners' read buffers go to C as separate parts (no concatenation); torch: the codec on their row
     concatenation (same bytes). -> (blocks, inexact blocks, kernel name)."""
-    from v4convert.formats.mxfp4 import mxfp4_from_deepseek_native, mxfp4_to_nvfp4
+    from v4convert.formats.mxfp4 import mxfp4_to_nvfp4_parts
     from v4convert.kernels.native import Kernel
     conv = _conv(opts)
     ks = {t.shape[1] for t in ts}
@@ -442,15 +442,7 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
         from v4convert.kernels.native.repack import mxfp4_to_nvfp4_native
         outs, rep = mxfp4_to_nvfp4_native(parts, conv, threads=_nthreads(), name=name)
     else:
-        packed = torch.cat([p for p, _ in parts])
-        scale = torch.cat([s for _, s in parts])
-        q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), conv, name)
-        outs, r0 = [], 0
-        for t in ts:
-            n = t.shape[0]
-            outs.append(replace(q, packed=q.packed[r0:r0 + n].contiguous(),
-                                block_scale=q.block_scale[r0:r0 + n].contiguous()))
-            r0 += n
+        outs, rep = mxfp4_to_nvfp4_parts(parts, conv, name)
     for t, q in zip(ts, outs):
         woff, _ = _out(unit, t, Part.WEIGHT)
         soff, _ = _out(unit, t, Part.SCALE)
