@@ -424,7 +424,7 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
     return ""
 
 
-def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, device: torch.device,
+def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options,
                     kernel=None) -> tuple[int, int, str]:
     """Re-pack native MXFP4 to NVFP4; fused partners share one power-of-two global scale. Native kernel: the
     partners' read buffers go to C as separate parts (no concatenation); torch: the codec on their row
@@ -437,7 +437,7 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
         raise QuantizeError(f"tensors {[t.name for t in ts]}: fused partners with different in-features")
     name = " + ".join(t.name for t in ts)
     parts = [(read_rows(t.src["weight"]).view(torch.uint8), read_rows(t.src["scale"]).view(torch.uint8)) for t in ts]
-    k, _ = choose_kernel(kernel, device.type)
+    k, _ = choose_kernel(kernel, "cpu")     # both kernels run on the CPU, whatever --device the FP8 path uses
     if k is Kernel.NATIVE:
         from v4convert.kernels.native.repack import mxfp4_to_nvfp4_native
         outs, rep = mxfp4_to_nvfp4_native(parts, conv, threads=_nthreads(), name=name)
@@ -473,7 +473,8 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
     """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
 
     ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
-    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
+    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it and
+    the MXFP4 re-pack (always on the CPU).
     Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
     with _pool().scope():                 # every read buffer of this unit returns to the pool at its end
         _LOCAL.reader = DirectReader(_pool(), direct=direct_io_enabled())
@@ -493,7 +494,7 @@ def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> 
         if a is Action.TO_NVFP4:
             used = _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device), kernel)
         elif a is Action.MXFP4_TO_NVFP4:
-            blocks, inexact, used = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts, torch.device(device), kernel)
+            blocks, inexact, used = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts, kernel)
         else:
             for t in unit.tensors:
                 if t.action in (Action.COPY, Action.MXFP4_REWRAP):
