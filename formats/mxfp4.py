@@ -126,15 +126,18 @@ def mxfp4_dequantize(t: MXFP4Tensor, dtype: torch.dtype = torch.float32) -> torc
     return out.reshape(t.shape).to(dtype)
 
 
-def mxfp4_from_deepseek_native(weight: torch.Tensor, scale: torch.Tensor, name: str = "tensor") -> MXFP4Tensor:
-    """Wrap a V4 expert as stored: ``weight`` I8/U8 ``[out, in/2]``, ``scale`` F8_E8M0/U8 ``[out, in/32]``."""
+def mxfp4_from_deepseek_native(
+    weight: torch.Tensor, scale: torch.Tensor, name: str = "tensor", *, check_nan: bool = True
+) -> MXFP4Tensor:
+    """Wrap a V4 expert as stored: ``weight`` I8/U8 ``[out, in/2]``, ``scale`` F8_E8M0/U8 ``[out, in/32]``.
+    ``check_nan=False``: skip the scan for byte 0xFF (the native re-pack finds it in its own pass)."""
     p = weight.view(torch.uint8) if weight.dtype == torch.int8 else weight
     s = scale.view(torch.uint8) if scale.dtype in (torch.float8_e8m0fnu, torch.int8) else scale
     if p.dtype != torch.uint8 or s.dtype != torch.uint8:
         raise CodecInputError(f"{name}: MXFP4 needs I8/U8 codes and E8M0 scales, got {weight.dtype}, {scale.dtype}")
     if tuple(s.shape) != (*p.shape[:-1], p.shape[-1] * 2 // MXFP4_BLOCK) or (p.shape[-1] * 2) % MXFP4_BLOCK:
         raise BlockShapeError(f"{name}: MXFP4 scale shape {tuple(s.shape)} does not fit codes {tuple(p.shape)}")
-    if bool((s == E8M0_NAN).any()):
+    if check_nan and bool((s == E8M0_NAN).any()):
         raise CodecInputError(f"{name}: E8M0 scale byte 0xFF (NaN) present")
     return MXFP4Tensor(packed=p, scale=s)
 
@@ -165,7 +168,8 @@ def mxfp4_to_nvfp4(
     two that keeps it <= 6) and ``g = max(t) - 8`` so the largest block scale is 256, the largest
     E4M3 power of two. Blocks with ``t - g < -9`` fall below E4M3's smallest power of two: they
     get 2**-9 if that still encodes them exactly, otherwise the RTN NVFP4 scale of their values;
-    every block is then checked by decoding and counted in the report.
+    every block is then checked by decoding and counted in the report. (The RTN scale of such a block
+    rounds to 0 and never has the lower error: ``kernels/native/mxfp4_nvfp4.c`` has the argument.)
     """
     v = mxfp4_dequantize(t)  # exact float32 (2**-127 * 6 etc. are representable)
     k = v.shape[-1]
@@ -218,3 +222,22 @@ def mxfp4_to_nvfp4(
         global_exponent=g,
     )
     return out, report
+
+
+def mxfp4_to_nvfp4_parts(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
+    name: str = "tensor",
+) -> tuple[list[NVFP4Tensor], RepackReport]:
+    """:func:`mxfp4_to_nvfp4` of fused partners (V4-native codes ``[n_i, K/2]`` + E8M0 scales ``[n_i, K/32]``)
+    concatenated along rows, so they share one global scale; returns one NVFP4Tensor per part."""
+    packed = torch.cat([p.view(torch.uint8) if p.dtype == torch.int8 else p for p, _ in parts])
+    scale = torch.cat([s.view(torch.uint8) if s.dtype in (torch.float8_e8m0fnu, torch.int8) else s for _, s in parts])
+    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), convention, name)
+    outs, r0 = [], 0
+    for p, _ in parts:
+        n = p.shape[0]
+        outs.append(NVFP4Tensor(packed=q.packed[r0:r0 + n].contiguous(), block_scale=q.block_scale[r0:r0 + n].contiguous(),
+                                global_scale=q.global_scale, convention=convention, amax=q.amax))
+        r0 += n
+    return outs, rep

@@ -30,12 +30,12 @@ V3_PARTNER = {Role.ATTN_Q_A: Role.ATTN_KV_A, Role.ATTN_KV_A: Role.ATTN_Q_A}   # 
 
 
 def run_quantize(src: Path, out: Path, recipe: str = "nvfp4-experts", keep=(), overrides=(), workers: int = 1,
-                 kernel=None, **opts) -> tuple:
+                 kernel=None, device: str = "cpu", **opts) -> tuple:
     rules = RuleSet(preset(recipe), keep=keep, overrides=overrides)
     opts.setdefault("shard_bytes", 400_000)     # several shards even for tiny models
     with Checkpoint.open(src) as ck:
         plan = make_plan(ck, rules, Options(**opts))
-    r = execute(plan, out, workers=workers, kernel=kernel, log=lambda m: None)
+    r = execute(plan, out, workers=workers, kernel=kernel, device=device, log=lambda m: None)
     return plan, r
 
 
@@ -235,6 +235,51 @@ def test_workers_pool_and_small_chunks_byte_identical(tiny_ckpts, tmp_path, monk
         assert fa == sorted(p.name for p in (tmp_path / other).iterdir())
         for n in fa:
             assert (tmp_path / "a" / n).read_bytes() == (tmp_path / other / n).read_bytes(), (other, n)
+
+
+@pytest.mark.parametrize("container", [Container.COMPRESSED_TENSORS, Container.MODELOPT])
+def test_v4_repack_kernels_byte_identical(tiny_ckpts, tmp_path, monkeypatch, container):
+    """nvfp4-experts on tiny V4 (MXFP4 experts re-packed): the native C re-pack and the torch codec write
+    identical files and report the same block counts (both containers, i.e. both NVFP4 conventions)."""
+    import v4convert.formats.mxfp4 as mx
+    import v4convert.kernels.native.repack as rp
+    from v4convert.kernels.native import Kernel
+    calls = {"native": 0, "torch": 0}
+
+    def spy(fn, key):
+        def wrapped(*a, **kw):
+            calls[key] += 1
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(rp, "mxfp4_to_nvfp4_native", spy(rp.mxfp4_to_nvfp4_native, "native"))
+    monkeypatch.setattr(mx, "mxfp4_to_nvfp4", spy(mx.mxfp4_to_nvfp4, "torch"))
+    src = tiny_ckpts["v4-flash-tiny"]
+    plan, rn = run_quantize(src, tmp_path / "n", kernel=Kernel.NATIVE, container=container)
+    assert calls["native"] > 0 and calls["torch"] == 0
+    _, rt = run_quantize(src, tmp_path / "t", kernel=Kernel.TORCH, container=container)
+    assert calls["torch"] == calls["native"]
+    assert any(t.action is Action.MXFP4_TO_NVFP4 for t in plan.tensors())
+    assert (rn.repack_blocks, rn.repack_inexact) == (rt.repack_blocks, rt.repack_inexact) and rn.repack_blocks > 0
+    names = sorted(p.name for p in (tmp_path / "n").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "t").iterdir())
+    for n in names:
+        assert (tmp_path / "n" / n).read_bytes() == (tmp_path / "t" / n).read_bytes(), n
+
+
+def test_v4_repack_native_when_fp8_path_on_cuda(tiny_ckpts, tmp_path, monkeypatch):
+    """--device cuda moves only the FP8 hot path (torch kernel there); the CPU-only re-pack still takes the
+    native kernel by default, same bytes. Shared experts kept so nothing here needs a GPU."""
+    import v4convert.kernels.native.repack as rp
+    calls = []
+    real = rp.mxfp4_to_nvfp4_native
+    monkeypatch.setattr(rp, "mxfp4_to_nvfp4_native", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    src = tiny_ckpts["v4-flash-tiny"]
+    keep = ("*shared_experts*",)
+    plan, _ = run_quantize(src, tmp_path / "g", keep=keep, device="cuda")
+    assert calls and not any(t.action is Action.TO_NVFP4 for t in plan.tensors())
+    run_quantize(src, tmp_path / "c", keep=keep)
+    for p in (tmp_path / "c").iterdir():
+        assert p.read_bytes() == (tmp_path / "g" / p.name).read_bytes(), p.name
 
 
 def test_index_sha256_and_metadata(tiny_ckpts, artifacts_cache):

@@ -85,8 +85,8 @@ from .sizes import SIZE
               help="Journal (fsync) after this much output (binary units).")
 @click.option("--device", default=None, help="Compute device for the FP8->NVFP4 hot path (default: cuda if present, else cpu).")
 @click.option("--kernel", type=click.Choice(["native", "torch"]), default=None,
-              help="FP8->NVFP4 hot path: the native C kernel (default on CPU when a C compiler builds it) or "
-                   "torch. Both write identical bytes.")
+              help="FP8->NVFP4 hot path and the MXFP4->NVFP4 re-pack: the native C kernels (default on CPU "
+                   "when a C compiler builds them) or torch. Both write identical bytes.")
 def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str | None, fmt: str | None,
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
                      calib: str | None, calib_stats: Path | None, calib_tokens: int, calib_seq_len: int, propagate: str,

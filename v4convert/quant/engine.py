@@ -180,12 +180,15 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (``threads`` torch threads, None:
     as set); more uses a process pool of lean workers (forked from a server that imported only
     ``v4convert.quant.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight.
-    ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path; either
-    kernel writes the same bytes, so it is not part of the plan. ``extra_files``: name -> text written into the
+    ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path and the (CPU-only)
+    MXFP4 -> NVFP4 re-pack; either kernel writes the same bytes, so it is not part of the plan. ``extra_files``: name -> text written into the
     output before the final rename (e.g. the calibration coverage report)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    kernel, why = choose_kernel(kernel, device.split(":")[0])
+    requested = kernel          # units resolve it again: the FP8 hot path for ``device``, the re-pack for the CPU
+    kernel, why = choose_kernel(requested, device.split(":")[0])
     log(f"hot path: {why}")
+    if device.split(":")[0] != "cpu" and any(t.action is Action.MXFP4_TO_NVFP4 for t in plan.tensors()):
+        log(f"mxfp4 -> nvfp4 re-pack (CPU): {choose_kernel(requested, 'cpu')[1]}")
     out = Path(out)
     prepared = _prepare(plan, out, overwrite)
     if prepared is None:
@@ -229,10 +232,10 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
                 import torch
                 torch.set_num_threads(threads)
             for u in todo:
-                finished(run_unit(u, part, plan.options, device, kernel))
+                finished(run_unit(u, part, plan.options, device, requested))
                 outputs.kill_point("unit")
         else:
-            _run_pool(todo, part, plan, workers, threads or 1, finished, device, kernel)
+            _run_pool(todo, part, plan, workers, threads or 1, finished, device, requested)
         flush()
         flusher.close()                    # every unit fsynced and journaled
         _write_input_scales(plan, part)

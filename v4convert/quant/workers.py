@@ -48,7 +48,7 @@ class UnitResult:
     bytes_in: int
     repack_blocks: int = 0
     repack_inexact: int = 0
-    kernel: str = ""           # FP8 -> NVFP4 RTN hot path kernel used ("native" / "torch"), "" if none ran
+    kernel: str = ""           # FP8 -> NVFP4 RTN / MXFP4 re-pack kernel used ("native" / "torch"), "" if none ran
 
 
 def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) -> (Kernel, str)
@@ -424,29 +424,33 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
     return ""
 
 
-def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options) -> tuple[int, int]:
-    """Re-pack native MXFP4 to NVFP4. Partners are concatenated along rows so the codec picks one
-    power-of-two global scale for all of them (rows are independent otherwise)."""
-    from v4convert.formats.mxfp4 import mxfp4_from_deepseek_native, mxfp4_to_nvfp4
+def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options,
+                    kernel=None) -> tuple[int, int, str]:
+    """Re-pack native MXFP4 to NVFP4; fused partners share one power-of-two global scale. Native kernel: the
+    partners' read buffers go to C as separate parts (no concatenation); torch: the codec on their row
+    concatenation (same bytes). -> (blocks, inexact blocks, kernel name)."""
+    from v4convert.formats.mxfp4 import mxfp4_to_nvfp4_parts
+    from v4convert.kernels.native import Kernel
     conv = _conv(opts)
     ks = {t.shape[1] for t in ts}
     if len(ks) != 1:
         raise QuantizeError(f"tensors {[t.name for t in ts]}: fused partners with different in-features")
-    packed = torch.cat([read_rows(t.src["weight"]).view(torch.uint8) for t in ts])
-    scale = torch.cat([read_rows(t.src["scale"]).view(torch.uint8) for t in ts])
     name = " + ".join(t.name for t in ts)
-    q, rep = mxfp4_to_nvfp4(mxfp4_from_deepseek_native(packed, scale, name), conv, name)
-    r0 = 0
-    for t in ts:
-        n = t.shape[0]
+    parts = [(read_rows(t.src["weight"]).view(torch.uint8), read_rows(t.src["scale"]).view(torch.uint8)) for t in ts]
+    k, _ = choose_kernel(kernel, "cpu")     # both kernels run on the CPU, whatever --device the FP8 path uses
+    if k is Kernel.NATIVE:
+        from v4convert.kernels.native.repack import mxfp4_to_nvfp4_native
+        outs, rep = mxfp4_to_nvfp4_native(parts, conv, threads=_nthreads(), name=name)
+    else:
+        outs, rep = mxfp4_to_nvfp4_parts(parts, conv, name)
+    for t, q in zip(ts, outs):
         woff, _ = _out(unit, t, Part.WEIGHT)
         soff, _ = _out(unit, t, Part.SCALE)
         goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
-        w.write(woff, q.packed[r0:r0 + n].contiguous(), t.name)
-        w.write(soff, q.block_scale[r0:r0 + n].contiguous().view(torch.uint8), t.name)
+        w.write(woff, q.packed, t.name)
+        w.write(soff, q.block_scale.view(torch.uint8), t.name)
         w.write(goff, q.global_scale.to(torch.float32).reshape(1), t.name)
-        r0 += n
-    return rep.blocks, rep.inexact_blocks
+    return rep.blocks, rep.inexact_blocks, k.value
 
 
 def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
@@ -469,7 +473,8 @@ def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kern
     """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
 
     ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
-    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it.
+    (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it and
+    the MXFP4 re-pack (always on the CPU).
     Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
     with _pool().scope():                 # every read buffer of this unit returns to the pool at its end
         _LOCAL.reader = DirectReader(_pool(), direct=direct_io_enabled())
@@ -489,7 +494,7 @@ def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> 
         if a is Action.TO_NVFP4:
             used = _to_nvfp4(unit, unit.tensors, w, opts, torch.device(device), kernel)
         elif a is Action.MXFP4_TO_NVFP4:
-            blocks, inexact = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts)
+            blocks, inexact, used = _mxfp4_to_nvfp4(unit, unit.tensors, w, opts, kernel)
         else:
             for t in unit.tensors:
                 if t.action in (Action.COPY, Action.MXFP4_REWRAP):

@@ -11,7 +11,7 @@ between fused partners: :func:`fp8_block_amax_native` (block amax + tensor amax)
 :func:`fp8_block_to_nvfp4_native` is the one-call equivalent of ``fp8_block_to_nvfp4``.
 
 :func:`load_library` is the build-and-load step every C kernel here shares (``gguf.py``: FP8-block ->
-GGUF bytes and the MXFP4 re-pack, from ``fp8_gguf.c``).
+GGUF bytes and the MXFP4 re-pack, from ``fp8_gguf.c``; ``repack.py``: MXFP4 -> NVFP4 re-pack, from ``mxfp4_nvfp4.c``).
 
 There is no silent fallback: without a compiler the first call raises :class:`NativeUnavailableError`;
 callers choose :class:`Kernel` explicitly.
@@ -43,7 +43,8 @@ DEFAULT_THREADS = 2
 
 
 class Kernel(enum.Enum):
-    """Which implementation runs the FP8-block -> NVFP4 RTN hot path (same bytes either way)."""
+    """Which implementation runs the FP8-block -> NVFP4 RTN hot path and the MXFP4 -> NVFP4 re-pack (same bytes
+    either way)."""
 
     NATIVE = "native"  # this package's C kernel
     TORCH = "torch"    # formats.nvfp4's compiled torch stages
