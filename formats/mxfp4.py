@@ -169,7 +169,7 @@ def mxfp4_to_nvfp4(
     E4M3 power of two. Blocks with ``t - g < -9`` fall below E4M3's smallest power of two: they
     get 2**-9 if that still encodes them exactly, otherwise the RTN NVFP4 scale of their values;
     every block is then checked by decoding and counted in the report. (The RTN scale of such a block
-    rounds to 0 and never has the lower error: ``kernels/native/mxfp4_nvfp4.c`` has the argument.)
+    rounds to 0 and never has the lower error: ``v4convert/kernels/native/mxfp4_nvfp4.c`` has the argument.)
     """
     v = mxfp4_dequantize(t)  # exact float32 (2**-127 * 6 etc. are representable)
     k = v.shape[-1]
