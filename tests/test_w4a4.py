@@ -354,3 +354,33 @@ def test_mxfp4_w4a4_is_dynamic(tmp_path, calib_txt):
     m = load(tmp_path / "o", max_seq_len=64)
     kinds = [m.act_quant.kind for m in m.modules() if isinstance(m, Linear) and m.act_quant is not None]
     assert kinds == ["mxfp4"] * 156
+
+
+def test_verify_no_act_quant_scores_weights_only(artifacts, tmp_path):
+    """``verify --no-act-quant``: the W4A4 artifact is scored weights-only (what a peer's file that declares
+    activations it was not calibrated for needs); the default follows the config. The weights-only score is the
+    KLD of ``load(act_quant=False)`` on the same windows: recomputed here from the runtime directly."""
+    import json
+
+    from v4convert.cli import main
+    from v4convert.verify import VerifyOptions, make_windows
+    from v4convert.verify import DEFAULT_DATA
+    art = artifacts["compressed-tensors"]
+    reps = {}
+    for flag in ((), ("--no-act-quant",)):
+        j = tmp_path / f"r{len(flag)}.json"
+        r = CliRunner().invoke(main, ["verify", str(TINY_V3), str(art), "--tokens", "128", "--ctx", "64",
+                                      "--gen-tokens", "0", "--top-k", "1000000", "--json", str(j), *flag])
+        assert r.exit_code == 0, r.output
+        reps[bool(flag)] = json.loads(j.read_text())
+    on, off = reps[False], reps[True]
+    assert on["artifact"]["act_quant"] is True and off["artifact"]["act_quant"] is False
+    assert any("--no-act-quant" in n for n in off["artifact"]["notes"])
+    assert on["kld"]["mean"] != off["kld"]["mean"]
+    from v4convert.runtime import load
+    windows = make_windows(TINY_V3, DEFAULT_DATA, VerifyOptions(ctx=64, tokens=128, gen_tokens=0))
+    ref, art_m = load(TINY_V3, max_seq_len=64), load(art, max_seq_len=64, act_quant=False)
+    with torch.inference_mode():
+        kl = torch.cat([(lambda p, q: (p.exp() * (p - q)).sum(-1).reshape(-1))(
+            ref(w[None, :-1]).log_softmax(-1), art_m(w[None, :-1]).log_softmax(-1)) for w in windows])
+    assert abs(float(kl.mean()) - off["kld"]["mean"]) <= 1e-5 * float(kl.mean()), (float(kl.mean()), off["kld"]["mean"])

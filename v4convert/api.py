@@ -180,6 +180,7 @@ class VerifyArgs:
     dtype: "torch.dtype | None" = None          # None: float32
     progress: Callable[[str, int, int], None] | None = field(default=None, repr=False)
     dynamic_routing: "DynamicRouting | None" = None   # artifact (our runtime) with dynamic expert routing
+    act_quant: bool = True      # False: ignore the artifact config's declared 4-bit activations (weights-only)
 
 
 def verify(a: VerifyArgs) -> dict:
@@ -190,7 +191,7 @@ def verify(a: VerifyArgs) -> dict:
     return run_verify(Path(a.ref), Path(a.artifact), opts=a.opts, data=a.data,
                       thresholds=a.thresholds or Thresholds(), save_ref=a.save_ref, ref_cache=a.ref_cache,
                       art_kind=a.kind, device=a.device, dtype=a.dtype or torch.float32, progress=a.progress,
-                      dynamic_routing=a.dynamic_routing)
+                      dynamic_routing=a.dynamic_routing, act_quant=a.act_quant)
 
 
 # ------------------------------------------------------------------------------------------------ inspect, synth

@@ -131,10 +131,17 @@ def check_runnable(path: str | os.PathLike, kind: ArtifactKind | None = None) ->
 
 
 def open_runner(path: str | os.PathLike, kind: ArtifactKind | None = None, device: str = "cpu",
-                dtype: torch.dtype = torch.float32, max_seq_len: int = 512, dynamic_routing=None) -> Runner:
+                dtype: torch.dtype = torch.float32, max_seq_len: int = 512, dynamic_routing=None,
+                act_quant: bool = True) -> Runner:
     """Open ``path`` with the runner of its kind (detected from the path unless given).
-    ``dynamic_routing`` (``runtime.DynamicRouting``): our runtime only."""
+    ``dynamic_routing`` (``runtime.DynamicRouting``): our runtime only. ``act_quant=False``: our runtime ignores
+    the 4-bit input-activation quantization a config declares (weights-only score); our runtime only."""
     k = check_runnable(path, kind)
+    if not act_quant:
+        if k is not ArtifactKind.RUNTIME:
+            raise ArtifactError(f"{path}: --no-act-quant runs in our runtime only (artifact kind {k.value})")
+        return ROWS[k].runner_class()(Path(path), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                      dynamic_routing=dynamic_routing, act_quant=False)
     if dynamic_routing is not None:
         if k is not ArtifactKind.RUNTIME:
             raise ArtifactError(f"{path}: --dynamic-top-p runs in our runtime only (artifact kind {k.value})")

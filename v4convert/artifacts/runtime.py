@@ -19,11 +19,12 @@ class RuntimeRunner:
     """Our runtime (``v4convert.runtime.load``) on CPU/GPU in ``dtype``."""
 
     def __init__(self, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 max_seq_len: int = 512, dynamic_routing=None) -> None:
+                 max_seq_len: int = 512, dynamic_routing=None, act_quant: bool = True) -> None:
         from v4convert.runtime import load
 
         self.path, self.kind = Path(path), ArtifactKind.RUNTIME
-        self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, dynamic_routing=dynamic_routing)
+        self.model = load(path, device=device, dtype=dtype, max_seq_len=max_seq_len, dynamic_routing=dynamic_routing,
+                          act_quant=act_quant)
         self.device = torch.device(device)
         cfg = read_json(self.path / "config.json")
         self.vocab_size = int(cfg["vocab_size"])

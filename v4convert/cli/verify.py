@@ -51,6 +51,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @click.option("--engine", type=click.Choice(["vllm"]), default=None,
               help="Score ARTIFACT as this serving engine runs it (vllm: vLLM in its own python, see "
                    "V4C_VLLM_PYTHON; same as --kind vllm).")
+@click.option("--no-act-quant", "no_act_quant", is_flag=True,
+              help="Run the artifact weights-only even where its config declares 4-bit input activations (W4A4); "
+                   "default: as a serving engine would, with them (our runtime only).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for both models.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True,
               help="Compute dtype of the artifact (the reference always runs in float32).")
@@ -60,7 +63,7 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
                    plot_out: Path | None, max_kld: float | None, min_top1: float | None,
                    max_ppl_ratio: float | None, save_ref_logits: Path | None, ref_logits: Path | None,
                    kind: str | None, engine: str | None, dynamic_top_p: float | None, k_min: int,
-                   k_max: int | None, device: str, dtype: str, threads: int | None) -> None:
+                   k_max: int | None, no_act_quant: bool, device: str, dtype: str, threads: int | None) -> None:
     """Accuracy and speed of ARTIFACT against the reference checkpoint REF.
 
     Both run on the same token windows: KL divergence per token (mean, median, p99, max), top-1 agreement,
@@ -107,7 +110,7 @@ def verify_command(ref: Path, artifact: Path, data: Path | None, tokens: int | N
         ref, artifact, opts=opts, data=data, dynamic_routing=dynamic,
         thresholds=Thresholds(max_kld=max_kld, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio),
         save_ref=save_ref_logits, ref_cache=ref_logits, kind=ArtifactKind(kind) if kind else None,
-        device=device, dtype=DTYPES[dtype], progress=progress))
+        device=device, dtype=DTYPES[dtype], progress=progress, act_quant=not no_act_quant))
     import torch.distributed as dist      # under torchrun every rank verifies its part; rank 0 reports
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         sys.exit(1 if r["thresholds"]["failures"] else 0)

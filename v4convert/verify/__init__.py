@@ -399,12 +399,14 @@ def _config_sha(path: Path) -> str:
 def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, data: Path | None = None,
            thresholds: Thresholds = Thresholds(), save_ref: Path | None = None, ref_cache: Path | None = None,
            art_kind: ArtifactKind | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-           progress=None, dynamic_routing=None) -> dict:
+           progress=None, dynamic_routing=None, act_quant: bool = True) -> dict:
     """Compare ``art_path`` with ``ref_path``; returns the full report (see module doc). ``ref_cache``: use a
     saved :class:`RefRecord` instead of running the reference (its windows and settings are used; ``data``
     and ``opts`` must agree with it when given). ``dynamic_routing`` (``runtime.DynamicRouting``): the
     artifact runs with it (our runtime), and the report gains ``routing``: mean routed experts per token
-    over every MoE layer call of the artifact's passes vs the model's static top-k."""
+    over every MoE layer call of the artifact's passes vs the model's static top-k. ``act_quant=False``: the
+    artifact runs weights-only even where its config declares 4-bit input activations (our runtime; the
+    report's ``settings.act_quant`` says so)."""
     ref_path, art_path = Path(ref_path), Path(art_path)
     art_kind = check_runnable(art_path, art_kind)         # fail before the reference pass
     if ref_cache is not None:
@@ -430,8 +432,10 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
             runner.close()
             del runner
     art = open_runner(art_path, art_kind, device=device, dtype=dtype, max_seq_len=max_seq,
-                      dynamic_routing=dynamic_routing)
+                      dynamic_routing=dynamic_routing, act_quant=act_quant)
     notes = list(getattr(art, "notes", []))      # e.g. the vLLM runner: version, CPU kernel shims
+    if not act_quant:
+        notes.append("activation quantization declared by the config ignored (--no-act-quant): weights-only")
     routing = None
     try:
         comp = artifact_pass(art, rec, opts, progress=(lambda i, n: progress("artifact", i, n)) if progress else None)
@@ -449,7 +453,8 @@ def verify(ref_path: Path, art_path: Path, opts: VerifyOptions | None = None, da
         "reference": {"path": str(ref_path), "kind": ArtifactKind.RUNTIME.value, "from_cache": ref_cache is not None,
                       "ppl": comp["ppl"]["ref"], "prefill_tok_s": rec.prefill_tok_s, "decode_tok_s": rec.decode_tok_s},
         "artifact": {"path": str(art_path), "kind": art_kind.value, "ppl": comp["ppl"]["art"],
-                     "dtype": str(dtype).replace("torch.", ""), "device": device, **speed, "notes": notes},
+                     "dtype": str(dtype).replace("torch.", ""), "device": device, "act_quant": act_quant, **speed,
+                     "notes": notes},
         "data": {"path": rec.meta["data"], "sha256": rec.meta["data_sha256"]},
         "settings": opts.settings(rec.windows.shape[0], rec.meta["vocab"]),
         "routing": routing,
