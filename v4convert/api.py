@@ -70,7 +70,7 @@ class QuantizeArgs:
     min_expert_tokens: int = 16
     gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = False
-    gptq_scales: str = "before"                 # before | during
+    gptq_scales: str = "before"                 # before | during | search
     plot: bool = False                          # calibration-coverage.png beside the artifact
     activations: str = "w4a16"                  # w4a16 | w4a4 (static input scales; needs calib)
     log: Callable[[str], None] | None = field(default=None, repr=False)         # calibration messages

@@ -38,6 +38,7 @@ class CalibOptions:
     gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = False
     gptq_scales_during: bool = False
+    gptq_scales_search: bool = False
     activations: str = "w4a16"        # w4a16 | w4a4 (static input scales from the stats' amax)
 
     @property
@@ -46,7 +47,7 @@ class CalibOptions:
 
     @property
     def gptq(self) -> GPTQSettings:
-        return GPTQSettings(self.gptq_damp, self.gptq_act_order, self.gptq_scales_during)
+        return GPTQSettings(self.gptq_damp, self.gptq_act_order, self.gptq_scales_during, self.gptq_scales_search)
 
     def write_unit(self, unit, ts, w, opts) -> None:
         """``quant.workers`` hook: see :func:`write_calibrated`."""
@@ -60,6 +61,8 @@ class CalibOptions:
     def key(self) -> str:
         d = asdict(self)
         d.pop("stats")
+        if not d["gptq_scales_search"]:      # added later: keys (fingerprints) of runs without it stay the same
+            d.pop("gptq_scales_search")
         return json.dumps(d, sort_keys=True)
 
 

@@ -180,5 +180,6 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          data_sha256=sha, tokens=n_tokens, seq_len=seq_len,
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
-                         gptq_scales_during=scales == "during", activations=activations)
+                         gptq_scales_during=scales == "during", gptq_scales_search=scales == "search",
+                         activations=activations)
     return spec, copts, data

@@ -61,8 +61,9 @@ from .sizes import SIZE
               help="GPTQ damping (fraction of mean diag H added to its diagonal; lower fits the calibration text "
                    "closer and over-fits it sooner).")
 @click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
-@click.option("--gptq-scales", type=click.Choice(["before", "during"]), default="before", show_default=True,
-              help="GPTQ block scales: from the original weights, or re-derived from the updated ones per block.")
+@click.option("--gptq-scales", type=click.Choice(["before", "during", "search"]), default="before", show_default=True,
+              help="GPTQ block scales: from the original weights, re-derived from the updated ones per block (as "
+                   "RTN), or searched per block on the updated ones (awq's candidates, activation-weighted error).")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
 @click.option("--keep-bf16", is_flag=True,

@@ -23,6 +23,7 @@ from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
 from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
+from .awq import block_candidates
 from v4convert.errors import UserError
 
 BATCH = 128          # columns per lazy update (a multiple of both block sizes)
@@ -32,6 +33,7 @@ DEFAULT_DAMP = 0.01
 class ScalesAt(enum.Enum):
     BEFORE = "before"
     DURING = "during"
+    SEARCH = "search"    # as DURING, but each row's block scale is the awq candidate with the least GPTQ loss
 
 
 class GPTQError(UserError):
@@ -53,6 +55,38 @@ def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
         raise GPTQError(f"{name}: Hessian not positive definite after damping {damp}; raise --gptq-damp") from None
 
 
+def _search_block(grid: Grid, b: int, x: torch.Tensor, u: torch.Tensor, base: ScaleMethod, mx_rule: MXScaleRule,
+                  name: str) -> None:
+    """``ScalesAt.SEARCH``: per row, block ``b``'s scale = the candidate (:func:`awq.block_candidates` of the
+    block's current values ``x [N, block]``) whose GPTQ pass over the block's columns has the least loss
+    ``sum_i ((x_i - q_i) / U_ii)^2`` (the OBS error of those columns; ``u [block, block]`` the block's part of
+    the upper Cholesky factor of H^-1). Ties keep the earlier candidate (the first is RTN of ``x``)."""
+    n, blk = x.shape
+    best = best_ws = best_exp = None
+    for sub in block_candidates(grid, x, base, mx_rule, name):
+        wc = x.clone()
+        loss = torch.zeros(n)
+        eff = sub.eff()
+        for t in range(blk):
+            _, q = sub.encode(wc[:, t:t + 1], t, eff, name)
+            err = (wc[:, t] - q[:, 0]) / u[t, t]
+            wc[:, t:] -= err[:, None] * u[t, t:][None, :]
+            loss += err.square()
+        if best is None:
+            best, best_ws, best_exp = loss, sub.ws, sub.exp
+            continue
+        better = loss < best
+        best = torch.where(better, loss, best)
+        if grid.codec is FP4Codec.NVFP4:
+            best_ws = torch.where(better[:, None], sub.ws.float(), best_ws.float()).to(torch.float8_e4m3fn)
+        else:
+            best_exp = torch.where(better[:, None], sub.exp, best_exp)
+    if grid.codec is FP4Codec.NVFP4:
+        grid.ws[:, b] = best_ws[:, 0]
+    else:
+        grid.exp[:, b] = best_exp[:, 0]
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
                   convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
                   base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
@@ -65,7 +99,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")   # our bug
-    if act_order and scales is ScalesAt.DURING:
+    if act_order and scales is not ScalesAt.BEFORE:
         raise UserError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
     w = w.detach().float()
     if grid is None:
@@ -87,6 +121,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
             j = i1 + i
             if scales is ScalesAt.DURING and j % B == 0:
                 grid.set_block_from(j // B, W1[:, i:i + B].abs().amax(1), mx_rule)
+                eff = grid.eff()
+            elif scales is ScalesAt.SEARCH and j % B == 0:
+                _search_block(grid, j // B, W1[:, i:i + B], U1[i:i + B, i:i + B], base, mx_rule, name)
                 eff = grid.eff()
             col = int(perm[j])
             c, q = grid.encode(W1[:, i:i + 1], col, eff, name)
