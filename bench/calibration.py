@@ -63,7 +63,9 @@ VARIANTS = (
                                             "--gptq-damp", "1.0")),
     ("mxfp4", "awq+gptq act-order damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
                                             "--gptq-damp", "1.0")),
-    ("mxfp4", "awq+gptq all-experts", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-damp", "1.0", "--calib-all-experts")),
+    ("mxfp4", "awq+gptq+mse damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq+mse", "--gptq-damp", "3.0")),
+    ("mxfp4", "gptq scales-search damp=3", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-scales", "search",
+                                            "--gptq-damp", "3.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
@@ -132,11 +134,7 @@ def layer_error(fam: str, out: Path, methods: list[str], calib_tokens: int, cali
                     gs = GPTQSettings(damp=float(damp or 0.01), act_order="act" in flags.split("/"),
                                       scales_during="during" in flags.split("/"),
                                       scales_search="search" in flags.split("/"))
-                    hc = cal[n].hessian()
-                    for f in flags.split("/"):
-                        if f.startswith("shrink"):     # EXPERIMENT: H + a diag(H)
-                            hc = hc + float(f[6:]) * torch.diag(torch.diagonal(hc))
-                    q = quantize_weight(MethodSpec.parse(spec), codec, w, hc, global_amax=w.abs().amax(),
+                    q = quantize_weight(MethodSpec.parse(spec), codec, w, cal[n].hessian(), global_amax=w.abs().amax(),
                                         gptq=gs, name=n).dequantize().double()
                     d = w.double() - q
                     acc = sums.setdefault((f"{codec.value} {m}", role), [0.0, 0.0])

@@ -22,6 +22,7 @@ import torch
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
+from v4convert.formats.fp4 import e2m1_encode, e2m1_lut
 from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
 from .awq import block_candidates
 from v4convert.errors import UserError
@@ -62,29 +63,27 @@ def _search_block(grid: Grid, b: int, x: torch.Tensor, u: torch.Tensor, base: Sc
     ``sum_i ((x_i - q_i) / U_ii)^2`` (the OBS error of those columns; ``u [block, block]`` the block's part of
     the upper Cholesky factor of H^-1). Ties keep the earlier candidate (the first is RTN of ``x``)."""
     n, blk = x.shape
-    best = best_ws = best_exp = None
-    for sub in block_candidates(grid, x, base, mx_rule, name):
-        wc = x.clone()
-        loss = torch.zeros(n)
-        eff = sub.eff()
-        for t in range(blk):
-            _, q = sub.encode(wc[:, t:t + 1], t, eff, name)
-            err = (wc[:, t] - q[:, 0]) / u[t, t]
-            wc[:, t:] -= err[:, None] * u[t, t:][None, :]
-            loss += err.square()
-        if best is None:
-            best, best_ws, best_exp = loss, sub.ws, sub.exp
-            continue
-        better = loss < best
-        best = torch.where(better, loss, best)
-        if grid.codec is FP4Codec.NVFP4:
-            best_ws = torch.where(better[:, None], sub.ws.float(), best_ws.float()).to(torch.float8_e4m3fn)
-        else:
-            best_exp = torch.where(better[:, None], sub.exp, best_exp)
-    if grid.codec is FP4Codec.NVFP4:
-        grid.ws[:, b] = best_ws[:, 0]
+    cands = block_candidates(grid, x, base, mx_rule, name)
+    nv = grid.codec is FP4Codec.NVFP4
+    # all candidates at once, C = len(cands): the same per-element operations as Grid.encode
+    eff = torch.stack([c.eff()[:, 0] for c in cands])                              # [C, N]
+    div = torch.where(eff == 0, torch.ones_like(eff), eff)
+    neg_exp = None if nv else -torch.stack([c.exp[:, 0] for c in cands]).float()   # [C, N]
+    lut = e2m1_lut()
+    wc = x.expand(len(cands), n, blk).clone()
+    loss = torch.zeros(len(cands), n)
+    for t in range(blk):
+        col = wc[:, :, t]
+        codes = e2m1_encode(col / div if nv else torch.ldexp(col, neg_exp), name)
+        err = (col - lut[codes.long()] * eff) / u[t, t]
+        wc[:, :, t:] -= err[:, :, None] * u[t, t:]
+        loss += err.square()
+    pick = torch.argmin(loss, 0)                       # [N]; the first minimum on ties (candidate 0: RTN)
+    rows = torch.arange(n)
+    if nv:
+        grid.ws[:, b] = torch.stack([c.ws[:, 0].float() for c in cands])[pick, rows].to(torch.float8_e4m3fn)
     else:
-        grid.exp[:, b] = best_exp[:, 0]
+        grid.exp[:, b] = torch.stack([c.exp[:, 0] for c in cands])[pick, rows]
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
