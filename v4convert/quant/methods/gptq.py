@@ -11,7 +11,10 @@ since other data may use it).
 Block scales (``ScalesAt``): ``BEFORE`` takes the data-free method's scales from the original ``W``
 (the NVFP4 global scale always comes from the original amax, shared by fused partners); ``DURING`` re-derives
 each block's scale as RTN would from the *updated* weights when GPTQ reaches the block's first column (the
-reference's ``groupsize`` behaviour). ``act_order`` needs ``BEFORE`` (scales are tied to contiguous blocks).
+reference's ``groupsize`` behaviour); ``SEARCH`` also decides when GPTQ reaches a block, per row, among the
+activation-weighted search's candidates for the updated block (``awq.block_candidates``), by the GPTQ loss of
+the block's columns under each (``_search_block``). ``act_order`` needs ``BEFORE`` (scales are tied to
+contiguous blocks).
 With ``H = I`` no error is spread, so the output is bit-identical to RTN on the same scales.
 """
 from __future__ import annotations
