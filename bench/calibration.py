@@ -49,6 +49,12 @@ VARIANTS = (
                                                 "--gptq-scales", "search", "--gptq-damp", "3.0")),
     ("nvfp4", "gptq scales-search damp=1", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-scales", "search",
                                             "--gptq-damp", "1.0")),
+    # --gptq-refine 3: coordinate-descent sweeps on GPTQ's objective after GPTQ (same scales)
+    ("nvfp4", "gptq+4/6 refine=3 damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--gptq-refine", "3",
+                                           "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search refine=3 damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                         "--gptq-scales", "search", "--gptq-refine", "3",
+                                                         "--gptq-damp", "1.0")),
     ("nvfp4", "rtn w4a4", ("--scheme", "nvfp4", "--method", "rtn", "--activations", "w4a4")),
     ("nvfp4", "gptq w4a4", ("--scheme", "nvfp4", "--method", "gptq", "--activations", "w4a4")),
     ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
@@ -70,6 +76,10 @@ VARIANTS = (
     ("mxfp4", "awq+gptq+mse damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq+mse", "--gptq-damp", "3.0")),
     ("mxfp4", "gptq scales-search damp=3", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-scales", "search",
                                             "--gptq-damp", "3.0")),
+    ("mxfp4", "awq+gptq refine=3 damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-refine", "3",
+                                           "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq refine=3 damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-refine", "3",
+                                           "--gptq-damp", "3.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
@@ -137,7 +147,8 @@ def layer_error(fam: str, out: Path, methods: list[str], calib_tokens: int, cali
                     damp, _, flags = rest.partition(":")
                     gs = GPTQSettings(damp=float(damp or 0.01), act_order="act" in flags.split("/"),
                                       scales_during="during" in flags.split("/"),
-                                      scales_search="search" in flags.split("/"))
+                                      scales_search="search" in flags.split("/"),
+                                      refine=sum(int(f[2:]) for f in flags.split("/") if f.startswith("cd")))
                     q = quantize_weight(MethodSpec.parse(spec), codec, w, cal[n].hessian(), global_amax=w.abs().amax(),
                                         gptq=gs, name=n).dequantize().double()
                     d = w.double() - q

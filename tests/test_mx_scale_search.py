@@ -165,3 +165,49 @@ def test_gptq_search_settings_and_errors():
     from v4convert.errors import UserError
     with pytest.raises(UserError, match="act-order"):
         gptq_quantize(w, h, FP4Codec.MXFP4, act_order=True, scales=ScalesAt.SEARCH)
+
+
+def _obj(w, t, hd):
+    dlt = w.double() - t.dequantize().double()
+    return (dlt @ hd * dlt).sum(1)                                    # per row, float64
+
+
+@pytest.mark.parametrize("codec", [FP4Codec.MXFP4, FP4Codec.NVFP4])
+def test_refine_never_raises_gptq_objective_and_keeps_scales(codec):
+    for seed in (6, 7):
+        w, h = _layer(seed, n_out=13, k=96)
+        damp = 0.1
+        hd = h.double() + damp * torch.diagonal(h).double().mean() * torch.eye(96, dtype=torch.float64)
+        a = gptq_quantize(w, h, codec, damp=damp)
+        b = gptq_quantize(w, h, codec, damp=damp, refine=2)
+        sa, sb = (t.scale if codec is FP4Codec.MXFP4 else t.block_scale.view(torch.uint8) for t in (a, b))
+        assert torch.equal(sa, sb)                                     # same scales, only codes move
+        oa, ob = _obj(w, a, hd), _obj(w, b, hd)
+        assert bool((ob <= oa * (1 + 1e-6)).all()) and float(ob.sum()) < float(oa.sum())
+
+
+def test_refine_identity_hessian_keeps_rtn():
+    """H = I: the 1-D optimum of each code is w_j itself, so RTN is already the fixed point (bit-exact)."""
+    w, _ = _layer(8)
+    q = gptq_quantize(w, torch.eye(96), FP4Codec.MXFP4, refine=3)
+    r = mxfp4_quantize(w)
+    assert torch.equal(q.packed, r.packed) and torch.equal(q.scale, r.scale)
+
+
+def test_refine_converged_is_coordinatewise_optimal():
+    """After enough sweeps no single code change (all 16 codes, brute force) lowers the damped objective."""
+    w, h = _layer(9, n_out=5, k=32)
+    damp = 0.05
+    hd = h.double() + damp * torch.diagonal(h).double().mean() * torch.eye(32, dtype=torch.float64)
+    q = gptq_quantize(w, h, FP4Codec.MXFP4, damp=damp, refine=30)
+    deq = q.dequantize().double()
+    scale = torch.pow(2.0, q.scale.double() - 127)                      # [N, 1]
+    vals = torch.cat([GRID, -GRID])                                     # all 16 codes' values (±0 alike)
+    base = _obj(w, q, hd)
+    for i in range(5):
+        for j in range(32):
+            for v in vals:
+                d = deq[i].clone()
+                d[j] = v * scale[i, 0]
+                dlt = w[i].double() - d
+                assert float(dlt @ hd @ dlt) >= float(base[i]) * (1 - 1e-6)

@@ -67,6 +67,7 @@ class GPTQSettings:
     act_order: bool = False
     scales_during: bool = False
     scales_search: bool = False      # --gptq-scales search (ScalesAt.SEARCH)
+    refine: int = 0                  # coordinate-descent sweeps after GPTQ (same scales)
 
 
 def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch.Tensor | None, *,
@@ -95,4 +96,4 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
     else:
         scales = ScalesAt.BEFORE
     return gptq_quantize(w, h, codec, base=base, damp=gptq.damp, act_order=gptq.act_order, scales=scales,
-                         grid=grid, **kw)
+                         grid=grid, refine=gptq.refine, **kw)

@@ -137,7 +137,7 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
                         min_expert_tokens: int, damp: float, act_order: bool, scales: str,
                         activations: str = "w4a16", container: str = "compressed-tensors",
-                        calib_stats: Path | None = None):
+                        calib_stats: Path | None = None, refine: int = 0):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
     ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
     ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
@@ -183,5 +183,6 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
                          gptq_scales_during=scales == "during", gptq_scales_search=scales == "search",
+                         gptq_refine=refine,
                          activations=activations)
     return spec, copts, data

@@ -44,13 +44,19 @@ class GPTQError(UserError):
     """A Hessian that is not positive definite after damping (the user can raise ``--gptq-damp``)."""
 
 
-def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """float64 ``H + damp * mean(diag H) I`` with dead inputs' ``H[j, j] = 1`` first (GPTQ's objective)."""
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     idx = torch.arange(h.shape[0])
     h[idx, idx] += damp * torch.diagonal(h).mean()
+    return h
+
+
+def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
+    h = _damped(h, damp)
     try:
         lo = torch.linalg.cholesky(h)
         hinv = torch.cholesky_inverse(lo)
@@ -94,7 +100,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
                   base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
                   mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, damp: float = DEFAULT_DAMP,
                   act_order: bool = False, scales: ScalesAt = ScalesAt.BEFORE, grid: Grid | None = None,
-                  name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
+                  refine: int = 0, name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
     """GPTQ-quantize ``w [N, K]`` with Hessian ``h [K, K]``; ``base``: the data-free NVFP4 scale choice whose
     scales (and, for four-over-six, 256-based global scale) GPTQ starts from; ``grid``: start from these block
     scales instead (e.g. the activation-weighted search's), same global scale rules."""
@@ -136,5 +142,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
+    if refine:
+        _refine(w, out, grid, _damped(h, damp).float(), refine, name)
     return grid.tensor(out)
+
+
+def _refine(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hd: torch.Tensor, sweeps: int, name: str) -> None:
+    """Coordinate descent on GPTQ's objective ``(w - q) Hd (w - q)^T`` per row, scales fixed (in place on
+    ``codes [N, K]``): column by column, each row's code moves to the grid point nearest the 1-D optimum
+    ``q_j + (D Hd)_j / Hd_jj`` (D = w - q), which never raises the objective (a parabola in q_j)."""
+    eff = grid.eff()
+    q = e2m1_lut()[codes.long()] * eff.repeat_interleave(grid.block, 1)     # [N, K] dequantized
+    g = (w - q) @ hd                                                          # [N, K] = D Hd
+    diag = torch.diagonal(hd)
+    for _ in range(sweeps):
+        for j in range(w.shape[1]):
+            c, qn = grid.encode((q[:, j] + g[:, j] / diag[j])[:, None], j, eff, name)
+            delta = qn[:, 0] - q[:, j]
+            if bool((delta != 0).any()):
+                q[:, j] = qn[:, 0]
+                codes[:, j] = c[:, 0]
+                g -= delta[:, None] * hd[j][None, :]
 
