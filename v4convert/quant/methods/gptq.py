@@ -16,6 +16,10 @@ activation-weighted search's candidates for the updated block (``awq.block_candi
 the block's columns under each (``_search_block``). ``act_order`` needs ``BEFORE`` (scales are tied to
 contiguous blocks).
 With ``H = I`` no error is spread, so the output is bit-identical to RTN on the same scales.
+
+``refine`` (``--gptq-refine N``): N coordinate-descent sweeps after GPTQ on the same damped objective
+``(w - q) H' (w - q)^T``, scales fixed (``_refine``; each move is to the grid point nearest a code's 1-D
+optimum, so the objective never rises -- the CDQuant-style polish of a GPTQ solution).
 """
 from __future__ import annotations
 
