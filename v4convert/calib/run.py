@@ -168,6 +168,8 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
         return spec, None, None
     if not calib:
         raise MethodError(f"--method {method} needs calibration data: add --calib [PATH] (or --calib-stats DIR)")
+    if refine and not spec.gptq:
+        raise MethodError(f"--gptq-refine polishes GPTQ's result; --method {method} has no gptq")
     if act_order and scales != "before":
         raise MethodError(f"--gptq-act-order needs --gptq-scales before (got {scales}: scales tied to contiguous blocks)")
     if min_expert_tokens < 0 or damp <= 0:

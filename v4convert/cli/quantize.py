@@ -63,7 +63,7 @@ from .sizes import SIZE
 @click.option("--gptq-act-order", is_flag=True, help="GPTQ: quantize columns by decreasing activation energy.")
 @click.option("--gptq-scales", type=click.Choice(["before", "during", "search"]), default="before", show_default=True,
               help="GPTQ block scales: from the original weights, re-derived from the updated ones per block (as "
-                   "RTN), or searched per block on the updated ones (awq's candidates, activation-weighted error).")
+                   "RTN), or searched per row and block on the updated ones (awq's candidates, the least GPTQ loss).")
 @click.option("--gptq-refine", type=click.IntRange(0, 100), default=0, show_default=True, metavar="N",
               help="GPTQ: N coordinate-descent sweeps after GPTQ on its objective (same block scales; never raises "
                    "the damped calibration error).")
