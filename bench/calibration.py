@@ -85,6 +85,8 @@ VARIANTS = (
                                            "--gptq-damp", "3.0")),
     ("mxfp4", "awq+gptq act-order refine=3 damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
                                                      "--gptq-refine", "3", "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq act-order refine=3 damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
+                                                     "--gptq-refine", "3", "--gptq-damp", "3.0")),
     ("mxfp4", "gptq+mse scales-search refine=3 damp=1", ("--scheme", "mxfp4", "--method", "gptq+mse", "--gptq-scales",
                                                          "search", "--gptq-refine", "3", "--gptq-damp", "1.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
