@@ -41,6 +41,23 @@ VARIANTS = (
     ("nvfp4", "gptq damp=1", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-damp", "1.0")),
     ("nvfp4", "gptq+four-over-six damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--gptq-damp", "1.0")),
     ("nvfp4", "awq+gptq+4/6 damp=1", ("--scheme", "nvfp4", "--method", "awq+gptq+four-over-six", "--gptq-damp", "1.0")),
+    ("nvfp4", "awq+gptq+4/6 act-order damp=1", ("--scheme", "nvfp4", "--method", "awq+gptq+four-over-six",
+                                                "--gptq-act-order", "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                "--gptq-scales", "search", "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search damp=3", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                "--gptq-scales", "search", "--gptq-damp", "3.0")),
+    ("nvfp4", "gptq scales-search damp=1", ("--scheme", "nvfp4", "--method", "gptq", "--gptq-scales", "search",
+                                            "--gptq-damp", "1.0")),
+    # --gptq-refine 3: coordinate-descent sweeps on GPTQ's objective after GPTQ (same scales)
+    ("nvfp4", "gptq+4/6 refine=3 damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--gptq-refine", "3",
+                                           "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search refine=3 damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                         "--gptq-scales", "search", "--gptq-refine", "3",
+                                                         "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search refine=3 damp=3", ("--scheme", "nvfp4", "--method", "gptq+four-over-six",
+                                                         "--gptq-scales", "search", "--gptq-refine", "3",
+                                                         "--gptq-damp", "3.0")),
     ("nvfp4", "rtn w4a4", ("--scheme", "nvfp4", "--method", "rtn", "--activations", "w4a4")),
     ("nvfp4", "gptq w4a4", ("--scheme", "nvfp4", "--method", "gptq", "--activations", "w4a4")),
     ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
@@ -51,6 +68,27 @@ VARIANTS = (
     ("mxfp4", "gptq damp=1", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-damp", "1.0")),
     ("mxfp4", "gptq act-order damp=1", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-act-order", "--gptq-damp", "1.0")),
     ("mxfp4", "awq+gptq damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-damp", "1.0")),
+    # MXFP4 exponent search (mse: per block e-1 / e / e+1 by weight MSE; scales-search: per row and block during
+    # GPTQ, the candidate with the least GPTQ loss) and act-order, all at damp 1
+    ("mxfp4", "mse", ("--scheme", "mxfp4", "--method", "mse")),
+    ("mxfp4", "awq+gptq+mse damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq+mse", "--gptq-damp", "1.0")),
+    ("mxfp4", "gptq scales-search damp=1", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-scales", "search",
+                                            "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq act-order damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
+                                            "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq+mse damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq+mse", "--gptq-damp", "3.0")),
+    ("mxfp4", "gptq scales-search damp=3", ("--scheme", "mxfp4", "--method", "gptq", "--gptq-scales", "search",
+                                            "--gptq-damp", "3.0")),
+    ("mxfp4", "awq+gptq refine=3 damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-refine", "3",
+                                           "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq refine=3 damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-refine", "3",
+                                           "--gptq-damp", "3.0")),
+    ("mxfp4", "awq+gptq act-order refine=3 damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
+                                                     "--gptq-refine", "3", "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq act-order refine=3 damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order",
+                                                     "--gptq-refine", "3", "--gptq-damp", "3.0")),
+    ("mxfp4", "gptq+mse scales-search refine=3 damp=1", ("--scheme", "mxfp4", "--method", "gptq+mse", "--gptq-scales",
+                                                         "search", "--gptq-refine", "3", "--gptq-damp", "1.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
@@ -79,11 +117,12 @@ def fp4_bits_per_weight(art: Path) -> float:
 
 
 def layer_error(fam: str, out: Path, methods: list[str], calib_tokens: int, calib_seq_len: int,
-                tokens: int, ctx: int) -> None:
+                tokens: int, ctx: int, codecs: tuple[str, ...] = ("nvfp4", "mxfp4")) -> None:
     """Per-linear output-error diagnostic: for each FP4 linear of the RTN NVFP4 artifact (its names), the
     relative error ``tr(D H D^T) / tr(W H W^T)``, ``D = W - Q`` (= ||XW^T - XQ^T||^2 / ||XW^T||^2), with ``H``
     from the calibration windows and from the held-out windows (original model's inputs, no propagation).
-    ``methods``: ``SPEC[:DAMP]`` (e.g. ``gptq:1.0``), quantized with the calibration ``H``. Prints the sums over
+    ``methods``: ``SPEC[:DAMP[:FLAGS]]`` (e.g. ``gptq:1.0``, ``awq+gptq:1.0:act``; FLAGS ``/``-joined of act,
+    during, search = ``--gptq-act-order`` / ``--gptq-scales during|search``), quantized with the calibration ``H``. Prints the sums over
     linears (calibration / held-out) per role."""
     from v4convert.calib.collect import collect_stats
     from v4convert.calib.data import CORPUS_DIR, calibration_windows
@@ -110,10 +149,17 @@ def layer_error(fam: str, out: Path, methods: list[str], calib_tokens: int, cali
             hs = (cal[n].hessian().double(), held[n].hessian().double())
             den = [float((w.double() @ h * w.double()).sum()) for h in hs]
             for codec in (FP4Codec.NVFP4, FP4Codec.MXFP4):
+                if codec.value not in codecs:
+                    continue
                 for m in methods:
-                    spec, _, damp = m.partition(":")
+                    spec, _, rest = m.partition(":")
+                    damp, _, flags = rest.partition(":")
+                    gs = GPTQSettings(damp=float(damp or 0.01), act_order="act" in flags.split("/"),
+                                      scales_during="during" in flags.split("/"),
+                                      scales_search="search" in flags.split("/"),
+                                      refine=sum(int(f[2:]) for f in flags.split("/") if f.startswith("cd")))
                     q = quantize_weight(MethodSpec.parse(spec), codec, w, cal[n].hessian(), global_amax=w.abs().amax(),
-                                        gptq=GPTQSettings(damp=float(damp or 0.01)), name=n).dequantize().double()
+                                        gptq=gs, name=n).dequantize().double()
                     d = w.double() - q
                     acc = sums.setdefault((f"{codec.value} {m}", role), [0.0, 0.0])
                     for i, h in enumerate(hs):
@@ -136,12 +182,15 @@ def main() -> None:
     ap.add_argument("--models", default="v3,v4")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     ap.add_argument("--layer-error", default="", help="instead of the table: per-linear output-error diagnostic for "
-                    "these comma-separated SPEC[:DAMP] (e.g. rtn,gptq,gptq:1.0)")
+                    "these comma-separated SPEC[:DAMP[:FLAGS]] (e.g. rtn,gptq,gptq:1.0,gptq:1.0:search; FLAGS "
+                    "'/'-joined of act, during, search)")
+    ap.add_argument("--codecs", default="nvfp4,mxfp4", help="--layer-error: the codecs to quantize with")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.layer_error:
         for fam in a.models.split(","):
-            layer_error(fam, a.out, a.layer_error.split(","), a.calib_tokens, a.calib_seq_len, a.tokens, a.ctx)
+            layer_error(fam, a.out, a.layer_error.split(","), a.calib_tokens, a.calib_seq_len, a.tokens, a.ctx,
+                        tuple(a.codecs.split(",")))
         return
     opts = VerifyOptions(ctx=a.ctx, tokens=a.tokens)
     summary: dict[str, list] = {}

@@ -99,14 +99,15 @@ class Grid:
 def rtn_grid(w: torch.Tensor, codec: FP4Codec, *, convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
              method: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
              mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor") -> tuple[Grid, torch.Tensor]:
-    """The data-free codec's scales for ``w [N, K]`` and its codes: (grid, codes uint8 [N, K]).
+    """The data-free codec's scales for ``w [N, K]`` and its codes: (grid, codes uint8 [N, K]); MXFP4 honours
+    ``method`` mse (exponent search) and treats four-over-six as rtn.
     ``grid.tensor(codes)`` is bit-identical to ``nvfp4_quantize`` / ``mxfp4_quantize``."""
     from v4convert.formats.fp4 import unpack_fp4
     if codec is FP4Codec.NVFP4:
         q = nvfp4_quantize(w, convention=convention, method=method, global_amax=global_amax, name=name)
         g = Grid(codec, ws=q.block_scale.clone(), gscale=q.global_scale, convention=convention, amax=q.amax)
         return g, unpack_fp4(q.packed)
-    q = mxfp4_quantize(w, rule=mx_rule, name=name)
+    q = mxfp4_quantize(w, rule=mx_rule, name=name, mse=method is ScaleMethod.MSE)   # four-over-six: NVFP4 only
     return Grid(codec, exp=q.scale.to(torch.int32) - E8M0_BIAS), unpack_fp4(q.packed)
 
 

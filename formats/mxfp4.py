@@ -91,10 +91,40 @@ def mxfp4_block_exponents(block_amax: torch.Tensor, rule: MXScaleRule) -> torch.
     return e.clamp(E8M0_MIN_EXP, MX_MAX_FINITE_EXP)
 
 
+# Exponent steps the block-scale search tries around the rule's ``e`` (first = the rule's own, wins ties):
+# e - 1 clips the block max harder (finer grid), e + 1 never clips (coarser grid).
+MX_SEARCH_STEPS = (0, -1, 1)
+
+
+def mxfp4_search_exponents(xb: torch.Tensor, e: torch.Tensor, weight: torch.Tensor | None = None,
+                           steps: tuple[int, ...] = MX_SEARCH_STEPS) -> torch.Tensor:
+    """Per block the exponent among ``e + s`` (``s`` in ``steps``, clamped to the finite range) with the least
+    ``sum_j weight_j (x_j - q_j)^2`` (``weight`` float32 ``[32 * nb]`` per element of the last dim, None = 1:
+    plain squared error); ties keep the earlier step. ``xb`` float32 ``[R, nb, 32]``, ``e`` int32 ``[R, nb]``
+    -> int32 ``[R, nb]``. Zero blocks keep ``e`` (every candidate errs 0)."""
+    lut = e2m1_lut(device=xb.device)
+    wb = None if weight is None else weight.to(torch.float32).reshape(1, -1, MXFP4_BLOCK)
+    best_e, best = e, None
+    for s in steps:
+        c = (e + s).clamp(E8M0_MIN_EXP, MX_MAX_FINITE_EXP)
+        sc = c[..., None].to(torch.float32)
+        deq = torch.ldexp(lut[e2m1_encode(torch.ldexp(xb, -sc)).long()], sc)
+        d2 = (xb - deq).square()
+        err = (d2 if wb is None else d2 * wb).sum(-1)
+        if best is None:
+            best_e, best = c, err
+        else:
+            better = err < best
+            best_e, best = torch.where(better, c, best_e), torch.where(better, err, best)
+    return best_e
+
+
 def mxfp4_quantize(
-    x: torch.Tensor, *, rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor"
+    x: torch.Tensor, *, rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor", mse: bool = False
 ) -> MXFP4Tensor:
-    """Quantize ``x`` ``[..., K]`` (K % 32 == 0, any float dtype/device) to MXFP4."""
+    """Quantize ``x`` ``[..., K]`` (K % 32 == 0, any float dtype/device) to MXFP4. ``mse``: each block's
+    exponent is the rule's ``e`` or ``e -/+ 1``, whichever has the least squared error
+    (:func:`mxfp4_search_exponents`; same format, the data-free ``--method mse``)."""
     if not x.is_floating_point():
         raise CodecInputError(f"{name}: MXFP4 quantize needs a floating tensor, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] % MXFP4_BLOCK or x.shape[-1] == 0:
@@ -107,6 +137,8 @@ def mxfp4_quantize(
     if not bool(torch.isfinite(block_amax).all()):
         _raise_non_finite(x, name)
     e = mxfp4_block_exponents(block_amax, rule)
+    if mse:
+        e = mxfp4_search_exponents(xb, e)
     # x / 2**e is exact (power-of-two scaling of values < 8 * 2**e); E2M1 rounding saturates.
     q = torch.ldexp(xb, (-e)[..., None].to(torch.float32))
     codes = e2m1_encode(q, name)

@@ -119,6 +119,26 @@ def test_sigkill_and_resume_byte_identical(calibrated, tmp_path):
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_mxfp4_mse_and_scales_search_cli(tiny_ckpts, calib_txt, tmp_path):
+    """``--scheme mxfp4 --method gptq+mse --gptq-scales search --gptq-refine 1`` end to end: recorded in the calibration options
+    (and so in the plan fingerprint), a loadable artifact."""
+    out = tmp_path / "out"
+    args = [str(tiny_ckpts["v3-tiny"]), "--fp4", "--out", str(out), "--workers", "1", "--calib", str(calib_txt),
+            "--calib-tokens", "128", "--calib-seq-len", "64", "--scheme", "mxfp4", "--method", "gptq+mse",
+            "--gptq-scales", "search", "--gptq-refine", "1"]
+    r = subprocess.run(_cli(*args), capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    cal = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["v4convert"]["calibration"]
+    assert cal["method"] == "gptq+mse"
+    from v4convert.calib.apply import CalibOptions
+    assert "gptq_scales_search" in CalibOptions(gptq_scales_search=True).key()
+    assert "gptq_refine" in CalibOptions(gptq_refine=1).key()
+    assert "gptq_scales_search" not in CalibOptions().key()          # older plans keep their fingerprint
+    assert "gptq_refine" not in CalibOptions().key()
+    from v4convert.runtime import load
+    assert torch.isfinite(load(out, max_seq_len=16)(torch.arange(2, 10)[None])).all()
+
+
 @pytest.mark.parametrize("extra,match", [
     (("--method", "gptq"), "needs calibration data"),
     (("--calib", "--method", "rtn"), "data-free"),
@@ -128,6 +148,8 @@ def test_sigkill_and_resume_byte_identical(calibrated, tmp_path):
     (("--calib", "NOPE.txt"), "not found"),
     (("--calib", "--calib-tokens", "0"), "must be > 0"),
     (("--plot",), "needs --calib"),
+    (("--calib", "--gptq-act-order", "--gptq-scales", "search"), "needs --gptq-scales before"),
+    (("--calib", "--method", "awq", "--gptq-refine", "2"), "has no gptq"),
 ])
 def test_bad_calibration_requests_exit_2(tiny_ckpts, tmp_path, extra, match):
     from v4convert.cli import main

@@ -100,8 +100,9 @@ def check_against_codecs(src: Path, out: Path, plan, conv: NVFP4Convention, meth
                 assert o.tensor_info(name).storage is (Storage.NVFP4_MODELOPT if conv is NVFP4Convention.MODELOPT
                                                       else Storage.NVFP4_CT)
             elif a is Action.TO_MXFP4:
-                q = mxfp4_quantize(s.dequantize(name), rule=rule, name=name)
+                q = mxfp4_quantize(s.dequantize(name), rule=rule, name=name, mse=method is ScaleMethod.MSE)
                 assert torch.equal(o.raw(name)["weight"].view(torch.uint8), q.packed), name
+                assert torch.equal(o.raw(name)["scale"].view(torch.uint8), q.scale), name
                 assert torch.equal(got, q.dequantize()), name
             elif a is Action.MXFP4_TO_NVFP4:
                 names = [t.name for u in plan.units if any(t.name == name for t in u.tensors) for t in u.tensors]
@@ -167,6 +168,7 @@ def test_v4_repack_counts_inexact_blocks(tiny_ckpts, artifacts_cache):
 @pytest.mark.parametrize("preset_name,recipe,container,method,rule", [
     ("v3-tiny", "nvfp4-all-linear", Container.MODELOPT, ScaleChoice.FOUR_OVER_SIX, MXRule.FLOOR),
     ("v32-tiny", "mxfp4-experts", Container.DEEPSEEK, ScaleChoice.RTN, MXRule.ROUND_UP),
+    ("v3-tiny", "mxfp4-experts", Container.DEEPSEEK, ScaleChoice.MSE, MXRule.FLOOR),      # MXFP4 exponent search
     ("v4-flash-base-tiny", "nvfp4-experts", Container.COMPRESSED_TENSORS, ScaleChoice.MSE, MXRule.FLOOR),
     ("v4-flash-tiny", "mxfp4-experts", Container.COMPRESSED_TENSORS, ScaleChoice.RTN, MXRule.FLOOR),
 ])

@@ -38,6 +38,8 @@ class CalibOptions:
     gptq_damp: float = DEFAULT_GPTQ_DAMP
     gptq_act_order: bool = False
     gptq_scales_during: bool = False
+    gptq_scales_search: bool = False
+    gptq_refine: int = 0              # coordinate-descent sweeps after GPTQ
     activations: str = "w4a16"        # w4a16 | w4a4 (static input scales from the stats' amax)
 
     @property
@@ -46,7 +48,8 @@ class CalibOptions:
 
     @property
     def gptq(self) -> GPTQSettings:
-        return GPTQSettings(self.gptq_damp, self.gptq_act_order, self.gptq_scales_during)
+        return GPTQSettings(self.gptq_damp, self.gptq_act_order, self.gptq_scales_during, self.gptq_scales_search,
+                            self.gptq_refine)
 
     def write_unit(self, unit, ts, w, opts) -> None:
         """``quant.workers`` hook: see :func:`write_calibrated`."""
@@ -60,6 +63,9 @@ class CalibOptions:
     def key(self) -> str:
         d = asdict(self)
         d.pop("stats")
+        for f in ("gptq_scales_search", "gptq_refine"):   # added later: keys (fingerprints) of runs without them
+            if not d[f]:                                   # stay the same
+                d.pop(f)
         return json.dumps(d, sort_keys=True)
 
 

@@ -66,6 +66,8 @@ class GPTQSettings:
     damp: float = DEFAULT_GPTQ_DAMP
     act_order: bool = False
     scales_during: bool = False
+    scales_search: bool = False      # --gptq-scales search (ScalesAt.SEARCH)
+    refine: int = 0                  # coordinate-descent sweeps after GPTQ (same scales)
 
 
 def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch.Tensor | None, *,
@@ -76,7 +78,8 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
     from v4convert.quant.methods.awq import awq_grid
     from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize
 
-    base = spec.base if codec is FP4Codec.NVFP4 else ScaleMethod.RTN
+    # MXFP4: mse = the per-block exponent search (formats.mxfp4); four-over-six has no MXFP4 form -> rtn
+    base = spec.base if codec is FP4Codec.NVFP4 or spec.base is ScaleMethod.MSE else ScaleMethod.RTN
     kw = {"convention": convention, "global_amax": global_amax, "mx_rule": mx_rule, "name": name}
     if h is None or not spec.needs_data:
         grid, codes = rtn_grid(w, codec, method=base, **kw)
@@ -86,6 +89,11 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
         grid, codes = awq_grid(w, torch.diagonal(h).clone(), codec, base=base, **kw)
         if not spec.gptq:
             return grid.tensor(codes)
-    return gptq_quantize(w, h, codec, base=base, damp=gptq.damp, act_order=gptq.act_order,
-                         scales=ScalesAt.DURING if gptq.scales_during and grid is None else ScalesAt.BEFORE,
-                         grid=grid, **kw)
+    if gptq.scales_search:      # each block's scale searched on the updated weights (awq's candidates and d)
+        scales = ScalesAt.SEARCH
+    elif gptq.scales_during and grid is None:
+        scales = ScalesAt.DURING
+    else:
+        scales = ScalesAt.BEFORE
+    return gptq_quantize(w, h, codec, base=base, damp=gptq.damp, act_order=gptq.act_order, scales=scales,
+                         grid=grid, refine=gptq.refine, **kw)

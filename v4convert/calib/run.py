@@ -137,7 +137,7 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
                         min_expert_tokens: int, damp: float, act_order: bool, scales: str,
                         activations: str = "w4a16", container: str = "compressed-tensors",
-                        calib_stats: Path | None = None):
+                        calib_stats: Path | None = None, refine: int = 0):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
     ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
     ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
@@ -168,6 +168,10 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
         return spec, None, None
     if not calib:
         raise MethodError(f"--method {method} needs calibration data: add --calib [PATH] (or --calib-stats DIR)")
+    if refine and not spec.gptq:
+        raise MethodError(f"--gptq-refine polishes GPTQ's result; --method {method} has no gptq")
+    if act_order and scales != "before":
+        raise MethodError(f"--gptq-act-order needs --gptq-scales before (got {scales}: scales tied to contiguous blocks)")
     if min_expert_tokens < 0 or damp <= 0:
         raise MethodError("--min-expert-tokens must be >= 0 and --gptq-damp > 0")
     if calib_stats is not None:
@@ -180,5 +184,7 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          data_sha256=sha, tokens=n_tokens, seq_len=seq_len,
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
-                         gptq_scales_during=scales == "during", activations=activations)
+                         gptq_scales_during=scales == "during", gptq_scales_search=scales == "search",
+                         gptq_refine=refine,
+                         activations=activations)
     return spec, copts, data

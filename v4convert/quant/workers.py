@@ -27,7 +27,7 @@ from v4convert.formats.fp4 import CodecInputError, NonFiniteInputError
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
 from ..families.roles import Storage
-from .plan import Action, Options, QuantizeError, TensorPlan, Unit
+from .plan import Action, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
@@ -459,12 +459,13 @@ def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
         opts.calib.write_unit(unit, (t,), w, opts)
         return
     rule = opts.mx_rule
+    mse = opts.scale_method is ScaleChoice.MSE   # per-block exponent search (rows independent: chunks are fine)
     n, k = t.shape
     s = _scale_f32(t, read_rows(t.src["scale"])) if "scale" in t.src else None
     woff, wrow = _out(unit, t, Part.WEIGHT)
     soff, srow = _out(unit, t, Part.SCALE)
     for r0, r1 in _chunks(n, k):
-        q = mxfp4_quantize(_decode_chunk(t, r0, r1, s), rule=rule, name=t.name)
+        q = mxfp4_quantize(_decode_chunk(t, r0, r1, s), rule=rule, name=t.name, mse=mse)
         w.write(woff + r0 * wrow, q.packed, t.name)
         w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
 

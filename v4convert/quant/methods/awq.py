@@ -92,3 +92,17 @@ def awq_grid(w: torch.Tensor, d: torch.Tensor, codec: FP4Codec, *,
         else:
             grid.exp = torch.where(better, cand.exp, grid.exp)
     return grid, codes
+
+
+def block_candidates(grid: Grid, x: torch.Tensor, base: ScaleMethod = ScaleMethod.RTN,
+                     mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, name: str = "tensor") -> list[Grid]:
+    """The search's candidate grids (``[N, 1]`` scales) for one block's current values ``x [N, block]``: first
+    the RTN scale of ``x`` (MXFP4: the base's, i.e. with mse the searched exponent), then the others of
+    :func:`awq_grid`. NVFP4: under ``grid``'s global scale (GPTQ's updates may take ``x`` past the original
+    amax; E4M3 rounding saturates as in "scales during")."""
+    if grid.codec is FP4Codec.NVFP4:
+        ws = _block_scale(x.abs().amax(1, keepdim=True), grid.gscale, grid.convention, E2M1_MAX)
+        sub = Grid(grid.codec, ws=ws, gscale=grid.gscale, convention=grid.convention, amax=grid.amax)
+    else:
+        sub, _ = rtn_grid(x, grid.codec, method=base, mx_rule=mx_rule, name=name)
+    return list(_candidates(sub, x, base))

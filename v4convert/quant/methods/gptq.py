@@ -11,8 +11,15 @@ since other data may use it).
 Block scales (``ScalesAt``): ``BEFORE`` takes the data-free method's scales from the original ``W``
 (the NVFP4 global scale always comes from the original amax, shared by fused partners); ``DURING`` re-derives
 each block's scale as RTN would from the *updated* weights when GPTQ reaches the block's first column (the
-reference's ``groupsize`` behaviour). ``act_order`` needs ``BEFORE`` (scales are tied to contiguous blocks).
+reference's ``groupsize`` behaviour); ``SEARCH`` also decides when GPTQ reaches a block, per row, among the
+activation-weighted search's candidates for the updated block (``awq.block_candidates``), by the GPTQ loss of
+the block's columns under each (``_search_block``). ``act_order`` needs ``BEFORE`` (scales are tied to
+contiguous blocks).
 With ``H = I`` no error is spread, so the output is bit-identical to RTN on the same scales.
+
+``refine`` (``--gptq-refine N``): N coordinate-descent sweeps after GPTQ on the same damped objective
+``(w - q) H' (w - q)^T``, scales fixed (``_refine``; each move is to the grid point nearest a code's 1-D
+optimum, so the objective never rises -- the CDQuant-style polish of a GPTQ solution).
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ import torch
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
 from v4convert.formats.nvfp4 import NVFP4Convention, NVFP4Tensor, ScaleMethod
 
+from v4convert.formats.fp4 import e2m1_encode, e2m1_lut
 from v4convert.formats.fp4_grid import FP4Codec, Grid, rtn_grid
+from .awq import block_candidates
 from v4convert.errors import UserError
 
 BATCH = 128          # columns per lazy update (a multiple of both block sizes)
@@ -32,19 +41,26 @@ DEFAULT_DAMP = 0.01
 class ScalesAt(enum.Enum):
     BEFORE = "before"
     DURING = "during"
+    SEARCH = "search"    # as DURING, but each row's block scale is the awq candidate with the least GPTQ loss
 
 
 class GPTQError(UserError):
     """A Hessian that is not positive definite after damping (the user can raise ``--gptq-damp``)."""
 
 
-def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """float64 ``H + damp * mean(diag H) I`` with dead inputs' ``H[j, j] = 1`` first (GPTQ's objective)."""
     h = h.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     idx = torch.arange(h.shape[0])
     h[idx, idx] += damp * torch.diagonal(h).mean()
+    return h
+
+
+def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
+    h = _damped(h, damp)
     try:
         lo = torch.linalg.cholesky(h)
         hinv = torch.cholesky_inverse(lo)
@@ -53,19 +69,49 @@ def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
         raise GPTQError(f"{name}: Hessian not positive definite after damping {damp}; raise --gptq-damp") from None
 
 
+def _search_block(grid: Grid, b: int, x: torch.Tensor, u: torch.Tensor, base: ScaleMethod, mx_rule: MXScaleRule,
+                  name: str) -> None:
+    """``ScalesAt.SEARCH``: per row, block ``b``'s scale = the candidate (:func:`awq.block_candidates` of the
+    block's current values ``x [N, block]``) whose GPTQ pass over the block's columns has the least loss
+    ``sum_i ((x_i - q_i) / U_ii)^2`` (the OBS error of those columns; ``u [block, block]`` the block's part of
+    the upper Cholesky factor of H^-1). Ties keep the earlier candidate (the first is RTN of ``x``)."""
+    n, blk = x.shape
+    cands = block_candidates(grid, x, base, mx_rule, name)
+    nv = grid.codec is FP4Codec.NVFP4
+    # all candidates at once, C = len(cands): the same per-element operations as Grid.encode
+    eff = torch.stack([c.eff()[:, 0] for c in cands])                              # [C, N]
+    div = torch.where(eff == 0, torch.ones_like(eff), eff)
+    neg_exp = None if nv else -torch.stack([c.exp[:, 0] for c in cands]).float()   # [C, N]
+    lut = e2m1_lut()
+    wc = x.expand(len(cands), n, blk).clone()
+    loss = torch.zeros(len(cands), n)
+    for t in range(blk):
+        col = wc[:, :, t]
+        codes = e2m1_encode(col / div if nv else torch.ldexp(col, neg_exp), name)
+        err = (col - lut[codes.long()] * eff) / u[t, t]
+        wc[:, :, t:] -= err[:, :, None] * u[t, t:]
+        loss += err.square()
+    pick = torch.argmin(loss, 0)                       # [N]; the first minimum on ties (candidate 0: RTN)
+    rows = torch.arange(n)
+    if nv:
+        grid.ws[:, b] = torch.stack([c.ws[:, 0].float() for c in cands])[pick, rows].to(torch.float8_e4m3fn)
+    else:
+        grid.exp[:, b] = torch.stack([c.exp[:, 0] for c in cands])[pick, rows]
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
                   convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
                   base: ScaleMethod = ScaleMethod.RTN, global_amax: torch.Tensor | None = None,
                   mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR, damp: float = DEFAULT_DAMP,
                   act_order: bool = False, scales: ScalesAt = ScalesAt.BEFORE, grid: Grid | None = None,
-                  name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
+                  refine: int = 0, name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
     """GPTQ-quantize ``w [N, K]`` with Hessian ``h [K, K]``; ``base``: the data-free NVFP4 scale choice whose
     scales (and, for four-over-six, 256-based global scale) GPTQ starts from; ``grid``: start from these block
     scales instead (e.g. the activation-weighted search's), same global scale rules."""
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match in-features {k}")   # our bug
-    if act_order and scales is ScalesAt.DURING:
+    if act_order and scales is not ScalesAt.BEFORE:
         raise UserError(f"{name}: act-order needs block scales chosen before GPTQ (--gptq-scales before)")
     w = w.detach().float()
     if grid is None:
@@ -88,6 +134,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
             if scales is ScalesAt.DURING and j % B == 0:
                 grid.set_block_from(j // B, W1[:, i:i + B].abs().amax(1), mx_rule)
                 eff = grid.eff()
+            elif scales is ScalesAt.SEARCH and j % B == 0:
+                _search_block(grid, j // B, W1[:, i:i + B], U1[i:i + B, i:i + B], base, mx_rule, name)
+                eff = grid.eff()
             col = int(perm[j])
             c, q = grid.encode(W1[:, i:i + 1], col, eff, name)
             codes[:, j] = c[:, 0]
@@ -97,5 +146,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
+    if refine:
+        _refine(w, out, grid, _damped(h, damp).float(), refine, name)
     return grid.tensor(out)
+
+
+def _refine(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hd: torch.Tensor, sweeps: int, name: str) -> None:
+    """Coordinate descent on GPTQ's objective ``(w - q) Hd (w - q)^T`` per row, scales fixed (in place on
+    ``codes [N, K]``): column by column, each row's code moves to the grid point nearest the 1-D optimum
+    ``q_j + (D Hd)_j / Hd_jj`` (D = w - q), which never raises the objective (a parabola in q_j)."""
+    eff = grid.eff()
+    q = e2m1_lut()[codes.long()] * eff.repeat_interleave(grid.block, 1)     # [N, K] dequantized
+    g = (w - q) @ hd                                                          # [N, K] = D Hd
+    diag = torch.diagonal(hd)
+    for _ in range(sweeps):
+        for j in range(w.shape[1]):
+            c, qn = grid.encode((q[:, j] + g[:, j] / diag[j])[:, None], j, eff, name)
+            delta = qn[:, 0] - q[:, j]
+            if bool((delta != 0).any()):
+                q[:, j] = qn[:, 0]
+                codes[:, j] = c[:, 0]
+                g -= delta[:, None] * hd[j][None, :]
 
