@@ -66,6 +66,12 @@ ROWS = (
                                                                        "gptq+four-over-six", *CALIB)),
     ("v4convert", "MXFP4 rtn", "quantize", ("--scheme", "mxfp4", "--method", "rtn")),
     ("v4convert", "MXFP4 awq+gptq", "quantize", ("--scheme", "mxfp4", "--method", "awq+gptq", *CALIB)),
+    # the best calibrated methods of bench/calibration.md (2026-12-03): scale search + code refinement in GPTQ
+    *(("v4convert", f"NVFP4{r and ' all-linear'} gptq+four-over-six scales=search refine=3", "quantize",
+       (*(("--recipe", r) if r else ("--scheme", "nvfp4")), "--method", "gptq+four-over-six", "--gptq-scales", "search",
+        "--gptq-refine", "3", *CALIB)) for r in ("", "nvfp4-all-linear")),
+    ("v4convert", "MXFP4 awq+gptq act-order refine=3", "quantize",
+     ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order", "--gptq-refine", "3", *CALIB)),
     ("llama.cpp (our GGUF writer)", "Q8_0", "gguf", ("--type", "q8_0", "--expert-type", "q8_0")),
     ("llama.cpp (our GGUF writer)", "Q4_0", "gguf", ("--type", "q4_0", "--expert-type", "q4_0")),
     ("llama.cpp (our GGUF writer)", "MXFP4_MOE (experts MXFP4, rest Q8_0)", "gguf",
