@@ -162,12 +162,16 @@ def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = Fals
     kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         raw = ck.raw(info.name)
-        bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
-        if bad and not allow_nonfinite:
-            raise _nonfinite_error(info, bad)
-        if kernel is Kernel.NATIVE:
-            return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
-        return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
+        try:
+            bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
+            if bad and not allow_nonfinite:
+                raise _nonfinite_error(info, bad)
+            if kernel is Kernel.NATIVE:
+                return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
+            return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
+        finally:
+            del raw
+            ck.release(info.name)      # the mapped source pages leave this process's RSS (output is a new buffer)
     if (kernel is Kernel.NATIVE and info.storage is Storage.FP8_BLOCK and len(info.shape) == 2
             and q in native_gguf.QTYPES and not (q in native_gguf.BLOCK_QTYPES and info.shape[1] % gguf_quants.QK)):
         parts = ck.raw(info.name)
