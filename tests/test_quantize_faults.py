@@ -95,7 +95,7 @@ def test_output_exists_and_foreign_partial(tiny_ckpts, tmp_path, reference):
 
 
 def test_disk_full_midway_then_resume(tiny_ckpts, tmp_path, reference, monkeypatch):
-    import v4convert.quant.workers as w
+    import v4convert.quant.unit_io as w          # the module whose Writer calls os.pwrite
     src = tiny_ckpts["v3-tiny"]
     out = tmp_path / "out"
     real = os.pwrite
