@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from v4convert.formats.containers import (Container, OutKind, Part, check_fused, compressed_tensors_config,
@@ -29,6 +29,7 @@ from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
 from .hashing import ShardHasher
+from .unit_io import direct_write_enabled
 from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_thread, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
@@ -210,10 +211,11 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
 
     def finished(r: UnitResult) -> None:
         nonlocal pending_bytes
+        staged, r = r.staged, replace(r, staged=None)      # the hasher owns (and releases) the staged bytes
         pending.append(r)
         stats[r.index] = [r.repack_blocks, r.repack_inexact]
         pending_bytes += plan.units[r.index].bytes_out
-        hasher.done(r.index, plan.units[r.index].shard)
+        hasher.done(r.index, plan.units[r.index].shard, staged)
         bar.update(r.bytes_in)
         if pending_bytes >= sync_bytes:
             flush()
@@ -225,6 +227,8 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
             pending.clear()
             pending_bytes = 0
 
+    # staged O_DIRECT output writes where the units run in this process (their bytes then feed the hasher)
+    stage = direct_write_enabled() and (workers <= 1 or pool_kind(plan) == "threads")
     ok = False
     try:
         if workers <= 1:
@@ -232,10 +236,10 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
                 import torch
                 torch.set_num_threads(threads)
             for u in todo:
-                finished(run_unit(u, part, plan.options, device, requested))
+                finished(run_unit(u, part, plan.options, device, requested, stage))
                 outputs.kill_point("unit")
         else:
-            _run_pool(todo, part, plan, workers, threads or 1, finished, device, requested)
+            _run_pool(todo, part, plan, workers, threads or 1, finished, device, requested, stage)
         flush()
         flusher.close()                    # every unit fsynced and journaled
         _write_input_scales(plan, part)
@@ -346,7 +350,7 @@ def pool_kind(plan: Plan) -> str:
 
 
 def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: int, finished, device: str,
-              kernel) -> None:
+              kernel, stage: bool = False) -> None:
     if pool_kind(plan) == "threads":
         pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="v4c-unit", initializer=init_thread,
                                      initargs=(threads,))
@@ -362,7 +366,7 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: i
                     u = next(it, None)
                     if u is None:
                         break
-                    inflight.add(pool.submit(run_unit, u, part, plan.options, device, kernel))
+                    inflight.add(pool.submit(run_unit, u, part, plan.options, device, kernel, stage))
                 if not inflight:
                     break
                 ready, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from v4convert.formats.direct_io import BufferPool, DirectReader
+from v4convert.formats.direct_io import ALIGN, BufferPool, DirectReader, _ceil, aligned_empty
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
 from .plan import QuantizeError
@@ -124,3 +125,133 @@ class Writer:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+# ------------------------------------------------------------------------------------ direct (staged) writes
+STAGE_MAX = 512 << 20          # bytes: larger units keep the buffered Writer (no second copy of a huge unit in RAM)
+_NO_DIRECT: set[str] = set()   # shard paths whose filesystem refused O_DIRECT (tmpfs: EINVAL): buffered from then on
+
+
+def direct_write_enabled() -> bool:
+    """Units staged in RAM and written with O_DIRECT unless ``V4C_DIRECT_WRITE=0`` (the buffered ``pwrite`` path)."""
+    return os.environ.get("V4C_DIRECT_WRITE", "1") != "0"
+
+
+class _StagePool:
+    """4 KiB-aligned staging buffers shared by every thread (a buffer is taken on a worker thread and given back on
+    the hasher thread once its bytes are hashed); at most ``keep_bytes`` stay allocated while free."""
+
+    def __init__(self, keep_bytes: int) -> None:
+        self.keep_bytes = keep_bytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fit = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fit:
+                return self._free.pop(min(fit, key=lambda i: self._free[i].numel()))
+        return aligned_empty(nbytes)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            if sum(b.numel() for b in self._free) + buf.numel() <= self.keep_bytes:
+                self._free.append(buf)
+
+
+_STAGES = _StagePool(keep_bytes=512 << 20)
+
+
+@dataclass
+class Staged:
+    """A finished unit's bytes ``[start, start + len(data))`` of ``shard``, still in RAM (for the shard hasher);
+    ``release()`` returns the buffer to the pool (after it the view is invalid)."""
+    shard: str
+    start: int
+    data: memoryview
+    buf: torch.Tensor | None
+
+    def release(self) -> None:
+        if self.buf is not None:
+            _STAGES.give(self.buf)
+            self.buf = None
+
+
+class StagedWriter:
+    """``Writer`` for one unit owning the contiguous range ``[start, end)`` of its shard (``plan.make_plan`` lays units
+    back to back): writes land in an aligned staging buffer; ``commit()`` sends the whole 4 KiB pages of the range
+    ``[ceil4k(start), floor4k(end))`` in one O_DIRECT ``pwrite`` and the head/tail fragments (pages shared with the
+    neighbour units or the header) with a buffered one. Linux keeps the two coherent for distinct pages. Bytes of the
+    range never written are zeros, as in the sparse file."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        self.path, self.start, self.end = path, start, end
+        self.lo = start - start % ALIGN                       # file offset of buf[0]
+        self.buf = _STAGES.take(_ceil(end) - self.lo)
+        self.mv = memoryview(self.buf.numpy())
+        self.spans: list[tuple[int, int]] = []                # written [a, b) file offsets
+
+    def write(self, offset: int, data: torch.Tensor | bytes | memoryview, what: str) -> int:
+        buf = memoryview(data) if isinstance(data, (bytes, memoryview)) else tensor_bytes(data)
+        buf = buf.cast("B") if buf.format != "B" else buf
+        n = buf.nbytes
+        if offset < self.start or offset + n > self.end:
+            raise RuntimeError(f"{self.path}: {what}: write [{offset}, {offset + n}) outside the unit's range "
+                               f"[{self.start}, {self.end})")
+        self.mv[offset - self.lo: offset - self.lo + n] = buf
+        self.spans.append((offset, offset + n))
+        return n
+
+    def _zero_gaps(self) -> None:
+        pos = self.start
+        for a, b in sorted(self.spans) + [(self.end, self.end)]:
+            if a > pos:
+                self.buf[pos - self.lo: a - self.lo].zero_()
+            pos = max(pos, b)
+
+    def commit(self, shard: str) -> Staged:
+        """Write the range out; -> its bytes for the hasher (the caller owns them: ``release()``)."""
+        self._zero_gaps()
+        a, b = _ceil(self.start), self.end - self.end % ALIGN     # whole pages of the range
+        if a >= b:
+            a = b = self.end                                         # no whole page: all buffered
+        d = self._direct(a, b) if a < b and str(self.path) not in _NO_DIRECT else a   # O_DIRECT wrote [a, d)
+        w = Writer(self.path)
+        try:
+            w.write(self.start, self.mv[self.start - self.lo: a - self.lo], "unit head")
+            w.write(d, self.mv[d - self.lo: self.end - self.lo], "unit tail")
+        finally:
+            w.close()
+        return Staged(shard, self.start, self.mv[self.start - self.lo: self.end - self.lo], self.buf)
+
+    def _direct(self, a: int, b: int) -> int:
+        """O_DIRECT ``pwrite`` of pages ``[a, b)``; -> the file offset up to which it wrote (``a``: refused)."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+        except OSError as ex:
+            if ex.errno != errno.EINVAL:
+                raise
+            _NO_DIRECT.add(str(self.path))
+            return a
+        try:
+            while a < b:
+                try:
+                    k = os.pwrite(fd, self.mv[a - self.lo: b - self.lo], a)
+                except OSError as ex:
+                    if ex.errno == errno.ENOSPC:
+                        raise DiskFullError(f"{self.path}: disk full while writing a unit ({b - a:,} bytes left); "
+                                            f"free space and rerun the same command to resume") from None
+                    if ex.errno != errno.EINVAL:
+                        raise
+                    _NO_DIRECT.add(str(self.path))     # refused at write time (some overlayfs): buffered
+                    return a
+                a += k
+                if k % ALIGN:                          # cannot continue aligned: the rest buffered
+                    return a
+            return a
+        finally:
+            os.close(fd)
+
+    def abandon(self) -> None:
+        """The unit failed: nothing is written; the buffer goes back."""
+        _STAGES.give(self.buf)

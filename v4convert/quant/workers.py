@@ -25,8 +25,8 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 
 from ..families.roles import Storage
 from .plan import Action, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
-from .unit_io import (_LOCAL, DiskFullError, SourceReadError, Writer, _nthreads, _pool, direct_io_enabled,  # noqa: F401
-                      init_thread, read_rows)
+from .unit_io import (_LOCAL, STAGE_MAX, DiskFullError, SourceReadError, Staged, StagedWriter, Writer,  # noqa: F401
+                      _nthreads, _pool, direct_io_enabled, init_thread, read_rows)
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
@@ -40,6 +40,7 @@ class UnitResult:
     repack_blocks: int = 0
     repack_inexact: int = 0
     kernel: str = ""           # FP8 -> NVFP4 RTN / MXFP4 re-pack kernel used ("native" / "torch"), "" if none ran
+    staged: Staged | None = None   # the unit's output bytes still in RAM (staged O_DIRECT writes; threads only)
 
 
 def choose_kernel(requested=None, device: str = "cpu"):  # (Kernel | None, str) -> (Kernel, str)
@@ -363,26 +364,32 @@ def _to_mxfp4(unit: Unit, t: TensorPlan, w: Writer, opts: Options) -> None:
         w.write(soff + r0 * srow, q.scale.view(torch.uint8), t.name)
 
 
-def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kernel=None) -> UnitResult:
+def run_unit(unit: Unit, out_dir: Path, opts: Options, device: str = "cpu", kernel=None,
+             stage: bool = False) -> UnitResult:
     """Execute one unit; codec errors come back as :class:`QuantizeError` naming the tensor.
 
     ``device``: where the FP8 -> NVFP4 RTN hot path computes ("cuda" when present); ``kernel``
     (``formats.native.Kernel`` or None = :func:`choose_kernel`'s default) which implementation runs it and
     the MXFP4 re-pack (always on the CPU).
-    Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order)."""
+    Output bytes depend on neither (exact-rounding IEEE float32 in the same operation order). ``stage``: the unit's
+    writes go through :class:`StagedWriter` (O_DIRECT) and its bytes come back in ``UnitResult.staged`` (same process
+    only: the caller releases them)."""
     with _pool().scope():                 # every read buffer of this unit returns to the pool at its end
         _LOCAL.reader = DirectReader(_pool(), direct=direct_io_enabled())
         try:
-            return _run_unit(unit, out_dir, opts, device, kernel)
+            return _run_unit(unit, out_dir, opts, device, kernel, stage)
         finally:
             _LOCAL.reader.close()
             _LOCAL.reader = None
 
 
-def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> UnitResult:
-    w = Writer(out_dir / unit.shard)
+def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel, stage: bool = False) -> UnitResult:
+    start = min(unit.offsets.values())
+    staged = stage and 0 < unit.bytes_out <= STAGE_MAX
+    w = StagedWriter(out_dir / unit.shard, start, start + unit.bytes_out) if staged else Writer(out_dir / unit.shard)
     blocks = inexact = 0
     used = ""
+    ok = False
     try:
         a = unit.tensors[0].action
         if a is Action.TO_NVFP4:
@@ -401,11 +408,15 @@ def _run_unit(unit: Unit, out_dir: Path, opts: Options, device: str, kernel) -> 
                     _to_mxfp4(unit, t, w, opts)
                 else:
                     raise QuantizeError(f"tensor {t.name}: action {t.action.value} outside its unit kind")
+        ok = True
     except CodecInputError as e:
         raise QuantizeError(str(e)) from None
     finally:
-        w.close()
-    return UnitResult(unit.index, unit.bytes_in, blocks, inexact, used)
+        if not staged:
+            w.close()
+        elif not ok:
+            w.abandon()
+    return UnitResult(unit.index, unit.bytes_in, blocks, inexact, used, w.commit(unit.shard) if staged else None)
 
 
 def init_worker(threads: int) -> None:
