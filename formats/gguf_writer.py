@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .direct_io import DirectStream, pwrite_full
 from .sharding import group_in_order
 from v4convert.errors import UserError
 
@@ -246,11 +247,13 @@ def _chunks(out: Buffer | Iterable[Buffer]) -> Iterable[Buffer]:
 
 
 def write_tensor(fd: int, path: Path, t: TensorSpec, offset: int, part: int | None = None,
-                 progress: Callable[[int], None] | None = None) -> int:
+                 progress: Callable[[int], None] | None = None, direct: bool = False) -> int:
     """Produce tensor ``t`` (or only its slice ``parts[part]``) and ``os.pwrite`` it at ``offset`` (the
     tensor's data offset; a part lands at ``offset + part * nbytes / len(parts)``). Checks the producer gave
     exactly the declared bytes (``path`` names the file in the error). Padding is not written: the caller's
-    file is pre-sized with zeros. Returns the bytes written."""
+    file is pre-sized with zeros. ``direct``: the whole 4 KiB pages of the range go O_DIRECT through an aligned
+    window (``direct_io.DirectStream``; neighbours' shared pages buffered), same bytes. Returns the bytes
+    written; ENOSPC raises ``OSError`` (the caller names it)."""
     want = t.nbytes
     if part is not None:
         assert t.parts is not None
@@ -259,19 +262,28 @@ def write_tensor(fd: int, path: Path, t: TensorSpec, offset: int, part: int | No
         src: Iterable[Buffer] = _chunks(t.parts[part]())
     else:
         src = _chunks(t.produce())
+    stream = DirectStream(path, fd, offset, offset + want) if direct else None
     written = 0
-    for chunk in src:
-        data = _as_bytes(chunk)
-        if written + data.nbytes > want:
+    try:
+        for chunk in src:
+            data = _as_bytes(chunk)
+            data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+            if written + data.nbytes > want:
+                written += data.nbytes
+                break
+            if stream is not None:
+                stream.write(data)
+            else:
+                pwrite_full(fd, data, offset + written)
             written += data.nbytes
-            break
-        done = 0
-        while done < data.nbytes:                       # pwrite may write less than asked
-            done += os.pwrite(fd, data[done:], offset + written + done)
-        written += data.nbytes
-        if progress is not None:
-            progress(data.nbytes)
-        del data, chunk
+            if progress is not None:
+                progress(data.nbytes)
+            del data, chunk
+        if stream is not None and written == want:
+            stream.close()
+    finally:
+        if stream is not None:
+            stream.abandon()
     if written != want:
         what = f"tensor {t.name}" + (f" part {part}" if part is not None else "")
         raise GGUFWriteError(f"{path}: {what}: producer gave {'over ' if written > want else ''}"

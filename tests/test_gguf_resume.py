@@ -2,6 +2,8 @@
 partial under a final name, fingerprint mismatch starts over, fsync before journal, bounded workers, parts."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ from gguf import GGMLQuantizationType as Q
 
 from v4convert.export.gguf import engine
 from v4convert.export.gguf.exporter import export_gguf
+from v4convert.formats import direct_io
 from v4convert.formats.gguf_writer import GGUFWriteError, Metadata, TensorSpec, layout_files, write_gguf
 from v4convert.outputs import KILL_ENV
 
@@ -48,9 +51,11 @@ def files(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpts, tmp_path_factory) -> dict[str, bytes]:
-    """An uninterrupted export with one worker, in process (the byte-identity reference)."""
+    """An uninterrupted buffered export with one worker, in process (the byte-identity reference)."""
     d = tmp_path_factory.mktemp("ref")
-    r = export_gguf(tiny_ckpts["v3-tiny"], d / "m.gguf", split_max_size=SPLIT, modelfile=False, workers=1)
+    with pytest.MonkeyPatch.context() as mp:      # buffered: the killed/resumed runs below write O_DIRECT
+        mp.setenv("V4C_DIRECT_WRITE", "0")
+        r = export_gguf(tiny_ckpts["v3-tiny"], d / "m.gguf", split_max_size=SPLIT, modelfile=False, workers=1)
     assert len(r.paths) >= 3
     return files(d)
 
@@ -229,3 +234,116 @@ def test_pool_memory_budget():
     assert sorted(u.key for u in got) == sorted(u.key for u in todo)
     assert state["alone"] == [True]
     assert state["peak"] <= 800 and state["peak_n"] <= 2
+
+
+# ------------------------------------------------------------------------------ O_DIRECT writes
+def is_direct(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Bytes written by ``os.pwrite`` with and without O_DIRECT."""
+    real = os.pwrite
+    seen = {"direct": 0, "buffered": 0}
+
+    def pwrite(fd, data, off):
+        k = real(fd, data, off)
+        seen["direct" if is_direct(fd) else "buffered"] += k
+        return k
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    direct_io.NO_DIRECT.clear()
+    yield seen
+    direct_io.NO_DIRECT.clear()
+
+
+def _export(src: Path, out: Path, workers: int, direct: str, monkeypatch, **kw) -> dict[str, bytes]:
+    monkeypatch.setenv("V4C_DIRECT_WRITE", direct)
+    out.mkdir(exist_ok=True)
+    export_gguf(src, out / "m.gguf", split_max_size=SPLIT, modelfile=False, workers=workers, **kw)
+    return files(out)
+
+
+@pytest.mark.parametrize("preset_name", ["v3-tiny", "v4-flash-tiny"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_direct_same_files_as_buffered(tiny_ckpts, tmp_path, monkeypatch, spy, preset_name, workers):
+    src = tiny_ckpts[preset_name]
+    buf = _export(src, tmp_path / "buf", workers, "0", monkeypatch)
+    assert spy["direct"] == 0
+    spy["buffered"] = 0
+    got = _export(src, tmp_path / "dir", workers, "1", monkeypatch)
+    data = sum(len(b) for b in got.values())
+    assert spy["direct"] > data // 2 and spy["direct"] % 4096 == 0      # most bytes O_DIRECT (tmp_path: ext4)
+    assert spy["buffered"] > 0                                        # head/tail fragments of shared pages
+    assert got == buf
+
+
+@pytest.mark.parametrize("when", ["open", "write"])
+def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, spy, reference, when):
+    """EINVAL for O_DIRECT (tmpfs refuses it at open, some overlayfs at write): buffered, same bytes."""
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def fopen(path, flags, *a, **kw):
+        if when == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **kw)
+
+    def fpwrite(fd, data, off):
+        if when == "write" and is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, off)
+    monkeypatch.setattr(os, "open", fopen)
+    monkeypatch.setattr(os, "pwrite", fpwrite)
+    got = _export(tiny_ckpts["v3-tiny"], tmp_path, 2, "1", monkeypatch)
+    assert spy["direct"] == 0 and direct_io.NO_DIRECT
+    assert got == reference
+
+
+def test_enospc_keeps_partials_then_resume(tiny_ckpts, tmp_path, monkeypatch, spy, reference):
+    """ENOSPC on an O_DIRECT write: the disk-full error naming file and tensor, partials and journal kept; the
+    rerun after freeing space resumes to the same bytes."""
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def full(fd, data, off):
+        if is_direct(fd):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, off)
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(engine.GGUFDiskFullError, match=r"\.gguf\.partial: tensor \S+.*: disk full while writing.*"
+                                                      r"rerun the same command to resume"):
+        export_gguf(tiny_ckpts["v3-tiny"], out, split_max_size=SPLIT, modelfile=False, workers=1, sync_bytes=1)
+    assert engine.journal_dir(out).is_dir() and list(tmp_path.glob("*.gguf.partial"))
+    assert engine.Journal(engine.journal_dir(out)).done()
+    monkeypatch.setattr(os, "pwrite", real)
+    logs: list[str] = []
+    export_gguf(tiny_ckpts["v3-tiny"], out, split_max_size=SPLIT, modelfile=False, workers=2, log=logs.append)
+    assert any("resuming:" in m for m in logs)
+    assert files(tmp_path) == reference
+
+
+@pytest.mark.parametrize("start,end", [(5, 4096 * 3 + 7), (4096, 8192), (4095, 4097), (100, 200),
+                                       (4096 * 2, 4096 * 9 + 1), (1, 4096 * 8), (33, 4096 * 7 - 32)])
+@pytest.mark.parametrize("chunk", [1000, 4096, 1 << 20])
+def test_direct_stream_ranges(tmp_path, spy, start, end, chunk):
+    """Odd ranges in odd chunks through a 2-page window, against the bytes a buffered write gives: neighbour
+    bytes untouched, exactly the whole pages of the range O_DIRECT."""
+    size = 4096 * 10
+    base = os.urandom(size)
+    p = tmp_path / "f"
+    p.write_bytes(base)
+    data = os.urandom(end - start)
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        s = direct_io.DirectStream(p, fd, start, end, window=8192)
+        for i in range(0, len(data), chunk):
+            s.write(memoryview(data)[i: i + chunk])
+        s.close()
+    finally:
+        os.close(fd)
+    assert p.read_bytes() == base[:start] + data + base[end:]
+    whole = (end - end % 4096) - (-(-start // 4096) * 4096)
+    assert spy["direct"] == max(0, whole)

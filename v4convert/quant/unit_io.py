@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from v4convert.formats.direct_io import ALIGN, BufferPool, DirectReader, _ceil, aligned_empty
+from v4convert.formats.direct_io import (ALIGN, NO_DIRECT, STAGES, BufferPool, DirectReader, _ceil, open_direct,
+                                         pwrite_direct)
+from v4convert.formats.direct_io import direct_write_enabled as direct_write_enabled
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
 from .plan import QuantizeError
@@ -129,37 +131,8 @@ class Writer:
 
 # ------------------------------------------------------------------------------------ direct (staged) writes
 STAGE_MAX = 512 << 20          # bytes: larger units keep the buffered Writer (no second copy of a huge unit in RAM)
-_NO_DIRECT: set[str] = set()   # shard paths whose filesystem refused O_DIRECT (tmpfs: EINVAL): buffered from then on
-
-
-def direct_write_enabled() -> bool:
-    """Units staged in RAM and written with O_DIRECT unless ``V4C_DIRECT_WRITE=0`` (the buffered ``pwrite`` path)."""
-    return os.environ.get("V4C_DIRECT_WRITE", "1") != "0"
-
-
-class _StagePool:
-    """4 KiB-aligned staging buffers shared by every thread (a buffer is taken on a worker thread and given back on
-    the hasher thread once its bytes are hashed); at most ``keep_bytes`` stay allocated while free."""
-
-    def __init__(self, keep_bytes: int) -> None:
-        self.keep_bytes = keep_bytes
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            fit = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-            if fit:
-                return self._free.pop(min(fit, key=lambda i: self._free[i].numel()))
-        return aligned_empty(nbytes)
-
-    def give(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            if sum(b.numel() for b in self._free) + buf.numel() <= self.keep_bytes:
-                self._free.append(buf)
-
-
-_STAGES = _StagePool(keep_bytes=512 << 20)
+_NO_DIRECT = NO_DIRECT         # shard paths whose filesystem refused O_DIRECT (shared with every direct writer)
+_STAGES = STAGES               # aligned staging buffers shared by every thread (``formats.direct_io``)
 
 
 @dataclass
@@ -226,29 +199,16 @@ class StagedWriter:
 
     def _direct(self, a: int, b: int) -> int:
         """O_DIRECT ``pwrite`` of pages ``[a, b)``; -> the file offset up to which it wrote (``a``: refused)."""
+        fd = open_direct(self.path)
+        if fd is None:
+            return a
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+            return a + pwrite_direct(fd, self.path, self.mv[a - self.lo: b - self.lo], a)
         except OSError as ex:
-            if ex.errno != errno.EINVAL:
-                raise
-            _NO_DIRECT.add(str(self.path))
-            return a
-        try:
-            while a < b:
-                try:
-                    k = os.pwrite(fd, self.mv[a - self.lo: b - self.lo], a)
-                except OSError as ex:
-                    if ex.errno == errno.ENOSPC:
-                        raise DiskFullError(f"{self.path}: disk full while writing a unit ({b - a:,} bytes left); "
-                                            f"free space and rerun the same command to resume") from None
-                    if ex.errno != errno.EINVAL:
-                        raise
-                    _NO_DIRECT.add(str(self.path))     # refused at write time (some overlayfs): buffered
-                    return a
-                a += k
-                if k % ALIGN:                          # cannot continue aligned: the rest buffered
-                    return a
-            return a
+            if ex.errno == errno.ENOSPC:
+                raise DiskFullError(f"{self.path}: disk full while writing a unit ({b - a:,} bytes left); "
+                                    f"free space and rerun the same command to resume") from None
+            raise
         finally:
             os.close(fd)
 

@@ -6,7 +6,11 @@ Mirrors ``v4convert.quant.engine`` for ``export --gguf`` (issue #16):
    (``formats.gguf_writer.layout_files``). Work units: one per tensor, or one per part of a tensor that
    has ``parts`` (a stacked ``[E, out, in]`` experts tensor: one unit per expert, never materialized whole).
 2. Each split file ``F.gguf`` is built as ``F.gguf.partial``: header written, file pre-sized with
-   ``ftruncate`` (sparse zeros = the padding), units ``os.pwrite`` their bytes at known offsets.
+   ``ftruncate`` (sparse zeros = the padding), units ``os.pwrite`` their bytes at known offsets: the whole
+   4 KiB pages of a unit's range O_DIRECT, its head/tail fragments (pages shared with the neighbours, which
+   GGUF's 32-byte alignment packs together) buffered (``formats.direct_io.DirectStream``; EINVAL: buffered for
+   that file; ``V4C_DIRECT_WRITE=0``: all buffered). ENOSPC while writing: ``GGUFDiskFullError``, the partials
+   and journal kept for the rerun to resume.
 3. Journal: the directory ``OUT.gguf.journal/`` (``OUT`` as given, also for splits) with our marker
    (``outputs.write_marker``, so ``outputs.claim`` treats it as our scratch), ``plan.sha256`` (the plan
    fingerprint: version, source shard headers, options, every file's name/size/header bytes) and ``done``
@@ -29,6 +33,7 @@ each journal append), ``gguf:written`` / ``gguf:replaced`` (through ``on_step``,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import json
 import math
@@ -40,6 +45,7 @@ from pathlib import Path
 
 from v4convert import __version__, outputs
 from v4convert.errors import UserError
+from v4convert.formats.direct_io import direct_write_enabled
 from v4convert.formats.gguf_writer import FileLayout, write_tensor
 
 JOURNAL_SUFFIX = ".journal"
@@ -283,10 +289,20 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
         if pending_bytes >= sync_bytes:
             flush()
 
+    direct = direct_write_enabled()
+
     def run(u: Unit) -> Unit:
         f = files[u.file]
         t = f.tensors[u.tensor]
-        write_tensor(fds[u.file], partial_of(f.path), t, f.offsets[u.tensor], None if u.part < 0 else u.part)
+        try:
+            write_tensor(fds[u.file], partial_of(f.path), t, f.offsets[u.tensor], None if u.part < 0 else u.part,
+                         direct=direct)
+        except OSError as ex:
+            if ex.errno != errno.ENOSPC:
+                raise
+            what = f"tensor {t.name}" + (f" part {u.part}" if u.part >= 0 else "")
+            raise GGUFDiskFullError(f"{partial_of(f.path)}: {what}: disk full while writing ({u.nbytes:,} bytes); "
+                                    f"free space and rerun the same command to resume") from None
         return u
 
     try:
@@ -302,6 +318,8 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
             raise RuntimeError(f"{files[0].path}: engine bug: {len(all_units) - len(written | done)} units not written")
         for fd in fds:
             os.fsync(fd)
+    except GGUFDiskFullError:
+        raise                                 # partials and journal stay: free space, the rerun resumes
     except UserError:
         for fd in fds:
             os.close(fd)
