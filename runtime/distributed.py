@@ -74,11 +74,22 @@ def init(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+EXIT_BARRIER_S = 10.0     # seconds every rank waits for the others at exit before tearing its group down
+
+
 def shutdown() -> None:
     """Destroy the default process group (registered at exit by ``init``). A gloo process that exits with
     its group alive can abort in interpreter teardown ("terminate called without an active exception",
-    SIGABRT: gloo's worker threads outlive the interpreter; pytorch/pytorch#190489) - seen in CI."""
+    SIGABRT: gloo's worker threads outlive the interpreter; pytorch/pytorch#190489) - seen in CI. So can a rank
+    that destroys its group while a peer is still talking to it (seen in CI on the quiet rank of a 2-rank
+    ``run``), so gloo ranks first meet at a monitored barrier (bounded: a peer that died makes it fail fast
+    or time out after ``EXIT_BARRIER_S``; teardown goes on either way)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+            except Exception:       # a peer gone or late: nothing to wait for, tear down anyway
+                pass
         dist.destroy_process_group()
 
 
