@@ -13,6 +13,30 @@ torch.set_num_threads(1)
 # computed twice in one test must not change with the machine's load.
 os.environ.setdefault("V4CONVERT_THREADS", "1")
 
+def is_direct(fd: int) -> bool:
+    """Whether ``fd`` was opened with O_DIRECT."""
+    import fcntl
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+@pytest.fixture
+def pwrite_spy(monkeypatch):
+    """Bytes written by ``os.pwrite`` with and without O_DIRECT (every writer of ours: quantize, GGUF); the set of
+    files that refused O_DIRECT starts and ends empty."""
+    from v4convert.formats import direct_io
+    real = os.pwrite
+    seen = {"direct": 0, "buffered": 0}
+
+    def pwrite(fd, data, off):
+        k = real(fd, data, off)
+        seen["direct" if is_direct(fd) else "buffered"] += k
+        return k
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    direct_io.NO_DIRECT.clear()
+    yield seen
+    direct_io.NO_DIRECT.clear()
+
+
 @pytest.fixture(scope="session")
 def calib_txt(tmp_path_factory) -> Path:
     """A small calibration text file (tests/calib_common.TEXT)."""

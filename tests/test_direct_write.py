@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -12,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from v4convert.checkpoint import Checkpoint
+from v4convert.formats import direct_io
 from v4convert.quant import hashing, unit_io
 from v4convert.quant.engine import execute, partial_dir
 from v4convert.quant.plan import Options, make_plan
 from v4convert.quant.recipes import RuleSet, preset
 from v4convert.quant.unit_io import DiskFullError, StagedWriter
 
+from .conftest import is_direct
 from .test_quantize import run_quantize
 
 
@@ -25,25 +26,6 @@ def tree(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
-def is_direct(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts O_DIRECT and buffered pwrite calls made by unit_io (bytes written each way)."""
-    real = os.pwrite
-    seen = {"direct": 0, "buffered": 0}
-
-    def pwrite(fd, data, off):
-        k = real(fd, data, off)
-        seen["direct" if is_direct(fd) else "buffered"] += k
-        return k
-
-    monkeypatch.setattr(unit_io.os, "pwrite", pwrite)
-    unit_io._NO_DIRECT.clear()
-    yield seen
-    unit_io._NO_DIRECT.clear()
 
 
 def check_digests(out: Path) -> None:
@@ -55,23 +37,23 @@ def check_digests(out: Path) -> None:
 @pytest.mark.parametrize("preset_name,recipe", [("v3-tiny", "nvfp4-experts"), ("v4-flash-tiny", "nvfp4-experts"),
                                                 ("v3-tiny", "nvfp4-all-linear")])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_direct_same_files_as_buffered(tiny_ckpts, tmp_path, monkeypatch, spy, preset_name, recipe, workers):
+def test_direct_same_files_as_buffered(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy, preset_name, recipe, workers):
     src = tiny_ckpts[preset_name]
     monkeypatch.setenv("V4C_DIRECT_WRITE", "0")
     run_quantize(src, tmp_path / "buf", recipe, workers=workers)
-    assert spy["direct"] == 0
+    assert pwrite_spy["direct"] == 0
     monkeypatch.setenv("V4C_DIRECT_WRITE", "1")
     from_file = []
     real = hashing._hash_range
     monkeypatch.setattr(hashing, "_hash_range", lambda h, fd, a, b, p: (from_file.append(b - a), real(h, fd, a, b, p)))
     plan, _ = run_quantize(src, tmp_path / "dir", recipe, workers=workers)
-    assert spy["direct"] > plan.bytes_out // 2        # most output bytes went out O_DIRECT (tmp_path: ext4)
+    assert pwrite_spy["direct"] > plan.bytes_out // 2        # most output bytes went out O_DIRECT (tmp_path: ext4)
     assert sum(from_file) == sum(len(h) for h in plan.shard_headers.values())    # units hashed from staging
     assert tree(tmp_path / "dir") == tree(tmp_path / "buf")
     check_digests(tmp_path / "dir")
 
 
-def test_hasher_window_full_reads_back(tiny_ckpts, tmp_path, monkeypatch, spy):
+def test_hasher_window_full_reads_back(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy):
     """A window too small for any second unit: released buffers are hashed from the file, same digests."""
     src = tiny_ckpts["v3-tiny"]
     run_quantize(src, tmp_path / "a", workers=3)
@@ -80,12 +62,12 @@ def test_hasher_window_full_reads_back(tiny_ckpts, tmp_path, monkeypatch, spy):
     real = hashing._hash_range
     monkeypatch.setattr(hashing, "_hash_range", lambda h, fd, a, b, p: (reads.append(b - a), real(h, fd, a, b, p)))
     run_quantize(src, tmp_path / "b", workers=3)
-    assert reads and spy["direct"] > 0
+    assert reads and pwrite_spy["direct"] > 0
     assert tree(tmp_path / "a") == tree(tmp_path / "b")
 
 
 @pytest.mark.parametrize("when", ["open", "write"])
-def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, spy, when):
+def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy, when):
     """EINVAL for O_DIRECT (tmpfs refuses it at open, some overlayfs at write): buffered, same bytes."""
     src = tiny_ckpts["v3-tiny"]
     monkeypatch.setenv("V4C_DIRECT_WRITE", "0")
@@ -106,11 +88,11 @@ def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, spy, when)
     monkeypatch.setattr(unit_io.os, "open", fopen)
     monkeypatch.setattr(unit_io.os, "pwrite", fpwrite)
     run_quantize(src, tmp_path / "dir")
-    assert spy["direct"] == 0 and unit_io._NO_DIRECT
+    assert pwrite_spy["direct"] == 0 and direct_io.NO_DIRECT
     assert tree(tmp_path / "dir") == tree(tmp_path / "buf")
 
 
-def test_enospc_on_direct_write_then_resume(tiny_ckpts, tmp_path, monkeypatch, spy):
+def test_enospc_on_direct_write_then_resume(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy):
     src = tiny_ckpts["v3-tiny"]
     run_quantize(src, tmp_path / "ref", shard_bytes=300_000)
     real = unit_io.os.pwrite
@@ -138,7 +120,7 @@ def test_enospc_on_direct_write_then_resume(tiny_ckpts, tmp_path, monkeypatch, s
 
 @pytest.mark.parametrize("start,end", [(5, 4096 * 3 + 7), (4096, 8192), (4095, 4097), (100, 200), (4096 * 2, 4096 * 5 + 1),
                                        (1, 4096 * 4)])
-def test_staged_writer_ranges(tmp_path, spy, start, end):
+def test_staged_writer_ranges(tmp_path, pwrite_spy, start, end):
     """Odd ranges against a plain buffered reference: neighbour bytes untouched, unwritten bytes zero, the
     returned view equals the file's bytes."""
     size = 4096 * 6
@@ -157,7 +139,7 @@ def test_staged_writer_ranges(tmp_path, spy, start, end):
     assert got == want
     assert bytes(st.data) == want[start:end]
     whole = (end - end % 4096) - (-(-start // 4096) * 4096)
-    assert spy["direct"] == max(0, whole)
+    assert pwrite_spy["direct"] == max(0, whole)
     st.release()
     with pytest.raises(RuntimeError, match="outside the unit's range"):
         StagedWriter(p, start, end).write(end - 1, b"xy", "c")

@@ -61,7 +61,7 @@ def _user_error_classes() -> list[type]:
     from v4convert.quant.engine import OutputExistsError
     from v4convert.quant.plan import QuantizeError
     from v4convert.quant.recipes import RecipeError
-    from v4convert.quant.workers import DiskFullError, SourceReadError
+    from v4convert.quant.unit_io import DiskFullError, SourceReadError
     from v4convert.runtime.args import ConfigError
     from v4convert.runtime.common import RuntimeLoadError
     from v4convert.runtime.deepseek_v3 import SequenceTooLong

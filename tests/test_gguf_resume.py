@@ -3,7 +3,6 @@ partial under a final name, fingerprint mismatch starts over, fsync before journ
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 import subprocess
@@ -22,6 +21,8 @@ from v4convert.export.gguf.exporter import export_gguf
 from v4convert.formats import direct_io
 from v4convert.formats.gguf_writer import GGUFWriteError, Metadata, TensorSpec, layout_files, write_gguf
 from v4convert.outputs import KILL_ENV
+
+from .conftest import is_direct
 
 SPLIT = 400_000          # bytes of tensor data per split: v3-tiny's default mix gives several files
 
@@ -237,24 +238,6 @@ def test_pool_memory_budget():
 
 
 # ------------------------------------------------------------------------------ O_DIRECT writes
-def is_direct(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Bytes written by ``os.pwrite`` with and without O_DIRECT."""
-    real = os.pwrite
-    seen = {"direct": 0, "buffered": 0}
-
-    def pwrite(fd, data, off):
-        k = real(fd, data, off)
-        seen["direct" if is_direct(fd) else "buffered"] += k
-        return k
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    direct_io.NO_DIRECT.clear()
-    yield seen
-    direct_io.NO_DIRECT.clear()
 
 
 def _export(src: Path, out: Path, workers: int, direct: str, monkeypatch, **kw) -> dict[str, bytes]:
@@ -266,20 +249,20 @@ def _export(src: Path, out: Path, workers: int, direct: str, monkeypatch, **kw) 
 
 @pytest.mark.parametrize("preset_name", ["v3-tiny", "v4-flash-tiny"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_direct_same_files_as_buffered(tiny_ckpts, tmp_path, monkeypatch, spy, preset_name, workers):
+def test_direct_same_files_as_buffered(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy, preset_name, workers):
     src = tiny_ckpts[preset_name]
     buf = _export(src, tmp_path / "buf", workers, "0", monkeypatch)
-    assert spy["direct"] == 0
-    spy["buffered"] = 0
+    assert pwrite_spy["direct"] == 0
+    pwrite_spy["buffered"] = 0
     got = _export(src, tmp_path / "dir", workers, "1", monkeypatch)
     data = sum(len(b) for b in got.values())
-    assert spy["direct"] > data // 2 and spy["direct"] % 4096 == 0      # most bytes O_DIRECT (tmp_path: ext4)
-    assert spy["buffered"] > 0                                        # head/tail fragments of shared pages
+    assert pwrite_spy["direct"] > data // 2 and pwrite_spy["direct"] % 4096 == 0      # most bytes O_DIRECT (tmp_path: ext4)
+    assert pwrite_spy["buffered"] > 0                                        # head/tail fragments of shared pages
     assert got == buf
 
 
 @pytest.mark.parametrize("when", ["open", "write"])
-def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, spy, reference, when):
+def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy, reference, when):
     """EINVAL for O_DIRECT (tmpfs refuses it at open, some overlayfs at write): buffered, same bytes."""
     real_open, real_pwrite = os.open, os.pwrite
 
@@ -295,11 +278,11 @@ def test_direct_refused_falls_back(tiny_ckpts, tmp_path, monkeypatch, spy, refer
     monkeypatch.setattr(os, "open", fopen)
     monkeypatch.setattr(os, "pwrite", fpwrite)
     got = _export(tiny_ckpts["v3-tiny"], tmp_path, 2, "1", monkeypatch)
-    assert spy["direct"] == 0 and direct_io.NO_DIRECT
+    assert pwrite_spy["direct"] == 0 and direct_io.NO_DIRECT
     assert got == reference
 
 
-def test_enospc_keeps_partials_then_resume(tiny_ckpts, tmp_path, monkeypatch, spy, reference):
+def test_enospc_keeps_partials_then_resume(tiny_ckpts, tmp_path, monkeypatch, pwrite_spy, reference):
     """ENOSPC on an O_DIRECT write: the disk-full error naming file and tensor, partials and journal kept; the
     rerun after freeing space resumes to the same bytes."""
     real = os.pwrite
@@ -328,7 +311,7 @@ def test_enospc_keeps_partials_then_resume(tiny_ckpts, tmp_path, monkeypatch, sp
 @pytest.mark.parametrize("start,end", [(5, 4096 * 3 + 7), (4096, 8192), (4095, 4097), (100, 200),
                                        (4096 * 2, 4096 * 9 + 1), (1, 4096 * 8), (33, 4096 * 7 - 32)])
 @pytest.mark.parametrize("chunk", [1000, 4096, 1 << 20])
-def test_direct_stream_ranges(tmp_path, spy, start, end, chunk):
+def test_direct_stream_ranges(tmp_path, pwrite_spy, start, end, chunk):
     """Odd ranges in odd chunks through a 2-page window, against the bytes a buffered write gives: neighbour
     bytes untouched, exactly the whole pages of the range O_DIRECT."""
     size = 4096 * 10
@@ -346,4 +329,4 @@ def test_direct_stream_ranges(tmp_path, spy, start, end, chunk):
         os.close(fd)
     assert p.read_bytes() == base[:start] + data + base[end:]
     whole = (end - end % 4096) - (-(-start // 4096) * 4096)
-    assert spy["direct"] == max(0, whole)
+    assert pwrite_spy["direct"] == max(0, whole)

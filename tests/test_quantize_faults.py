@@ -19,7 +19,7 @@ from v4convert.outputs import write_marker
 from v4convert.quant.plan import Options, QuantizeError, make_plan
 from v4convert.quant.recipes import Recipe, RecipeError, RecipeName, RuleSet, preset
 from v4convert.families.roles import Group
-from v4convert.quant.workers import DiskFullError, SourceReadError
+from v4convert.quant.unit_io import DiskFullError, SourceReadError
 
 from .test_quantize import run_quantize
 

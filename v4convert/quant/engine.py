@@ -22,6 +22,7 @@ from pathlib import Path
 
 from v4convert.formats.containers import (Container, OutKind, Part, check_fused, compressed_tensors_config,
                                           modelopt_configs)
+from v4convert.formats.direct_io import direct_write_enabled
 
 from .. import __version__
 from .. import outputs
@@ -29,8 +30,8 @@ from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
 from .hashing import ShardHasher
-from .unit_io import direct_write_enabled
-from .workers import DiskFullError, UnitResult, Writer, choose_kernel, init_thread, init_worker, run_unit
+from .unit_io import DiskFullError, Writer, init_thread
+from .workers import UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
 INDEX_NAME = "model.safetensors.index.json"

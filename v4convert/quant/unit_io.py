@@ -17,7 +17,6 @@ import torch
 
 from v4convert.formats.direct_io import (ALIGN, NO_DIRECT, STAGES, BufferPool, DirectReader, _ceil, open_direct,
                                          pwrite_direct)
-from v4convert.formats.direct_io import direct_write_enabled as direct_write_enabled
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
 
 from .plan import QuantizeError
@@ -131,8 +130,6 @@ class Writer:
 
 # ------------------------------------------------------------------------------------ direct (staged) writes
 STAGE_MAX = 512 << 20          # bytes: larger units keep the buffered Writer (no second copy of a huge unit in RAM)
-_NO_DIRECT = NO_DIRECT         # shard paths whose filesystem refused O_DIRECT (shared with every direct writer)
-_STAGES = STAGES               # aligned staging buffers shared by every thread (``formats.direct_io``)
 
 
 @dataclass
@@ -146,7 +143,7 @@ class Staged:
 
     def release(self) -> None:
         if self.buf is not None:
-            _STAGES.give(self.buf)
+            STAGES.give(self.buf)
             self.buf = None
 
 
@@ -160,7 +157,7 @@ class StagedWriter:
     def __init__(self, path: Path, start: int, end: int) -> None:
         self.path, self.start, self.end = path, start, end
         self.lo = start - start % ALIGN                       # file offset of buf[0]
-        self.buf = _STAGES.take(_ceil(end) - self.lo)
+        self.buf = STAGES.take(_ceil(end) - self.lo)
         self.mv = memoryview(self.buf.numpy())
         self.spans: list[tuple[int, int]] = []                # written [a, b) file offsets
 
@@ -188,7 +185,7 @@ class StagedWriter:
         a, b = _ceil(self.start), self.end - self.end % ALIGN     # whole pages of the range
         if a >= b:
             a = b = self.end                                         # no whole page: all buffered
-        d = self._direct(a, b) if a < b and str(self.path) not in _NO_DIRECT else a   # O_DIRECT wrote [a, d)
+        d = self._direct(a, b) if a < b and str(self.path) not in NO_DIRECT else a   # O_DIRECT wrote [a, d)
         w = Writer(self.path)
         try:
             w.write(self.start, self.mv[self.start - self.lo: a - self.lo], "unit head")
@@ -214,4 +211,4 @@ class StagedWriter:
 
     def abandon(self) -> None:
         """The unit failed: nothing is written; the buffer goes back."""
-        _STAGES.give(self.buf)
+        STAGES.give(self.buf)

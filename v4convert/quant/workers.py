@@ -25,8 +25,8 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 
 from ..families.roles import Storage
 from .plan import Action, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
-from .unit_io import (_LOCAL, STAGE_MAX, DiskFullError, SourceReadError, Staged, StagedWriter, Writer,  # noqa: F401
-                      _nthreads, _pool, direct_io_enabled, init_thread, read_rows)
+from .unit_io import (_LOCAL, STAGE_MAX, Staged, StagedWriter, Writer, _nthreads, _pool, direct_io_enabled,
+                      read_rows)
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
