@@ -71,7 +71,8 @@ def load_library(source: Path, soname: str) -> ctypes.CDLL:
     load it. Shared by every C kernel of this package; callers cache the result and declare argtypes.
     Raises :class:`NativeUnavailableError` (no compiler, compile error, unloadable library)."""
     src = source.read_bytes()
-    key = hashlib.sha256(src + "\0".join(CFLAGS + LIBS).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))   # rows.h: included by the .c files
+    key = hashlib.sha256(src + headers + "\0".join(CFLAGS + LIBS).encode()).hexdigest()[:16]
     out_dir = cache_dir() / key
     so = out_dir / soname
     if not so.exists():

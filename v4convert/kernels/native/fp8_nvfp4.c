@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "rows.h"
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -216,26 +218,7 @@ static void *encode_rows(void *arg) {
     return NULL;
 }
 
-static void run_threads(job_t *base, int nthreads, void *(*fn)(void *), job_t *jobs) {
-    int64_t n = base->n;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > n) nthreads = (int)(n > 0 ? n : 1);
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int t = 0; t < nthreads; t++) {
-        jobs[t] = *base;
-        jobs[t].r0 = n * t / nthreads;
-        jobs[t].r1 = n * (t + 1) / nthreads;
-        started[t] = 0;
-    }
-    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, fn, &jobs[t]) == 0;
-    fn(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else fn(&jobs[t]); /* thread could not start: do its rows here */
-    }
-}
+V4C_DEFINE_RUN_THREADS(job_t, MAX_THREADS)
 
 /* Stage 1: block_amax [n, k/16] and the tensor amax. Returns the number of NaN E4M3 bytes,
  * or -1 when a scale is bad (E8M0 0xFF / non-finite F32). */

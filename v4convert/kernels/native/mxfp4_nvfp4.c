@@ -29,6 +29,8 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "rows.h"
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -214,27 +216,7 @@ static void *pass2(void *arg) {
     return NULL;
 }
 
-static int run_threads(job_t *base, int nthreads, void *(*fn)(void *), job_t *jobs) {
-    int64_t n = base->n;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
-    if (nthreads > n) nthreads = (int)(n > 0 ? n : 1);
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int t = 0; t < nthreads; t++) {
-        jobs[t] = *base;
-        jobs[t].r0 = n * t / nthreads;
-        jobs[t].r1 = n * (t + 1) / nthreads;
-        started[t] = 0;
-    }
-    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, fn, &jobs[t]) == 0;
-    fn(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else fn(&jobs[t]); /* thread could not start: do its rows here */
-    }
-    return nthreads;
-}
+V4C_DEFINE_RUN_THREADS(job_t, MAX_THREADS)
 
 /* Pass 1 over one part [n, k/2] + [n, k/32]. info[0] = any nonzero block, info[1] = max t,
  * info[2] = has inf, info[3] = has NaN scale byte, info[4], info[5] = (M, E) of the largest |v|. */
