@@ -102,3 +102,47 @@ def test_awq_uniform_statistics_is_weight_mse():
     q = awq_quantize(w, torch.ones(64), FP4Codec.NVFP4)
     r = nvfp4_quantize(w, method=ScaleMethod.MSE)
     assert torch.equal(q.packed, r.packed) and torch.equal(_scale_bytes(q), _scale_bytes(r))
+
+
+def _perturbed(seed: int):
+    """A linear's original inputs ``x`` and a quantized model's inputs ``xq`` of the same tokens (``x`` plus a
+    correlated error, as upstream quantization leaves): (w, x, xq, H = xq^T xq / n, C = x^T xq / n)."""
+    w, x, _ = _layer(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    xq = x + 0.3 * x @ (torch.randn(x.shape[1], x.shape[1], generator=g) / x.shape[1] ** 0.5)
+    n = x.shape[0]
+    return w, x, xq, xq.T @ xq / n, x.T @ xq / n
+
+
+@pytest.mark.parametrize("codec,conv", CASES)
+def test_gptq_target_original_with_identical_inputs_is_plain_gptq(codec, conv):
+    """C == H (the original and quantized streams agree): the same bytes as plain GPTQ, for every gptq method."""
+    from v4convert.calib.method import GPTQSettings, MethodSpec, quantize_weight
+    w, _, h = _layer(4)
+    for method, gs in (("gptq", GPTQSettings()), ("awq+gptq", GPTQSettings(damp=1.0, act_order=True, refine=2)),
+                       ("gptq+mse", GPTQSettings(scales_search=True))):
+        a = quantize_weight(MethodSpec.parse(method), codec, w, h, convention=conv, gptq=gs)
+        b = quantize_weight(MethodSpec.parse(method), codec, w, h, convention=conv, gptq=gs, c=h.clone())
+        assert torch.equal(a.packed, b.packed) and torch.equal(_scale_bytes(a), _scale_bytes(b))
+
+
+@pytest.mark.parametrize("codec,conv", CASES)
+def test_gptq_target_original_lowers_error_to_the_original_outputs(codec, conv):
+    """On perturbed inputs, ||x W^T - xq Q^T|| (the original outputs from the quantized inputs) is lower with the
+    original target than with plain GPTQ on the same H; and W* itself is the damped least-squares solution."""
+    from v4convert.calib.method import GPTQSettings, MethodSpec, quantize_weight
+    from v4convert.quant.methods.gptq import _damped, original_target
+    for seed in (5, 6):
+        w, x, xq, h, c = _perturbed(seed)
+
+        def err(q):
+            return float((x @ w.T - xq @ q.dequantize().T).square().mean())
+        for damp in (0.01, 1.0):
+            gs = GPTQSettings(damp=damp)
+            plain = quantize_weight(MethodSpec.parse("gptq"), codec, w, h, convention=conv, gptq=gs)
+            target = quantize_weight(MethodSpec.parse("gptq"), codec, w, h, convention=conv, gptq=gs, c=c)
+            assert err(target) < 0.9 * err(plain)
+        ws = original_target(w, h, c, 0.01).double()
+        hd = _damped(h, 0.01)                      # normal equations: W* H' = W C + W (H' - H)
+        resid = ws @ hd - w.double() @ (c.double() + hd - h.double())
+        assert float(resid.abs().max()) < 1e-6 * float((w.double() @ hd).abs().max())

@@ -1,7 +1,8 @@
 """Calibrated quantize: the statistics file, the pass that writes it, and the worker side that reads it.
 
 Statistics file (safetensors, never pickle): per calibrated linear ``NAME:h`` float32 ``[K, K]``
-(``X^T X / n``), ``NAME:amax`` float32 ``[1]`` (max |x|), ``NAME:count`` int64 ``[1]``; metadata ``calib`` =
+(``X^T X / n``), ``NAME:amax`` float32 ``[1]`` (max |x|), ``NAME:count`` int64 ``[1]``, with ``--gptq-target original`` also ``NAME:c`` float32 ``[K, K]`` (``Xo^T X / n``,
+original x quantized-model inputs); metadata ``calib`` =
 the JSON of the :class:`CalibOptions` it was made with, ``coverage`` = routed tokens per MoE layer x expert.
 Linears without a record (never called, or an expert below ``--min-expert-tokens``) get the data-free base.
 The quantize workers read one record per tensor (``safe_open``, memory bounded by that tensor), so bytes
@@ -40,6 +41,7 @@ class CalibOptions:
     gptq_scales_during: bool = False
     gptq_scales_search: bool = False
     gptq_refine: int = 0              # coordinate-descent sweeps after GPTQ
+    gptq_target: str = "quantized"    # quantized | original (GPTQ aims at the original model's outputs: NAME:c)
     activations: str = "w4a16"        # w4a16 | w4a4 (static input scales from the stats' amax)
 
     @property
@@ -66,6 +68,8 @@ class CalibOptions:
         for f in ("gptq_scales_search", "gptq_refine"):   # added later: keys (fingerprints) of runs without them
             if not d[f]:                                   # stay the same
                 d.pop(f)
+        if d["gptq_target"] == "quantized":
+            d.pop("gptq_target")
         return json.dumps(d, sort_keys=True)
 
 
@@ -80,6 +84,13 @@ def load_record(path: str | Path, name: str) -> tuple[torch.Tensor, float, int] 
         if f"{name}:h" not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
             return None
         return f.get_tensor(f"{name}:h"), float(f.get_tensor(f"{name}:amax")[0]), int(f.get_tensor(f"{name}:count")[0])
+
+
+def load_cross(path: str | Path, name: str) -> torch.Tensor | None:
+    """``NAME:c`` (``Xo^T X / n``, float32 ``[K, K]``) or None."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(f"{name}:c") if f"{name}:c" in f.keys() else None  # noqa: SIM118
 
 
 def read_meta(path: str | Path) -> dict[str, str]:
@@ -98,6 +109,8 @@ def record_tensors(stats: dict, skip: set[str] = frozenset()) -> dict[str, torch
         out[f"{n}:h"] = s.hessian().contiguous()
         out[f"{n}:amax"] = torch.tensor([s.amax], dtype=torch.float32)
         out[f"{n}:count"] = torch.tensor([s.count], dtype=torch.int64)
+        if s.xc is not None:
+            out[f"{n}:c"] = s.cross().contiguous()
     return out
 
 
@@ -125,8 +138,9 @@ def quantize_tensor(opts: CalibOptions, codec: FP4Codec, w: torch.Tensor, name: 
     if h is None:
         rec = load_record(opts.stats, name)
         h = rec[0] if rec is not None else None
+    c = load_cross(opts.stats, name) if h is not None and opts.gptq_target == "original" else None
     return quantize_weight(opts.spec, codec, w, h, convention=_conv(container), global_amax=global_amax,
-                           mx_rule=mx_rule, gptq=opts.gptq, name=name)
+                           mx_rule=mx_rule, gptq=opts.gptq, name=name, c=c)
 
 
 def write_calibrated(unit, ts, w, opts) -> None:

@@ -28,6 +28,14 @@ states (its linears' stats are recorded), ``quantize(name, w, stats, group_amax)
 their dequantized quantized values, and (``propagate=True``, the default) block L runs again so layer L+1
 sees the *quantized* layer's outputs; ``propagate=False`` feeds L+1 the original outputs.
 
+``target_original`` (``--gptq-target original``; needs ``propagate``): a second hidden-state stream, the original
+model's, runs beside the quantized one (each block once more on it with the original weights; an MoE block's
+experts are loaded once more for it), and every target linear also gets ``xc = X^T X~`` (``X`` its inputs in the
+original model, ``X~`` in the partly quantized one, the same tokens: the linear's inputs are captured in a run on
+the original stream just before the statistics run and paired call by call; a routed expert pairs its routed
+rows with the original stream's MoE input of the same tokens). GPTQ then aims at the original outputs
+(``quant.methods.gptq.original_target``). Extra memory: the captured inputs of one pass (spilled like the rest).
+
 ``all_experts``: every calibration token also goes through every routed expert for *statistics only*
 (the layer output still uses the real routing); coverage counts stay the routed counts.
 """
@@ -47,29 +55,51 @@ from .stream import SPILL_BYTES, Spill, StreamedModel
 STATS_BYTES = 1 << 30    # float64 X^T X of a block's non-expert linears held at once (o_proj of V3: 2 GiB alone)
 
 
+def _accumulate(acc: torch.Tensor, p: torch.Tensor) -> None:
+    """``acc += p`` (float64 += float32) in row blocks: the float64 cast of p is never whole (2 GiB at K=16384)."""
+    step = max(1, (16 << 20) // p.shape[1])
+    for i in range(0, p.shape[0], step):
+        acc[i:i + step] += p[i:i + step]
+
+
 @dataclass
 class LinearStats:
-    xtx: torch.Tensor                 # float64 [K, K], sum of x x^T
+    xtx: torch.Tensor                 # float64 [K, K], sum of x x^T (x: this model's inputs)
     amax: float = 0.0
     count: int = 0
+    xc: torch.Tensor | None = None    # float64 [K, K], sum of xo x^T (xo: the original model's inputs), paired runs
 
-    def hessian(self) -> torch.Tensor:
-        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen); computed in row blocks so no float64
-        ``[K, K]`` temporary exists (2 GiB for V3's o_proj; elementwise, so the same bits)."""
-        out = torch.empty(self.xtx.shape, dtype=torch.float32)
-        n, step = max(self.count, 1), max(1, (16 << 20) // max(1, self.xtx.shape[-1]))
-        for i in range(0, self.xtx.shape[0], step):
-            out[i:i + step] = (self.xtx[i:i + step] / n).float()
+    def _mean(self, t: torch.Tensor) -> torch.Tensor:
+        """float32 ``t / n`` computed in row blocks so no float64 ``[K, K]`` temporary exists (2 GiB for V3's
+        o_proj; elementwise, so the same bits)."""
+        out = torch.empty(t.shape, dtype=torch.float32)
+        n, step = max(self.count, 1), max(1, (16 << 20) // max(1, t.shape[-1]))
+        for i in range(0, t.shape[0], step):
+            out[i:i + step] = (t[i:i + step] / n).float()
         return out
 
-    def add(self, x: torch.Tensor) -> None:
+    def hessian(self) -> torch.Tensor:
+        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen)."""
+        return self._mean(self.xtx)
+
+    def cross(self) -> torch.Tensor | None:
+        """float32 ``[K, K]``: ``Xo^T X / n`` (None without paired runs); equals ``hessian()`` bit for bit when
+        every paired batch had identical inputs."""
+        return None if self.xc is None else self._mean(self.xc)
+
+    def add(self, x: torch.Tensor, xo: torch.Tensor | None = None) -> None:
+        """Rows ``x [..., K]``; ``xo``: the original model's inputs of the same rows (needs ``xc``)."""
         x = x.reshape(-1, x.shape[-1]).float()
+        if xo is not None:
+            xo = xo.reshape(-1, xo.shape[-1]).float()
+            if xo.shape != x.shape:
+                raise RuntimeError(f"paired inputs {tuple(xo.shape)} vs {tuple(x.shape)}")     # our bug
         if x.shape[0] == 0:
             return
         p = x.T @ x                          # float32 per batch, float64 across batches
-        step = max(1, (16 << 20) // p.shape[1])
-        for i in range(0, p.shape[0], step):     # row blocks: the float64 cast of p is never whole (2 GiB at K=16384)
-            self.xtx[i:i + step] += p[i:i + step]
+        _accumulate(self.xtx, p)
+        if xo is not None:
+            _accumulate(self.xc, p if torch.equal(xo, x) else xo.T @ x)
         self.amax = max(self.amax, float(x.abs().max()))
         self.count += x.shape[0]
 
@@ -121,11 +151,17 @@ class _Pass:
     def __init__(self, sm: StreamedModel, targets: list[str], layer_of: dict, expert_of: dict, *,
                  quantize: Quantizer | None, groups: dict[str, list[str]] | None, propagate: bool,
                  all_experts: bool, sink: Callable[[str, LinearStats], None] | None, spill: Spill,
-                 stats_bytes: int = STATS_BYTES) -> None:
+                 stats_bytes: int = STATS_BYTES, target_original: bool = False) -> None:
         from v4convert.runtime.common import Linear
         self.sm, self.targets, self.layer_of, self.expert_of = sm, targets, layer_of, expert_of
         self.quantize, self.groups, self.all_experts, self.spill = quantize, groups or {}, all_experts, spill
         self.requant = propagate and quantize is not None
+        self.pair = target_original and self.requant     # paired original-stream inputs -> LinearStats.xc
+        if self.pair and all_experts:
+            raise ValueError("target_original does not pair the all_experts broadcast")
+        self.capturing = False                           # lin hooks keep inputs in ``xo`` instead of adding stats
+        self.xo: dict[str, list[torch.Tensor]] = {}
+        self.taken: dict[str, int] = {}
         self.stats_bytes = stats_bytes
         self.mods: dict[str, Linear] = {}
         for n in targets:
@@ -148,7 +184,15 @@ class _Pass:
         def lin_hook(name):
             def hook(mod, args):
                 if name in self.active and (not self.broadcast_only[name] or self.broadcast):
-                    self.stats[name].add(args[0])
+                    x = args[0]
+                    if self.capturing:
+                        self.xo.setdefault(name, []).append(self.spill.keep(x.reshape(-1, x.shape[-1]).clone()))
+                    elif self.pair:
+                        i = self.taken.get(name, 0)
+                        self.taken[name] = i + 1
+                        self.stats[name].add(x, self.xo[name][i])
+                    else:
+                        self.stats[name].add(x)
             return hook
         return [m.register_forward_pre_hook(lin_hook(n)) for n, m in self.mods.items()]
 
@@ -163,7 +207,23 @@ class _Pass:
     def start(self, names: list[str]) -> None:
         for n in names:
             k = self.mods[n].in_features
-            self.stats[n] = LinearStats(torch.zeros(k, k, dtype=torch.float64))
+            self.stats[n] = LinearStats(torch.zeros(k, k, dtype=torch.float64),
+                                        xc=torch.zeros(k, k, dtype=torch.float64) if self.pair else None)
+
+    def capture(self, run: Callable[[], object]) -> None:
+        """``run()`` (on the original stream) keeps the active linears' inputs for the next, paired run."""
+        self.xo, self.taken, self.capturing = {}, {}, True
+        try:
+            run()
+        finally:
+            self.capturing = False
+
+    def paired(self) -> None:
+        """After the paired run: every captured call was used (same calls in both runs), then dropped."""
+        for n, xs in self.xo.items():
+            if self.taken.get(n, 0) != len(xs):
+                raise RuntimeError(f"{n}: {len(xs)} original-stream calls, {self.taken.get(n, 0)} paired")  # our bug
+        self.xo, self.taken = {}, {}
 
     def finish(self, names: list[str]) -> None:
         for n in names:
@@ -182,7 +242,7 @@ class _Pass:
     def passes(self, names: list[str]) -> list[list[str]]:
         """``names`` split so that one pass's float64 ``X^T X`` stay within ``stats_bytes`` (largest first; a
         linear larger than the budget alone). One pass for small models."""
-        size = {n: 8 * self.mods[n].in_features ** 2 for n in names}
+        size = {n: (16 if self.pair else 8) * self.mods[n].in_features ** 2 for n in names}
         out: list[list[str]] = []
         used = 0
         for n in sorted(names, key=lambda n: -size[n]):
@@ -193,19 +253,25 @@ class _Pass:
             used += size[n]
         return out or [[]]
 
-    def stats_then_quantize(self, names: list[str], run: Callable[[bool], object]) -> object:
+    def stats_then_quantize(self, names: list[str], run: Callable[[bool], object],
+                            run_original: Callable[[], object] | None = None) -> object:
         """Stats of ``names`` from ``run(first)`` on the original weights, in as many passes as ``passes``
         needs (each a re-run of the same deterministic block on the same inputs, so each linear sees the same
         rows); with ``requant`` each pass's linears are quantized aside and all replaced once every pass is
-        done. Returns the first pass's result."""
+        done. ``pair``: each pass first captures the inputs from ``run_original()`` (the original stream).
+        Returns the first pass's result."""
         first, aside = None, {}
         for i, part in enumerate(self.passes(names)):
             self.start(part)
-            self.active, self.counting = set(part), i == 0
+            self.active = set(part)
+            if self.pair and part:
+                self.capture(run_original)
+            self.counting = i == 0
             try:
                 r = run(i == 0)
             finally:
                 self.active, self.counting = set(), False
+            self.paired()
             first = r if i == 0 else first
             if self.requant:
                 for n in part:
@@ -224,21 +290,29 @@ class _Pass:
             out.append((self.spill.keep(y) if keep else None,) + tuple(args[1:]))
         return out
 
-    def dense_layer(self, li: int, names: list[str], inputs: list[tuple]) -> list[tuple]:
+    def dense_layer(self, li: int, names: list[str], inputs: list[tuple],
+                    orig: list[tuple] | None) -> tuple[list[tuple], list[tuple] | None]:
+        """(quantized-stream outputs, original-stream outputs or None without ``pair``)."""
         requant = self.requant and bool(names)
-        outputs = self.stats_then_quantize(names, lambda first: self.run_block(li, inputs, first and not requant))
+        orig_out = self.run_block(li, orig) if self.pair else None        # before any weight is replaced
+        outputs = self.stats_then_quantize(names, lambda first: self.run_block(li, inputs, first and not requant),
+                                           lambda: self.run_block(li, orig, keep=False))
         if requant:
             outputs = self.run_block(li, inputs)          # the next layer sees the quantized layer's output
-        return outputs
+        return outputs, orig_out
 
-    def record(self, li: int, moe: nn.Module, inputs: list[tuple], keep: bool) -> tuple[list[dict], list]:
-        """Run block ``li`` with the routed experts replaced by a recorder: per batch, each expert's input rows
-        (and the MoE's whole input, for ``all_experts``); nothing kept unless ``keep``."""
+    def record(self, li: int, moe: nn.Module, inputs: list[tuple], keep: bool,
+               moe_input: bool = False) -> tuple[list[dict], list, list]:
+        """Run block ``li`` with the routed experts replaced by a recorder: per batch, each expert's input rows,
+        the MoE's whole input ``[N, D]`` (for ``all_experts``, or ``moe_input``) and the routing ``idx [N, top-k]``;
+        nothing kept unless ``keep``."""
         real = moe.experts
-        rows, whole = [], []
+        rows, whole, idxs = [], [], []
         grab = moe.register_forward_pre_hook(
             lambda mod, args: whole.append(self.spill.keep(args[0].reshape(-1, args[0].shape[-1])))
-            if keep and self.all_experts else None)
+            if keep and (self.all_experts or moe_input) else None)
+        route = moe.gate.register_forward_hook(
+            lambda mod, args, out: idxs.append(out[1].reshape(-1, out[1].shape[-1])) if keep else None)
         try:
             for args in inputs:
                 moe.experts = rec = _Experts(len(real), self.spill if keep else None)
@@ -247,13 +321,42 @@ class _Pass:
         finally:
             moe.experts = real
             grab.remove()
-        return rows, whole
+            route.remove()
+        return rows, whole, idxs
 
-    def moe_layer(self, li: int, moe: nn.Module, names: list[str], inputs: list[tuple]) -> list[tuple]:
-        """See the module docstring: record, experts one at a time, replay."""
+    def replay(self, li: int, moe: nn.Module, inputs: list[tuple], outs: list[dict[int, torch.Tensor]]) -> list[tuple]:
+        """Block ``li`` on ``inputs`` with the routed experts' outputs ``outs`` (per batch, per expert) replayed."""
+        real, out = moe.experts, []
+        try:
+            for args, o in zip(inputs, outs):
+                moe.experts = _Experts(len(real), self.spill, replay=o)
+                out.append((self.spill.keep(self.sm.blocks[li](*args)),) + tuple(args[1:]))
+        finally:
+            moe.experts = real
+        return out
+
+    def original_moe(self, li: int, moe: nn.Module, orig: list[tuple]) -> tuple[list[tuple], list[torch.Tensor]]:
+        """``pair``: the original stream through MoE block ``li`` with its original weights (experts loaded one at
+        a time): (its outputs, the MoE's input ``[N, D]`` per batch)."""
+        rows, moe_in, _ = self.record(li, moe, orig, True, moe_input=True)
+        outs: list[dict[int, torch.Tensor]] = [{} for _ in orig]
+        for e in range(len(moe.experts)):
+            if any(e in r for r in rows):
+                expert = self.sm.load_expert(li, e)
+                for b, r in enumerate(rows):
+                    if e in r:
+                        outs[b][e] = self.spill.keep(expert(r[e]))
+                self.sm.free_expert(li, e)
+        return self.replay(li, moe, orig, outs), moe_in
+
+    def moe_layer(self, li: int, moe: nn.Module, names: list[str], inputs: list[tuple],
+                  orig: list[tuple] | None) -> tuple[list[tuple], list[tuple] | None]:
+        """See the module docstring: record, experts one at a time, replay. Returns as ``dense_layer``."""
         shared = [n for n in names if self.expert_of[n] is None]
+        orig_out, moe_in = self.original_moe(li, moe, orig) if self.pair else (None, [])
         # original weights: stats of the non-expert linears, each expert's routed rows
-        rows1, whole1 = self.stats_then_quantize(shared, lambda first: self.record(li, moe, inputs, first))
+        rows1, whole1, idx1 = self.stats_then_quantize(shared, lambda first: self.record(li, moe, inputs, first),
+                                                       lambda: self.record(li, moe, orig, False))
         # the quantized attention's outputs feed the experts
         rows2 = self.record(li, moe, inputs, True)[0] if self.requant else rows1
         outs: list[dict[int, torch.Tensor]] = [{} for _ in inputs]
@@ -268,6 +371,9 @@ class _Pass:
             expert = self.sm.load_expert(li, e)
             self.start(mine)
             self.active = set(mine)
+            if self.pair and mine:      # the original model's expert inputs of the tokens routed here (rows1)
+                self.capture(lambda: [expert(moe_in[b][(idx1[b] == e).any(-1).nonzero()[:, 0]])
+                                      for b, r in enumerate(rows1) if e in r])
             if whole1 and mine:
                 self.broadcast = True
                 try:
@@ -281,6 +387,7 @@ class _Pass:
                     if not self.requant:
                         outs[b][e] = self.spill.keep(y)
             self.active = set()
+            self.paired()
             if self.requant:
                 q = {n: self.quantized(n) for n in mine}
                 for n, w in q.items():
@@ -291,21 +398,15 @@ class _Pass:
                         outs[b][e] = self.spill.keep(expert(r[e]))
             self.finish(mine)
             self.sm.free_expert(li, e)
-        real, out = moe.experts, []
-        try:
-            for args, o in zip(inputs, outs):
-                moe.experts = _Experts(len(real), self.spill, replay=o)
-                out.append((self.spill.keep(self.sm.blocks[li](*args)),) + tuple(args[1:]))
-        finally:
-            moe.experts = real
-        return out
+        return self.replay(li, moe, inputs, outs), orig_out
 
 
 def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quantizer | None = None,
                   groups: dict[str, list[str]] | None = None, propagate: bool = True, all_experts: bool = False,
                   batch: int = 4, progress: bool = False, sink: Callable[[str, LinearStats], None] | None = None,
                   spill_dir=None, spill_bytes: int = SPILL_BYTES, stats_bytes: int = STATS_BYTES,
-                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Collected:
+                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  target_original: bool = False) -> Collected:
     """Statistics for the linears ``targets`` (checkpoint names); see the module docstring.
 
     ``quantize(name, w, stats, group_amax)`` returns the dequantized quantized weight of ``name`` (called in
@@ -318,6 +419,8 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
     the checkpoint's embedding (benchmarks on a ``synth --layers N`` checkpoint, which has none; the pass then
     starts at the first layer present). ``stats_bytes``: float64 ``X^T X`` held at once for a block's
     non-expert linears; more need extra (identical) runs of the block, a few per layer at full size.
+    ``target_original``: also ``LinearStats.xc`` from the paired original stream (module docstring; needs
+    ``propagate`` and a ``quantize``, else there is one stream and nothing to pair).
     """
     from tqdm import tqdm
 
@@ -327,24 +430,26 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
         layer_of = {n: ck.tensor_info(n).layer for n in targets}
         expert_of = {n: ck.tensor_info(n).expert for n in targets}
         p = _Pass(sm, targets, layer_of, expert_of, quantize=quantize, groups=groups, propagate=propagate,
-                  all_experts=all_experts, sink=sink, spill=spill, stats_bytes=stats_bytes)
+                  all_experts=all_experts, sink=sink, spill=spill, stats_bytes=stats_bytes,
+                  target_original=target_original)
         handles = p.hooks()
         try:
             main = [li for li in sm.main_layers if any(layer_of[n] == li for n in targets)]
             run = [li for li in sm.main_layers if main and li <= main[-1]]
             with torch.inference_mode():
                 inputs = sm.capture(data.windows, batch, spill) if run else []
+                orig = inputs if p.pair else None        # the original model's stream (same block-0 inputs)
                 for li in tqdm(run, desc="calibrate", unit="layer", disable=not progress):
                     names = [n for n in targets if layer_of[n] == li]
                     moe = _moe(sm.blocks[li])
                     sm.load_layer(li, experts=moe is None)
                     spill.new_layer()
                     if moe is None:
-                        inputs = p.dense_layer(li, names, inputs)
+                        inputs, orig = p.dense_layer(li, names, inputs, orig)
                     else:
                         hd = moe.gate.register_forward_hook(p.count_hook(li, len(moe.experts)))
                         try:
-                            inputs = p.moe_layer(li, moe, names, inputs)
+                            inputs, orig = p.moe_layer(li, moe, names, inputs, orig)
                         finally:
                             hd.remove()
                     sm.free_layer(li)

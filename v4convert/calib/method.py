@@ -73,10 +73,13 @@ class GPTQSettings:
 def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch.Tensor | None, *,
                     convention: NVFP4Convention = NVFP4Convention.COMPRESSED_TENSORS,
                     global_amax: torch.Tensor | None = None, mx_rule: MXScaleRule = MXScaleRule.OCP_FLOOR,
-                    gptq: GPTQSettings = GPTQSettings(), name: str = "tensor") -> NVFP4Tensor | MXFP4Tensor:
-    """``w [N, K]`` float -> the codec's tensor; ``h [K, K]`` (``X^T X / n``) or None = data-free base only."""
+                    gptq: GPTQSettings = GPTQSettings(), name: str = "tensor",
+                    c: torch.Tensor | None = None) -> NVFP4Tensor | MXFP4Tensor:
+    """``w [N, K]`` float -> the codec's tensor; ``h [K, K]`` (``X^T X / n``) or None = data-free base only.
+    ``c [K, K]`` (``X^T X~ / n``, original x quantized-model inputs; ``--gptq-target original``): a method with gptq
+    first moves ``w`` to ``gptq.original_target`` (then every step -- base scales, awq, gptq -- works on it)."""
     from v4convert.quant.methods.awq import awq_grid
-    from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize
+    from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize, original_target
 
     # MXFP4: mse = the per-block exponent search (formats.mxfp4); four-over-six has no MXFP4 form -> rtn
     base = spec.base if codec is FP4Codec.NVFP4 or spec.base is ScaleMethod.MSE else ScaleMethod.RTN
@@ -84,6 +87,8 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
     if h is None or not spec.needs_data:
         grid, codes = rtn_grid(w, codec, method=base, **kw)
         return grid.tensor(codes)
+    if c is not None and spec.gptq:
+        w = original_target(w, h, c, gptq.damp)
     grid = None
     if spec.awq:
         grid, codes = awq_grid(w, torch.diagonal(h).clone(), codec, base=base, **kw)

@@ -96,8 +96,9 @@ def run_calibration(plan, data: CalibData | SavedPass, copts: CalibOptions, *, p
                 return w
             codec = codec_of(action[name])
             h = stats.hessian() if stats is not None and stats.count >= min_for[name] else None
+            c = stats.cross() if h is not None else None        # --gptq-target original: Xo^T X / n
             q = quantize_weight(spec, codec, w.float(), h, convention=conv, mx_rule=rule, gptq=copts.gptq,
-                                global_amax=gamax if codec is FP4Codec.NVFP4 else None, name=name)
+                                global_amax=gamax if codec is FP4Codec.NVFP4 else None, name=name, c=c)
             return q.dequantize()
 
         if isinstance(data, SavedPass):       # statistics once, many artifacts (calib/saved.py)
@@ -109,7 +110,7 @@ def run_calibration(plan, data: CalibData | SavedPass, copts: CalibOptions, *, p
                 f"method {copts.method}, {len(tensors)} linears")
             col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
                                 propagate=copts.propagate, all_experts=copts.all_experts, progress=progress,
-                                spill_dir=path.parent)
+                                spill_dir=path.parent, target_original=copts.gptq_target == "original")
         table = input_amax_table(plan, {n: s.amax for n, s in col.stats.items()}) if a4 else {}
         dropped = save_stats(path, col, copts, min_for, extra=amax_tensors(table))
         coverage = col.coverage
@@ -137,12 +138,13 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
                         min_expert_tokens: int, damp: float, act_order: bool, scales: str,
                         activations: str = "w4a16", container: str = "compressed-tensors",
-                        calib_stats: Path | None = None, refine: int = 0):
+                        calib_stats: Path | None = None, refine: int = 0, target: str = "quantized"):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
     ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
     ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
     activation scales only). ``calib_stats``: a directory of ``calibrate --stats`` to reuse instead of a pass (the
-    third value is then its ``SavedPass``; implies ``propagate="original"``)."""
+    third value is then its ``SavedPass``; implies ``propagate="original"``). ``target="original"``
+    (``--gptq-target``): GPTQ aims at the original model's outputs (needs gptq and ``propagate="quantized"``)."""
     from .activations import check_request
     from .method import MethodError
     if calib_stats is not None:
@@ -170,6 +172,11 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
         raise MethodError(f"--method {method} needs calibration data: add --calib [PATH] (or --calib-stats DIR)")
     if refine and not spec.gptq:
         raise MethodError(f"--gptq-refine polishes GPTQ's result; --method {method} has no gptq")
+    if target == "original" and not spec.gptq:
+        raise MethodError(f"--gptq-target original moves GPTQ's target; --method {method} has no gptq")
+    if target == "original" and (propagate != "quantized" or all_experts):
+        raise MethodError("--gptq-target original pairs the quantized stream with the original one: it needs "
+                          "--propagate quantized (and no --calib-stats) and does not support --calib-all-experts")
     if act_order and scales != "before":
         raise MethodError(f"--gptq-act-order needs --gptq-scales before (got {scales}: scales tied to contiguous blocks)")
     if min_expert_tokens < 0 or damp <= 0:
@@ -185,6 +192,6 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
                          gptq_scales_during=scales == "during", gptq_scales_search=scales == "search",
-                         gptq_refine=refine,
+                         gptq_refine=refine, gptq_target=target,
                          activations=activations)
     return spec, copts, data

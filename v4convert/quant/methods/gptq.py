@@ -20,6 +20,12 @@ With ``H = I`` no error is spread, so the output is bit-identical to RTN on the 
 ``refine`` (``--gptq-refine N``): N coordinate-descent sweeps after GPTQ on the same damped objective
 ``(w - q) H' (w - q)^T``, scales fixed (``_refine``; each move is to the grid point nearest a code's 1-D
 optimum, so the objective never rises -- the CDQuant-style polish of a GPTQ solution).
+
+``original_target`` (``--gptq-target original``, GPTAQ-style, arXiv 2504.02692): with ``--propagate quantized`` the
+Hessian ``H = X~^T X~ / n`` comes from the partly quantized model's inputs ``X~ [n, K]``, while the output to
+match is the original model's ``X W^T`` (``X`` the original model's inputs of the same tokens). The damped
+least-squares weight for the quantized inputs is ``W* = W + W (C - H) H'^-1`` (``C = X^T X~ / n``, ``H'`` GPTQ's
+damped H); GPTQ then rounds ``W*`` on ``H`` (``||X~ (W* - Q)^T||`` is the rest of ``||X W^T - X~ Q^T||``).
 """
 from __future__ import annotations
 
@@ -97,6 +103,17 @@ def _search_block(grid: Grid, b: int, x: torch.Tensor, u: torch.Tensor, base: Sc
         grid.ws[:, b] = torch.stack([c.ws[:, 0].float() for c in cands])[pick, rows].to(torch.float8_e4m3fn)
     else:
         grid.exp[:, b] = torch.stack([c.exp[:, 0] for c in cands])[pick, rows]
+
+
+def original_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W* [N, K]`` float32 = ``W + W (C - H) H'^-1``: the minimiser of ``||X~ W*^T - X W^T||^2 + ||(W* - W) R||^2``
+    (``R^T R = H' - H``: GPTQ's damping and dead-input ones) for ``h = X~^T X~ / n``, ``c = X^T X~ / n`` (both
+    ``[K, K]``, same n). ``c`` equal to ``h`` (identical streams) returns ``w`` itself: plain GPTQ, bit for bit."""
+    if torch.equal(c, h):
+        return w
+    hd = _damped(h, damp)                               # float64, symmetric positive definite
+    m = w.double() @ (c.double() - h.double())          # [N, K]
+    return (w.double() + torch.linalg.solve(hd, m.T).T).float()
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
