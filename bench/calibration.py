@@ -109,6 +109,15 @@ VARIANTS = (
                                                     "original", "--gptq-damp", "0.3")),
     ("mxfp4", "awq+gptq target=original damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-target",
                                                   "original", "--gptq-damp", "3.0")),
+    # --true-sequential: staged statistics inside a block (attention, output projections, gate/up, down)
+    ("mxfp4", "awq+gptq true-seq damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--true-sequential",
+                                           "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq true-seq target=original damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq",
+                                                           "--true-sequential", "--gptq-target", "original",
+                                                           "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq act-order refine=3 true-seq target=original damp=1", (
+        "--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order", "--gptq-refine", "3", "--true-sequential",
+        "--gptq-target", "original", "--gptq-damp", "1.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )

@@ -142,6 +142,10 @@ def test_gptq_target_original_lowers_error_to_the_original_outputs(codec, conv):
             plain = quantize_weight(MethodSpec.parse("gptq"), codec, w, h, convention=conv, gptq=gs)
             target = quantize_weight(MethodSpec.parse("gptq"), codec, w, h, convention=conv, gptq=gs, c=c)
             assert err(target) < 0.9 * err(plain)
+        if codec is FP4Codec.NVFP4:       # W* may pass the original amax: clipped to the shared global amax
+            g = 0.9 * original_target(w, h, c, 0.01).abs().amax()      # a partner's original amax below W*'s
+            q = quantize_weight(MethodSpec.parse("gptq"), codec, w, h, convention=conv, global_amax=g, c=c)
+            assert torch.isfinite(q.dequantize()).all()        # without the clip: CodecInputError (amax > global)
         ws = original_target(w, h, c, 0.01).double()
         hd = _damped(h, 0.01)                      # normal equations: W* H' = W C + W (H' - H)
         resid = ws @ hd - w.double() @ (c.double() + hd - h.double())

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from v4convert.calib.collect import Collected, LinearStats, collect_stats
+from v4convert.calib.collect import Collected, collect_stats
+from v4convert.calib.linstats import LinearStats
 from v4convert.calib.data import calibration_windows
 from v4convert.checkpoint import Checkpoint
 from v4convert.families.roles import Family

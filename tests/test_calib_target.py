@@ -51,7 +51,46 @@ def test_pairing_identical_streams_and_quantized_stream_unchanged(tiny_ckpts, ca
     first = min(layer.values())
     later = {n for n in paired.stats if layer[n] > first}
     assert later and later <= differ          # every linear after the first layer sees a quantized model's input
-    assert any(layer[n] == first for n in set(paired.stats) - differ)   # layer 0's first linears: same input
+    # layer 0 sees the same input in both streams and (all at once, not staged) its statistics come from its
+    # original weights: every layer-0 linear, routed experts included, has C == H exactly
+    assert {n for n in paired.stats if layer[n] == first}.isdisjoint(differ)
+
+
+@pytest.mark.parametrize("preset", ["v3-tiny", "v4-flash-tiny"])
+def test_true_sequential_stages(tiny_ckpts, calib_txt, preset):
+    """``sequential``: a block's stage-0 linears (attention inputs) see what they see unstaged, the later stages
+    see the earlier ones quantized (other statistics); experts' counts follow the recorded coverage. With
+    pairing: the quantized stream is unchanged (the original weights swapped in for the capture runs are
+    swapped back), identical streams still pair exactly, and the staged layer-0 linears now differ."""
+    from v4convert.calib.collect import SEQUENTIAL_STAGES
+    ck = tiny_ckpts[preset]
+    data = calibration_windows(ck, calib_txt, n_tokens=192, seq_len=64)
+    names = linears(ck)
+    with Checkpoint.open(ck) as c:
+        layer = {n: c.tensor_info(n).layer for n in names}
+        stage = {n: SEQUENTIAL_STAGES.get(c.tensor_info(n).role, 0) for n in names}
+        expert = {n: c.tensor_info(n).expert for n in names}
+    plain = collect_stats(ck, data, names, quantize=_rtn, batch=2)
+    seq = collect_stats(ck, data, names, quantize=_rtn, batch=2, sequential=True)
+    assert set(seq.stats) <= set(plain.stats)
+    first = min(layer.values())
+    for n, s in seq.stats.items():
+        same = torch.equal(s.xtx, plain.stats[n].xtx)
+        if stage[n] == 0:          # inputs before any quantized linear of the block: as unstaged
+            assert same, n
+        elif layer[n] == first and expert[n] is None:
+            assert not same, n                 # layer 0's later stages: inputs after quantized linears
+        if expert[n] is not None:
+            assert s.count == seq.coverage[layer[n]][expert[n]]
+    assert any(not torch.equal(s.xtx, plain.stats[n].xtx) for n, s in seq.stats.items() if expert[n] is not None)
+    same = collect_stats(ck, data, names, quantize=_keep, batch=2, target_original=True, sequential=True)
+    assert all(torch.equal(s.xc, s.xtx) for s in same.stats.values())
+    paired = collect_stats(ck, data, names, quantize=_rtn, batch=2, target_original=True, sequential=True)
+    assert paired.coverage == seq.coverage and set(paired.stats) == set(seq.stats)
+    for n, s in paired.stats.items():
+        assert torch.equal(s.xtx, seq.stats[n].xtx), n
+        if layer[n] == first and expert[n] is None:
+            assert torch.equal(s.xc, s.xtx) == (stage[n] == 0), n
 
 
 def test_cli_gptq_target_original(tiny_ckpts, calib_txt, tmp_path):

@@ -73,6 +73,7 @@ class QuantizeArgs:
     gptq_scales: str = "before"                 # before | during | search
     gptq_refine: int = 0                        # coordinate-descent sweeps after GPTQ (same scales)
     gptq_target: str = "quantized"              # quantized | original (GPTAQ-style target, calib.collect)
+    true_sequential: bool = False               # staged statistics inside a block (calib.collect)
     plot: bool = False                          # calibration-coverage.png beside the artifact
     activations: str = "w4a16"                  # w4a16 | w4a4 (static input scales; needs calib)
     log: Callable[[str], None] | None = field(default=None, repr=False)         # calibration messages
@@ -111,7 +112,7 @@ def quantize(a: QuantizeArgs) -> "RunResult | None":
         src, out, a.scale_method, a.method, a.calib, Path(a.calib_data) if a.calib_data else None, a.calib_tokens,
         a.calib_seq_len, a.propagate, a.calib_all_experts, a.min_expert_tokens, a.gptq_damp, a.gptq_act_order,
         a.gptq_scales, a.activations, container.value, Path(a.calib_stats) if a.calib_stats else None,
-        refine=a.gptq_refine, target=a.gptq_target)
+        refine=a.gptq_refine, target=a.gptq_target, sequential=a.true_sequential)
     opts = Options(container=container, scale_method=ScaleChoice(spec.base.value), mx_rule=MXRule(a.mx_rule),
                    keep_native_fp4=a.keep_native_fp4, shard_bytes=a.shard_bytes, keep_bf16=a.keep_bf16,
                    allow_missing=a.allow_missing, allow_nonfinite=a.allow_nonfinite, calib=copts)

@@ -42,6 +42,7 @@ class CalibOptions:
     gptq_scales_search: bool = False
     gptq_refine: int = 0              # coordinate-descent sweeps after GPTQ
     gptq_target: str = "quantized"    # quantized | original (GPTQ aims at the original model's outputs: NAME:c)
+    true_sequential: bool = False     # staged statistics inside a block (calib.collect SEQUENTIAL_STAGES)
     activations: str = "w4a16"        # w4a16 | w4a4 (static input scales from the stats' amax)
 
     @property
@@ -70,6 +71,8 @@ class CalibOptions:
                 d.pop(f)
         if d["gptq_target"] == "quantized":
             d.pop("gptq_target")
+        if not d["true_sequential"]:
+            d.pop("true_sequential")
         return json.dumps(d, sort_keys=True)
 
 

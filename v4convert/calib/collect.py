@@ -36,6 +36,12 @@ the original stream just before the statistics run and paired call by call; a ro
 rows with the original stream's MoE input of the same tokens). GPTQ then aims at the original outputs
 (``quant.methods.gptq.original_target``). Extra memory: the captured inputs of one pass (spilled like the rest).
 
+``sequential`` (``--true-sequential``; needs ``propagate``): inside a block the linears are quantized in stages
+(``SEQUENTIAL_STAGES``: attention inputs, output projections, gate/up, down), each stage's statistics taken with
+the earlier stages already quantized (one more block run per stage); a routed expert's statistics come from the
+rows recorded after the block's attention and shared experts are quantized (else from the original attention's
+rows), gate/up before down. Coverage then counts that routing.
+
 ``all_experts``: every calibration token also goes through every routed expert for *statistics only*
 (the layer output still uses the real routing); coverage counts stay the routed counts.
 """
@@ -48,60 +54,18 @@ import torch
 from torch import nn
 
 from v4convert.checkpoint import Checkpoint
+from v4convert.families.roles import Role
 
 from .data import CalibData
+from .linstats import LinearStats
 from .stream import SPILL_BYTES, Spill, StreamedModel
 
+# --true-sequential stages (by role; a role not listed is stage 0): a stage's statistics see the earlier ones quantized
+SEQUENTIAL_STAGES = {Role.ATTN_O: 1, Role.ATTN_O_A: 1, Role.ATTN_O_B: 2,
+                     Role.DENSE_GATE: 3, Role.DENSE_UP: 3, Role.SHARED_GATE: 3, Role.SHARED_UP: 3,
+                     Role.EXPERT_GATE: 3, Role.EXPERT_UP: 3, Role.DENSE_DOWN: 4, Role.SHARED_DOWN: 4,
+                     Role.EXPERT_DOWN: 4}
 STATS_BYTES = 1 << 30    # float64 X^T X of a block's non-expert linears held at once (o_proj of V3: 2 GiB alone)
-
-
-def _accumulate(acc: torch.Tensor, p: torch.Tensor) -> None:
-    """``acc += p`` (float64 += float32) in row blocks: the float64 cast of p is never whole (2 GiB at K=16384)."""
-    step = max(1, (16 << 20) // p.shape[1])
-    for i in range(0, p.shape[0], step):
-        acc[i:i + step] += p[i:i + step]
-
-
-@dataclass
-class LinearStats:
-    xtx: torch.Tensor                 # float64 [K, K], sum of x x^T (x: this model's inputs)
-    amax: float = 0.0
-    count: int = 0
-    xc: torch.Tensor | None = None    # float64 [K, K], sum of xo x^T (xo: the original model's inputs), paired runs
-
-    def _mean(self, t: torch.Tensor) -> torch.Tensor:
-        """float32 ``t / n`` computed in row blocks so no float64 ``[K, K]`` temporary exists (2 GiB for V3's
-        o_proj; elementwise, so the same bits)."""
-        out = torch.empty(t.shape, dtype=torch.float32)
-        n, step = max(self.count, 1), max(1, (16 << 20) // max(1, t.shape[-1]))
-        for i in range(0, t.shape[0], step):
-            out[i:i + step] = (t[i:i + step] / n).float()
-        return out
-
-    def hessian(self) -> torch.Tensor:
-        """float32 ``[K, K]``: ``X^T X / n`` (zeros when nothing was seen)."""
-        return self._mean(self.xtx)
-
-    def cross(self) -> torch.Tensor | None:
-        """float32 ``[K, K]``: ``Xo^T X / n`` (None without paired runs); equals ``hessian()`` bit for bit when
-        every paired batch had identical inputs."""
-        return None if self.xc is None else self._mean(self.xc)
-
-    def add(self, x: torch.Tensor, xo: torch.Tensor | None = None) -> None:
-        """Rows ``x [..., K]``; ``xo``: the original model's inputs of the same rows (needs ``xc``)."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        if xo is not None:
-            xo = xo.reshape(-1, xo.shape[-1]).float()
-            if xo.shape != x.shape:
-                raise RuntimeError(f"paired inputs {tuple(xo.shape)} vs {tuple(x.shape)}")     # our bug
-        if x.shape[0] == 0:
-            return
-        p = x.T @ x                          # float32 per batch, float64 across batches
-        _accumulate(self.xtx, p)
-        if xo is not None:
-            _accumulate(self.xc, p if torch.equal(xo, x) else xo.T @ x)
-        self.amax = max(self.amax, float(x.abs().max()))
-        self.count += x.shape[0]
 
 
 @dataclass
@@ -151,7 +115,8 @@ class _Pass:
     def __init__(self, sm: StreamedModel, targets: list[str], layer_of: dict, expert_of: dict, *,
                  quantize: Quantizer | None, groups: dict[str, list[str]] | None, propagate: bool,
                  all_experts: bool, sink: Callable[[str, LinearStats], None] | None, spill: Spill,
-                 stats_bytes: int = STATS_BYTES, target_original: bool = False) -> None:
+                 stats_bytes: int = STATS_BYTES, target_original: bool = False,
+                 stage_of: dict[str, int] | None = None) -> None:
         from v4convert.runtime.common import Linear
         self.sm, self.targets, self.layer_of, self.expert_of = sm, targets, layer_of, expert_of
         self.quantize, self.groups, self.all_experts, self.spill = quantize, groups or {}, all_experts, spill
@@ -159,6 +124,8 @@ class _Pass:
         self.pair = target_original and self.requant     # paired original-stream inputs -> LinearStats.xc
         if self.pair and all_experts:
             raise ValueError("target_original does not pair the all_experts broadcast")
+        self.stage_of = stage_of if self.requant else None   # sequential stages (None: one stage)
+        self.originals: dict[str, torch.Tensor] = {}      # pair + sequential: replaced weights, for capture runs
         self.capturing = False                           # lin hooks keep inputs in ``xo`` instead of adding stats
         self.xo: dict[str, list[torch.Tensor]] = {}
         self.taken: dict[str, int] = {}
@@ -213,10 +180,31 @@ class _Pass:
     def capture(self, run: Callable[[], object]) -> None:
         """``run()`` (on the original stream) keeps the active linears' inputs for the next, paired run."""
         self.xo, self.taken, self.capturing = {}, {}, True
+        swapped = {n: self.mods[n].weight.data.clone() for n in self.originals}   # earlier stages: original weights
+        for n, w in self.originals.items():
+            self.mods[n].weight.data.copy_(w)
         try:
             run()
         finally:
             self.capturing = False
+            for n, w in swapped.items():
+                self.mods[n].weight.data.copy_(w)
+
+    def replace(self, q: dict[str, torch.Tensor]) -> None:
+        """Replace weights by their quantized values (keeping the originals for capture runs when staged)."""
+        for n, w in q.items():
+            if self.pair and self.stage_of is not None:
+                self.originals[n] = self.mods[n].weight.data.clone()
+            self.mods[n].weight.data.copy_(w)
+
+    def stages(self, names: list[str]) -> list[list[str]]:
+        """``names`` in sequential stages (one stage, ``[names]``, unless ``sequential``)."""
+        if self.stage_of is None or not names:
+            return [names]
+        by: dict[int, list[str]] = {}
+        for n in names:
+            by.setdefault(self.stage_of[n], []).append(n)
+        return [by[k] for k in sorted(by)]
 
     def paired(self) -> None:
         """After the paired run: every captured call was used (same calls in both runs), then dropped."""
@@ -254,7 +242,17 @@ class _Pass:
         return out or [[]]
 
     def stats_then_quantize(self, names: list[str], run: Callable[[bool], object],
-                            run_original: Callable[[], object] | None = None) -> object:
+                            run_original: Callable[[], object] | None = None, count: bool = True) -> object:
+        """``_stage`` of each of ``stages(names)`` in turn (``run(first)``: first is the very first run; routing
+        counted then if ``count``). Returns the first run's result."""
+        first = None
+        for k, part in enumerate(self.stages(names)):
+            r = self._stage(part, run if k == 0 else lambda _: run(False), run_original, count and k == 0)
+            first = r if k == 0 else first
+        return first
+
+    def _stage(self, names: list[str], run: Callable[[bool], object], run_original: Callable[[], object] | None,
+               count: bool) -> object:
         """Stats of ``names`` from ``run(first)`` on the original weights, in as many passes as ``passes``
         needs (each a re-run of the same deterministic block on the same inputs, so each linear sees the same
         rows); with ``requant`` each pass's linears are quantized aside and all replaced once every pass is
@@ -266,7 +264,7 @@ class _Pass:
             self.active = set(part)
             if self.pair and part:
                 self.capture(run_original)
-            self.counting = i == 0
+            self.counting = count and i == 0
             try:
                 r = run(i == 0)
             finally:
@@ -277,8 +275,7 @@ class _Pass:
                 for n in part:
                     aside[n] = self.quantized(n)
             self.finish(part)
-        for n, w in aside.items():
-            self.mods[n].weight.data.copy_(w)
+        self.replace(aside)
         return first
 
     # ---------------------------------------------------------------- running
@@ -299,6 +296,7 @@ class _Pass:
                                            lambda: self.run_block(li, orig, keep=False))
         if requant:
             outputs = self.run_block(li, inputs)          # the next layer sees the quantized layer's output
+        self.originals = {}
         return outputs, orig_out
 
     def record(self, li: int, moe: nn.Module, inputs: list[tuple], keep: bool,
@@ -356,9 +354,18 @@ class _Pass:
         orig_out, moe_in = self.original_moe(li, moe, orig) if self.pair else (None, [])
         # original weights: stats of the non-expert linears, each expert's routed rows
         rows1, whole1, idx1 = self.stats_then_quantize(shared, lambda first: self.record(li, moe, inputs, first),
-                                                       lambda: self.record(li, moe, orig, False))
-        # the quantized attention's outputs feed the experts
-        rows2 = self.record(li, moe, inputs, True)[0] if self.requant else rows1
+                                                       lambda: self.record(li, moe, orig, False),
+                                                       count=self.stage_of is None)
+        # the quantized attention's outputs feed the experts (and with ``sequential`` give their statistics)
+        srows, sidx, swhole, rows2 = rows1, idx1, whole1, rows1
+        if self.requant:
+            self.counting = self.stage_of is not None
+            try:
+                rows2, whole2, idx2 = self.record(li, moe, inputs, True)
+            finally:
+                self.counting = False
+            if self.stage_of is not None:
+                srows, sidx, swhole = rows2, idx2, whole2
         outs: list[dict[int, torch.Tensor]] = [{} for _ in inputs]
         by_expert: dict[int, list[str]] = {}
         for n in names:
@@ -369,35 +376,37 @@ class _Pass:
             if not mine and not any(e in r for r in rows1 + rows2):
                 continue                                # neither a target nor called: never loaded
             expert = self.sm.load_expert(li, e)
-            self.start(mine)
-            self.active = set(mine)
-            if self.pair and mine:      # the original model's expert inputs of the tokens routed here (rows1)
-                self.capture(lambda: [expert(moe_in[b][(idx1[b] == e).any(-1).nonzero()[:, 0]])
-                                      for b, r in enumerate(rows1) if e in r])
-            if whole1 and mine:
-                self.broadcast = True
-                try:
-                    for x in whole1:
-                        expert(x)
-                finally:
-                    self.broadcast = False
-            for b, r in enumerate(rows1):
-                if e in r:
-                    y = expert(r[e])
-                    if not self.requant:
-                        outs[b][e] = self.spill.keep(y)
-            self.active = set()
-            self.paired()
+            for part in self.stages(mine):
+                self.start(part)
+                self.active = set(part)
+                if self.pair and part:      # the original model's expert inputs of the tokens routed here
+                    self.capture(lambda: [expert(moe_in[b][(sidx[b] == e).any(-1).nonzero()[:, 0]])
+                                          for b, r in enumerate(srows) if e in r])
+                if swhole and part:
+                    self.broadcast = True
+                    try:
+                        for x in swhole:
+                            expert(x)
+                    finally:
+                        self.broadcast = False
+                for b, r in enumerate(srows):
+                    if e in r:
+                        y = expert(r[e])
+                        if not self.requant:
+                            outs[b][e] = self.spill.keep(y)
+                self.active = set()
+                self.paired()
+                if self.requant:
+                    self.replace({n: self.quantized(n) for n in part})
+                self.finish(part)
             if self.requant:
-                q = {n: self.quantized(n) for n in mine}
-                for n, w in q.items():
-                    self.mods[n].weight.data.copy_(w)
-                del q
                 for b, r in enumerate(rows2):
                     if e in r:
                         outs[b][e] = self.spill.keep(expert(r[e]))
-            self.finish(mine)
+            for n in mine:
+                self.originals.pop(n, None)
             self.sm.free_expert(li, e)
+        self.originals = {}
         return self.replay(li, moe, inputs, outs), orig_out
 
 
@@ -406,7 +415,7 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
                   batch: int = 4, progress: bool = False, sink: Callable[[str, LinearStats], None] | None = None,
                   spill_dir=None, spill_bytes: int = SPILL_BYTES, stats_bytes: int = STATS_BYTES,
                   embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  target_original: bool = False) -> Collected:
+                  target_original: bool = False, sequential: bool = False) -> Collected:
     """Statistics for the linears ``targets`` (checkpoint names); see the module docstring.
 
     ``quantize(name, w, stats, group_amax)`` returns the dequantized quantized weight of ``name`` (called in
@@ -420,7 +429,8 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
     starts at the first layer present). ``stats_bytes``: float64 ``X^T X`` held at once for a block's
     non-expert linears; more need extra (identical) runs of the block, a few per layer at full size.
     ``target_original``: also ``LinearStats.xc`` from the paired original stream (module docstring; needs
-    ``propagate`` and a ``quantize``, else there is one stream and nothing to pair).
+    ``propagate`` and a ``quantize``, else there is one stream and nothing to pair). ``sequential``: true-sequential
+    stages inside each block (module docstring; without ``propagate`` no weight is replaced: one stage).
     """
     from tqdm import tqdm
 
@@ -431,7 +441,8 @@ def collect_stats(ckpt, data: CalibData, targets: list[str], *, quantize: Quanti
         expert_of = {n: ck.tensor_info(n).expert for n in targets}
         p = _Pass(sm, targets, layer_of, expert_of, quantize=quantize, groups=groups, propagate=propagate,
                   all_experts=all_experts, sink=sink, spill=spill, stats_bytes=stats_bytes,
-                  target_original=target_original)
+                  target_original=target_original,
+                  stage_of={n: SEQUENTIAL_STAGES.get(ck.tensor_info(n).role, 0) for n in targets} if sequential else None)
         handles = p.hooks()
         try:
             main = [li for li in sm.main_layers if any(layer_of[n] == li for n in targets)]

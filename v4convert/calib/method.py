@@ -77,7 +77,8 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
                     c: torch.Tensor | None = None) -> NVFP4Tensor | MXFP4Tensor:
     """``w [N, K]`` float -> the codec's tensor; ``h [K, K]`` (``X^T X / n``) or None = data-free base only.
     ``c [K, K]`` (``X^T X~ / n``, original x quantized-model inputs; ``--gptq-target original``): a method with gptq
-    first moves ``w`` to ``gptq.original_target`` (then every step -- base scales, awq, gptq -- works on it)."""
+    first moves ``w`` to ``gptq.original_target`` (then every step -- base scales, awq, gptq -- works on it; NVFP4:
+    clipped to the original ``global_amax``, which the fused partners share)."""
     from v4convert.quant.methods.awq import awq_grid
     from v4convert.quant.methods.gptq import ScalesAt, gptq_quantize, original_target
 
@@ -89,6 +90,9 @@ def quantize_weight(spec: MethodSpec, codec: FP4Codec, w: torch.Tensor, h: torch
         return grid.tensor(codes)
     if c is not None and spec.gptq:
         w = original_target(w, h, c, gptq.damp)
+        if global_amax is not None:    # NVFP4: the fused partners' global scale stays the original weights' one
+            g = global_amax.to(w.dtype)
+            w = torch.minimum(torch.maximum(w, -g), g)
     grid = None
     if spec.awq:
         grid, codes = awq_grid(w, torch.diagonal(h).clone(), codec, base=base, **kw)

@@ -110,7 +110,8 @@ def run_calibration(plan, data: CalibData | SavedPass, copts: CalibOptions, *, p
                 f"method {copts.method}, {len(tensors)} linears")
             col = collect_stats(plan.source, data, [t.name for t in tensors], quantize=quantize, groups=groups,
                                 propagate=copts.propagate, all_experts=copts.all_experts, progress=progress,
-                                spill_dir=path.parent, target_original=copts.gptq_target == "original")
+                                spill_dir=path.parent, target_original=copts.gptq_target == "original",
+                                sequential=copts.true_sequential)
         table = input_amax_table(plan, {n: s.amax for n, s in col.stats.items()}) if a4 else {}
         dropped = save_stats(path, col, copts, min_for, extra=amax_tensors(table))
         coverage = col.coverage
@@ -138,13 +139,15 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                         calib_data: Path | None, tokens: int, seq_len: int, propagate: str, all_experts: bool,
                         min_expert_tokens: int, damp: float, act_order: bool, scales: str,
                         activations: str = "w4a16", container: str = "compressed-tensors",
-                        calib_stats: Path | None = None, refine: int = 0, target: str = "quantized"):
+                        calib_stats: Path | None = None, refine: int = 0, target: str = "quantized",
+                        sequential: bool = False):
     """(MethodSpec, CalibOptions or None, CalibData or None) from ``quantize``'s arguments; user errors raise
     ``MethodError`` / ``CalibDataError`` / ``ActivationsError``. ``scale_method`` is the old alias of a data-free
     ``method``. ``activations="w4a4"`` needs ``calib`` and then also allows a data-free method (calibration for the
     activation scales only). ``calib_stats``: a directory of ``calibrate --stats`` to reuse instead of a pass (the
     third value is then its ``SavedPass``; implies ``propagate="original"``). ``target="original"``
-    (``--gptq-target``): GPTQ aims at the original model's outputs (needs gptq and ``propagate="quantized"``)."""
+    (``--gptq-target``): GPTQ aims at the original model's outputs (needs gptq and ``propagate="quantized"``). ``sequential`` (``--true-sequential``): staged statistics
+    inside each block (``calib.collect``; needs ``propagate="quantized"``)."""
     from .activations import check_request
     from .method import MethodError
     if calib_stats is not None:
@@ -177,6 +180,9 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
     if target == "original" and (propagate != "quantized" or all_experts):
         raise MethodError("--gptq-target original pairs the quantized stream with the original one: it needs "
                           "--propagate quantized (and no --calib-stats) and does not support --calib-all-experts")
+    if sequential and propagate != "quantized":
+        raise MethodError("--true-sequential quantizes a block's linears in stages: it needs --propagate quantized "
+                          "(and no --calib-stats)")
     if act_order and scales != "before":
         raise MethodError(f"--gptq-act-order needs --gptq-scales before (got {scales}: scales tied to contiguous blocks)")
     if min_expert_tokens < 0 or damp <= 0:
@@ -192,6 +198,6 @@ def calibration_options(ckpt: Path, out: Path, scale_method: str | None, method:
                          propagate=propagate == "quantized", all_experts=all_experts,
                          min_expert_tokens=min_expert_tokens, gptq_damp=damp, gptq_act_order=act_order,
                          gptq_scales_during=scales == "during", gptq_scales_search=scales == "search",
-                         gptq_refine=refine, gptq_target=target,
+                         gptq_refine=refine, gptq_target=target, true_sequential=sequential,
                          activations=activations)
     return spec, copts, data

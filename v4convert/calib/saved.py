@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 from .apply import record_tensors
-from .collect import Collected, LinearStats, collect_stats
+from .collect import Collected, collect_stats
+from .linstats import LinearStats
 from .data import CalibData, CalibDataError
 
 STATS_FILE = "calib-stats.safetensors"

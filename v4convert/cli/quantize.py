@@ -71,6 +71,10 @@ from .sizes import SIZE
               help="GPTQ's target outputs with --propagate quantized: those of the linear on the quantized model's "
                    "inputs (plain GPTQ), or the original model's (GPTAQ-style: a second, original hidden-state "
                    "stream in the pass; W* = W + W (C - H) H'^-1 with C = Xo^T X / n, then GPTQ on H).")
+@click.option("--true-sequential", is_flag=True,
+              help="With --propagate quantized: quantize a block's linears in stages (attention inputs, output "
+                   "projections, gate/up, down), each stage's statistics taken with the earlier ones quantized; routed "
+                   "experts' statistics after the block's attention is quantized. One more block run per stage.")
 @click.option("--mx-rule", type=click.Choice(["floor", "round-up"]), default="floor", show_default=True,
               help="MXFP4 exponent rule: OCP floor or round-up (no clipping).")
 @click.option("--keep-bf16", is_flag=True,
@@ -99,7 +103,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
                      keep: tuple[str, ...], override: tuple[str, ...], scale_method: str | None, method: str | None,
                      calib: str | None, calib_stats: Path | None, calib_tokens: int, calib_seq_len: int, propagate: str,
                      calib_all_experts: bool, min_expert_tokens: int, plot: bool, activations: str, gptq_damp: float,
-                     gptq_act_order: bool, gptq_scales: str, gptq_refine: int, gptq_target: str, mx_rule: str,
+                     gptq_act_order: bool, gptq_scales: str, gptq_refine: int, gptq_target: str, true_sequential: bool, mx_rule: str,
                      keep_bf16: bool, keep_native_fp4: bool, shard_size: int, workers: int | None, overwrite: bool,
                      allow_missing: bool, allow_nonfinite: bool,
                      plan_only: bool, sync_every: int, device: str | None, kernel: str | None) -> None:
@@ -127,7 +131,7 @@ def quantize_command(ckpt: Path, fp4: bool, out: Path, scheme: str, recipe: str 
         on_plan=on_plan, method=method, calib=calib is not None, calib_data=Path(calib) if calib else None,
         calib_stats=calib_stats, calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, propagate=propagate,
         calib_all_experts=calib_all_experts, min_expert_tokens=min_expert_tokens, gptq_damp=gptq_damp,
-        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, gptq_refine=gptq_refine, gptq_target=gptq_target, plot=plot, activations=activations, log=lambda m: click.echo(m, err=True)))
+        gptq_act_order=gptq_act_order, gptq_scales=gptq_scales, gptq_refine=gptq_refine, gptq_target=gptq_target, true_sequential=true_sequential, plot=plot, activations=activations, log=lambda m: click.echo(m, err=True)))
     if r is None:
         return
     extra = f", mxfp4->nvfp4 inexact blocks {r.repack_inexact}/{r.repack_blocks}" if r.repack_blocks else ""
