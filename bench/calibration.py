@@ -1,6 +1,6 @@
 """Calibrated vs data-free FP4 on the bundled trained tiny models, same held-out windows for every row.
 
-    python bench/calibration.py --out /tmp/calib-bench [--tokens 4096 --ctx 128 --calib-tokens 4096
+    python bench/calibration.py --out /tmp/calib-bench [--tokens 4096 --ctx 128 --calib-tokens 8192
                                                         --calib-seq-len 256 --models v3,v4 --threads 1]
 
 For each model (tiny-v3, tiny-v4) and variant runs ``v4convert quantize`` (default recipes: nvfp4-experts /
@@ -64,6 +64,12 @@ VARIANTS = (
                                                                          "gptq+four-over-six", "--gptq-scales", "search",
                                                                          "--gptq-refine", "3", "--gptq-target",
                                                                          "original", "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 true-seq target=original damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "1.0")),
+    ("nvfp4", "gptq+4/6 scales-search refine=3 true-seq target=original damp=1", ("--scheme", "nvfp4", "--method", "gptq+four-over-six", "--gptq-scales", "search", "--gptq-refine", "3", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "1.0")),
+    ("nvfp4", "awq+gptq+4/6 true-seq target=original damp=1", ("--scheme", "nvfp4", "--method", "awq+gptq+four-over-six", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "1.0")),
     ("nvfp4", "rtn w4a4", ("--scheme", "nvfp4", "--method", "rtn", "--activations", "w4a4")),
     ("nvfp4", "gptq w4a4", ("--scheme", "nvfp4", "--method", "gptq", "--activations", "w4a4")),
     ("mxfp4", "rtn", ("--scheme", "mxfp4", "--method", "rtn")),
@@ -118,6 +124,14 @@ VARIANTS = (
     ("mxfp4", "awq+gptq act-order refine=3 true-seq target=original damp=1", (
         "--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-act-order", "--gptq-refine", "3", "--true-sequential",
         "--gptq-target", "original", "--gptq-damp", "1.0")),
+    ("mxfp4", "awq+gptq true-seq target=original damp=0.3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "0.3")),
+    ("mxfp4", "awq+gptq true-seq target=original damp=3", ("--scheme", "mxfp4", "--method", "awq+gptq", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "3.0")),
+    ("mxfp4", "awq+gptq refine=3 true-seq target=original damp=1", ("--scheme", "mxfp4", "--method", "awq+gptq", "--gptq-refine", "3", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "1.0")),
+    ("mxfp4", "gptq+mse scales-search refine=3 true-seq target=original damp=1", ("--scheme", "mxfp4", "--method", "gptq+mse", "--gptq-scales", "search", "--gptq-refine", "3", "--true-sequential",
+              "--gptq-target", "original", "--gptq-damp", "1.0")),
     ("mxfp4", "rtn w4a4", ("--scheme", "mxfp4", "--method", "rtn", "--activations", "w4a4")),
     ("mxfp4", "gptq w4a4", ("--scheme", "mxfp4", "--method", "gptq", "--activations", "w4a4")),
 )
@@ -205,7 +219,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=128)
-    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--calib-tokens", type=int, default=8192,
+                    help="calibration tokens (default: quantize's --calib-tokens default; tables before 2026-12-04 "
+                         "used 4096)")
     ap.add_argument("--calib-seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--models", default="v3,v4")

@@ -152,6 +152,7 @@ def test_mxfp4_mse_and_scales_search_cli(tiny_ckpts, calib_txt, tmp_path):
     (("--calib", "--method", "awq", "--gptq-refine", "2"), "has no gptq"),
     (("--calib", "--method", "awq", "--gptq-target", "original"), "has no gptq"),
     (("--calib", "--propagate", "original", "--gptq-target", "original"), "needs --propagate quantized"),
+    (("--calib", "--propagate", "original", "--true-sequential"), "needs --propagate quantized"),
 ])
 def test_bad_calibration_requests_exit_2(tiny_ckpts, tmp_path, extra, match):
     from v4convert.cli import main

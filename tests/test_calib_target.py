@@ -94,14 +94,14 @@ def test_true_sequential_stages(tiny_ckpts, calib_txt, preset):
 
 
 def test_cli_gptq_target_original(tiny_ckpts, calib_txt, tmp_path):
-    """``--gptq-target original`` end to end: in the calibration options (plan fingerprint), a loadable artifact
-    whose FP4 bytes differ from plain GPTQ's."""
+    """``--true-sequential --gptq-target original`` end to end: in the calibration options (plan fingerprint), a
+    loadable artifact whose FP4 bytes differ from plain GPTQ's."""
     arts = {}
     for target in ("quantized", "original"):
         out = tmp_path / target
         args = [str(tiny_ckpts["v3-tiny"]), "--fp4", "--out", str(out), "--workers", "1", "--calib", str(calib_txt),
                 "--calib-tokens", "128", "--calib-seq-len", "64", "--scheme", "mxfp4", "--method", "awq+gptq",
-                "--gptq-damp", "1.0", "--gptq-target", target]
+                "--gptq-damp", "1.0", *(("--true-sequential", "--gptq-target", target) if target == "original" else ())]
         r = subprocess.run([sys.executable, "-m", "v4convert.cli", "quantize", *args], capture_output=True, text=True,
                            check=False)
         assert r.returncode == 0, r.stderr
@@ -110,7 +110,9 @@ def test_cli_gptq_target_original(tiny_ckpts, calib_txt, tmp_path):
     assert cal["calibration"]["method"] == "awq+gptq"
     from v4convert.calib.apply import CalibOptions
     assert "gptq_target" in CalibOptions(gptq_target="original").key()
+    assert "true_sequential" in CalibOptions(true_sequential=True).key()
     assert "gptq_target" not in CalibOptions().key()                  # older plans keep their fingerprint
+    assert "true_sequential" not in CalibOptions().key()
     a, b = (sorted(p.read_bytes() for p in arts[t].glob("*.safetensors")) for t in ("quantized", "original"))
     assert a != b
     from v4convert.runtime import load
