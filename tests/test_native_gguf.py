@@ -151,6 +151,27 @@ def test_property_bit_exact(n: int, kb: int, extra: int, fmt: str, q: Q, seed: i
     assert torch.equal(fp8_block_to_gguf_native(raw, sc, q, threads=threads), reference(raw, s32, q))
 
 
+@pytest.mark.parametrize("fmt", ["f32", "e8m0"])
+@pytest.mark.parametrize("shape", [(200, 576), (130, 96), (3, 32), (257, 992), (1, 160), (129, 4128)])
+def test_fused_mxfp4_same_bytes_as_two_pass(shape: tuple[int, int], fmt: str) -> None:
+    """The one-pass MXFP4 kernel (exponent table + byte thresholds) against the kept two-pass one (block maxima,
+    numpy exponents, per-element encode), on partial 128-blocks, both scale formats (negative, subnormal F32 and
+    E8M0 0 scales: the e < 2 argmin rule), every thread count, and written into a reused larger buffer."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n * 7 + k)
+    raw = fp8_bytes(n, k, g)
+    sc, _ = scales(-(-n // 128), -(-k // 128), fmt, g)
+    ref = ngguf.fp8_block_to_mxfp4_two_pass(raw, sc, threads=1)
+    buf = torch.full((ref.numel() + 77,), 0xAB, dtype=torch.uint8)
+    for threads in (1, 2, 3):
+        assert torch.equal(fp8_block_to_gguf_native(raw, sc, Q.MXFP4, threads=threads), ref)
+        got = fp8_block_to_gguf_native(raw, sc, Q.MXFP4, threads=threads, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+    assert bool((buf[ref.numel():] == 0xAB).all())          # nothing written past the output
+    with pytest.raises(CodecInputError, match="output buffer"):
+        fp8_block_to_gguf_native(raw, sc, Q.MXFP4, out=buf[: ref.numel() - 1])
+
+
 def torch_nonfinite(raw: torch.Tensor, s32: torch.Tensor) -> int:
     return int((~torch.isfinite(_decode_fp8_block(raw, s32, tuple(raw.shape)))).sum())
 
