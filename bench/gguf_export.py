@@ -78,6 +78,7 @@ def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float) -
     with Checkpoint.open(ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
         shards = ck.shards()
+    load0 = os.getloadavg()
     disk = read_speed(shards, int(read_limit * 1e9))      # cold: evicts first
     evict(shards)
     kw = {"workers": workers} if workers is not None else {}
@@ -85,15 +86,19 @@ def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float) -
         kw = {}                                           # the exporter before the engine (issue #16)
     sampler = _RssSampler()
     sampler.start()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     r = export_gguf(ckpt, out, TypeMix(), progress=sys.stderr.isatty(), modelfile=False, allow_missing=True,
                     overwrite=True, **kw)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     sampler.stop.set()
     sampler.join()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"checkpoint_bytes": read_bytes, "gguf_bytes": r.n_bytes, "seconds": r.seconds,
            "read_GBps": read_bytes / r.seconds / 1e9, "write_GBps": r.n_bytes / r.seconds / 1e9,
            "disk_read_GBps": disk, "read_vs_disk": read_bytes / r.seconds / 1e9 / disk, "workers": kw.get("workers"),
-           "peak_rss_bytes": rss, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
+           "peak_rss_bytes": rss,
+           "export_user_s": ru1.ru_utime - ru0.ru_utime, "export_sys_s": ru1.ru_stime - ru0.ru_stime,
+           "load_avg_before": load0, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
            "peak_rss_file_bytes": sampler.peak["RssFile"], "tensors": r.n_tensors,
            "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
     print(json.dumps(res, indent=2))

@@ -35,7 +35,7 @@ from v4convert.families.layout import Arch, Slot
 from v4convert.families.roles import Family, Role, Storage
 from v4convert import __version__, outputs
 
-from . import engine
+from . import engine, source_io
 from .imatrix import OUT_CHUNKS, OUT_DATASET, OUT_ENTRIES, OUT_FILE, Imatrix, check_fits, read_imatrix
 from .metadata import _write_modelfile, add_tokenizer, build_metadata
 from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
@@ -111,22 +111,26 @@ def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> t
         from v4convert.kernels.native import gguf as native_gguf
         kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
         if kernel is Kernel.NATIVE:
-            parts = ck.raw(info.name)
             try:
-                return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], Q.F32, threads=threads,
-                                                            name=info.name).view(torch.float32)
+                with source_io.stored(info) as parts, source_io.compute():
+                    return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], Q.F32,
+                                                                threads=source_io.kernel_threads(threads),
+                                                                name=info.name).view(torch.float32)
             except native_gguf.NonFiniteValuesError as e:      # NaN/Inf kept: dequantize below
                 if not allow_nonfinite:
                     raise _nonfinite_error(info, e.count) from None
-            finally:
-                del parts
-                ck.release(info.name)
     w = ck.dequantize(info.name)
-    if not allow_nonfinite and w.is_floating_point():
-        bad = int((~torch.isfinite(w)).sum())
-        if bad:
-            raise _nonfinite_error(info, bad)
+    with source_io.compute():
+        bad = int((~torch.isfinite(w)).sum()) if not allow_nonfinite and w.is_floating_point() else 0
+    if bad:
+        raise _nonfinite_error(info, bad)
     return w
+
+
+def _quantize(x: torch.Tensor, q: Q, name: str) -> torch.Tensor:
+    """``gguf_quants.quantize`` in a compute slot (``source_io.compute``; ``x`` is computed before)."""
+    with source_io.compute():
+        return gguf_quants.quantize(x, q, name)
 
 
 KERNEL_ENV = "V4CONVERT_GGUF_KERNEL"     # "native" / "torch" / unset: native where it builds (same bytes)
@@ -160,31 +164,27 @@ def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = Fals
     from v4convert.kernels.native import Kernel
     from v4convert.kernels.native import gguf as native_gguf
     kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
+    threads = source_io.kernel_threads(threads)
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
-        raw = ck.raw(info.name)
-        try:
+        # read into this thread's pooled buffers (source_io: O_DIRECT, no mapped pages); the output is a new buffer
+        with source_io.stored(info) as raw, source_io.compute():
             bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
             if bad and not allow_nonfinite:
                 raise _nonfinite_error(info, bad)
             if kernel is Kernel.NATIVE:
                 return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
             return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
-        finally:
-            del raw
-            ck.release(info.name)      # the mapped source pages leave this process's RSS (output is a new buffer)
     if (kernel is Kernel.NATIVE and info.storage is Storage.FP8_BLOCK and len(info.shape) == 2
             and q in native_gguf.QTYPES and not (q in native_gguf.BLOCK_QTYPES and info.shape[1] % gguf_quants.QK)):
-        parts = ck.raw(info.name)
         try:
-            return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads,
-                                                        name=info.name)
+            out = source_io.out_buffer(native_gguf.gguf_nbytes(*info.shape, q))     # pooled in an engine unit
+            with source_io.stored(info) as parts, source_io.compute():
+                return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads,
+                                                            name=info.name, out=out)
         except native_gguf.NonFiniteValuesError as e:   # same refusal as _float; NaN/Inf kept: the torch path writes them
             if not allow_nonfinite:
                 raise _nonfinite_error(info, e.count) from None
-        finally:
-            del parts
-            ck.release(info.name)
-    return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
+    return _quantize(_float(ck, info, allow_nonfinite), q, info.name)
 
 
 def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True,
@@ -241,11 +241,11 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
 
             def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
                 w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
-                return gguf_quants.quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
+                return _quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
 
             def v_b(info=info, q=qv, H=H, nope=nope, v=v, r=r):
                 w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
-                return gguf_quants.quantize(w[:, nope:].contiguous(), q, info.name)
+                return _quantize(w[:, nope:].contiguous(), q, info.name)
             specs.append(TensorSpec(kb_name, (H, r, nope), qk, k_b))
             specs.append(TensorSpec(vb_name, (H, v, r), qv, v_b))
         elif e.kind is Kind.INT32:
