@@ -230,9 +230,18 @@ def test_repack_matches_torch(shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(sum(shape))
     p = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
     s = torch.randint(0, 255, (*shape[:-1], shape[-1] * 2 // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    want = gguf_quants.repack_mxfp4(p, s)
+    buf = torch.full((want.numel() + 5,), 0xAB, dtype=torch.uint8)
     for threads in (1, 3):
         got = ngguf.repack_mxfp4_native(p.view(torch.int8), s.view(torch.float8_e8m0fnu), threads=threads)
-        assert torch.equal(got, gguf_quants.repack_mxfp4(p, s))
+        assert torch.equal(got, want)
+        got = ngguf.repack_mxfp4_native(p, s, threads=threads, out=buf)          # into a reused buffer
+        assert torch.equal(got, want) and bool((buf[want.numel():] == 0xAB).all())
+    if s.numel():                                                             # NaN scales: counted in the pass
+        s.view(-1)[:: 3] = 0xFF
+        with pytest.raises(ngguf.NaNScalesError, match="255") as ei:
+            ngguf.repack_mxfp4_native(p, s, threads=3)
+        assert ei.value.count == int((s == 0xFF).sum())
 
 
 def test_repack_errors_match_torch() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -127,6 +128,12 @@ def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> t
     return w
 
 
+def _nbytes(shape: tuple[int, ...], q: Q) -> int:
+    """GGUF bytes of a tensor of ``shape`` (rows of ``shape[-1]``) in ``q``."""
+    from v4convert.kernels.native.gguf import gguf_nbytes
+    return math.prod(shape[:-1]) * gguf_nbytes(1, shape[-1], q)
+
+
 def _quantize(x: torch.Tensor, q: Q, name: str) -> torch.Tensor:
     """``gguf_quants.quantize`` in a compute slot (``source_io.compute``; ``x`` is computed before)."""
     with source_io.compute():
@@ -168,16 +175,23 @@ def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = Fals
     if q == Q.MXFP4 and info.storage is Storage.MXFP4:
         # read into this thread's pooled buffers (source_io: O_DIRECT, no mapped pages); the output is a new buffer
         with source_io.stored(info) as raw, source_io.compute():
+            if kernel is Kernel.NATIVE:      # counts the E8M0 NaN scale bytes in the same pass (no torch op)
+                out = source_io.out_buffer(_nbytes(info.shape, Q.MXFP4))
+                try:
+                    return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads,
+                                                           out=out)
+                except native_gguf.NaNScalesError as e:
+                    if not allow_nonfinite:
+                        raise _nonfinite_error(info, e.count) from None
+                    raise
             bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
             if bad and not allow_nonfinite:
                 raise _nonfinite_error(info, bad)
-            if kernel is Kernel.NATIVE:
-                return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
             return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
     if (kernel is Kernel.NATIVE and info.storage is Storage.FP8_BLOCK and len(info.shape) == 2
             and q in native_gguf.QTYPES and not (q in native_gguf.BLOCK_QTYPES and info.shape[1] % gguf_quants.QK)):
         try:
-            out = source_io.out_buffer(native_gguf.gguf_nbytes(*info.shape, q))     # pooled in an engine unit
+            out = source_io.out_buffer(_nbytes(info.shape, q))     # pooled inside an engine unit
             with source_io.stored(info) as parts, source_io.compute():
                 return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads,
                                                             name=info.name, out=out)

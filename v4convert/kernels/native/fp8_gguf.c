@@ -451,15 +451,28 @@ typedef struct {
     const uint8_t *packed, *scale;
     uint8_t *out;
     int64_t nb, r0, r1;
+    int64_t nan_scales;      /* scale bytes 0xFF (E8M0 NaN) in this thread's rows */
 } repack_t;
 
 static void *repack_rows(void *arg) {
     repack_t *j = (repack_t *)arg;
+    j->nan_scales = 0;
     for (int64_t i = j->r0; i < j->r1; i++) {
         for (int64_t b = 0; b < j->nb; b++) {
             const uint8_t *src = j->packed + (i * j->nb + b) * 16;
             uint8_t *o = j->out + (i * j->nb + b) * 17;
             o[0] = j->scale[i * j->nb + b];
+            j->nan_scales += o[0] == 0xFFu;
+#ifdef __SSE2__
+            {   /* the loop below on 16 bytes at once: a = lo & 0xF | hi << 4, b = lo >> 4 | hi & 0xF0, interleaved */
+                __m128i v = _mm_loadu_si128((const __m128i *)src), k0f = _mm_set1_epi8(0x0F);
+                __m128i hi = _mm_srli_si128(v, 8);
+                __m128i a = _mm_or_si128(_mm_and_si128(v, k0f), _mm_slli_epi16(_mm_and_si128(hi, k0f), 4));
+                __m128i c = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), k0f), _mm_andnot_si128(k0f, hi));
+                _mm_storeu_si128((__m128i *)(void *)(o + 1), _mm_unpacklo_epi8(a, c));
+                continue;
+            }
+#endif
             for (int t = 0; t < 8; t++) {
                 uint8_t lo = src[t], hi = src[8 + t];      /* elements 2t, 2t+1 and 2t+16, 2t+17 */
                 o[1 + 2 * t] = (uint8_t)((lo & 0x0Fu) | (hi << 4));
@@ -470,8 +483,9 @@ static void *repack_rows(void *arg) {
     return NULL;
 }
 
-void v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows, int64_t nb, uint8_t *out,
-                      int nthreads) {
+/* Returns the number of 0xFF (NaN) scale bytes: the output is then not valid GGUF and the caller refuses it. */
+int64_t v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows, int64_t nb, uint8_t *out,
+                         int nthreads) {
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > rows) nthreads = (int)(rows > 0 ? rows : 1);
@@ -490,4 +504,7 @@ void v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows,
         if (started[t]) pthread_join(tid[t], NULL);
         else repack_rows(&jobs[t]);
     }
+    int64_t nan_scales = 0;
+    for (int t = 0; t < nthreads; t++) nan_scales += jobs[t].nan_scales;
+    return nan_scales;
 }

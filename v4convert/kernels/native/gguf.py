@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL:
     lib.v4c_fp8_mxfp4.argtypes = [p, i64, i64, p, i32, p, p, i32]
     lib.v4c_fp8_mxfp4.restype = i64
     lib.v4c_mxfp4_repack.argtypes = [p, p, i64, i64, p, i32]
-    lib.v4c_mxfp4_repack.restype = None
+    lib.v4c_mxfp4_repack.restype = i64
     return lib
 
 
@@ -168,22 +168,39 @@ def fp8_block_to_gguf_native(raw: torch.Tensor, scale: torch.Tensor, qtype: Q, *
     return out
 
 
+class NaNScalesError(QuantError):
+    """MXFP4 scale bytes 0xFF (E8M0 NaN), ``count`` of them: not storable in GGUF."""
+
+    def __init__(self, msg: str, count: int) -> None:
+        super().__init__(msg)
+        self.count = count
+
+
 def repack_mxfp4_native(packed: torch.Tensor, scale: torch.Tensor, name: str = "?", *,
-                        threads: int = DEFAULT_THREADS) -> torch.Tensor:
+                        threads: int = DEFAULT_THREADS, out: torch.Tensor | None = None) -> torch.Tensor:
     """Same bytes, shapes and errors as :func:`v4convert.formats.gguf_quants.repack_mxfp4` (OCP / DeepSeek
-    MXFP4 ``packed [..., K/2]`` + E8M0 ``scale [..., K/32]`` -> GGUF MXFP4 uint8 ``[..., K/32*17]``), in C."""
+    MXFP4 ``packed [..., K/2]`` + E8M0 ``scale [..., K/32]`` -> GGUF MXFP4 uint8 ``[..., K/32*17]``), in C; the NaN
+    scale bytes are counted in the same pass (:class:`NaNScalesError`, a ``QuantError``, with ``.count``).
+    ``out``: a contiguous uint8 buffer of at least the output's bytes to write into (None: a new tensor)."""
     p = packed.contiguous().view(torch.uint8)
     s = scale.contiguous().view(torch.uint8)
     k = p.shape[-1] * 2
     if k % QK != 0 or tuple(s.shape) != (*p.shape[:-1], k // QK):
         raise QuantError(f"tensor {name}: MXFP4 scale shape {tuple(s.shape)} does not match packed "
                          f"shape {tuple(p.shape)} (expected {(*p.shape[:-1], k // QK)})")
-    if bool((s == 255).any()):
-        raise QuantError(f"tensor {name}: MXFP4 scale byte 255 (NaN) cannot be stored in GGUF")
     if p.device.type != "cpu" or s.device.type != "cpu":
         raise CodecInputError(f"{name}: native kernel needs CPU tensors")
     rows = p.numel() // max(1, p.shape[-1]) if p.shape[-1] else 0
-    out = torch.empty((*p.shape[:-1], k // QK * 17), dtype=torch.uint8)
+    shape = (*p.shape[:-1], k // QK * 17)
+    nbytes = rows * (k // QK) * 17
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < nbytes or out.device.type != "cpu":
+            raise CodecInputError(f"{name}: output buffer must be contiguous CPU uint8 of >= {nbytes} bytes")
+        out = out.view(-1)[:nbytes].view(shape)
     if out.numel():
-        _library().v4c_mxfp4_repack(p.data_ptr(), s.data_ptr(), rows, k // QK, out.data_ptr(), int(threads))
+        bad = _library().v4c_mxfp4_repack(p.data_ptr(), s.data_ptr(), rows, k // QK, out.data_ptr(), int(threads))
+        if bad:
+            raise NaNScalesError(f"tensor {name}: MXFP4 scale byte 255 (NaN) cannot be stored in GGUF", bad)
     return out
