@@ -327,19 +327,19 @@ def test_export_nonfinite_same_with_either_kernel(tensor: str, tmp_path, monkeyp
 
 
 def test_export_kernel_choice(monkeypatch) -> None:
-    from v4convert.export.gguf import exporter
+    from v4convert.export.gguf import encode
     from v4convert.export.gguf.types import ExportError
-    assert exporter._gguf_kernel("")[0] is native.Kernel.NATIVE          # default where it builds
-    assert exporter._gguf_kernel("torch")[0] is native.Kernel.TORCH
+    assert encode._gguf_kernel("")[0] is native.Kernel.NATIVE          # default where it builds
+    assert encode._gguf_kernel("torch")[0] is native.Kernel.TORCH
     with pytest.raises(ExportError, match="expected 'native' or 'torch'"):
-        exporter._gguf_kernel("fast")
+        encode._gguf_kernel("fast")
     ngguf._library.cache_clear()
-    monkeypatch.setattr(exporter, "_KERNELS", {})
+    monkeypatch.setattr(encode, "_KERNELS", {})
     try:
         monkeypatch.setenv("PATH", "/nonexistent")
         monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
-        assert exporter._gguf_kernel("")[0] is native.Kernel.TORCH         # logged fallback
+        assert encode._gguf_kernel("")[0] is native.Kernel.TORCH         # logged fallback
         with pytest.raises(ExportError, match="no C compiler"):
-            exporter._gguf_kernel("native")
+            encode._gguf_kernel("native")
     finally:
         ngguf._library.cache_clear()
