@@ -9,7 +9,7 @@
    A one-layer checkpoint lacks the other layers: exported with ``allow_missing``.
 
     python bench/gguf_export.py quant [--rows 4096 --cols 4096 --repeat 3]
-    python bench/gguf_export.py layer --ckpt /tmp/v3-layer3 --out /tmp/v3-layer3.gguf [--workers N]
+    python bench/gguf_export.py layer --ckpt /tmp/v3-layer3 --out /tmp/v3-layer3.gguf [--workers N] [--floor]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from gguf import quants
 from v4convert.formats import gguf_quants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_throughput import evict, read_speed  # noqa: E402  (bench/ is not a package)
+from quantize_throughput import copy_floor, evict, read_speed  # noqa: E402  (bench/ is not a package)
 
 
 def bench_quant(rows: int, cols: int, repeat: int) -> dict:
@@ -72,12 +72,13 @@ class _RssSampler(threading.Thread):
                     self.peak[k] = max(self.peak[k], int(line.split()[1]) * 1024)
 
 
-def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float) -> dict:
+def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float, floor: bool = False) -> dict:
     from v4convert.checkpoint import Checkpoint
     from v4convert.export.gguf.exporter import TypeMix, export_gguf
     with Checkpoint.open(ckpt) as ck:
         read_bytes = sum(i.nbytes for i in ck.infos())
         shards = ck.shards()
+    load0 = os.getloadavg()
     disk = read_speed(shards, int(read_limit * 1e9))      # cold: evicts first
     evict(shards)
     kw = {"workers": workers} if workers is not None else {}
@@ -85,20 +86,27 @@ def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float) -
         kw = {}                                           # the exporter before the engine (issue #16)
     sampler = _RssSampler()
     sampler.start()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     r = export_gguf(ckpt, out, TypeMix(), progress=sys.stderr.isatty(), modelfile=False, allow_missing=True,
                     overwrite=True, **kw)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     sampler.stop.set()
     sampler.join()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = {"checkpoint_bytes": read_bytes, "gguf_bytes": r.n_bytes, "seconds": r.seconds,
            "read_GBps": read_bytes / r.seconds / 1e9, "write_GBps": r.n_bytes / r.seconds / 1e9,
            "disk_read_GBps": disk, "read_vs_disk": read_bytes / r.seconds / 1e9 / disk, "workers": kw.get("workers"),
-           "peak_rss_bytes": rss, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
+           "peak_rss_bytes": rss,
+           "export_user_s": ru1.ru_utime - ru0.ru_utime, "export_sys_s": ru1.ru_stime - ru0.ru_stime,
+           "load_avg_before": load0, "peak_rss_anon_bytes": sampler.peak["RssAnon"],
            "peak_rss_file_bytes": sampler.peak["RssFile"], "tensors": r.n_tensors,
            "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
-    print(json.dumps(res, indent=2))
     for p in r.paths:
         p.unlink()
+    if floor:       # the I/O floor: read the whole input while writing the GGUF's size, concurrently (after the export)
+        res["copy_floor_s"] = copy_floor(shards, read_bytes, r.n_bytes, out.parent)
+        res["export_vs_floor"] = r.seconds / res["copy_floor_s"]
+    print(json.dumps(res, indent=2))
     return res
 
 
@@ -114,11 +122,13 @@ def main() -> None:
     layer.add_argument("--out", type=Path, required=True)
     layer.add_argument("--workers", type=int, default=None, help="export workers (default: the exporter's)")
     layer.add_argument("--read-limit", type=float, default=4.0, help="GB read for the disk speed measurement")
+    layer.add_argument("--floor", action="store_true", help="also time the job's I/O floor after the export: the "
+                       "input read while the output's bytes are written (bench/quantize_throughput.py copy_floor)")
     a = ap.parse_args()
     if a.cmd == "quant":
         bench_quant(a.rows, a.cols, a.repeat)
     else:
-        bench_layer(a.ckpt, a.out, a.workers, a.read_limit)
+        bench_layer(a.ckpt, a.out, a.workers, a.read_limit, a.floor)
 
 
 if __name__ == "__main__":

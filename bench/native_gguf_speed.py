@@ -5,7 +5,8 @@
 
 Torch path = what ``export/gguf/exporter.py::_encode`` did before: ``checkpoint._decode_fp8_block`` (float32
 ``[N, K]``) then ``gguf_quants.quantize``. Prints GB/s of FP8 input (N*K bytes / best of ``reps`` seconds)
-per GGML type, and checks the two outputs are byte-identical.
+per GGML type, and checks the two outputs are byte-identical; for MXFP4 also the two-pass native kernel (block
+maxima pass, numpy exponents, encode pass) that the fused one replaced.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from v4convert.checkpoint import _decode_fp8_block
 from v4convert.formats import fp8, gguf_quants
-from v4convert.kernels.native.gguf import fp8_block_to_gguf_native
+from v4convert.kernels.native.gguf import fp8_block_to_gguf_native, fp8_block_to_mxfp4_two_pass
 
 
 def best(fn, reps: int) -> tuple[float, torch.Tensor]:
@@ -78,6 +79,9 @@ def main() -> None:
         tn, got = best(lambda: fp8_block_to_gguf_native(raw, sc, q, threads=a.threads), a.reps)
         same = torch.equal(ref.reshape(a.n, -1), got)
         print(f"{q.name:6} {tt:8.3f} {gb / tt:6.2f} {tn:9.4f} {gb / tn:6.2f} {tt / tn:7.1f}x  {same}")
+        if q == Q.MXFP4:       # the fused one-pass kernel above vs the two-pass one it replaced (same bytes)
+            t2, got2 = best(lambda: fp8_block_to_mxfp4_two_pass(raw, sc, threads=a.threads), a.reps)
+            print(f"{'  two-pass MXFP4 kernel':23} {t2:9.4f} {gb / t2:6.2f} {'':8}  {torch.equal(got2, got)}")
 
 
 if __name__ == "__main__":

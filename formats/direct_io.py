@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 ALIGN = 4096                  # O_DIRECT alignment of offset, length and buffer address (logical block size <= 4 KiB)
@@ -219,11 +220,17 @@ def pwrite_direct(fd: int, path: str | os.PathLike, data: memoryview, offset: in
     return done
 
 
+def _address(data: memoryview) -> int:
+    """Address of ``data``'s first byte (read-only views too)."""
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data) if data.nbytes else 0
+
+
 class DirectStream:
     """Sequential writes of the byte range ``[start, end)`` of ``path`` (the caller's buffered ``fd``): the head up
     to the first page boundary and the tail after the last go buffered; the whole pages between are copied into an
     aligned window of at most ``window`` bytes (from :data:`STAGES`) and sent O_DIRECT each time it fills, so a
-    huge tensor never needs a second whole copy in RAM. ``close()`` after the last byte; ``abandon()`` on error."""
+    huge tensor never needs a second whole copy in RAM; data whose bytes at a page boundary already sit at a 4 KiB-
+    aligned address (a producer that placed its output so) is sent straight from there, uncopied. ``close()`` after the last byte; ``abandon()`` on error."""
 
     def __init__(self, path: str | os.PathLike, fd: int, start: int, end: int, window: int = 64 << 20) -> None:
         self.path, self.fd, self.pos, self.end = path, fd, start, end
@@ -246,6 +253,9 @@ class DirectStream:
             self.pos += k
             data = data[k:]
         while data.nbytes and self.pos < self.b:                   # whole pages: through the window
+            if self.fill == 0 and data.nbytes >= ALIGN and _address(data) % ALIGN == 0:
+                data = self._direct_from(data)                     # already aligned: no copy
+                continue
             k = min(data.nbytes, self.b - self.pos, self.mv.nbytes - self.fill)
             self.mv[self.fill: self.fill + k] = data[:k]
             self.fill += k
@@ -256,6 +266,17 @@ class DirectStream:
         if data.nbytes:                                            # tail fragment
             pwrite_full(self.fd, data, self.pos)
             self.pos += data.nbytes
+
+    def _direct_from(self, data: memoryview) -> memoryview:
+        """Send the whole pages at the head of ``data`` (its address 4 KiB-aligned, the window empty, ``pos`` on a
+        page boundary) straight from it; returns the rest."""
+        k = min(data.nbytes, self.b - self.pos) // ALIGN * ALIGN
+        d = pwrite_direct(self.dfd, self.path, data[:k], self.pos) if str(self.path) not in NO_DIRECT else 0
+        if d < k:
+            pwrite_full(self.fd, data[d:k], self.pos + d)          # refused or short: the rest buffered
+        self.pos += k
+        self.wlo = self.pos
+        return data[k:]
 
     def _flush(self) -> None:
         win = self.mv[: self.fill]

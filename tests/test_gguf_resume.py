@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from v4convert.export.gguf import engine
+from v4convert.export.gguf import engine, source_io
 from v4convert.export.gguf.exporter import export_gguf
 from v4convert.formats import direct_io
 from v4convert.formats.gguf_writer import GGUFWriteError, Metadata, TensorSpec, layout_files, write_gguf
@@ -112,13 +112,14 @@ def test_other_plan_starts_over(tiny_ckpts, tmp_path, reference):
 def _specs(active: list[int], peak: list[int], lock: threading.Lock) -> list[TensorSpec]:
     """Odd shapes (padding after every tensor), a tensor given in 5 parts, bytes that name their tensor."""
     def buf(seed: int, n: int) -> np.ndarray:
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.002)
-        out = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-        with lock:
-            active[0] -= 1
+        with source_io.compute():          # the engine runs 2 * workers producers, at most workers encoding
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.002)
+            out = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+            with lock:
+                active[0] -= 1
         return out
     specs = []
     for i, shape in enumerate([(3, 5), (7,), (1, 1), (2, 3, 11), (13, 3)]):
@@ -311,22 +312,34 @@ def test_enospc_keeps_partials_then_resume(tiny_ckpts, tmp_path, monkeypatch, pw
 @pytest.mark.parametrize("start,end", [(5, 4096 * 3 + 7), (4096, 8192), (4095, 4097), (100, 200),
                                        (4096 * 2, 4096 * 9 + 1), (1, 4096 * 8), (33, 4096 * 7 - 32)])
 @pytest.mark.parametrize("chunk", [1000, 4096, 1 << 20])
-def test_direct_stream_ranges(tmp_path, pwrite_spy, start, end, chunk):
+@pytest.mark.parametrize("placed", [False, True])
+def test_direct_stream_ranges(tmp_path, pwrite_spy, monkeypatch, start, end, chunk, placed):
     """Odd ranges in odd chunks through a 2-page window, against the bytes a buffered write gives: neighbour
-    bytes untouched, exactly the whole pages of the range O_DIRECT."""
+    bytes untouched, exactly the whole pages of the range O_DIRECT. ``placed``: the data sits at an address equal
+    to ``start`` modulo 4 KiB (as ``source_io.out_buffer`` places kernel outputs), so aligned pieces go uncopied."""
     size = 4096 * 10
     base = os.urandom(size)
     p = tmp_path / "f"
     p.write_bytes(base)
     data = os.urandom(end - start)
+    src: bytes | memoryview = data
+    if placed:
+        buf = direct_io.aligned_empty(len(data) + 4096)[start % 4096: start % 4096 + len(data)]
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        src = memoryview(buf.numpy())
+    uncopied = []
+    real_from = direct_io.DirectStream._direct_from
+    monkeypatch.setattr(direct_io.DirectStream, "_direct_from", lambda self, d: uncopied.append(1) or real_from(self, d))
     fd = os.open(p, os.O_WRONLY)
     try:
         s = direct_io.DirectStream(p, fd, start, end, window=8192)
         for i in range(0, len(data), chunk):
-            s.write(memoryview(data)[i: i + chunk])
+            s.write(memoryview(src)[i: i + chunk])
         s.close()
     finally:
         os.close(fd)
     assert p.read_bytes() == base[:start] + data + base[end:]
     whole = (end - end % 4096) - (-(-start // 4096) * 4096)
     assert pwrite_spy["direct"] == max(0, whole)
+    if placed and chunk == 1 << 20 and pwrite_spy["direct"]:        # (unplaced data may be aligned by chance)
+        assert uncopied

@@ -151,6 +151,27 @@ def test_property_bit_exact(n: int, kb: int, extra: int, fmt: str, q: Q, seed: i
     assert torch.equal(fp8_block_to_gguf_native(raw, sc, q, threads=threads), reference(raw, s32, q))
 
 
+@pytest.mark.parametrize("fmt", ["f32", "e8m0"])
+@pytest.mark.parametrize("shape", [(200, 576), (130, 96), (3, 32), (257, 992), (1, 160), (129, 4128)])
+def test_fused_mxfp4_same_bytes_as_two_pass(shape: tuple[int, int], fmt: str) -> None:
+    """The one-pass MXFP4 kernel (exponent table + byte thresholds) against the kept two-pass one (block maxima,
+    numpy exponents, per-element encode), on partial 128-blocks, both scale formats (negative, subnormal F32 and
+    E8M0 0 scales: the e < 2 argmin rule), every thread count, and written into a reused larger buffer."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n * 7 + k)
+    raw = fp8_bytes(n, k, g)
+    sc, _ = scales(-(-n // 128), -(-k // 128), fmt, g)
+    ref = ngguf.fp8_block_to_mxfp4_two_pass(raw, sc, threads=1)
+    buf = torch.full((ref.numel() + 77,), 0xAB, dtype=torch.uint8)
+    for threads in (1, 2, 3):
+        assert torch.equal(fp8_block_to_gguf_native(raw, sc, Q.MXFP4, threads=threads), ref)
+        got = fp8_block_to_gguf_native(raw, sc, Q.MXFP4, threads=threads, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+    assert bool((buf[ref.numel():] == 0xAB).all())          # nothing written past the output
+    with pytest.raises(CodecInputError, match="output buffer"):
+        fp8_block_to_gguf_native(raw, sc, Q.MXFP4, out=buf[: ref.numel() - 1])
+
+
 def torch_nonfinite(raw: torch.Tensor, s32: torch.Tensor) -> int:
     return int((~torch.isfinite(_decode_fp8_block(raw, s32, tuple(raw.shape)))).sum())
 
@@ -209,9 +230,18 @@ def test_repack_matches_torch(shape: tuple[int, ...]) -> None:
     g = torch.Generator().manual_seed(sum(shape))
     p = torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
     s = torch.randint(0, 255, (*shape[:-1], shape[-1] * 2 // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+    want = gguf_quants.repack_mxfp4(p, s)
+    buf = torch.full((want.numel() + 5,), 0xAB, dtype=torch.uint8)
     for threads in (1, 3):
         got = ngguf.repack_mxfp4_native(p.view(torch.int8), s.view(torch.float8_e8m0fnu), threads=threads)
-        assert torch.equal(got, gguf_quants.repack_mxfp4(p, s))
+        assert torch.equal(got, want)
+        got = ngguf.repack_mxfp4_native(p, s, threads=threads, out=buf)          # into a reused buffer
+        assert torch.equal(got, want) and bool((buf[want.numel():] == 0xAB).all())
+    if s.numel():                                                             # NaN scales: counted in the pass
+        s.view(-1)[:: 3] = 0xFF
+        with pytest.raises(ngguf.NaNScalesError, match="255") as ei:
+            ngguf.repack_mxfp4_native(p, s, threads=3)
+        assert ei.value.count == int((s == 0xFF).sum())
 
 
 def test_repack_errors_match_torch() -> None:
@@ -297,19 +327,19 @@ def test_export_nonfinite_same_with_either_kernel(tensor: str, tmp_path, monkeyp
 
 
 def test_export_kernel_choice(monkeypatch) -> None:
-    from v4convert.export.gguf import exporter
+    from v4convert.export.gguf import encode
     from v4convert.export.gguf.types import ExportError
-    assert exporter._gguf_kernel("")[0] is native.Kernel.NATIVE          # default where it builds
-    assert exporter._gguf_kernel("torch")[0] is native.Kernel.TORCH
+    assert encode._gguf_kernel("")[0] is native.Kernel.NATIVE          # default where it builds
+    assert encode._gguf_kernel("torch")[0] is native.Kernel.TORCH
     with pytest.raises(ExportError, match="expected 'native' or 'torch'"):
-        exporter._gguf_kernel("fast")
+        encode._gguf_kernel("fast")
     ngguf._library.cache_clear()
-    monkeypatch.setattr(exporter, "_KERNELS", {})
+    monkeypatch.setattr(encode, "_KERNELS", {})
     try:
         monkeypatch.setenv("PATH", "/nonexistent")
         monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
-        assert exporter._gguf_kernel("")[0] is native.Kernel.TORCH         # logged fallback
+        assert encode._gguf_kernel("")[0] is native.Kernel.TORCH         # logged fallback
         with pytest.raises(ExportError, match="no C compiler"):
-            exporter._gguf_kernel("native")
+            encode._gguf_kernel("native")
     finally:
         ngguf._library.cache_clear()

@@ -22,9 +22,10 @@ Mirrors ``v4convert.quant.engine`` for ``export --gguf`` (issue #16):
 4. Finish: fsync, ``on_step("written")``, rename each partial to its final name (``on_step("replaced")``
    after each), then remove the journal. A partial never carries the final name.
 
-Workers are threads: the producers are closures over the open checkpoint (mmapped shards) and the heavy
-work (FP8 decode in torch, numpy quantizer kernels, ``pwrite``) releases the GIL. At most ``2 * workers``
-units are submitted at once, and together at most ``DEFAULT_INFLIGHT_BYTES`` of float32 values unless a
+Workers are threads: the producers are closures over the open checkpoint and the heavy work (O_DIRECT source
+reads, the native kernels, torch/numpy quantizers, ``pwrite``) releases the GIL. ``2 * workers`` threads run at
+most ``2 * workers`` units at once, at most ``workers`` of them encoding (``source_io.compute``) while the others
+read or write, and together at most ``DEFAULT_INFLIGHT_BYTES`` of float32 values unless a
 unit runs alone; a unit's bytes are dropped once written, so peak memory stays near one large tensor's.
 
 Kill points (``outputs.kill_point``): ``gguf:created`` (partials and journal made), ``gguf:tensor`` (after
@@ -33,6 +34,8 @@ each journal append), ``gguf:written`` / ``gguf:replaced`` (through ``on_step``,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -47,6 +50,9 @@ from v4convert import __version__, outputs
 from v4convert.errors import UserError
 from v4convert.formats.direct_io import direct_write_enabled
 from v4convert.formats.gguf_writer import FileLayout, write_tensor
+from v4convert.threads import usable_cores
+
+from .source_io import set_compute_slots, set_kernel_threads, unit_scope
 
 JOURNAL_SUFFIX = ".journal"
 DEFAULT_SYNC_BYTES = 1 << 30      # fsync + journal at least every 1 GiB of output
@@ -181,10 +187,24 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Reserve ``[0, size)`` of ``fd`` (Linux ``fallocate`` mode 0: unwritten extents, read as zeros). On ext4 an
+    O_DIRECT write into a hole takes the inode lock exclusively for the whole I/O, so the workers' page-aligned
+    writes into a sparse file run one at a time (and the buffered fragments wait behind them); into allocated
+    extents they run under the shared lock. Where ``fallocate`` is missing or refused the file stays sparse."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate(fd, 0, 0, size)      # -1 (EOPNOTSUPP, ENOSPC, ...): stays sparse; a full disk shows at the writes
+
+
 def _create(layout: FileLayout) -> None:
     with open(partial_of(layout.path), "wb") as f:
         f.write(layout.header)
-        f.truncate(layout.size)          # sparse zeros: padding and not-yet-written tensors
+        f.truncate(layout.size)          # zeros: padding and not-yet-written tensors (allocated in execute)
 
 
 def _intact(layout: FileLayout) -> bool:
@@ -222,7 +242,9 @@ def prepare(files: Sequence[FileLayout], journal: Journal, fp: str, log: Callabl
 
 
 def _check_space(files: Sequence[FileLayout], todo: Sequence[Unit]) -> None:
-    need = sum(u.nbytes for u in todo)
+    # what the remaining units write, less what the partials already hold allocated (a resumed run's reservation)
+    unallocated = sum(max(0, f.size - os.stat(partial_of(f.path)).st_blocks * 512) for f in files)
+    need = min(sum(u.nbytes for u in todo), unallocated)
     free = shutil.disk_usage(partial_of(files[0].path).parent).free
     if need > free:
         raise GGUFDiskFullError(f"{files[0].path.parent}: the GGUF needs {need / 1e9:.2f} GB more but only "
@@ -262,6 +284,9 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
         progress(sum(u.nbytes for u in all_units if u.key in done))
     _check_space(files, todo)
     fds = [os.open(partial_of(f.path), os.O_RDWR) for f in files]
+    if direct_write_enabled():
+        for f, fd in zip(files, fds):
+            _allocate(fd, f.size)
     pending: list[Unit] = []
     pending_bytes = 0
 
@@ -295,8 +320,9 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
         f = files[u.file]
         t = f.tensors[u.tensor]
         try:
-            write_tensor(fds[u.file], partial_of(f.path), t, f.offsets[u.tensor], None if u.part < 0 else u.part,
-                         direct=direct)
+            with unit_scope(f.offsets[u.tensor] + max(u.part, 0) * u.nbytes):   # pooled kernel outputs
+                write_tensor(fds[u.file], partial_of(f.path), t, f.offsets[u.tensor], None if u.part < 0 else u.part,
+                             direct=direct)
         except OSError as ex:
             if ex.errno != errno.ENOSPC:
                 raise
@@ -341,12 +367,20 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
 
 def _pool(todo: Sequence[Unit], workers: int, run: Callable[[Unit], Unit], finished: Callable[[Unit], None],
           budget: int = DEFAULT_INFLIGHT_BYTES) -> None:
-    """Run ``todo`` on ``workers`` threads, in order, at most ``2 * workers`` submitted and at most ``budget``
+    """Run ``todo`` on ``2 * workers`` threads (at most ``workers`` encoding at once, the others reading or writing),
+    in order, at most ``2 * workers`` submitted and at most ``budget``
     bytes of ``Unit.cost`` submitted (or one unit alone); ``finished`` runs in this thread.
     On an error (or Ctrl-C) nothing new starts, running units end, and those that succeeded are reported."""
     queue = list(reversed(todo))
     inflight: dict[cf.Future, Unit] = {}
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf") as pool:
+    # 2 * workers threads: the reads and writes of some units overlap the encoding of others; at most ``workers``
+    # encode at once (source_io.compute), each kernel call with cores // workers pthreads (no oversubscription)
+    set_compute_slots(workers)
+    with contextlib.ExitStack() as stack:
+        stack.callback(set_compute_slots, None)
+        pool = stack.enter_context(cf.ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="gguf",
+                                                         initializer=set_kernel_threads,
+                                                         initargs=(max(1, usable_cores() // workers),)))
         try:
             while True:
                 held = sum(u.cost for u in inflight.values())

@@ -36,6 +36,7 @@ from v4convert.families.roles import Family, Role, Storage
 from v4convert import __version__, outputs
 
 from . import engine
+from .encode import KERNEL_ENV, _encode, _float, _quantize  # noqa: F401  (KERNEL_ENV: callers' name)
 from .imatrix import OUT_CHUNKS, OUT_DATASET, OUT_ENTRIES, OUT_FILE, Imatrix, check_fits, read_imatrix
 from .metadata import _write_modelfile, add_tokenizer, build_metadata
 from .types import (ARCH_OF, LLAMA_PIN_EXPERTS, LLAMA_PIN_KV_B, LLAMA_PINS_F32, ExportError, ExportResult,  # noqa: F401
@@ -100,93 +101,6 @@ def gguf_types(a: Arch, arch: GGUFArch, role: Role, name: str, shape: tuple[int,
     return [(tuple(shape), mix.resolve(e, shape[-1]))]
 
 
-def _nonfinite_error(info: TensorInfo, bad: int) -> ExportError:
-    return ExportError(f"{info.parts['weight'].path}: tensor {info.name}: {bad} NaN/Inf values; "
-                       f"pass --allow-nonfinite to export them anyway")
-
-
-def _float(ck: Checkpoint, info: TensorInfo, allow_nonfinite: bool = False) -> torch.Tensor:
-    if info.storage is Storage.FP8_BLOCK and len(info.shape) == 2:      # k_b / v_b: F32 from the native kernel
-        from v4convert.kernels.native import Kernel
-        from v4convert.kernels.native import gguf as native_gguf
-        kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
-        if kernel is Kernel.NATIVE:
-            parts = ck.raw(info.name)
-            try:
-                return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], Q.F32, threads=threads,
-                                                            name=info.name).view(torch.float32)
-            except native_gguf.NonFiniteValuesError as e:      # NaN/Inf kept: dequantize below
-                if not allow_nonfinite:
-                    raise _nonfinite_error(info, e.count) from None
-            finally:
-                del parts
-                ck.release(info.name)
-    w = ck.dequantize(info.name)
-    if not allow_nonfinite and w.is_floating_point():
-        bad = int((~torch.isfinite(w)).sum())
-        if bad:
-            raise _nonfinite_error(info, bad)
-    return w
-
-
-KERNEL_ENV = "V4CONVERT_GGUF_KERNEL"     # "native" / "torch" / unset: native where it builds (same bytes)
-_KERNELS: dict = {}                      # $V4CONVERT_GGUF_KERNEL value -> (Kernel, threads), once per process
-
-
-def _gguf_kernel(requested: str) -> tuple:
-    """(Kernel for FP8-block sources, its threads) for ``$V4CONVERT_GGUF_KERNEL``; torch with the reason
-    logged when the C kernel does not build, unless native was asked for."""
-    if requested in _KERNELS:
-        return _KERNELS[requested]
-    import logging
-
-    from v4convert.kernels.native import Kernel
-    from v4convert.kernels.native.gguf import gguf_native_status
-    from v4convert.threads import usable_cores
-    if requested not in ("", "native", "torch"):
-        raise ExportError(f"${KERNEL_ENV}={requested!r}: expected 'native' or 'torch'")
-    ok, why = (True, "") if requested == "torch" else gguf_native_status()
-    if not ok and requested == "native":
-        raise ExportError(why)
-    if not ok:
-        logging.getLogger(__name__).warning("GGUF export: torch kernel for FP8 tensors (%s)", why)
-    _KERNELS[requested] = (Kernel.NATIVE, usable_cores()) if ok and requested != "torch" else (Kernel.TORCH, 0)
-    return _KERNELS[requested]
-
-
-def _encode(ck: Checkpoint, info: TensorInfo, q: Q, allow_nonfinite: bool = False) -> torch.Tensor:
-    """Bytes of one checkpoint tensor in GGML type ``q``; MXFP4 sources go to MXFP4 by re-packing; FP8-block
-    sources and the re-pack run in C (``v4convert/kernels/native/gguf.py``, same bytes) when the native kernel is chosen."""
-    from v4convert.kernels.native import Kernel
-    from v4convert.kernels.native import gguf as native_gguf
-    kernel, threads = _gguf_kernel(os.environ.get(KERNEL_ENV, "").strip().lower())
-    if q == Q.MXFP4 and info.storage is Storage.MXFP4:
-        raw = ck.raw(info.name)
-        try:
-            bad = int((raw["scale"].view(torch.uint8) == 0xFF).sum())     # E8M0 NaN; FP4 codes have none
-            if bad and not allow_nonfinite:
-                raise _nonfinite_error(info, bad)
-            if kernel is Kernel.NATIVE:
-                return native_gguf.repack_mxfp4_native(raw["weight"], raw["scale"], info.name, threads=threads)
-            return gguf_quants.repack_mxfp4(raw["weight"], raw["scale"], info.name)
-        finally:
-            del raw
-            ck.release(info.name)      # the mapped source pages leave this process's RSS (output is a new buffer)
-    if (kernel is Kernel.NATIVE and info.storage is Storage.FP8_BLOCK and len(info.shape) == 2
-            and q in native_gguf.QTYPES and not (q in native_gguf.BLOCK_QTYPES and info.shape[1] % gguf_quants.QK)):
-        parts = ck.raw(info.name)
-        try:
-            return native_gguf.fp8_block_to_gguf_native(parts["weight"], parts["scale"], q, threads=threads,
-                                                        name=info.name)
-        except native_gguf.NonFiniteValuesError as e:   # same refusal as _float; NaN/Inf kept: the torch path writes them
-            if not allow_nonfinite:
-                raise _nonfinite_error(info, e.count) from None
-        finally:
-            del parts
-            ck.release(info.name)
-    return gguf_quants.quantize(_float(ck, info, allow_nonfinite), q, info.name)
-
-
 def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = True,
                  allow_nonfinite: bool = False) -> tuple[list[TensorSpec], list[str], list[str], list[str]]:
     """GGUF tensor specs in checkpoint order (experts stacked per layer and projection).
@@ -241,11 +155,11 @@ def plan_tensors(ck: Checkpoint, arch: GGUFArch, mix: TypeMix, keep_mtp: bool = 
 
             def k_b(info=info, q=qk, H=H, nope=nope, v=v, r=r):
                 w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
-                return gguf_quants.quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
+                return _quantize(w[:, :nope].transpose(1, 2).contiguous(), q, info.name)
 
             def v_b(info=info, q=qv, H=H, nope=nope, v=v, r=r):
                 w = _float(ck, info, allow_nonfinite).view(H, nope + v, r)
-                return gguf_quants.quantize(w[:, nope:].contiguous(), q, info.name)
+                return _quantize(w[:, nope:].contiguous(), q, info.name)
             specs.append(TensorSpec(kb_name, (H, r, nope), qk, k_b))
             specs.append(TensorSpec(vb_name, (H, v, r), qv, v_b))
         elif e.kind is Kind.INT32:

@@ -126,6 +126,9 @@ typedef struct {
     const void *scale;
     int e8m0, qtype;
     const uint8_t *mx_exp;   /* MXFP4: E8M0 byte per 32-block [n, k/32] */
+    const uint8_t *mx_etab;  /* fused MXFP4: E8M0 byte per (128x128 block, max magnitude byte) [bn, bk, 128] */
+    int8_t *thr;             /* fused MXFP4: [bk][256][8] magnitude-byte thresholds per (column block, e) */
+    uint32_t *thr_stamp;     /* [bk][256]: row block + 1 the thresholds were computed for (0: none) */
     uint8_t *out;            /* encode: GGUF bytes */
     float *amax;             /* amax pass: [n, k/32] */
     int64_t r0, r1;          /* this thread's rows */
@@ -244,6 +247,67 @@ static void mxfp4_block(const uint8_t *x, const float *t, unsigned e, uint8_t *o
     for (int i = 0; i < 16; i++) out[1 + i] = (uint8_t)(c[i] | (c[i + 16] << 4));
 }
 
+/* Fused MXFP4 (e >= 2): the code magnitude of x = t[b] is m = sum over K in MX_STEPS of (|x| * (2 / d) > K),
+ * as mxfp4_block computes it. |t[b]| = |t[b & 0x7F]| is nondecreasing in the magnitude byte (e4m3 is monotonic,
+ * the float32 product with the block's finite scale rounds monotonically), so each (|x| * d2 > K) holds exactly
+ * for the magnitude bytes above a threshold thr_K (-1..126): thr_K + 1 is the first byte, found by bisection,
+ * for which that same float32 expression is true. Then m = sum_K (byte & 0x7F > thr_K): byte compares. The sign
+ * bit of x is the byte's sign bit XOR the scale's (IEEE), needed only where m != 0 (x != 0 there). */
+static const float MX_STEPS[7] = {1.0f, 3.0f, 5.0f, 7.0f, 10.0f, 14.0f, 20.0f};
+
+static const int8_t *mx_thresholds(job_t *j, int64_t rb, int64_t cb, unsigned e, const float *t) {
+    int8_t *thr = j->thr + (cb * 256 + e) * 8;
+    uint32_t *stamp = j->thr_stamp + cb * 256 + e;
+    if (*stamp == (uint32_t)(rb + 1)) return thr;
+    float d2 = 2.0f / e8m0_half(e);                 /* exact: d is a normal power of two for e >= 2 */
+    for (int q = 0; q < 7; q++) {
+        int lo = 0, hi = 127;                       /* first magnitude byte in [lo, hi) with the test true */
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            if (fabsf(t[mid]) * d2 > MX_STEPS[q]) hi = mid;
+            else lo = mid + 1;
+        }
+        thr[q] = (int8_t)(lo - 1);
+    }
+    *stamp = (uint32_t)(rb + 1);
+    return thr;
+}
+
+#ifdef __SSE2__
+static inline __m128i mx_codes16(__m128i v, const __m128i *thr, __m128i flip) {
+    __m128i zero = _mm_setzero_si128();
+    __m128i mag = _mm_and_si128(v, _mm_set1_epi8(0x7F));
+    __m128i c = zero;
+    for (int q = 0; q < 7; q++) c = _mm_sub_epi8(c, _mm_cmpgt_epi8(mag, thr[q]));   /* cmpgt: -1 where true */
+    __m128i neg = _mm_xor_si128(_mm_cmplt_epi8(v, zero), flip);                        /* x < 0 */
+    __m128i sgn = _mm_and_si128(_mm_and_si128(neg, _mm_cmpgt_epi8(c, zero)), _mm_set1_epi8(8));
+    return _mm_or_si128(c, sgn);
+}
+#endif
+
+/* One MXFP4 block from thresholds (e >= 2): the bytes mxfp4_block writes. flip: the scale's sign bit. */
+static void mxfp4_block_thr(const uint8_t *x, const int8_t *thr, unsigned flip, unsigned e, uint8_t *out) {
+    out[0] = (uint8_t)e;
+#ifdef __SSE2__
+    __m128i tv[7];
+    for (int q = 0; q < 7; q++) tv[q] = _mm_set1_epi8(thr[q]);
+    __m128i fl = flip ? _mm_set1_epi8(-1) : _mm_setzero_si128();
+    __m128i c0 = mx_codes16(_mm_loadu_si128((const __m128i *)x), tv, fl);
+    __m128i c1 = mx_codes16(_mm_loadu_si128((const __m128i *)(x + 16)), tv, fl);
+    /* c1's bytes are < 16: a 16-bit shift by 4 moves nothing across bytes */
+    _mm_storeu_si128((__m128i *)(void *)(out + 1), _mm_or_si128(c0, _mm_slli_epi16(c1, 4)));
+#else
+    uint8_t c[QK];
+    for (int i = 0; i < QK; i++) {
+        int mag = x[i] & 0x7F;
+        unsigned m = 0;
+        for (int q = 0; q < 7; q++) m += mag > thr[q];
+        c[i] = (uint8_t)(m | ((m != 0) & ((x[i] >> 7) ^ flip)) << 3);
+    }
+    for (int i = 0; i < 16; i++) out[1 + i] = (uint8_t)(c[i] | (c[i + 16] << 4));
+#endif
+}
+
 static void *run_rows(void *arg) {
     job_t *j = (job_t *)arg;
     float lut[256];
@@ -266,6 +330,21 @@ static void *run_rows(void *arg) {
             int64_t cb = (b * QK) / FP8_BLOCK;
             const float *t = j->ftab + cb * 256;
             const uint8_t *x = row + b * QK;
+            if (j->mx_etab) {                       /* fused MXFP4: exponent from the block's max magnitude byte */
+                unsigned m = mag_max32(x);
+                float a = fabsf(t[m]);
+                if (m == 0x7Fu || (j->tab_bad[cb] && !isfinite(a))) {
+                    j->bad += count_bad(x, QK, t);
+                    continue;
+                }
+                unsigned e = j->mx_etab[(rb_cur * bk + cb) * 128 + m];
+                uint8_t *o = j->out + i * row_bytes + b * 17;
+                uint32_t sbits;
+                memcpy(&sbits, &t[1], 4);           /* t[1] = 2**-9 * s: the scale's sign */
+                if (e >= 2) mxfp4_block_thr(x, mx_thresholds(j, rb_cur, cb, e, t), sbits >> 31, e, o);
+                else mxfp4_block(x, t, e, o);
+                continue;
+            }
             float a = block_amax(x, t, j->tab_bad[cb], &j->bad);
             if (j->amax) { j->amax[i * nb + b] = a; continue; }
             if (a != a) continue;                   /* non-finite block: counted, output refused */
@@ -282,7 +361,9 @@ static int64_t run_threads(job_t *base, int nthreads) {
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > n) nthreads = (int)(n > 0 ? n : 1);
     int need_h = base->qtype == T_F16 || base->qtype == T_BF16;
-    size_t per = (size_t)bk * (256 * sizeof(float) + (need_h ? 256 * sizeof(uint16_t) : 0) + 1);
+    size_t thr_bytes = base->mx_etab ? (size_t)bk * 256 * (8 + sizeof(uint32_t)) : 0;
+    size_t per = (size_t)bk * (256 * sizeof(float) + (need_h ? 256 * sizeof(uint16_t) : 0) + 1) + thr_bytes;
+    per = (per + 15) & ~(size_t)15;
     char *mem = (char *)malloc(per * (size_t)nthreads);
     if (!mem) return -1;
     job_t jobs[MAX_THREADS];
@@ -296,6 +377,11 @@ static int64_t run_threads(job_t *base, int nthreads) {
         jobs[t].ftab = (float *)(void *)m;
         jobs[t].htab = need_h ? (uint16_t *)(void *)(m + (size_t)bk * 256 * sizeof(float)) : NULL;
         jobs[t].tab_bad = (uint8_t *)(m + (size_t)bk * 256 * (sizeof(float) + (need_h ? sizeof(uint16_t) : 0)));
+        if (base->mx_etab) {
+            jobs[t].thr_stamp = (uint32_t *)(void *)(m + (((size_t)bk * (256 * sizeof(float) + 1) + 3) & ~(size_t)3));
+            jobs[t].thr = (int8_t *)(jobs[t].thr_stamp + bk * 256);
+            memset(jobs[t].thr_stamp, 0, (size_t)bk * 256 * sizeof(uint32_t));
+        }
         started[t] = 0;
     }
     for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], NULL, run_rows, &jobs[t]) == 0;
@@ -334,6 +420,30 @@ int64_t v4c_fp8_gguf(const uint8_t *raw, int64_t n, int64_t k, const void *scale
     return run_threads(&base, nthreads);
 }
 
+/* |e4m3(m) * s| for m = 0..127 and each of the count block scales s (float32 or E8M0 bytes) -> mags
+ * [count, 128]: every max |x| a 32-block of that 128x128 block can have (the product of run_rows' tables). */
+void v4c_fp8_block_mags(const void *scale, int64_t count, int e8m0, float *mags) {
+    float lut[128];
+    for (unsigned b = 0; b < 128; b++) lut[b] = e4m3_value(b);
+    for (int64_t c = 0; c < count; c++) {
+        float s = e8m0 ? e8m0_value(((const uint8_t *)scale)[c]) : ((const float *)scale)[c];
+        for (unsigned b = 0; b < 128; b++) mags[c * 128 + b] = fabsf(lut[b] * s);
+    }
+}
+
+/* GGUF MXFP4 bytes in one pass: the E8M0 byte of a 32-block is etab[block][m] for m its max magnitude byte
+ * (etab [ceil(n/128) * ceil(k/128), 128]: numpy's exponent of v4c_fp8_block_mags), the codes by mx_thresholds.
+ * Same bytes as v4c_fp8_gguf(MXFP4) with mx_exp from v4c_fp8_amax32; same return values. */
+int64_t v4c_fp8_mxfp4(const uint8_t *raw, int64_t n, int64_t k, const void *scale, int e8m0, const uint8_t *etab,
+                      uint8_t *out, int nthreads) {
+    if (k % QK) return -2;
+    job_t base;
+    memset(&base, 0, sizeof base);
+    base.raw = raw; base.n = n; base.k = k; base.scale = scale; base.e8m0 = e8m0; base.qtype = T_MXFP4;
+    base.mx_etab = etab; base.out = out;
+    return run_threads(&base, nthreads);
+}
+
 /* ---- OCP / DeepSeek MXFP4 -> GGUF MXFP4 re-pack (bits only; formats/gguf_quants.py repack_mxfp4) ----
  * packed [rows, nb * 16]: byte i = element 2i (low nibble) | element 2i + 1 (high); scale [rows, nb] E8M0.
  * out [rows, nb * 17]: byte 0 = scale, byte 1 + j = element j | element j + 16 << 4. */
@@ -341,15 +451,28 @@ typedef struct {
     const uint8_t *packed, *scale;
     uint8_t *out;
     int64_t nb, r0, r1;
+    int64_t nan_scales;      /* scale bytes 0xFF (E8M0 NaN) in this thread's rows */
 } repack_t;
 
 static void *repack_rows(void *arg) {
     repack_t *j = (repack_t *)arg;
+    j->nan_scales = 0;
     for (int64_t i = j->r0; i < j->r1; i++) {
         for (int64_t b = 0; b < j->nb; b++) {
             const uint8_t *src = j->packed + (i * j->nb + b) * 16;
             uint8_t *o = j->out + (i * j->nb + b) * 17;
             o[0] = j->scale[i * j->nb + b];
+            j->nan_scales += o[0] == 0xFFu;
+#ifdef __SSE2__
+            {   /* the loop below on 16 bytes at once: a = lo & 0xF | hi << 4, b = lo >> 4 | hi & 0xF0, interleaved */
+                __m128i v = _mm_loadu_si128((const __m128i *)src), k0f = _mm_set1_epi8(0x0F);
+                __m128i hi = _mm_srli_si128(v, 8);
+                __m128i a = _mm_or_si128(_mm_and_si128(v, k0f), _mm_slli_epi16(_mm_and_si128(hi, k0f), 4));
+                __m128i c = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), k0f), _mm_andnot_si128(k0f, hi));
+                _mm_storeu_si128((__m128i *)(void *)(o + 1), _mm_unpacklo_epi8(a, c));
+                continue;
+            }
+#endif
             for (int t = 0; t < 8; t++) {
                 uint8_t lo = src[t], hi = src[8 + t];      /* elements 2t, 2t+1 and 2t+16, 2t+17 */
                 o[1 + 2 * t] = (uint8_t)((lo & 0x0Fu) | (hi << 4));
@@ -360,8 +483,9 @@ static void *repack_rows(void *arg) {
     return NULL;
 }
 
-void v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows, int64_t nb, uint8_t *out,
-                      int nthreads) {
+/* Returns the number of 0xFF (NaN) scale bytes: the output is then not valid GGUF and the caller refuses it. */
+int64_t v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows, int64_t nb, uint8_t *out,
+                         int nthreads) {
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if (nthreads > rows) nthreads = (int)(rows > 0 ? rows : 1);
@@ -380,4 +504,7 @@ void v4c_mxfp4_repack(const uint8_t *packed, const uint8_t *scale, int64_t rows,
         if (started[t]) pthread_join(tid[t], NULL);
         else repack_rows(&jobs[t]);
     }
+    int64_t nan_scales = 0;
+    for (int t = 0; t < nthreads; t++) nan_scales += jobs[t].nan_scales;
+    return nan_scales;
 }

@@ -48,8 +48,12 @@ def _library() -> ctypes.CDLL:
     lib.v4c_fp8_amax32.restype = i64
     lib.v4c_fp8_gguf.argtypes = [p, i64, i64, p, i32, i32, p, p, i32]
     lib.v4c_fp8_gguf.restype = i64
+    lib.v4c_fp8_block_mags.argtypes = [p, i64, i32, p]
+    lib.v4c_fp8_block_mags.restype = None
+    lib.v4c_fp8_mxfp4.argtypes = [p, i64, i64, p, i32, p, p, i32]
+    lib.v4c_fp8_mxfp4.restype = i64
     lib.v4c_mxfp4_repack.argtypes = [p, p, i64, i64, p, i32]
-    lib.v4c_mxfp4_repack.restype = None
+    lib.v4c_mxfp4_repack.restype = i64
     return lib
 
 
@@ -110,42 +114,93 @@ def fp8_block_amax32_native(raw: torch.Tensor, scale: torch.Tensor, *, threads: 
     return amax
 
 
-def fp8_block_to_gguf_native(raw: torch.Tensor, scale: torch.Tensor, qtype: Q, *, threads: int = DEFAULT_THREADS,
-                             name: str = "tensor") -> torch.Tensor:
-    """E4M3 bytes ``[N, K]`` + 128-block scale (float32 ``[ceil(N/128), ceil(K/128)]`` or E8M0 bytes) ->
-    uint8 ``[N, row bytes]``: the GGUF ``qtype`` bytes of the dequantized tensor, equal to
-    ``gguf_quants.quantize(dequantized, qtype)`` byte for byte. Raises :class:`NonFiniteValuesError` when a
-    dequantized value is NaN/Inf, ``BlockShapeError`` for bad shapes."""
-    raw, sc, e8m0 = _check(raw, scale, qtype, name)
+def mxfp4_exponent_table(sc: torch.Tensor, e8m0: int) -> torch.Tensor:
+    """E8M0 byte of an MXFP4 32-block per (128x128 block of the contiguous scale ``sc``, max magnitude byte m):
+    uint8 ``[sc.numel(), 128]`` = ``_mxfp4_exponents(|e4m3(m) * s|)`` (gguf-py's numpy float32 expression on the
+    float32 maxima the C kernel forms: a block's exponent is a function of its block scale and max byte)."""
+    mags = torch.empty(sc.numel(), 128, dtype=torch.float32)
+    _library().v4c_fp8_block_mags(sc.data_ptr(), sc.numel(), e8m0, mags.data_ptr())
+    return torch.from_numpy(_mxfp4_exponents(mags.numpy()))
+
+
+def fp8_block_to_mxfp4_two_pass(raw: torch.Tensor, scale: torch.Tensor, *, threads: int = DEFAULT_THREADS,
+                                name: str = "tensor") -> torch.Tensor:
+    """MXFP4 the first way (kept as the fused kernel's reference): block maxima ``[N, K/32]`` in C, their
+    exponents in numpy, then the per-element encode in C."""
+    raw, sc, e8m0 = _check(raw, scale, Q.MXFP4, name)
     n, k = raw.shape
-    lib = _library()
-    exps = None
-    if qtype == Q.MXFP4:
-        amax = fp8_block_amax32_native(raw, sc, threads=threads, name=name)
-        exps = torch.from_numpy(_mxfp4_exponents(amax.numpy())).contiguous()   # gguf-py's float32 expression
-    out = torch.empty(n, gguf_nbytes(1, k, qtype), dtype=torch.uint8)
-    bad = lib.v4c_fp8_gguf(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, int(qtype),
-                           exps.data_ptr() if exps is not None else None, out.data_ptr(), int(threads))
+    amax = fp8_block_amax32_native(raw, sc, threads=threads, name=name)
+    exps = torch.from_numpy(_mxfp4_exponents(amax.numpy())).contiguous()
+    out = torch.empty(n, gguf_nbytes(1, k, Q.MXFP4), dtype=torch.uint8)
+    bad = _library().v4c_fp8_gguf(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, int(Q.MXFP4), exps.data_ptr(),
+                                  out.data_ptr(), int(threads))
     _refuse(bad, name, n, k)
     return out
 
 
+def fp8_block_to_gguf_native(raw: torch.Tensor, scale: torch.Tensor, qtype: Q, *, threads: int = DEFAULT_THREADS,
+                             name: str = "tensor", out: torch.Tensor | None = None) -> torch.Tensor:
+    """E4M3 bytes ``[N, K]`` + 128-block scale (float32 ``[ceil(N/128), ceil(K/128)]`` or E8M0 bytes) ->
+    uint8 ``[N, row bytes]``: the GGUF ``qtype`` bytes of the dequantized tensor, equal to
+    ``gguf_quants.quantize(dequantized, qtype)`` byte for byte. Raises :class:`NonFiniteValuesError` when a
+    dequantized value is NaN/Inf, ``BlockShapeError`` for bad shapes. MXFP4 is one fused pass
+    (``v4c_fp8_mxfp4``: exponents from :func:`mxfp4_exponent_table`, codes by byte thresholds).
+    ``out``: a contiguous uint8 buffer of at least the output's bytes to write into (returned as its first
+    ``[N, row bytes]``), e.g. a reused one; None: a new tensor."""
+    raw, sc, e8m0 = _check(raw, scale, qtype, name)
+    n, k = raw.shape
+    lib = _library()
+    nbytes = gguf_nbytes(n, k, qtype)
+    if out is None:
+        out = torch.empty(n, gguf_nbytes(1, k, qtype), dtype=torch.uint8)
+    else:
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < nbytes or out.device.type != "cpu":
+            raise CodecInputError(f"{name}: output buffer must be contiguous CPU uint8 of >= {nbytes} bytes")
+        out = out.view(-1)[:nbytes].view(n, -1)
+    if qtype == Q.MXFP4:
+        etab = mxfp4_exponent_table(sc, e8m0)
+        bad = lib.v4c_fp8_mxfp4(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, etab.data_ptr(), out.data_ptr(),
+                                int(threads))
+    else:
+        bad = lib.v4c_fp8_gguf(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, int(qtype), None, out.data_ptr(),
+                               int(threads))
+    _refuse(bad, name, n, k)
+    return out
+
+
+class NaNScalesError(QuantError):
+    """MXFP4 scale bytes 0xFF (E8M0 NaN), ``count`` of them: not storable in GGUF."""
+
+    def __init__(self, msg: str, count: int) -> None:
+        super().__init__(msg)
+        self.count = count
+
+
 def repack_mxfp4_native(packed: torch.Tensor, scale: torch.Tensor, name: str = "?", *,
-                        threads: int = DEFAULT_THREADS) -> torch.Tensor:
+                        threads: int = DEFAULT_THREADS, out: torch.Tensor | None = None) -> torch.Tensor:
     """Same bytes, shapes and errors as :func:`v4convert.formats.gguf_quants.repack_mxfp4` (OCP / DeepSeek
-    MXFP4 ``packed [..., K/2]`` + E8M0 ``scale [..., K/32]`` -> GGUF MXFP4 uint8 ``[..., K/32*17]``), in C."""
+    MXFP4 ``packed [..., K/2]`` + E8M0 ``scale [..., K/32]`` -> GGUF MXFP4 uint8 ``[..., K/32*17]``), in C; the NaN
+    scale bytes are counted in the same pass (:class:`NaNScalesError`, a ``QuantError``, with ``.count``).
+    ``out``: a contiguous uint8 buffer of at least the output's bytes to write into (None: a new tensor)."""
     p = packed.contiguous().view(torch.uint8)
     s = scale.contiguous().view(torch.uint8)
     k = p.shape[-1] * 2
     if k % QK != 0 or tuple(s.shape) != (*p.shape[:-1], k // QK):
         raise QuantError(f"tensor {name}: MXFP4 scale shape {tuple(s.shape)} does not match packed "
                          f"shape {tuple(p.shape)} (expected {(*p.shape[:-1], k // QK)})")
-    if bool((s == 255).any()):
-        raise QuantError(f"tensor {name}: MXFP4 scale byte 255 (NaN) cannot be stored in GGUF")
     if p.device.type != "cpu" or s.device.type != "cpu":
         raise CodecInputError(f"{name}: native kernel needs CPU tensors")
     rows = p.numel() // max(1, p.shape[-1]) if p.shape[-1] else 0
-    out = torch.empty((*p.shape[:-1], k // QK * 17), dtype=torch.uint8)
+    shape = (*p.shape[:-1], k // QK * 17)
+    nbytes = rows * (k // QK) * 17
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < nbytes or out.device.type != "cpu":
+            raise CodecInputError(f"{name}: output buffer must be contiguous CPU uint8 of >= {nbytes} bytes")
+        out = out.view(-1)[:nbytes].view(shape)
     if out.numel():
-        _library().v4c_mxfp4_repack(p.data_ptr(), s.data_ptr(), rows, k // QK, out.data_ptr(), int(threads))
+        bad = _library().v4c_mxfp4_repack(p.data_ptr(), s.data_ptr(), rows, k // QK, out.data_ptr(), int(threads))
+        if bad:
+            raise NaNScalesError(f"tensor {name}: MXFP4 scale byte 255 (NaN) cannot be stored in GGUF", bad)
     return out
