@@ -13,6 +13,7 @@ falls back to a buffered ``preadv`` of exactly ``[start, end)``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import threading
@@ -153,6 +154,26 @@ NO_DIRECT: set[str] = set()    # paths whose filesystem refused O_DIRECT (tmpfs:
 def direct_write_enabled() -> bool:
     """O_DIRECT output writes unless ``V4C_DIRECT_WRITE=0`` (the buffered ``pwrite`` path)."""
     return os.environ.get("V4C_DIRECT_WRITE", "1") != "0" and hasattr(os, "O_DIRECT")
+
+
+def reserve(fd: int, size: int) -> None:
+    """Reserve ``[0, size)`` of ``fd`` (Linux ``fallocate`` mode 0: unwritten extents, read as zeros; data already
+    there is kept). On ext4 an O_DIRECT write into a hole takes the inode lock exclusively for the whole I/O, so
+    concurrent page-aligned writes into a sparse file run one at a time (and buffered fragments wait behind them);
+    into allocated extents they run under the shared lock. Where ``fallocate`` is missing or refused the file stays
+    sparse (never glibc's ``posix_fallocate`` emulation, which writes zeros over the whole range)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate(fd, 0, 0, size)      # -1 (EOPNOTSUPP, ENOSPC, ...): stays sparse; a full disk shows at the writes
+
+
+def unallocated_bytes(path: str | os.PathLike, size: int) -> int:
+    """Bytes of ``[0, size)`` of ``path`` not yet backed by disk blocks (a resumed run's earlier reservation counts)."""
+    return max(0, size - os.stat(path).st_blocks * 512)
 
 
 class StagePool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from v4convert.formats.containers import (Container, OutKind, Part, check_fused, compressed_tensors_config,
                                           modelopt_configs)
-from v4convert.formats.direct_io import direct_write_enabled
+from v4convert.formats.direct_io import direct_write_enabled, reserve, unallocated_bytes
 
 from .. import __version__
 from .. import outputs
@@ -167,7 +167,9 @@ def _create_shard(path: Path, header: bytes, size: int) -> None:
 
 
 def _check_space(part: Path, plan: Plan, done: dict[int, list[int]]) -> None:
-    need = sum(u.bytes_out for u in plan.units if u.index not in done)
+    # what the remaining units write, less what the shards already hold allocated (a resumed run's reservation)
+    unallocated = sum(unallocated_bytes(part / name, size) for name, size in plan.shards.items())
+    need = min(sum(u.bytes_out for u in plan.units if u.index not in done), unallocated)
     free = shutil.disk_usage(part).free
     if need > free:
         raise DiskFullError(f"{part}: needs {need / 1e9:.2f} GB more for the output but only {free / 1e9:.2f} GB "
@@ -198,6 +200,13 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
         return _swap(plan, out, partial_dir(out))
     part, journal, done = prepared
     _check_space(part, plan, done)
+    if direct_write_enabled():
+        for name, size in plan.shards.items():      # O_DIRECT writes into allocated extents run concurrently
+            fd = os.open(part / name, os.O_WRONLY)
+            try:
+                reserve(fd, size)
+            finally:
+                os.close(fd)
     todo = [u for u in plan.units if u.index not in done]
     if done:
         log(f"resuming: {len(done)} of {len(plan.units)} units already done in {part}")

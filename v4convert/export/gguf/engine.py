@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -48,7 +47,7 @@ from pathlib import Path
 
 from v4convert import __version__, outputs
 from v4convert.errors import UserError
-from v4convert.formats.direct_io import direct_write_enabled
+from v4convert.formats.direct_io import direct_write_enabled, reserve, unallocated_bytes
 from v4convert.formats.gguf_writer import FileLayout, write_tensor
 from v4convert.threads import usable_cores
 
@@ -187,20 +186,6 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
-def _allocate(fd: int, size: int) -> None:
-    """Reserve ``[0, size)`` of ``fd`` (Linux ``fallocate`` mode 0: unwritten extents, read as zeros). On ext4 an
-    O_DIRECT write into a hole takes the inode lock exclusively for the whole I/O, so the workers' page-aligned
-    writes into a sparse file run one at a time (and the buffered fragments wait behind them); into allocated
-    extents they run under the shared lock. Where ``fallocate`` is missing or refused the file stays sparse."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate(fd, 0, 0, size)      # -1 (EOPNOTSUPP, ENOSPC, ...): stays sparse; a full disk shows at the writes
-
-
 def _create(layout: FileLayout) -> None:
     with open(partial_of(layout.path), "wb") as f:
         f.write(layout.header)
@@ -243,7 +228,7 @@ def prepare(files: Sequence[FileLayout], journal: Journal, fp: str, log: Callabl
 
 def _check_space(files: Sequence[FileLayout], todo: Sequence[Unit]) -> None:
     # what the remaining units write, less what the partials already hold allocated (a resumed run's reservation)
-    unallocated = sum(max(0, f.size - os.stat(partial_of(f.path)).st_blocks * 512) for f in files)
+    unallocated = sum(unallocated_bytes(partial_of(f.path), f.size) for f in files)
     need = min(sum(u.nbytes for u in todo), unallocated)
     free = shutil.disk_usage(partial_of(files[0].path).parent).free
     if need > free:
@@ -286,7 +271,7 @@ def execute(files: Sequence[FileLayout], journal: Journal, fp: str, *, workers: 
     fds = [os.open(partial_of(f.path), os.O_RDWR) for f in files]
     if direct_write_enabled():
         for f, fd in zip(files, fds):
-            _allocate(fd, f.size)
+            reserve(fd, f.size)
     pending: list[Unit] = []
     pending_bytes = 0
 
