@@ -15,8 +15,11 @@ from v4convert.formats.fp8_block import (
 )
 from v4convert.kernels.native import (
     NativeUnavailableError,
+    fp8_amax_native,
     fp8_block_amax_native,
     fp8_block_to_nvfp4_native,
+    fp8_encode_fused_native,
+    fp8_encode_native,
     native_status,
 )
 from v4convert.formats.nvfp4 import Backend, NVFP4Convention, NVFP4Tensor, nvfp4_quantize
@@ -125,6 +128,51 @@ def test_thread_count_does_not_change_bytes() -> None:
     one = fp8_block_to_nvfp4_native(t, threads=1)
     for n in (2, 7, 64):
         assert_same(fp8_block_to_nvfp4_native(t, threads=n), one)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("fmt", [FP8ScaleFormat.F32, FP8ScaleFormat.E8M0])
+@pytest.mark.parametrize("shape", SHAPES + [(257, 400), (129, 16)])
+def test_fused_matches_two_stage(shape, fmt, conv) -> None:
+    """The fused hot path (amax from 128-block max bytes; 16-block amax recomputed in the encode pass, into caller
+    buffers) gives the two-stage kernel's bytes, for any thread count."""
+    t = random_bytes_tensor(shape, fmt, seed=shape[0] * 11 + shape[1])
+    ba, amax = fp8_block_amax_native(t.weight, t.scale, threads=1)
+    from v4convert.formats.nvfp4 import nvfp4_global_scale
+    g = nvfp4_global_scale(amax * 1.75, conv)           # a shared (larger) global amax, as fused partners get
+    ref_p, ref_ws = fp8_encode_native(t.weight, t.scale, ba, g, conv, threads=1)
+    n, k = shape
+    for threads in (1, 2, 5):
+        a = fp8_amax_native(t.weight, t.scale, threads=threads)
+        assert torch.equal(a.view(torch.int32), amax.view(torch.int32))
+        buf = torch.full((n * k // 2 + n * k // 16 + 3,), 0xAB, dtype=torch.uint8)   # odd offsets: no alignment
+        p, ws = fp8_encode_fused_native(t.weight, t.scale, g, conv, threads=threads,
+                                        packed_out=buf[1: 1 + n * k // 2], ws_out=buf[2 + n * k // 2: -1])
+        assert torch.equal(p, ref_p) and torch.equal(ws.view(torch.uint8), ref_ws.view(torch.uint8))
+        assert buf[0] == 0xAB and buf[1 + n * k // 2] == 0xAB and buf[-1] == 0xAB      # nothing outside
+        p2, _ = fp8_encode_fused_native(t.weight, t.scale, g, conv, threads=threads)
+        assert torch.equal(p2, ref_p)
+
+
+def test_fused_amax_bad_input_errors() -> None:
+    t = random_bytes_tensor((130, 272), FP8ScaleFormat.F32, seed=1)
+    for r, c in ((129, 271), (0, 0), (64, 130)):
+        raw = t.weight.view(torch.uint8).clone()
+        raw[r, c] = 0xFF  # NaN
+        raw[r, (c + 16) % 272] = 0x7F
+        for threads in (1, 3):
+            with pytest.raises(NonFiniteInputError, match="w1: 2 NaN E4M3"):
+                fp8_amax_native(raw, t.scale, name="w1", threads=threads)
+    s = t.scale.clone()
+    s[1, 2] = -0.0
+    with pytest.raises(NonFiniteInputError, match="w2: non-finite or negative"):
+        fp8_amax_native(t.weight, s, name="w2")
+    e = torch.full((2, 3), 254, dtype=torch.uint8)     # 2**127: e4m3 * scale overflows float32
+    with pytest.raises(NonFiniteInputError, match="w3: non-finite block amax"):
+        fp8_amax_native(t.weight, e, name="w3")
+    with pytest.raises(ValueError, match="w4 packed"):
+        fp8_encode_fused_native(t.weight, t.scale, torch.tensor(1.0), NVFP4Convention.MODELOPT, name="w4",
+                                packed_out=torch.empty(7, dtype=torch.uint8))
 
 
 def test_bad_input_errors() -> None:

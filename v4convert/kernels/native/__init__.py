@@ -5,10 +5,13 @@
 renamed, so concurrent workers never load a half-written library) and called through ctypes on
 contiguous CPU buffers; the C code splits rows over ``threads`` pthreads (ctypes releases the GIL).
 
-Stages mirror :mod:`v4convert.formats.nvfp4`'s public ones so the engine can share a global amax
-between fused partners: :func:`fp8_block_amax_native` (block amax + tensor amax) then
-:func:`fp8_encode_native` (E4M3 block scales + packed codes for one global scale).
-:func:`fp8_block_to_nvfp4_native` is the one-call equivalent of ``fp8_block_to_nvfp4``.
+Stages let the engine share a global amax between fused partners. Hot path (fused, issue 16):
+:func:`fp8_amax_native` (the tensor amax alone, from each 128x128 block's max magnitude byte) then
+:func:`fp8_encode_fused_native` (E4M3 block scales + packed codes for one global scale, each 16-block's amax
+recomputed from its bytes, optionally into caller buffers). Two-stage reference mirroring
+:mod:`v4convert.formats.nvfp4`'s public stages: :func:`fp8_block_amax_native` (block amax array + tensor amax)
+then :func:`fp8_encode_native`. Both give the same bytes (tests/test_native_codec.py).
+:func:`fp8_block_to_nvfp4_native` is the one-call equivalent of ``fp8_block_to_nvfp4`` (fused path).
 
 :func:`load_library` is the build-and-load step every C kernel here shares (``gguf.py``: FP8-block ->
 GGUF bytes and the MXFP4 re-pack, from ``fp8_gguf.c``; ``repack.py``: MXFP4 -> NVFP4 re-pack, from ``mxfp4_nvfp4.c``).
@@ -103,6 +106,10 @@ def _library() -> ctypes.CDLL:
     lib.v4c_fp8_block_amax.restype = i64
     lib.v4c_fp8_encode.argtypes = [p, i64, i64, p, i32, p, f32, i32, p, p, i32]
     lib.v4c_fp8_encode.restype = None
+    lib.v4c_fp8_amax.argtypes = [p, i64, i64, p, i32, p, i32]
+    lib.v4c_fp8_amax.restype = i64
+    lib.v4c_fp8_encode_fused.argtypes = [p, i64, i64, p, i32, f32, i32, p, p, i32]
+    lib.v4c_fp8_encode_fused.restype = None
     return lib
 
 
@@ -193,6 +200,62 @@ def fp8_encode_native(
     return packed, ws.view(torch.float8_e4m3fn)
 
 
+def fp8_amax_native(raw: torch.Tensor, scale: torch.Tensor, *, threads: int = DEFAULT_THREADS,
+                    name: str = "tensor") -> torch.Tensor:
+    """Float32 0-dim ``max |e4m3 * scale|`` of E4M3 bytes ``[N, K]`` with 128-block scale (F32 or E8M0
+    ``[B(N), B(K)]``): bit-equal to :func:`fp8_block_amax_native`'s amax, without the block amax array. Raises as it."""
+    raw, n, k = _check_raw(raw, name)
+    sc, e8m0 = _check_scale(scale, n, k, name)
+    amax = torch.zeros((), dtype=torch.float32)
+    bad = _library().v4c_fp8_amax(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, amax.data_ptr(), int(threads))
+    if bad == -2:
+        raise MemoryError(f"{name}: native kernel could not allocate its {k}-byte row accumulator")
+    if bad < 0:
+        raise NonFiniteInputError(f"{name}: non-finite or negative FP8 block scale (NaN/Inf/negative F32 or E8M0 byte 0xFF)")
+    if bad > 0:
+        raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
+    if not bool(torch.isfinite(amax)):
+        raise NonFiniteInputError(f"{name}: non-finite block amax (scale too large); refusing to quantize")
+    return amax
+
+
+def _out_buf(buf: torch.Tensor | None, nbytes: int, shape: tuple[int, int], what: str) -> torch.Tensor:
+    if buf is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    if buf.dtype != torch.uint8 or buf.numel() != nbytes or not buf.is_contiguous() or buf.device.type != "cpu":
+        raise ValueError(f"{what}: need a contiguous CPU uint8 buffer of {nbytes} bytes, got {buf.dtype} "
+                         f"{tuple(buf.shape)}")
+    return buf.view(shape)
+
+
+def fp8_encode_fused_native(
+    raw: torch.Tensor,
+    scale: torch.Tensor,
+    gscale: torch.Tensor,
+    convention: NVFP4Convention,
+    *,
+    threads: int = DEFAULT_THREADS,
+    name: str = "tensor",
+    packed_out: torch.Tensor | None = None,
+    ws_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_encode_native` without the block amax array (recomputed per 16-block from the bytes: same
+    bytes). ``packed_out`` / ``ws_out``: contiguous uint8 buffers of ``N*K/2`` / ``N*K/16`` bytes to write into
+    (e.g. a staged writer's range); -> (packed uint8 ``[N, K/2]``, E4M3 block scales ``[N, K/16]``)."""
+    raw, n, k = _check_raw(raw, name)
+    sc, e8m0 = _check_scale(scale, n, k, name)
+    g = float(gscale.detach().to(torch.float32).cpu().reshape(()))  # exact: float32 -> double -> float32
+    if not (0.0 < g < float("inf")):
+        raise NonFiniteInputError(f"{name}: NVFP4 global scale {g} is not finite and positive (amax too small "
+                                  f"or too large for float32); refusing to quantize")
+    packed = _out_buf(packed_out, n * k // 2, (n, k // 2), f"{name} packed")
+    ws = _out_buf(ws_out, n * k // NVFP4_BLOCK, (n, k // NVFP4_BLOCK), f"{name} block scales")
+    _library().v4c_fp8_encode_fused(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, g,
+                                    int(convention is NVFP4Convention.MODELOPT), packed.data_ptr(), ws.data_ptr(),
+                                    int(threads))
+    return packed, ws.view(torch.float8_e4m3fn)
+
+
 def fp8_block_to_nvfp4_native(
     t: FP8BlockTensor,
     *,
@@ -203,7 +266,7 @@ def fp8_block_to_nvfp4_native(
 ) -> NVFP4Tensor:
     """Same result as :func:`v4convert.formats.fp8_block.fp8_block_to_nvfp4` (byte for byte), in C."""
     scale = t.scale if t.fmt is not FP8ScaleFormat.F32_POW2 else t.scale.to(torch.float32)
-    block_amax, amax = fp8_block_amax_native(t.weight, scale, threads=threads, name=name)
+    amax = fp8_amax_native(t.weight, scale, threads=threads, name=name)
     if global_amax is not None:
         g_amax = torch.as_tensor(global_amax, dtype=torch.float32).reshape(())
         if not bool(torch.isfinite(g_amax)) or bool(g_amax < amax):
@@ -212,5 +275,5 @@ def fp8_block_to_nvfp4_native(
             )
         amax = g_amax
     gscale = nvfp4_global_scale(amax, convention)
-    packed, ws = fp8_encode_native(t.weight, scale, block_amax, gscale, convention, threads=threads, name=name)
+    packed, ws = fp8_encode_fused_native(t.weight, scale, gscale, convention, threads=threads, name=name)
     return NVFP4Tensor(packed=packed, block_scale=ws, global_scale=gscale, convention=convention, amax=amax.reshape(()))

@@ -12,6 +12,14 @@
  * Layout: raw uint8 [n, k] row-major (k % 16 == 0), scale [ceil(n/128), ceil(k/128)],
  * block_amax float32 [n, k/16], packed uint8 [n, k/2] (low nibble = even element),
  * ws uint8 E4M3 [n, k/16].
+ *
+ * Two call sequences give the same bytes:
+ *   two-stage (reference): v4c_fp8_block_amax (writes block_amax [n, k/16]) then v4c_fp8_encode;
+ *   fused (hot path):      v4c_fp8_amax (tensor amax only, from the max magnitude byte of each 128x128 block:
+ *                          e4m3 is monotonic in byte & 0x7F and s >= 0, so max(e4m3(m16) * s) over a block's
+ *                          16-blocks == e4m3(max m16) * s, float32 rounding being monotonic) then
+ *                          v4c_fp8_encode_fused (the 16-block's max byte m recomputed in the encode pass; ws and
+ *                          the E2M1 thresholds cached per (128-block, m), as block_amax = e4m3(m) * s exactly).
  */
 #include <math.h>
 #include <pthread.h>
@@ -22,6 +30,12 @@
 #include "rows.h"
 #ifdef __SSE2__
 #include <emmintrin.h>
+#endif
+#ifdef __SSSE3__
+#include <tmmintrin.h>
+#endif
+#ifdef __SSE4_1__
+#include <smmintrin.h>
 #endif
 
 #define FP8_BLOCK 128
@@ -68,16 +82,19 @@ static const int E2M1_INCLUSIVE[7] = {0, 1, 0, 1, 0, 1, 0};
  * in m (float32 rounding is monotonic, s >= 0, safe > 0) and symmetric in the sign, so the E2M1
  * magnitude code of byte x is #{i : (x & 0x7F) >= thr[i]} and its sign bit is x's (signbit(q)). */
 static void e2m1_thresholds(const float *lut, float s, float safe, uint8_t thr[7]) {
-    for (int i = 0; i < 7; i++) {
-        int lo = 0, hi = 127; /* answer in [lo, hi] */
-        while (lo < hi) {
-            int mid = (lo + hi) / 2;
+    /* seven branch-free binary searches run side by side (independent chains: no divide-latency stall per step).
+     * Invariant: every m < lo[i] fails bound i; step sizes 64..1 sum to 127, so lo ends at the first passing m
+     * in 0..126, or 127 when none does (byte 127 is NaN and never evaluated). */
+    int lo[7] = {0, 0, 0, 0, 0, 0, 0};
+    for (int st = 64; st >= 1; st >>= 1) {
+        for (int i = 0; i < 7; i++) {
+            int mid = lo[i] + st - 1;
             float a = fabsf((lut[mid] * s) / safe);
             int pass = E2M1_INCLUSIVE[i] ? (a >= E2M1_BOUND[i]) : (a > E2M1_BOUND[i]);
-            if (pass) hi = mid; else lo = mid + 1;
+            lo[i] += pass ? 0 : st;
         }
-        thr[i] = (uint8_t)lo;
     }
+    for (int i = 0; i < 7; i++) thr[i] = (uint8_t)lo[i];
 }
 
 /* 16 E4M3 bytes -> 8 packed NVFP4 bytes (low nibble = even element) given the block's thresholds. */
@@ -218,6 +235,144 @@ static void *encode_rows(void *arg) {
     return NULL;
 }
 
+/* ---------------------------------------------------------------- fused path */
+/* Stage 1: per thread, the vertical max of (byte & 0x7F) over each 16-column chunk of the rows of the current
+ * 128-row block; at the block row's end (or the thread's last row) each 128-column block's max byte m gives
+ * e4m3(m) * s. NaN bytes (m == 0x7F) are counted over that stretch of rows (a refusal follows anyway). */
+static void amax_flush(job_t *j, const uint8_t *acc, int64_t ra, int64_t rb_end, const float *lut, float *best) {
+    int64_t nb = j->k / NV_BLOCK, bk = (j->k + FP8_BLOCK - 1) / FP8_BLOCK;
+    for (int64_t c = 0; c < bk; c++) {
+        int64_t b0 = c * (FP8_BLOCK / NV_BLOCK), b1 = b0 + FP8_BLOCK / NV_BLOCK;
+        if (b1 > nb) b1 = nb;
+        unsigned m = 0;
+        for (int64_t t = b0 * NV_BLOCK; t < b1 * NV_BLOCK; t++) m = acc[t] > m ? acc[t] : m;
+        if (m == 0x7F) {
+            for (int64_t i = ra; i < rb_end; i++)
+                for (int64_t t = b0 * NV_BLOCK; t < b1 * NV_BLOCK; t++)
+                    j->nan_count += (j->raw[i * j->k + t] & 0x7Fu) == 0x7Fu;
+            m = 0;
+        }
+        float ba = lut[m] * block_scale(j, ra, c * FP8_BLOCK);
+        if (ba > *best || ba != ba) *best = (ba != ba || *best != *best) ? NAN : ba;
+    }
+}
+
+static void *amax_fused_rows(void *arg) {
+    job_t *j = (job_t *)arg;
+    float lut[128];
+    for (unsigned b = 0; b < 128; b++) lut[b] = e4m3_value(b);
+    int64_t k = j->k, bk = (k + FP8_BLOCK - 1) / FP8_BLOCK;
+    uint8_t *acc = (uint8_t *)malloc((size_t)k);
+    float best = 0.0f;
+    int64_t ra = j->r0; /* first row of the current stretch */
+    if (acc) memset(acc, 0, (size_t)k);
+    for (int64_t i = j->r0; i < j->r1 && acc; i++) {
+        const uint8_t *row = j->raw + i * k;
+        if (i == j->r0 || i % FP8_BLOCK == 0)
+            for (int64_t c = 0; c < bk; c++) j->bad_scale |= scale_bad(j, (i / FP8_BLOCK) * bk + c);
+        int64_t t = 0;
+#ifdef __SSE2__
+        const __m128i m7f = _mm_set1_epi8(0x7F);
+        for (; t < k; t += NV_BLOCK) {
+            __m128i v = _mm_and_si128(_mm_loadu_si128((const __m128i *)(row + t)), m7f);
+            __m128i a = _mm_loadu_si128((const __m128i *)(acc + t));
+            _mm_storeu_si128((__m128i *)(acc + t), _mm_max_epu8(a, v));
+        }
+#else
+        for (; t < k; t++) {
+            unsigned v = row[t] & 0x7Fu;
+            acc[t] = v > acc[t] ? (uint8_t)v : acc[t];
+        }
+#endif
+        if (i + 1 == j->r1 || (i + 1) % FP8_BLOCK == 0) {
+            amax_flush(j, acc, ra, i + 1, lut, &best);
+            memset(acc, 0, (size_t)k);
+            ra = i + 1;
+        }
+    }
+    if (!acc) { /* out of memory: the two-stage rows give the same amax */
+        j->bad_scale = 2;
+    }
+    free(acc);
+    j->amax = best;
+    return NULL;
+}
+
+/* One (128-block, max byte m) entry: the 16-block's E4M3 scale byte w and thr[i] - 1 of its E2M1 bounds. */
+typedef struct { int8_t thrm1[8]; uint8_t w; uint8_t pad[3]; int32_t gen; } mthr_entry;
+
+/* 16 E4M3 bytes (their magnitudes in mag) -> 8 packed NVFP4 bytes for thresholds thrm1 (thr - 1). */
+static inline void encode16_m(const uint8_t *x, const int8_t thrm1[8], uint8_t *out) {
+#if defined(__SSSE3__)
+    __m128i v = _mm_loadu_si128((const __m128i *)x);
+    __m128i mag = _mm_and_si128(v, _mm_set1_epi8(0x7F));
+    __m128i code = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x08));
+    __m128i th = _mm_loadl_epi64((const __m128i *)thrm1);
+    for (int i = 0; i < 7; i++)
+        code = _mm_sub_epi8(code, _mm_cmpgt_epi8(mag, _mm_shuffle_epi8(th, _mm_set1_epi8((char)i))));
+    __m128i pair = _mm_and_si128(_mm_or_si128(code, _mm_srli_epi16(code, 4)), _mm_set1_epi16(0x00FF));
+    _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(pair, pair));
+#else
+    uint8_t thr[7];
+    for (int i = 0; i < 7; i++) thr[i] = (uint8_t)(thrm1[i] + 1);
+    encode16(x, thr, out);
+#endif
+}
+
+static inline unsigned mag_max16_fast(const uint8_t *x) {
+#if defined(__SSE4_1__)
+    __m128i m = _mm_and_si128(_mm_loadu_si128((const __m128i *)x), _mm_set1_epi8(0x7F));
+    m = _mm_and_si128(_mm_max_epu8(m, _mm_srli_epi16(m, 8)), _mm_set1_epi16(0x00FF)); /* 8 pair maxima */
+    m = _mm_sub_epi16(_mm_set1_epi16(0x7F), m);                                        /* max -> min */
+    return 0x7Fu - ((unsigned)_mm_cvtsi128_si32(_mm_minpos_epu16(m)) & 0xFFFFu);
+#else
+    return mag_max16(x);
+#endif
+}
+
+static void *encode_fused_rows(void *arg) {
+    job_t *j = (job_t *)arg;
+    float lut[128];
+    for (unsigned b = 0; b < 128; b++) lut[b] = e4m3_value(b);
+    const float g = j->gscale;
+    const float six_g = 6.0f * g;
+    int64_t nb = j->k / NV_BLOCK, bk = (j->k + FP8_BLOCK - 1) / FP8_BLOCK;
+    /* entries valid for the current 128-row block only (gen = its index + 1; no clearing between blocks) */
+    mthr_entry *cache = (mthr_entry *)calloc((size_t)bk * 128, sizeof(mthr_entry));
+    mthr_entry local;
+    for (int64_t i = j->r0; i < j->r1; i++) {
+        int32_t gen = (int32_t)(i / FP8_BLOCK) + 1;
+        const uint8_t *row = j->raw + i * j->k;
+        uint8_t *out = j->packed + i * (j->k / 2);
+        uint8_t *ws_row = j->ws + i * nb;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *x = row + b * NV_BLOCK;
+            unsigned m = mag_max16_fast(x);
+            if (m == 0x7F) m = 0; /* NaN: v4c_fp8_amax refused the tensor already; as the two-stage path */
+            int64_t cb = b / (FP8_BLOCK / NV_BLOCK);
+            mthr_entry *e = cache ? &cache[cb * 128 + m] : &local;
+            if (!cache || e->gen != gen) {
+                float s = block_scale(j, i, b * NV_BLOCK);
+                float ba = lut[m] * s;
+                uint8_t w = j->modelopt ? e4m3_rne(ba / six_g) : e4m3_rne(g * (ba / 6.0f));
+                float wf = e4m3_value(w);
+                float eff = j->modelopt ? wf * g : wf / g;
+                float safe = (eff == 0.0f) ? 1.0f : eff;
+                uint8_t thr[7];
+                e2m1_thresholds(lut, s, safe, thr);
+                for (int t = 0; t < 7; t++) e->thrm1[t] = (int8_t)(thr[t] - 1);
+                e->thrm1[7] = 0;
+                e->w = w;
+                e->gen = gen;
+            }
+            ws_row[b] = e->w;
+            encode16_m(x, e->thrm1, out + b * (NV_BLOCK / 2));
+        }
+    }
+    free(cache);
+    return NULL;
+}
+
 V4C_DEFINE_RUN_THREADS(job_t, MAX_THREADS)
 
 /* Stage 1: block_amax [n, k/16] and the tensor amax. Returns the number of NaN E4M3 bytes,
@@ -257,4 +412,39 @@ void v4c_fp8_encode(const uint8_t *raw, int64_t n, int64_t k, const void *scale,
     base.packed = packed; base.ws = ws;
     job_t jobs[MAX_THREADS];
     run_threads(&base, nthreads, encode_rows, jobs);
+}
+
+/* Fused stage 1: the tensor amax alone (no block_amax array). Returns as v4c_fp8_block_amax; -2: out of memory. */
+int64_t v4c_fp8_amax(const uint8_t *raw, int64_t n, int64_t k, const void *scale, int e8m0, float *amax_out,
+                     int nthreads) {
+    job_t base;
+    memset(&base, 0, sizeof base);
+    base.raw = raw; base.n = n; base.k = k; base.scale = scale; base.e8m0 = e8m0;
+    job_t jobs[MAX_THREADS];
+    memset(jobs, 0, sizeof jobs);
+    int used = run_threads(&base, nthreads, amax_fused_rows, jobs);
+    int64_t nan_count = 0;
+    int bad = 0;
+    float best = 0.0f;
+    for (int t = 0; t < used; t++) {
+        nan_count += jobs[t].nan_count;
+        bad |= jobs[t].bad_scale;
+        float a = jobs[t].amax;
+        if (a != a || best != best) best = NAN;
+        else if (a > best) best = a;
+    }
+    *amax_out = best;
+    if (bad & 2) return -2;
+    return bad ? -1 : nan_count;
+}
+
+/* Fused stage 2: ws [n, k/16] and packed [n, k/2] for global scale g, straight from the E4M3 bytes. */
+void v4c_fp8_encode_fused(const uint8_t *raw, int64_t n, int64_t k, const void *scale, int e8m0, float gscale,
+                          int modelopt, uint8_t *packed, uint8_t *ws, int nthreads) {
+    job_t base;
+    memset(&base, 0, sizeof base);
+    base.raw = raw; base.n = n; base.k = k; base.scale = scale; base.e8m0 = e8m0;
+    base.gscale = gscale; base.modelopt = modelopt; base.packed = packed; base.ws = ws;
+    job_t jobs[MAX_THREADS];
+    run_threads(&base, nthreads, encode_fused_rows, jobs);
 }
