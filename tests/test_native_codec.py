@@ -132,10 +132,14 @@ def test_thread_count_does_not_change_bytes() -> None:
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("fmt", [FP8ScaleFormat.F32, FP8ScaleFormat.E8M0])
-@pytest.mark.parametrize("shape", SHAPES + [(257, 400), (129, 16)])
-def test_fused_matches_two_stage(shape, fmt, conv) -> None:
+@pytest.mark.parametrize("shape", SHAPES + [(257, 400), (129, 16), (130, 2064)])
+@pytest.mark.parametrize("avx2", [True, False])
+def test_fused_matches_two_stage(shape, fmt, conv, avx2, monkeypatch) -> None:
     """The fused hot path (amax from 128-block max bytes; 16-block amax recomputed in the encode pass, into caller
-    buffers) gives the two-stage kernel's bytes, for any thread count."""
+    buffers; AVX2 two-block steps or the SSE one-block loop: ``V4C_NO_AVX2``) gives the two-stage kernel's bytes,
+    for any thread count."""
+    if not avx2:
+        monkeypatch.setenv("V4C_NO_AVX2", "1")
     t = random_bytes_tensor(shape, fmt, seed=shape[0] * 11 + shape[1])
     ba, amax = fp8_block_amax_native(t.weight, t.scale, threads=1)
     from v4convert.formats.nvfp4 import nvfp4_global_scale

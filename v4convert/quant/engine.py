@@ -30,7 +30,7 @@ from ..paths import checkpoint_file
 from .plan import Action, Plan, QuantizeError, Unit
 from ..families.roles import RELEASE_ROUTING
 from .hashing import ShardHasher
-from .unit_io import DiskFullError, Writer, init_thread
+from .unit_io import DiskFullError, Writer, init_thread, set_compute_slots
 from .workers import UnitResult, choose_kernel, init_worker, run_unit
 
 JOURNAL_DIR = ".journal"
@@ -183,7 +183,8 @@ def execute(plan: Plan, out: Path, *, workers: int = 1, threads: int | None = No
             extra_files: dict[str, str | bytes] | None = None) -> RunResult:
     """Run ``plan`` into ``out``. ``workers == 1`` runs in this process (``threads`` torch threads, None:
     as set); more uses a process pool of lean workers (forked from a server that imported only
-    ``v4convert.quant.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight.
+    ``v4convert.quant.workers``) with ``threads`` threads each (None: 1) and at most ``2 * workers`` units in flight
+    (data-free plans: ``2 * workers`` threads of this process, ``workers`` of them in a kernel at once).
     ``kernel`` (``formats.native.Kernel`` or None = default) picks the FP8 -> NVFP4 hot path and the (CPU-only)
     MXFP4 -> NVFP4 re-pack; either kernel writes the same bytes, so it is not part of the plan. ``extra_files``: name -> text written into the
     output before the final rename (e.g. the calibration coverage report)."""
@@ -361,9 +362,13 @@ def pool_kind(plan: Plan) -> str:
 
 def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: int, finished, device: str,
               kernel, stage: bool = False) -> None:
-    if pool_kind(plan) == "threads":
-        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="v4c-unit", initializer=init_thread,
+    threaded = pool_kind(plan) == "threads"
+    if threaded:
+        # 2 * workers unit threads, at most ``workers`` of them in a kernel (compute slots): one unit's reads and
+        # writes overlap another's encode without oversubscribing the cores (``threads`` pthreads per kernel call)
+        pool = cf.ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="v4c-unit", initializer=init_thread,
                                      initargs=(threads,))
+        set_compute_slots(workers)
     else:
         pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(), initializer=init_worker,
                                       initargs=(threads,))
@@ -388,6 +393,9 @@ def _run_pool(todo: list[Unit], part: Path, plan: Plan, workers: int, threads: i
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        finally:
+            if threaded:
+                set_compute_slots(None)
 
 
 # ------------------------------------------------------------------------------------ finish

@@ -7,9 +7,11 @@ reused between units and the reader open while ``workers.run_unit`` runs.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,25 @@ def init_thread(threads: int) -> None:
 
 
 _LOCAL = _Local()
+_SLOTS: list[threading.Semaphore | None] = [None]        # [0]: the running pool's compute slots (None: unbounded)
+
+
+def set_compute_slots(n: int | None) -> None:
+    """At most ``n`` unit threads inside :func:`compute` at once (None: no limit). The engine runs ``2 * workers``
+    threads so that one unit's reads and O_DIRECT writes overlap another's encode, with ``workers`` slots: the
+    kernels never oversubscribe the cores (as ``export/gguf/source_io.py``)."""
+    _SLOTS[0] = threading.Semaphore(n) if n else None
+
+
+@contextlib.contextmanager
+def compute() -> Iterator[None]:
+    """Hold one compute slot around a kernel call (never nested: the slot is not re-entrant)."""
+    slots = _SLOTS[0]
+    if slots is None:
+        yield
+        return
+    with slots:
+        yield
 
 
 def _pool() -> BufferPool:
@@ -171,6 +192,15 @@ class StagedWriter:
         self.mv[offset - self.lo: offset - self.lo + n] = buf
         self.spans.append((offset, offset + n))
         return n
+
+    def region(self, offset: int, nbytes: int, what: str) -> torch.Tensor:
+        """The staging bytes ``[offset, offset + nbytes)`` of the file as a uint8 tensor for a kernel to fill in
+        place (counted as written; valid until ``commit``/``abandon``)."""
+        if offset < self.start or offset + nbytes > self.end:
+            raise RuntimeError(f"{self.path}: {what}: region [{offset}, {offset + nbytes}) outside the unit's range "
+                               f"[{self.start}, {self.end})")
+        self.spans.append((offset, offset + nbytes))
+        return self.buf[offset - self.lo: offset - self.lo + nbytes]
 
     def _zero_gaps(self) -> None:
         pos = self.start

@@ -25,8 +25,8 @@ from v4convert.formats.safetensors_io import ST_DTYPES
 
 from ..families.roles import Storage
 from .plan import Action, Options, QuantizeError, ScaleChoice, TensorPlan, Unit
-from .unit_io import (_LOCAL, STAGE_MAX, Staged, StagedWriter, Writer, _nthreads, _pool, direct_io_enabled,
-                      read_rows)
+from .unit_io import (_LOCAL, STAGE_MAX, Staged, StagedWriter, Writer, _nthreads, _pool, compute,
+                      direct_io_enabled, read_rows)
 
 CHUNK_ELEMS = 1 << 24          # elements per row chunk (64 MB as float32)
 E4M3_TABLE = fp8.e4m3_to_float32(torch.arange(256, dtype=torch.int32).to(torch.uint8))  # byte -> float32 (read-only)
@@ -211,20 +211,25 @@ def _conv(opts: Options):
 class _FP8Prepared:
     """One FP8-block tensor read once: raw bytes, per-16 scale factors and per-16 block amax."""
     raw: torch.Tensor          # uint8 [N, K]
-    s16: torch.Tensor          # float32 [N, K/16]: the 128-block scale of each 16-block
-    block_amax: torch.Tensor   # float32 [N, K/16]
+    s16: torch.Tensor | None          # float32 [N, K/16]: the 128-block scale of each 16-block (torch path)
+    block_amax: torch.Tensor | None   # float32 [N, K/16] (torch path; the native kernel recomputes it)
     amax: torch.Tensor         # float32 0-dim
     scale: torch.Tensor | None = None  # native kernel: 128-block scale, F32 or E8M0 bytes [B(N), B(K)]
 
 
-def _fp8_prepare_native(t: TensorPlan) -> _FP8Prepared:
-    """``_fp8_prepare`` on the native C kernel (same block amax and amax, bit for bit)."""
-    from v4convert.kernels.native import fp8_block_amax_native
+def _fp8_read_native(t: TensorPlan) -> _FP8Prepared:
+    """Read ``t``'s E4M3 bytes and 128-block scale for the native kernel (amax filled in by ``_fp8_amax_native``)."""
     raw = read_rows(t.src["weight"]).view(torch.uint8)
     s = read_rows(t.src["scale"])
     s = s.view(torch.uint8) if t.src["scale"].dtype == "F8_E8M0" else s.to(torch.float32)
-    block_amax, amax = fp8_block_amax_native(raw, s, threads=_nthreads(), name=f"tensor {t.name}")
-    return _FP8Prepared(raw, None, block_amax, amax.reshape(()), s)
+    return _FP8Prepared(raw, None, None, torch.zeros(()), s)
+
+
+def _fp8_amax_native(t: TensorPlan, p: _FP8Prepared) -> None:
+    """``_fp8_prepare``'s amax on the native kernel (bit for bit), from each 128x128 block's max magnitude byte:
+    the per-16 block amax is recomputed by the fused encode, so no ``[N, K/16]`` float array is made."""
+    from v4convert.kernels.native import fp8_amax_native
+    p.amax = fp8_amax_native(p.raw, p.scale, threads=_nthreads(), name=f"tensor {t.name}").reshape(())
 
 
 def _fp8_prepare(t: TensorPlan, device: torch.device) -> _FP8Prepared:
@@ -258,12 +263,17 @@ def _fp8_encode(t: TensorPlan, p: _FP8Prepared, shared: torch.Tensor, opts: Opti
     woff, wrow = _out(unit, t, Part.WEIGHT)
     soff, _ = _out(unit, t, Part.SCALE)
     goff, _ = _out(unit, t, Part.GLOBAL_SCALE)
-    if p.scale is not None:  # native kernel: whole tensor in one call (the raw bytes are already in memory)
-        from v4convert.kernels.native import fp8_encode_native
-        packed, ws = fp8_encode_native(p.raw, p.scale, p.block_amax, gscale, conv,
-                                       threads=_nthreads(), name=f"tensor {t.name}")
-        w.write(woff, packed, t.name)
-        w.write(soff, ws.view(torch.uint8), t.name)
+    if p.scale is not None:  # native kernel: whole tensor in one fused call (the raw bytes are already in memory)
+        from v4convert.kernels.native import fp8_encode_fused_native
+        # staged writer: the kernel writes straight into the unit's staging buffer (no output copy, no fresh pages)
+        pk = w.region(woff, n * k // 2, t.name) if isinstance(w, StagedWriter) else None
+        wsb = w.region(soff, n * k // 16, t.name) if isinstance(w, StagedWriter) else None
+        with compute():
+            packed, ws = fp8_encode_fused_native(p.raw, p.scale, gscale, conv, threads=_nthreads(),
+                                                 name=f"tensor {t.name}", packed_out=pk, ws_out=wsb)
+        if pk is None:
+            w.write(woff, packed, t.name)
+            w.write(soff, ws.view(torch.uint8), t.name)
         w.write(goff, gscale.to(torch.float32).reshape(1).cpu(), t.name)
         return
     ws, safe = nvfp4_rtn_scales_from_block_amax(p.block_amax, gscale, conv)
@@ -289,7 +299,10 @@ def _to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Options, 
         # hot path (FP8 release -> NVFP4 RTN): each weight read once, fused partners share the amax
         k, _ = choose_kernel(kernel, device.type)
         if k is Kernel.NATIVE:
-            prepared = [_fp8_prepare_native(t) for t in ts]
+            prepared = [_fp8_read_native(t) for t in ts]        # reads outside the compute slot
+            with compute():
+                for t, p in zip(ts, prepared):
+                    _fp8_amax_native(t, p)
         else:
             prepared = [_fp8_prepare(t, device) for t in ts]
         shared = torch.stack([p.amax for p in prepared]).amax()
@@ -334,7 +347,8 @@ def _mxfp4_to_nvfp4(unit: Unit, ts: tuple[TensorPlan, ...], w: Writer, opts: Opt
     k, _ = choose_kernel(kernel, "cpu")     # both kernels run on the CPU, whatever --device the FP8 path uses
     if k is Kernel.NATIVE:
         from v4convert.kernels.native.repack import mxfp4_to_nvfp4_native
-        outs, rep = mxfp4_to_nvfp4_native(parts, conv, threads=_nthreads(), name=name)
+        with compute():
+            outs, rep = mxfp4_to_nvfp4_native(parts, conv, threads=_nthreads(), name=name)
     else:
         outs, rep = mxfp4_to_nvfp4_parts(parts, conv, name)
     for t, q in zip(ts, outs):

@@ -330,41 +330,100 @@ static inline unsigned mag_max16_fast(const uint8_t *x) {
 #endif
 }
 
+/* The (128-block of row i and column block b, max byte m) entry, computed as the two-stage path does: block_amax =
+ * e4m3(m) * s, then ws and its E2M1 thresholds. */
+static void mthr_fill(const job_t *j, mthr_entry *e, const float *lut, int64_t i, int64_t b, unsigned m, int32_t gen) {
+    const float g = j->gscale;
+    float s = block_scale(j, i, b * NV_BLOCK);
+    float ba = lut[m] * s;
+    uint8_t w = j->modelopt ? e4m3_rne(ba / (6.0f * g)) : e4m3_rne(g * (ba / 6.0f));
+    float wf = e4m3_value(w);
+    float eff = j->modelopt ? wf * g : wf / g;
+    float safe = (eff == 0.0f) ? 1.0f : eff;
+    uint8_t thr[7];
+    e2m1_thresholds(lut, s, safe, thr);
+    for (int t = 0; t < 7; t++) e->thrm1[t] = (int8_t)(thr[t] - 1);
+    e->thrm1[7] = 0;
+    e->w = w;
+    e->gen = gen;
+}
+
+static inline mthr_entry *mthr_get(const job_t *j, mthr_entry *cache, mthr_entry *local, const float *lut, int64_t i,
+                                   int64_t b, unsigned m, int32_t gen) {
+    if (m == 0x7F) m = 0; /* NaN: v4c_fp8_amax refused the tensor already; as the two-stage path */
+    mthr_entry *e = cache ? &cache[(b / (FP8_BLOCK / NV_BLOCK)) * 128 + m] : local;
+    if (!cache || e->gen != gen) mthr_fill(j, e, lut, i, b, m, gen);
+    return e;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define V4C_HAVE_AVX2 1
+#include <immintrin.h>
+/* Two 16-blocks (32 bytes, same 128-column block) per step: the same integer operations as encode16_m and
+ * mag_max16_fast on 256-bit registers (each 128-bit lane one block; vpshufb broadcasts within a lane). */
+__attribute__((target("avx2"))) static void encode_fused_row_avx2(const job_t *j, mthr_entry *cache,
+                                                                  mthr_entry *local, const float *lut, int64_t i,
+                                                                  int32_t gen) {
+    int64_t nb = j->k / NV_BLOCK;
+    const uint8_t *row = j->raw + i * j->k;
+    uint8_t *out = j->packed + i * (j->k / 2);
+    uint8_t *ws_row = j->ws + i * nb;
+    const __m256i m7f = _mm256_set1_epi8(0x7F), lo16 = _mm256_set1_epi16(0x00FF), v7f16 = _mm256_set1_epi16(0x7F);
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(row + b * NV_BLOCK));
+        __m256i mag = _mm256_and_si256(v, m7f);
+        __m256i mm = _mm256_sub_epi16(v7f16, _mm256_and_si256(_mm256_max_epu8(mag, _mm256_srli_epi16(mag, 8)), lo16));
+        unsigned m0 = 0x7Fu - ((unsigned)_mm_cvtsi128_si32(_mm_minpos_epu16(_mm256_castsi256_si128(mm))) & 0xFFFFu);
+        unsigned m1 = 0x7Fu - ((unsigned)_mm_cvtsi128_si32(_mm_minpos_epu16(_mm256_extracti128_si256(mm, 1))) & 0xFFFFu);
+        mthr_entry *e0 = mthr_get(j, cache, local, lut, i, b, m0, gen);
+        __m128i t0 = _mm_loadl_epi64((const __m128i *)e0->thrm1);
+        ws_row[b] = e0->w;
+        mthr_entry *e1 = mthr_get(j, cache, local, lut, i, b + 1, m1, gen);
+        __m128i t1 = _mm_loadl_epi64((const __m128i *)e1->thrm1);
+        ws_row[b + 1] = e1->w;
+        __m256i th = _mm256_inserti128_si256(_mm256_castsi128_si256(t0), t1, 1);
+        __m256i code = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x08));
+        for (int t = 0; t < 7; t++)
+            code = _mm256_sub_epi8(code, _mm256_cmpgt_epi8(mag, _mm256_shuffle_epi8(th, _mm256_set1_epi8((char)t))));
+        __m256i pair = _mm256_and_si256(_mm256_or_si256(code, _mm256_srli_epi16(code, 4)), lo16);
+        __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi16(pair, pair), 0x08); /* lane0 q0, lane1 q0 */
+        _mm_storeu_si128((__m128i *)(out + b * (NV_BLOCK / 2)), _mm256_castsi256_si128(pk));
+    }
+    for (; b < nb; b++) { /* odd K/16: the last block alone */
+        const uint8_t *x = row + b * NV_BLOCK;
+        mthr_entry *e = mthr_get(j, cache, local, lut, i, b, mag_max16_fast(x), gen);
+        ws_row[b] = e->w;
+        encode16_m(x, e->thrm1, out + b * (NV_BLOCK / 2));
+    }
+}
+#endif
+
 static void *encode_fused_rows(void *arg) {
     job_t *j = (job_t *)arg;
     float lut[128];
     for (unsigned b = 0; b < 128; b++) lut[b] = e4m3_value(b);
-    const float g = j->gscale;
-    const float six_g = 6.0f * g;
     int64_t nb = j->k / NV_BLOCK, bk = (j->k + FP8_BLOCK - 1) / FP8_BLOCK;
     /* entries valid for the current 128-row block only (gen = its index + 1; no clearing between blocks) */
     mthr_entry *cache = (mthr_entry *)calloc((size_t)bk * 128, sizeof(mthr_entry));
     mthr_entry local;
+#ifdef V4C_HAVE_AVX2
+    int avx2 = __builtin_cpu_supports("avx2") && !getenv("V4C_NO_AVX2");
+#endif
     for (int64_t i = j->r0; i < j->r1; i++) {
         int32_t gen = (int32_t)(i / FP8_BLOCK) + 1;
+#ifdef V4C_HAVE_AVX2
+        if (avx2) {
+            encode_fused_row_avx2(j, cache, &local, lut, i, gen);
+            continue;
+        }
+#endif
         const uint8_t *row = j->raw + i * j->k;
         uint8_t *out = j->packed + i * (j->k / 2);
         uint8_t *ws_row = j->ws + i * nb;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *x = row + b * NV_BLOCK;
-            unsigned m = mag_max16_fast(x);
-            if (m == 0x7F) m = 0; /* NaN: v4c_fp8_amax refused the tensor already; as the two-stage path */
-            int64_t cb = b / (FP8_BLOCK / NV_BLOCK);
-            mthr_entry *e = cache ? &cache[cb * 128 + m] : &local;
-            if (!cache || e->gen != gen) {
-                float s = block_scale(j, i, b * NV_BLOCK);
-                float ba = lut[m] * s;
-                uint8_t w = j->modelopt ? e4m3_rne(ba / six_g) : e4m3_rne(g * (ba / 6.0f));
-                float wf = e4m3_value(w);
-                float eff = j->modelopt ? wf * g : wf / g;
-                float safe = (eff == 0.0f) ? 1.0f : eff;
-                uint8_t thr[7];
-                e2m1_thresholds(lut, s, safe, thr);
-                for (int t = 0; t < 7; t++) e->thrm1[t] = (int8_t)(thr[t] - 1);
-                e->thrm1[7] = 0;
-                e->w = w;
-                e->gen = gen;
-            }
+            mthr_entry *e = mthr_get(j, cache, &local, lut, i, b, mag_max16_fast(x), gen);
             ws_row[b] = e->w;
             encode16_m(x, e->thrm1, out + b * (NV_BLOCK / 2));
         }
