@@ -81,20 +81,22 @@ static const int E2M1_INCLUSIVE[7] = {0, 1, 0, 1, 0, 1, 0};
  * (0..126) whose q = (e4m3(m) * s) / safe passes bound i, or 127 if none. Exact: q is monotonic
  * in m (float32 rounding is monotonic, s >= 0, safe > 0) and symmetric in the sign, so the E2M1
  * magnitude code of byte x is #{i : (x & 0x7F) >= thr[i]} and its sign bit is x's (signbit(q)). */
+static inline int e2m1_pass(const float *lut, float s, float safe, int i, int m) {
+    float a = fabsf((lut[m] * s) / safe);
+    return E2M1_INCLUSIVE[i] ? (a >= E2M1_BOUND[i]) : (a > E2M1_BOUND[i]);
+}
+
 static void e2m1_thresholds(const float *lut, float s, float safe, uint8_t thr[7]) {
-    /* seven branch-free binary searches run side by side (independent chains: no divide-latency stall per step).
-     * Invariant: every m < lo[i] fails bound i; step sizes 64..1 sum to 127, so lo ends at the first passing m
-     * in 0..126, or 127 when none does (byte 127 is NaN and never evaluated). */
-    int lo[7] = {0, 0, 0, 0, 0, 0, 0};
-    for (int st = 64; st >= 1; st >>= 1) {
-        for (int i = 0; i < 7; i++) {
-            int mid = lo[i] + st - 1;
-            float a = fabsf((lut[mid] * s) / safe);
-            int pass = E2M1_INCLUSIVE[i] ? (a >= E2M1_BOUND[i]) : (a > E2M1_BOUND[i]);
-            lo[i] += pass ? 0 : st;
-        }
+    /* Start from the byte nearest bound * safe / s (an estimate, off by at most a step or two), then walk to the
+     * exact answer with the predicate itself: down while m - 1 passes, up while m fails (never evaluating byte
+     * 127, which is NaN). Monotonicity makes the result the first passing m in 0..126, or 127 if none. */
+    for (int i = 0; i < 7; i++) {
+        float t = (E2M1_BOUND[i] * safe) / s;             /* s == 0: inf -> 0x7E, then up to 127 */
+        int m = (t != t) ? 127 : (e4m3_rne(t) & 0x7F);
+        while (m > 0 && e2m1_pass(lut, s, safe, i, m - 1)) m--;
+        while (m < 127 && !e2m1_pass(lut, s, safe, i, m)) m++;
+        thr[i] = (uint8_t)m;
     }
-    for (int i = 0; i < 7; i++) thr[i] = (uint8_t)lo[i];
 }
 
 /* 16 E4M3 bytes -> 8 packed NVFP4 bytes (low nibble = even element) given the block's thresholds. */
