@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from v4convert.checkpoint import Checkpoint
 from v4convert.formats import direct_io
@@ -143,3 +144,52 @@ def test_staged_writer_ranges(tmp_path, pwrite_spy, start, end):
     st.release()
     with pytest.raises(RuntimeError, match="outside the unit's range"):
         StagedWriter(p, start, end).write(end - 1, b"xy", "c")
+
+
+def test_staged_writer_region(tmp_path, pwrite_spy):
+    """A kernel filling ``region`` in place lands the same bytes as ``write`` (gaps stay zero); out of range raises."""
+    size = 4096 * 4
+    base = os.urandom(size)
+    p = tmp_path / "f"
+    p.write_bytes(base)
+    start, end = 100, 4096 * 3 + 5
+    w = StagedWriter(p, start, end)
+    r = w.region(start + 10, 5000, "k")
+    r.copy_(torch.arange(5000, dtype=torch.int32).to(torch.uint8))
+    w.write(end - 4, b"tail", "t")
+    st = w.commit("f")
+    want = (base[:start] + bytes(10) + bytes(torch.arange(5000, dtype=torch.int32).to(torch.uint8).numpy())
+            + bytes(end - 4 - start - 10 - 5000) + b"tail" + base[end:])
+    assert p.read_bytes() == want and bytes(st.data) == want[start:end]
+    st.release()
+    with pytest.raises(RuntimeError, match="outside the unit's range"):
+        StagedWriter(p, start, end).region(end - 1, 2, "c")
+
+
+def test_compute_slots_bound_concurrency():
+    """``set_compute_slots(n)``: at most n threads inside ``compute()`` at once; None: no bound (all 6 meet inside)."""
+    import threading
+    import time
+    inside, peak, lock = [0], [0], threading.Lock()
+    meet = threading.Barrier(6, timeout=10)
+
+    def job(unbounded: bool):
+        with unit_io.compute():
+            with lock:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            meet.wait() if unbounded else time.sleep(0.02)
+            with lock:
+                inside[0] -= 1
+    for n in (2, None):
+        unit_io.set_compute_slots(n)
+        peak[0] = 0
+        try:
+            ts = [threading.Thread(target=job, args=(n is None,)) for _ in range(6)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        finally:
+            unit_io.set_compute_slots(None)
+        assert peak[0] == (n or 6)
