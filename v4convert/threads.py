@@ -7,8 +7,11 @@ quota) minus the load other processes put on them, sampled over ``SAMPLE_S`` sec
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 SAMPLE_S = 0.1                 # seconds of CPU-usage sampling behind the "free cores" estimate
@@ -69,3 +72,25 @@ def set_torch_threads(threads: int | None) -> int:
     n = threads if threads is not None else (int(env) if env.isdigit() and int(env) > 0 else free_cores())
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+class ComputeSlots:
+    """At most ``n`` threads inside :meth:`hold` at once (``set(None)``: no limit). The quantize and GGUF engines
+    run ``2 * workers`` unit threads so that one unit's reads and O_DIRECT writes overlap another's encode, with
+    ``workers`` slots around the kernel calls: the kernels never oversubscribe the cores. One instance per engine."""
+
+    def __init__(self) -> None:
+        self._sem: threading.Semaphore | None = None
+
+    def set(self, n: int | None) -> None:
+        self._sem = threading.Semaphore(n) if n else None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot around a kernel call (never nested: a slot is not re-entrant)."""
+        sem = self._sem
+        if sem is None:
+            yield
+            return
+        with sem:
+            yield

@@ -7,11 +7,9 @@ reused between units and the reader open while ``workers.run_unit`` runs.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import torch
 from v4convert.formats.direct_io import (ALIGN, NO_DIRECT, STAGES, BufferPool, DirectReader, _ceil, open_direct,
                                          pwrite_direct)
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry, tensor_bytes
+
+from v4convert.threads import ComputeSlots
 
 from .plan import QuantizeError
 
@@ -53,25 +53,9 @@ def init_thread(threads: int) -> None:
 
 
 _LOCAL = _Local()
-_SLOTS: list[threading.Semaphore | None] = [None]        # [0]: the running pool's compute slots (None: unbounded)
-
-
-def set_compute_slots(n: int | None) -> None:
-    """At most ``n`` unit threads inside :func:`compute` at once (None: no limit). The engine runs ``2 * workers``
-    threads so that one unit's reads and O_DIRECT writes overlap another's encode, with ``workers`` slots: the
-    kernels never oversubscribe the cores (as ``export/gguf/source_io.py``)."""
-    _SLOTS[0] = threading.Semaphore(n) if n else None
-
-
-@contextlib.contextmanager
-def compute() -> Iterator[None]:
-    """Hold one compute slot around a kernel call (never nested: the slot is not re-entrant)."""
-    slots = _SLOTS[0]
-    if slots is None:
-        yield
-        return
-    with slots:
-        yield
+_SLOTS = ComputeSlots()           # the running pool's compute slots (v4convert.threads.ComputeSlots)
+set_compute_slots = _SLOTS.set
+compute = _SLOTS.hold
 
 
 def _pool() -> BufferPool:

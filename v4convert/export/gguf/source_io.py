@@ -25,6 +25,7 @@ from v4convert.checkpoint import TensorInfo
 from v4convert.errors import UserError
 from v4convert.formats.direct_io import ALIGN, BufferPool, DirectReader
 from v4convert.formats.safetensors_io import ST_DTYPES, TensorEntry
+from v4convert.threads import ComputeSlots
 
 
 class SourceReadError(UserError):
@@ -57,23 +58,9 @@ def kernel_threads(default: int) -> int:
     return _LOCAL.threads or default
 
 
-_SLOTS: list[threading.Semaphore | None] = [None]        # [0]: the running export's compute slots (None: unbounded)
-
-
-def set_compute_slots(n: int | None) -> None:
-    """At most ``n`` threads inside :func:`compute` at once (None: no limit; the engine resets it when done)."""
-    _SLOTS[0] = threading.Semaphore(n) if n else None
-
-
-@contextlib.contextmanager
-def compute() -> Iterator[None]:
-    """Hold one compute slot around an encode (never nested: the slot is not re-entrant)."""
-    slots = _SLOTS[0]
-    if slots is None:
-        yield
-        return
-    with slots:
-        yield
+_SLOTS = ComputeSlots()           # the running export's compute slots (v4convert.threads.ComputeSlots)
+set_compute_slots = _SLOTS.set
+compute = _SLOTS.hold
 
 
 @contextlib.contextmanager
