@@ -103,7 +103,7 @@ def bench_layer(ckpt: Path, out: Path, workers: int | None, read_limit: float, f
            "cpus": os.cpu_count(), "load_avg_after": os.getloadavg()}
     for p in r.paths:
         p.unlink()
-    if floor:       # the I/O floor: read the whole input while writing the GGUF's size, concurrently (after the export)
+    if floor:       # buffered copy reference (not a floor): read the input while writing the GGUF's size (after the export)
         res["copy_floor_s"] = copy_floor(shards, read_bytes, r.n_bytes, out.parent)
         res["export_vs_floor"] = r.seconds / res["copy_floor_s"]
     print(json.dumps(res, indent=2))
@@ -122,7 +122,7 @@ def main() -> None:
     layer.add_argument("--out", type=Path, required=True)
     layer.add_argument("--workers", type=int, default=None, help="export workers (default: the exporter's)")
     layer.add_argument("--read-limit", type=float, default=4.0, help="GB read for the disk speed measurement")
-    layer.add_argument("--floor", action="store_true", help="also time the job's I/O floor after the export: the "
+    layer.add_argument("--floor", action="store_true", help="also time the buffered copy reference after the export (not a floor: O_DIRECT writers beat it): the "
                        "input read while the output's bytes are written (bench/quantize_throughput.py copy_floor)")
     a = ap.parse_args()
     if a.cmd == "quant":
