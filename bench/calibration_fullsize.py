@@ -2,7 +2,9 @@
 DeepSeek-V3 MoE layer (block 3 of ``synth --preset v3-671b``: 256 experts of 2048x7168, ~11.5 GB FP8).
 
     python bench/calibration_fullsize.py [--src /work/fullsize/v3-layer3] [--tokens 512 --seq-len 256]
-                                         [--method rtn|gptq|...] [--threads 2]
+                                         [--method rtn|gptq|...] [--codec nvfp4|mxfp4] [--threads 2]
+                                         [--gptq-damp D --gptq-refine N --gptq-scales before|during|search
+                                          --gptq-act-order --true-sequential --gptq-target original]
 
 Synthesizes ``--layers 3`` into SRC if absent (needs ~12 GB free). That checkpoint holds block 3 only (no
 embedding, no layers 0-2), so the pass gets its hidden states from a fixed random table (``embed=``; the
@@ -44,7 +46,7 @@ def child(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     from v4convert.calib.collect import collect_stats
     from v4convert.calib.data import calibration_windows
-    from v4convert.calib.method import MethodSpec, quantize_weight
+    from v4convert.calib.method import GPTQSettings, MethodSpec, quantize_weight
     from v4convert.checkpoint import Checkpoint
     from v4convert.families.roles import Role
     from v4convert.formats.fp4_grid import FP4Codec
@@ -61,14 +63,28 @@ def child(a: argparse.Namespace) -> None:
         return table[ids % table.shape[0]]
 
     spec = MethodSpec.parse(a.method)
-    t = {"quantize": 0.0, "dequantize": 0.0}
+    codec = FP4Codec(a.codec)
+    gs = GPTQSettings(damp=a.gptq_damp, act_order=a.gptq_act_order, scales_during=a.gptq_scales == "during",
+                      scales_search=a.gptq_scales == "search", refine=a.gptq_refine)
+    t = {"quantize": 0.0, "dequantize": 0.0, "quantize_experts": 0.0, "expert_linears": 0, "calls": 0,
+         "data_expert_s": 0.0, "data_expert_linears": 0}
 
     def quantize(name, w, stats, gamax):
         t0 = time.perf_counter()
         ok = spec.needs_data and stats is not None and stats.count >= (16 if expert[name] is not None else 1)
         h = stats.hessian() if ok else None
-        q = quantize_weight(spec, FP4Codec.NVFP4, w.float(), h, global_amax=gamax, name=name).dequantize()
-        t["quantize"] += time.perf_counter() - t0
+        c = stats.cross() if ok else None                   # --gptq-target original: Xo^T X / n
+        q = quantize_weight(spec, codec, w.float(), h, global_amax=gamax if codec is FP4Codec.NVFP4 else None,
+                            gptq=gs, name=name, c=c).dequantize()
+        dt = time.perf_counter() - t0
+        t["quantize"] += dt
+        t["calls"] += 1
+        if expert[name] is not None:
+            t["quantize_experts"] += dt
+            t["expert_linears"] += 1
+            if h is not None:                               # calibrated (else: below 16 tokens, the base alone)
+                t["data_expert_s"] += dt
+                t["data_expert_linears"] += 1
         if expert[name] is None:
             t["nonexpert_done"] = time.perf_counter() - start
         elif name.endswith("down_proj.weight"):
@@ -92,8 +108,9 @@ def child(a: argparse.Namespace) -> None:
     done: set[int] = set()
     start = time.perf_counter()
     try:
-        col = collect_stats(a.src, data, targets, quantize=quantize, embed=embed, spill_dir=Path(a.src).parent,
-                            sink=lambda n, s: seen.__setitem__(n, s.count), batch=4)
+        col = collect_stats(a.src, data, targets, quantize=quantize, embed=embed, spill_dir=a.spill_dir or Path(a.src).parent,
+                            sink=lambda n, s: seen.__setitem__(n, s.count), batch=4,
+                            target_original=a.gptq_target == "original", sequential=a.true_sequential)
         cov = next(iter(col.coverage.values()))
         cover = [min(cov), sorted(cov)[len(cov) // 2], max(cov)]
     except _Enough:
@@ -105,6 +122,10 @@ def child(a: argparse.Namespace) -> None:
     print(json.dumps({"elapsed_s": total, "experts_done": len(done), "of_experts": n_exp,
                       "nonexpert_phase_s": t.get("nonexpert_done"), "per_expert_s": per_expert,
                       "layer_s": layer, "dequantize_s": t["dequantize"], "quantize_s": t["quantize"],
+                      "quantize_calls": t["calls"], "quantize_expert_linears": t["expert_linears"],
+                      "quantize_per_expert_linear_s": t["quantize_experts"] / max(1, t["expert_linears"]),
+                      "calibrated_expert_linears": t["data_expert_linears"],
+                      "quantize_per_calibrated_expert_linear_s": t["data_expert_s"] / max(1, t["data_expert_linears"]),
                       "linears_with_stats": len(seen), "experts_min_median_max_tokens": cover,
                       "peak_rss_gib_child": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
@@ -117,6 +138,14 @@ def main() -> None:
     p.add_argument("--method", default="rtn", help="propagation quantizer (gptq on 7168-wide experts is slow)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--experts", type=int, default=0, help="stop after N experts (0: the whole layer)")
+    p.add_argument("--spill-dir", type=Path, default=None, help="temporary spill files (default: SRC's parent)")
+    p.add_argument("--codec", default="nvfp4", choices=["nvfp4", "mxfp4"], help="FP4 grid of the quantizer")
+    p.add_argument("--gptq-damp", type=float, default=1.0, help="quantize's default (calib.DEFAULT_GPTQ_DAMP)")
+    p.add_argument("--gptq-refine", type=int, default=0)
+    p.add_argument("--gptq-scales", default="before", choices=["before", "during", "search"])
+    p.add_argument("--gptq-act-order", action="store_true")
+    p.add_argument("--true-sequential", action="store_true")
+    p.add_argument("--gptq-target", default="self", choices=["self", "original"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -128,7 +157,9 @@ def main() -> None:
                         "--out", str(a.src)], check=True)
     args = [sys.executable, __file__, "--child", "--src", str(a.src), "--tokens", str(a.tokens),
             "--seq-len", str(a.seq_len), "--method", a.method, "--threads", str(a.threads),
-            "--experts", str(a.experts)]
+            "--experts", str(a.experts), *(["--spill-dir", str(a.spill_dir)] if a.spill_dir else []), "--codec", a.codec, "--gptq-damp", str(a.gptq_damp),
+            "--gptq-refine", str(a.gptq_refine), "--gptq-scales", a.gptq_scales, "--gptq-target", a.gptq_target]
+    args += ["--gptq-act-order"] * a.gptq_act_order + ["--true-sequential"] * a.true_sequential
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=dict(os.environ, V4CONVERT_THREADS=str(a.threads)))
     out = proc.stdout.read().decode()
@@ -137,7 +168,7 @@ def main() -> None:
         sys.exit(f"child failed ({status}): {out[-2000:]}")
     r = json.loads(out.strip().splitlines()[-1])
     r.update(peak_rss_gib=ru.ru_maxrss * 1024 / 2**30, wall_s=time.perf_counter() - t0, method=a.method,
-             threads=a.threads, projection_61_layers_h=61 * r["layer_s"] / 3600)
+             codec=a.codec, flags=" ".join(args[args.index("--codec"):]), threads=a.threads, projection_61_layers_h=61 * r["layer_s"] / 3600)
     print(json.dumps(r))
 
 

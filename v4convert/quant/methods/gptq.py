@@ -135,8 +135,11 @@ def original_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: flo
     ``[K, K]``, same n). ``c`` equal to ``h`` (identical streams) returns ``w`` itself: plain GPTQ, bit for bit."""
     if torch.equal(c, h):
         return w
+    d = c.double()
+    d -= h                                              # C - H in float64 (as c.double() - h.double())
+    m = w.double() @ d                                  # [N, K]
+    del d                                               # at most two float64 [K, K] at once (K = 7168: 0.8 GB)
     hd = _damped(h, damp)                               # float64, symmetric positive definite
-    m = w.double() @ (c.double() - h.double())          # [N, K]
     lo, info = torch.linalg.cholesky_ex(hd)             # SPD: Cholesky solve (half LU's flops)
     del hd
     if int(info) != 0:
