@@ -48,13 +48,16 @@ def child(a: argparse.Namespace) -> None:
     from v4convert.calib.data import calibration_windows
     from v4convert.calib.method import GPTQSettings, MethodSpec, quantize_weight
     from v4convert.checkpoint import Checkpoint
-    from v4convert.families.roles import Role
+    from v4convert.families.roles import Group, Role
+    FFN = (Group.DENSE_MLP, Group.EXPERT, Group.SHARED_EXPERT)
     from v4convert.formats.fp4_grid import FP4Codec
 
     with Checkpoint.open(a.src) as ck:
         infos = list(ck.infos())
         hidden = ck.config["hidden_size"]
     targets = [i.name for i in infos if i.role.is_linear and len(i.shape) == 2 and i.role is not Role.ROUTER]
+    if a.ffn_only:      # the default recipes' FP4 linears: attention is kept (no stats, no quantize)
+        targets = [n for i in infos for n in [i.name] if n in targets and i.role.group in FFN]
     expert = {i.name: i.expert for i in infos}
     data = calibration_windows(a.src, None, a.tokens, a.seq_len)       # bundled corpus, training split
     table = torch.randn(4096, hidden, generator=torch.Generator().manual_seed(0))   # [4096, D] float32
@@ -139,6 +142,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--experts", type=int, default=0, help="stop after N experts (0: the whole layer)")
     p.add_argument("--spill-dir", type=Path, default=None, help="temporary spill files (default: SRC's parent)")
+    p.add_argument("--ffn-only", action="store_true", help="calibrate/quantize only the FFN linears (experts, "
+                   "shared experts, dense MLP), as the default recipes; attention is kept")
     p.add_argument("--codec", default="nvfp4", choices=["nvfp4", "mxfp4"], help="FP4 grid of the quantizer")
     p.add_argument("--gptq-damp", type=float, default=1.0, help="quantize's default (calib.DEFAULT_GPTQ_DAMP)")
     p.add_argument("--gptq-refine", type=int, default=0)
@@ -159,7 +164,7 @@ def main() -> None:
             "--seq-len", str(a.seq_len), "--method", a.method, "--threads", str(a.threads),
             "--experts", str(a.experts), *(["--spill-dir", str(a.spill_dir)] if a.spill_dir else []), "--codec", a.codec, "--gptq-damp", str(a.gptq_damp),
             "--gptq-refine", str(a.gptq_refine), "--gptq-scales", a.gptq_scales, "--gptq-target", a.gptq_target]
-    args += ["--gptq-act-order"] * a.gptq_act_order + ["--true-sequential"] * a.true_sequential
+    args += ["--ffn-only"] * a.ffn_only + ["--gptq-act-order"] * a.gptq_act_order + ["--true-sequential"] * a.true_sequential
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=dict(os.environ, V4CONVERT_THREADS=str(a.threads)))
     out = proc.stdout.read().decode()
