@@ -19,7 +19,15 @@ Measured 2026-12-03, ``python bench/calibration_fullsize.py --experts 12`` (RTN 
 with other jobs: load average 9-13): peak RSS 5.39 GiB; non-expert phase 159 s (4 runs of the attention for
 the statistics passes + quantize), 11.7 s per expert (dequantize ~1.7 s, quantize ~6 s of it), so ~53 min per
 MoE layer and <= 54 h for the 61 layers of the 671B model. GPTQ (``--method gptq``) did not finish one
-2048x7168 expert linear in 5 min on this machine: its cost, not the pass, dominates at full size.
+2048x7168 expert linear in 5 min on this machine: its cost, not the pass, dominated at full size.
+
+Measured 2026-12-04 after the GPTQ speed-up (bench/gptq_speed.py; bench/calibration.md "calib-scale"),
+``--experts 3 --ffn-only`` (only the FFN linears, as the default recipes), damp 1, 2 threads: plain ``gptq``
+(NVFP4) peak RSS 4.54 GiB, non-expert phase 43 s, 11.8 s per calibrated expert linear, ~37.5 s per calibrated
+expert; best MXFP4 recipe (``--method awq+gptq --codec mxfp4 --gptq-refine 3 --true-sequential --gptq-target
+original``) peak RSS 5.69 GiB, non-expert phase 195 s, 25.5 s per calibrated expert linear, ~81 s per calibrated
+expert. With every expert calibrated: 2.7 h / 5.8 h per MoE layer, ~7 / ~15 days for 61 layers on 2 cores. Without
+``--ffn-only`` GPTQ also runs on attention (``o_proj``: K = 16384, 2 GiB per float64 [K, K]): RSS > 14 GiB.
 """
 from __future__ import annotations
 
