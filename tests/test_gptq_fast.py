@@ -6,8 +6,7 @@ import torch
 
 from v4convert.formats.fp4 import e2m1_lut
 from v4convert.formats.fp4_grid import FP4Codec, rtn_grid
-from v4convert.quant.methods import gptq
-from v4convert.quant.methods.gptq import BATCH, _damped, _hinv_upper, _refine, gptq_quantize, original_target
+from v4convert.quant.methods.gptq import BATCH, _damped, _hinv_upper, _refine, original_target
 
 
 def _layer(seed: int, n_out: int, k: int, n: int = 300):
@@ -66,18 +65,3 @@ def test_batched_refine_matches_per_column_sweeps(codec):
     moved = (a != codes).sum()
     assert int(moved) > 50                                 # the sweeps do move codes in every batch
     assert torch.equal(a, b)                               # float32 summation order only: same codes here
-
-
-def test_column_loops_restore_the_thread_count():
-    w, _, h = _layer(5, 5, 160)
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        gptq_quantize(w, h, FP4Codec.MXFP4, refine=1)
-        assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), gptq._one_thread():
-            assert torch.get_num_threads() == 1
-            raise RuntimeError
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(n)

@@ -29,9 +29,7 @@ damped H); GPTQ then rounds ``W*`` on ``H`` (``||X~ (W* - Q)^T||`` is the rest o
 """
 from __future__ import annotations
 
-import contextlib
 import enum
-from collections.abc import Iterator
 
 import torch
 from v4convert.formats.mxfp4 import MXFP4Tensor, MXScaleRule
@@ -43,21 +41,6 @@ from .awq import block_candidates
 from v4convert.errors import UserError
 
 BATCH = 128          # columns per lazy update (a multiple of both block sizes)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch intra-op threads = 1 inside (restored after): the column loops run ~10 small ops on ``[N]`` or
-    ``[C, N]`` columns each, where a parallel region costs more than it saves and, on a loaded machine, a
-    descheduled partner thread stalls every op (measured 1-25 ms vs 0.3 ms per ``[21, 2048]`` encode at 2
-    threads vs 1, bench/gptq_speed.py). The batch matmuls and factorisations between the loops keep the
-    caller's threads. Results do not depend on the thread count (elementwise ops, same order)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 DEFAULT_DAMP = 0.01
 
 
@@ -177,21 +160,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        with _one_thread():
-            for i in range(i2 - i1):
-                j = i1 + i
-                if scales is ScalesAt.DURING and j % B == 0:
-                    grid.set_block_from(j // B, W1[:, i:i + B].abs().amax(1), mx_rule)
-                    eff = grid.eff()
-                elif scales is ScalesAt.SEARCH and j % B == 0:
-                    _search_block(grid, j // B, W1[:, i:i + B], U1[i:i + B, i:i + B], base, mx_rule, name)
-                    eff = grid.eff()
-                col = int(perm[j])
-                c, q = grid.encode(W1[:, i:i + 1], col, eff, name)
-                codes[:, j] = c[:, 0]
-                err = (W1[:, i] - q[:, 0]) / U1[i, i]
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                E1[:, i] = err
+        for i in range(i2 - i1):
+            j = i1 + i
+            if scales is ScalesAt.DURING and j % B == 0:
+                grid.set_block_from(j // B, W1[:, i:i + B].abs().amax(1), mx_rule)
+                eff = grid.eff()
+            elif scales is ScalesAt.SEARCH and j % B == 0:
+                _search_block(grid, j // B, W1[:, i:i + B], U1[i:i + B, i:i + B], base, mx_rule, name)
+                eff = grid.eff()
+            col = int(perm[j])
+            c, q = grid.encode(W1[:, i:i + 1], col, eff, name)
+            codes[:, j] = c[:, 0]
+            err = (W1[:, i] - q[:, 0]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
@@ -221,17 +203,16 @@ def _refine(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hd: torch.Tensor, 
             hb = hd[j1:j2, j1:j2]
             moves = torch.zeros(n, j2 - j1)              # [N, b] q_new - q_old per column
             moved = False
-            with _one_thread():
-                for t in range(j2 - j1):
-                    j = j1 + t
-                    c, qn = grid.encode((q[:, j] + gb[:, t] / diag[j])[:, None], j, eff, name)
-                    delta = qn[:, 0] - q[:, j]
-                    if bool((delta != 0).any()):
-                        q[:, j] = qn[:, 0]
-                        codes[:, j] = c[:, 0]
-                        gb -= delta[:, None] * hb[t][None, :]
-                        moves[:, t] = delta
-                        moved = True
+            for t in range(j2 - j1):
+                j = j1 + t
+                c, qn = grid.encode((q[:, j] + gb[:, t] / diag[j])[:, None], j, eff, name)
+                delta = qn[:, 0] - q[:, j]
+                if bool((delta != 0).any()):
+                    q[:, j] = qn[:, 0]
+                    codes[:, j] = c[:, 0]
+                    gb -= delta[:, None] * hb[t][None, :]
+                    moves[:, t] = delta
+                    moved = True
             if moved:
                 g[:, j1:j2] = gb
                 if j1:
