@@ -65,14 +65,21 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _hinv_upper(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` (float64 for a stable factorisation)."""
-    h = _damped(h, damp)
-    try:
-        lo = torch.linalg.cholesky(h)
-        hinv = torch.cholesky_inverse(lo)
-        return torch.linalg.cholesky(hinv, upper=True).float()
-    except torch.linalg.LinAlgError:
-        raise GPTQError(f"{name}: Hessian not positive definite after damping {damp}; raise --gptq-damp") from None
+    """float32 upper Cholesky factor ``U`` of ``H'^-1`` (``H'`` = :func:`_damped`, factorised in float64).
+
+    One Cholesky and one triangular inverse (not Cholesky, inverse, Cholesky): with ``J`` the exchange matrix
+    and ``J H' J = L L^T``, ``H'^-1 = R^T R`` for ``R = J L^-1 J`` upper triangular with a positive diagonal,
+    i.e. ``R`` is the factor (unique). Same matrix as ``cholesky(cholesky_inverse(cholesky(H')), upper=True)``
+    up to float64 rounding (a few float32 ulps at most after the cast); ~3x fewer flops at K = 7168."""
+    hd = _damped(h, damp).flip(0, 1)                    # J H' J, float64 [K, K]
+    lo, info = torch.linalg.cholesky_ex(hd)
+    del hd
+    if int(info) != 0:
+        raise GPTQError(f"{name}: Hessian not positive definite after damping {damp}; raise --gptq-damp")
+    eye = torch.eye(h.shape[0], dtype=lo.dtype)
+    linv = torch.linalg.solve_triangular(lo, eye, upper=False)          # L^-1, lower
+    del lo, eye
+    return linv.flip(0, 1).float()
 
 
 def _search_block(grid: Grid, b: int, x: torch.Tensor, u: torch.Tensor, base: ScaleMethod, mx_rule: MXScaleRule,
@@ -111,9 +118,16 @@ def original_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: flo
     ``[K, K]``, same n). ``c`` equal to ``h`` (identical streams) returns ``w`` itself: plain GPTQ, bit for bit."""
     if torch.equal(c, h):
         return w
+    d = c.double()
+    d -= h                                              # C - H in float64 (as c.double() - h.double())
+    m = w.double() @ d                                  # [N, K]
+    del d                                               # at most two float64 [K, K] at once (K = 7168: 0.8 GB)
     hd = _damped(h, damp)                               # float64, symmetric positive definite
-    m = w.double() @ (c.double() - h.double())          # [N, K]
-    return (w.double() + torch.linalg.solve(hd, m.T).T).float()
+    lo, info = torch.linalg.cholesky_ex(hd)             # SPD: Cholesky solve (half LU's flops)
+    del hd
+    if int(info) != 0:
+        raise GPTQError(f"Hessian not positive definite after damping {damp}; raise --gptq-damp")
+    return (w.double() + torch.cholesky_solve(m.T, lo).T).float()
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
@@ -171,17 +185,37 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, codec: FP4Codec, *,
 def _refine(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hd: torch.Tensor, sweeps: int, name: str) -> None:
     """Coordinate descent on GPTQ's objective ``(w - q) Hd (w - q)^T`` per row, scales fixed (in place on
     ``codes [N, K]``): column by column, each row's code moves to the grid point nearest the 1-D optimum
-    ``q_j + (D Hd)_j / Hd_jj`` (D = w - q), which never raises the objective (a parabola in q_j)."""
+    ``q_j + (D Hd)_j / Hd_jj`` (D = w - q), which never raises the objective (a parabola in q_j).
+
+    Lazy updates as GPTQ's: inside a batch of ``BATCH`` columns only the batch's part of ``G = D Hd [N, K]`` is
+    kept current (rank-1 per moved column); at the batch's end the rest of ``G`` gets the batch's moves in one
+    matmul. The same sweep as updating all of ``G`` per column (the reference order) up to float32 summation
+    order; ~K/BATCH fewer passes over ``G``, which dominated at K = 7168 (one [N, K] update per column)."""
     eff = grid.eff()
     q = e2m1_lut()[codes.long()] * eff.repeat_interleave(grid.block, 1)     # [N, K] dequantized
     g = (w - q) @ hd                                                          # [N, K] = D Hd
     diag = torch.diagonal(hd)
+    n, k = w.shape
     for _ in range(sweeps):
-        for j in range(w.shape[1]):
-            c, qn = grid.encode((q[:, j] + g[:, j] / diag[j])[:, None], j, eff, name)
-            delta = qn[:, 0] - q[:, j]
-            if bool((delta != 0).any()):
-                q[:, j] = qn[:, 0]
-                codes[:, j] = c[:, 0]
-                g -= delta[:, None] * hd[j][None, :]
-
+        for j1 in range(0, k, BATCH):
+            j2 = min(k, j1 + BATCH)
+            gb = g[:, j1:j2].clone()                     # [N, b] current G of the batch's columns
+            hb = hd[j1:j2, j1:j2]
+            moves = torch.zeros(n, j2 - j1)              # [N, b] q_new - q_old per column
+            moved = False
+            for t in range(j2 - j1):
+                j = j1 + t
+                c, qn = grid.encode((q[:, j] + gb[:, t] / diag[j])[:, None], j, eff, name)
+                delta = qn[:, 0] - q[:, j]
+                if bool((delta != 0).any()):
+                    q[:, j] = qn[:, 0]
+                    codes[:, j] = c[:, 0]
+                    gb -= delta[:, None] * hb[t][None, :]
+                    moves[:, t] = delta
+                    moved = True
+            if moved:
+                g[:, j1:j2] = gb
+                if j1:
+                    g[:, :j1] -= moves @ hd[j1:j2, :j1]
+                if j2 < k:
+                    g[:, j2:] -= moves @ hd[j1:j2, j2:]
