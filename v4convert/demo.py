@@ -100,10 +100,11 @@ def format_demo(out: Path, rows: list[tuple[str, float | None, dict]]) -> str:
         "",
         "files:",
     ]
+    w = max(len(label) for label, _, _ in rows)
     for label, _, r in rows[1:]:
         p = Path(r["artifact"]["path"])
-        lines.append(f"  {label:28s} {p}  (report {out / ('verify-' + p.name + '.json')})")
-    lines.append(f"  {'reference logits':28s} {out / 'ref-logits.safetensors'}")
+        lines.append(f"  {label:{w}s} {p}  (report {out / ('verify-' + p.name + '.json')})")
+    lines.append(f"  {'reference logits':{w}s} {out / 'ref-logits.safetensors'}")
     lines += next_steps(out, Path(rows[1][2]["artifact"]["path"]))
     return "\n".join(lines)
 

@@ -60,12 +60,13 @@ COMPARE_COLUMNS = ("artifact", "MB", "KLD mean", "KLD p99", "top-1 %", "PPL", "P
 
 def format_comparison(rows: list[tuple[str, float | None, dict]]) -> str:
     """One line per (label, size in bytes or None, report): the table ``demo`` and closing notes print."""
-    head = f"{COMPARE_COLUMNS[0]:28s}" + "".join(f"{c:>13s}" for c in COMPARE_COLUMNS[1:])
+    w = max([28, *(len(label) + 1 for label, _, _ in rows)])        # the label column fits the longest label
+    head = f"{COMPARE_COLUMNS[0]:{w}s}" + "".join(f"{c:>13s}" for c in COMPARE_COLUMNS[1:])
     out = [head, "-" * len(head)]
     for label, size, r in rows:
         vals = [f"{size / 1e6:.2f}" if size else "", f"{r['kld']['mean']:.5f}", f"{r['kld']['p99']:.5f}",
                 f"{r['top1_agreement'] * 100:.2f}", f"{r['ppl']['art']:.3f}", f"{r['ppl']['ratio']:.4f}",
                 f"{r['delta_p']['rms'] * 100:.3f}", f"{r['greedy']['prefix_agreement'] * 100:.1f}",
                 f"{r['artifact']['decode_tok_s']:.1f}"]
-        out.append(f"{label:28s}" + "".join(f"{v:>13s}" for v in vals))
+        out.append(f"{label:{w}s}" + "".join(f"{v:>13s}" for v in vals))
     return "\n".join(out)
