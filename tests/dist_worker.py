@@ -46,8 +46,8 @@ def main() -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
             torch.save(got, out / f"case{i}.pt")
         del model
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from v4convert.runtime.distributed import shutdown
+    shutdown()        # the runtime's own exit: gloo ranks meet at a bounded barrier, then destroy the group
 
 
 if __name__ == "__main__":
