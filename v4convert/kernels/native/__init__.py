@@ -149,6 +149,17 @@ def _check_scale(scale: torch.Tensor, n: int, k: int, name: str) -> tuple[torch.
     raise CodecInputError(f"{name}: unsupported FP8 block scale dtype {scale.dtype} (F32 or E8M0)")
 
 
+def _check_amax_result(bad: int, amax: torch.Tensor, n: int, k: int, name: str) -> None:
+    """Refuse what an amax kernel reported: ``bad`` < 0 a bad block scale, > 0 that many NaN bytes; a non-finite
+    ``amax`` an overflowing product."""
+    if bad < 0:
+        raise NonFiniteInputError(f"{name}: non-finite or negative FP8 block scale (NaN/Inf/negative F32 or E8M0 byte 0xFF)")
+    if bad > 0:
+        raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
+    if not bool(torch.isfinite(amax)):
+        raise NonFiniteInputError(f"{name}: non-finite block amax (scale too large); refusing to quantize")
+
+
 def fp8_block_amax_native(
     raw: torch.Tensor, scale: torch.Tensor, *, threads: int = DEFAULT_THREADS, name: str = "tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,12 +171,7 @@ def fp8_block_amax_native(
     amax = torch.zeros((), dtype=torch.float32)
     bad = _library().v4c_fp8_block_amax(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, block_amax.data_ptr(),
                                         amax.data_ptr(), int(threads))
-    if bad < 0:
-        raise NonFiniteInputError(f"{name}: non-finite or negative FP8 block scale (NaN/Inf/negative F32 or E8M0 byte 0xFF)")
-    if bad > 0:
-        raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
-    if not bool(torch.isfinite(amax)):
-        raise NonFiniteInputError(f"{name}: non-finite block amax (scale too large); refusing to quantize")
+    _check_amax_result(bad, amax, n, k, name)
     return block_amax, amax
 
 
@@ -210,12 +216,7 @@ def fp8_amax_native(raw: torch.Tensor, scale: torch.Tensor, *, threads: int = DE
     bad = _library().v4c_fp8_amax(raw.data_ptr(), n, k, sc.data_ptr(), e8m0, amax.data_ptr(), int(threads))
     if bad == -2:
         raise MemoryError(f"{name}: native kernel could not allocate its {k}-byte row accumulator")
-    if bad < 0:
-        raise NonFiniteInputError(f"{name}: non-finite or negative FP8 block scale (NaN/Inf/negative F32 or E8M0 byte 0xFF)")
-    if bad > 0:
-        raise NonFiniteInputError(f"{name}: {bad} NaN E4M3 values in tensor of shape {(n, k)}; refusing to quantize")
-    if not bool(torch.isfinite(amax)):
-        raise NonFiniteInputError(f"{name}: non-finite block amax (scale too large); refusing to quantize")
+    _check_amax_result(bad, amax, n, k, name)
     return amax
 
 

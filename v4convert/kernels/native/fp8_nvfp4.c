@@ -436,6 +436,24 @@ static void *encode_fused_rows(void *arg) {
 
 V4C_DEFINE_RUN_THREADS(job_t, MAX_THREADS)
 
+/* Reduce the per-thread results of an amax stage: the largest amax (NaN if any is NaN) into *amax_out; returns
+ * -2 (a thread could not allocate: bad_scale bit 2), -1 (a bad block scale) or the NaN byte count. */
+static int64_t reduce_amax(const job_t *jobs, int used, float *amax_out) {
+    int64_t nan_count = 0;
+    int bad = 0;
+    float best = 0.0f;
+    for (int t = 0; t < used; t++) {
+        nan_count += jobs[t].nan_count;
+        bad |= jobs[t].bad_scale;
+        float a = jobs[t].amax;
+        if (a != a || best != best) best = NAN;
+        else if (a > best) best = a;
+    }
+    *amax_out = best;
+    if (bad & 2) return -2;
+    return bad ? -1 : nan_count;
+}
+
 /* Stage 1: block_amax [n, k/16] and the tensor amax. Returns the number of NaN E4M3 bytes,
  * or -1 when a scale is bad (E8M0 0xFF / non-finite F32). */
 int64_t v4c_fp8_block_amax(const uint8_t *raw, int64_t n, int64_t k, const void *scale, int e8m0,
@@ -446,20 +464,9 @@ int64_t v4c_fp8_block_amax(const uint8_t *raw, int64_t n, int64_t k, const void 
     job_t jobs[MAX_THREADS];
     memset(jobs, 0, sizeof jobs);
     run_threads(&base, nthreads, amax_rows, jobs);
-    int64_t nan_count = 0;
-    int bad = 0;
-    float best = 0.0f;
     int used = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
     if (used > n) used = (int)(n > 0 ? n : 1);
-    for (int t = 0; t < used; t++) {
-        nan_count += jobs[t].nan_count;
-        bad |= jobs[t].bad_scale;
-        float a = jobs[t].amax;
-        if (a != a || best != best) best = NAN;
-        else if (a > best) best = a;
-    }
-    *amax_out = best;
-    return bad ? -1 : nan_count;
+    return reduce_amax(jobs, used, amax_out);
 }
 
 /* Stage 2: E4M3 block scales ws [n, k/16] and packed codes [n, k/2] for global scale g. */
@@ -484,19 +491,7 @@ int64_t v4c_fp8_amax(const uint8_t *raw, int64_t n, int64_t k, const void *scale
     job_t jobs[MAX_THREADS];
     memset(jobs, 0, sizeof jobs);
     int used = run_threads(&base, nthreads, amax_fused_rows, jobs);
-    int64_t nan_count = 0;
-    int bad = 0;
-    float best = 0.0f;
-    for (int t = 0; t < used; t++) {
-        nan_count += jobs[t].nan_count;
-        bad |= jobs[t].bad_scale;
-        float a = jobs[t].amax;
-        if (a != a || best != best) best = NAN;
-        else if (a > best) best = a;
-    }
-    *amax_out = best;
-    if (bad & 2) return -2;
-    return bad ? -1 : nan_count;
+    return reduce_amax(jobs, used, amax_out);
 }
 
 /* Fused stage 2: ws [n, k/16] and packed [n, k/2] for global scale g, straight from the E4M3 bytes. */
